@@ -1,0 +1,438 @@
+//! Compilation: policy set + registry + node -> the resources one proxy needs.
+//!
+//! Follows ARCHITECTURE.md "Compilation for a proxy". Every resource list is sorted by name
+//! (route order inside a table is semantic and kept), and each type's version is a stable hash
+//! of its encoded contents, so identical input always yields identical versions and a change to
+//! one type (say endpoints) leaves the other versions alone.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use prost::Message;
+use weft_proto::v1::{
+    header_match, path_match, Cluster, ClusterEndpoints, ClusterSet, Direction, Endpoint,
+    EndpointSet, HeaderMatch, LbPolicy, Listener, ListenerProtocol, ListenerSet, Node, PathMatch,
+    ResourceType, Route, RouteMatch, RouteSet, RouteTable, UpstreamProtocol, WeightedCluster,
+};
+
+use crate::hash::StableHasher;
+use crate::policy::{self, PolicySet, Protocol, Service, ServiceKey};
+use crate::registry::Registry;
+
+/// Name of the local app's cluster and of the inbound listener.
+pub const INBOUND: &str = "inbound";
+/// Name of the outbound HTTP listener and of its route table.
+pub const OUTBOUND: &str = "outbound";
+
+/// Every resource of one proxy, each set carrying its version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resources {
+    pub listeners: ListenerSet,
+    pub routes: RouteSet,
+    pub clusters: ClusterSet,
+    pub endpoints: EndpointSet,
+}
+
+impl Resources {
+    /// (type, version) of each set.
+    pub fn versions(&self) -> [(ResourceType, &str); 4] {
+        [
+            (ResourceType::Listeners, self.listeners.version.as_str()),
+            (ResourceType::Routes, self.routes.version.as_str()),
+            (ResourceType::Clusters, self.clusters.version.as_str()),
+            (ResourceType::Endpoints, self.endpoints.version.as_str()),
+        ]
+    }
+}
+
+/// The short lower-case name of a resource type, for metrics and JSON.
+pub fn type_name(t: ResourceType) -> &'static str {
+    match t {
+        ResourceType::Listeners => "listeners",
+        ResourceType::Routes => "routes",
+        ResourceType::Clusters => "clusters",
+        ResourceType::Endpoints => "endpoints",
+        ResourceType::Unspecified => "unspecified",
+    }
+}
+
+/// Compiles the resources of the proxy `node`.
+pub fn compile(policy: &PolicySet, registry: &Registry, node: &Node) -> Resources {
+    let namespace = if node.namespace.is_empty() {
+        "default"
+    } else {
+        node.namespace.as_str()
+    };
+    let local_key = ServiceKey::new(&node.service, namespace);
+    let services = policy::services_by_key(policy);
+    let local = services.get(&local_key).copied();
+
+    let callable = callable_services(policy, local);
+
+    let listeners = compile_listeners(node, local, &callable);
+    let table = compile_route_table(policy, &callable);
+
+    // Clusters: callable services, every destination of their routes, and `inbound`.
+    let mut cluster_services: BTreeMap<String, &Service> = BTreeMap::new();
+    for s in &callable {
+        cluster_services.insert(key_of(s).cluster_name(), s);
+    }
+    for route in routes_of_services(policy, &callable) {
+        let ns = policy
+            .resolve(&route.service, None)
+            .map(|k| k.namespace)
+            .unwrap_or_default();
+        for d in &route.destinations {
+            if let Some(s) = policy
+                .resolve(&d.service, Some(&ns))
+                .and_then(|k| services.get(&k).copied())
+            {
+                cluster_services.insert(key_of(s).cluster_name(), s);
+            }
+        }
+    }
+
+    let mut clusters: Vec<Cluster> = cluster_services
+        .iter()
+        .map(|(name, s)| Cluster {
+            name: name.clone(),
+            service: s.name.clone(),
+            namespace: s.namespace.clone(),
+            lb: LbPolicy::RoundRobin as i32,
+            connect_timeout_ms: millis(s.connect_timeout),
+            request_timeout_ms: millis(s.request_timeout),
+            protocol: match s.protocol {
+                Protocol::Grpc => UpstreamProtocol::Http2,
+                Protocol::Http | Protocol::Tcp => UpstreamProtocol::Preserve,
+            } as i32,
+        })
+        .collect();
+    clusters.push(Cluster {
+        name: INBOUND.to_owned(),
+        service: String::new(),
+        namespace: String::new(),
+        lb: LbPolicy::RoundRobin as i32,
+        connect_timeout_ms: local.map_or(1000, |s| millis(s.connect_timeout)),
+        // The caller's sidecar enforces the request timeout.
+        request_timeout_ms: 0,
+        protocol: UpstreamProtocol::Preserve as i32,
+    });
+    clusters.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let mut endpoints: Vec<ClusterEndpoints> = cluster_services
+        .iter()
+        .map(|(name, s)| ClusterEndpoints {
+            cluster: name.clone(),
+            endpoints: endpoints_of(s, registry),
+        })
+        .collect();
+    endpoints.push(ClusterEndpoints {
+        cluster: INBOUND.to_owned(),
+        endpoints: if node.app_address.is_empty() {
+            Vec::new()
+        } else {
+            vec![Endpoint {
+                address: node.app_address.clone(),
+                weight: 1,
+                proxy_id: String::new(),
+                labels: Default::default(),
+            }]
+        },
+    });
+    endpoints.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+
+    let tables = vec![table];
+    Resources {
+        listeners: ListenerSet {
+            version: version_of_messages(&listeners),
+            listeners,
+        },
+        routes: RouteSet {
+            version: version_of_messages(&tables),
+            tables,
+        },
+        clusters: ClusterSet {
+            version: version_of_messages(&clusters),
+            clusters,
+        },
+        endpoints: EndpointSet {
+            version: version_of_endpoints(&endpoints),
+            clusters: endpoints,
+        },
+    }
+}
+
+fn key_of(s: &Service) -> ServiceKey {
+    ServiceKey::new(&s.name, &s.namespace)
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The services the local service may call, in declared order: its `dependencies`, or every
+/// service when it declares none (or is unknown to the policy set).
+fn callable_services<'a>(policy: &'a PolicySet, local: Option<&Service>) -> Vec<&'a Service> {
+    match local.and_then(|s| s.dependencies.as_ref().map(|d| (s, d))) {
+        Some((s, deps)) => {
+            let keys: Vec<ServiceKey> = deps
+                .iter()
+                .filter_map(|d| policy.resolve(d, Some(&s.namespace)))
+                .collect();
+            policy
+                .services()
+                .iter()
+                .filter(|svc| keys.contains(&key_of(svc)))
+                .collect()
+        }
+        None => policy.services().iter().collect(),
+    }
+}
+
+/// The routes attached to any of `services`, in declared order.
+fn routes_of_services<'a>(
+    policy: &'a PolicySet,
+    services: &[&Service],
+) -> impl Iterator<Item = &'a policy::Route> {
+    let keys: Vec<ServiceKey> = services.iter().map(|s| key_of(s)).collect();
+    policy.routes().iter().filter(move |r| {
+        policy
+            .resolve(&r.service, None)
+            .is_some_and(|k| keys.contains(&k))
+    })
+}
+
+fn compile_listeners(node: &Node, local: Option<&Service>, callable: &[&Service]) -> Vec<Listener> {
+    let mut listeners = Vec::new();
+    if !node.outbound_address.is_empty() {
+        listeners.push(Listener {
+            name: OUTBOUND.to_owned(),
+            address: node.outbound_address.clone(),
+            direction: Direction::Outbound as i32,
+            protocol: ListenerProtocol::Http as i32,
+            route_table: OUTBOUND.to_owned(),
+            cluster: String::new(),
+        });
+    }
+    if !node.inbound_address.is_empty() {
+        let tcp = local.is_some_and(|s| s.protocol == Protocol::Tcp);
+        listeners.push(Listener {
+            name: INBOUND.to_owned(),
+            address: node.inbound_address.clone(),
+            direction: Direction::Inbound as i32,
+            protocol: if tcp {
+                ListenerProtocol::Tcp
+            } else {
+                ListenerProtocol::Http
+            } as i32,
+            route_table: String::new(),
+            cluster: INBOUND.to_owned(),
+        });
+    }
+    let bind_ip = tcp_bind_ip(node);
+    for s in callable.iter().filter(|s| s.protocol == Protocol::Tcp) {
+        let Some(port) = s.port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        let cluster = key_of(s).cluster_name();
+        listeners.push(Listener {
+            name: format!("outbound-tcp-{cluster}"),
+            address: SocketAddr::new(bind_ip, port).to_string(),
+            direction: Direction::Outbound as i32,
+            protocol: ListenerProtocol::Tcp as i32,
+            route_table: String::new(),
+            cluster,
+        });
+    }
+    listeners.sort_by(|a, b| a.name.cmp(&b.name));
+    listeners
+}
+
+/// The node's `tcp_bind_ip`, else the IP of its outbound listener, else loopback.
+fn tcp_bind_ip(node: &Node) -> IpAddr {
+    node.tcp_bind_ip
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| {
+            node.outbound_address
+                .parse::<SocketAddr>()
+                .ok()
+                .map(|a| a.ip())
+        })
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+}
+
+/// Host names of a service: the standard four plus every extra host of its routes.
+fn service_hosts(policy: &PolicySet, service: &Service) -> Vec<String> {
+    let (n, ns) = (&service.name, &service.namespace);
+    let mut hosts = vec![
+        n.clone(),
+        format!("{n}.{ns}"),
+        format!("{n}.{ns}.svc"),
+        format!("{n}.{ns}.svc.cluster.local"),
+    ];
+    for route in routes_of_services(policy, &[service]) {
+        for h in &route.hosts {
+            push_unique(&mut hosts, h.to_ascii_lowercase());
+        }
+    }
+    hosts
+}
+
+fn push_unique(v: &mut Vec<String>, s: String) {
+    if !v.contains(&s) {
+        v.push(s);
+    }
+}
+
+fn compile_route_table(policy: &PolicySet, callable: &[&Service]) -> RouteTable {
+    let mut routes = Vec::new();
+    for service in callable.iter().filter(|s| s.protocol != Protocol::Tcp) {
+        // A route's `hosts` are extra names of its service: every route of the service (and its
+        // default route) answers to all of them.
+        let hosts = service_hosts(policy, service);
+        for route in routes_of_services(policy, &[service]) {
+            routes.push(compile_route(policy, service, route, hosts.clone()));
+        }
+        let cluster = key_of(service).cluster_name();
+        routes.push(Route {
+            name: format!("default-{cluster}"),
+            r#match: Some(RouteMatch {
+                hosts,
+                path: None,
+                headers: Vec::new(),
+                methods: Vec::new(),
+            }),
+            destinations: vec![WeightedCluster {
+                cluster,
+                weight: 100,
+            }],
+            timeout_ms: 0,
+        });
+    }
+    RouteTable {
+        name: OUTBOUND.to_owned(),
+        routes,
+    }
+}
+
+fn compile_route(
+    policy: &PolicySet,
+    service: &Service,
+    route: &policy::Route,
+    hosts: Vec<String>,
+) -> Route {
+    let m = route.matcher.clone().unwrap_or_default();
+    let path = m.path.map(|p| PathMatch {
+        kind: if let Some(e) = p.exact {
+            Some(path_match::Kind::Exact(e))
+        } else if let Some(pre) = p.prefix {
+            Some(path_match::Kind::Prefix(pre))
+        } else {
+            p.regex.map(path_match::Kind::Regex)
+        },
+    });
+    let headers = m
+        .headers
+        .into_iter()
+        .map(|h| {
+            let mut invert = h.invert;
+            let kind = if let Some(e) = h.exact {
+                Some(header_match::Kind::Exact(e))
+            } else if let Some(r) = h.regex {
+                Some(header_match::Kind::Regex(r))
+            } else {
+                // `present: false` is "absent": present, inverted.
+                h.present.map(|p| {
+                    if !p {
+                        invert = !invert;
+                    }
+                    header_match::Kind::Present(true)
+                })
+            };
+            HeaderMatch {
+                name: h.name.to_ascii_lowercase(),
+                kind,
+                invert,
+            }
+        })
+        .collect();
+    let single = route.destinations.len() == 1;
+    let destinations = route
+        .destinations
+        .iter()
+        .filter_map(|d| {
+            let key = policy.resolve(&d.service, Some(&service.namespace))?;
+            Some(WeightedCluster {
+                cluster: key.cluster_name(),
+                weight: if single { 100 } else { d.weight.unwrap_or(0) },
+            })
+        })
+        .collect();
+    Route {
+        name: route.name.clone(),
+        r#match: Some(RouteMatch {
+            hosts,
+            path,
+            headers,
+            methods: m.methods.iter().map(|x| x.to_ascii_uppercase()).collect(),
+        }),
+        destinations,
+        timeout_ms: route.timeout.map_or(0, millis),
+    }
+}
+
+/// Static endpoints (declared order) then registered sidecars (by node id).
+fn endpoints_of(service: &Service, registry: &Registry) -> Vec<Endpoint> {
+    let key = key_of(service);
+    let mut out: Vec<Endpoint> = service
+        .endpoints
+        .iter()
+        .map(|e| Endpoint {
+            address: e.address.clone(),
+            weight: e.weight,
+            proxy_id: String::new(),
+            labels: Default::default(),
+        })
+        .collect();
+    out.extend(registry.endpoints_of(&key).map(|p| Endpoint {
+        address: p.node.inbound_address.clone(),
+        weight: 1,
+        proxy_id: p.node.id.clone(),
+        labels: p.node.labels.clone(),
+    }));
+    out
+}
+
+fn version_of_messages<M: Message>(items: &[M]) -> String {
+    let mut h = StableHasher::new();
+    for item in items {
+        h.write_field(&item.encode_to_vec());
+    }
+    h.finish_hex()
+}
+
+/// Like [`version_of_messages`], but endpoint labels (a hash map, whose encoding order varies)
+/// are hashed in sorted order.
+fn version_of_endpoints(sets: &[ClusterEndpoints]) -> String {
+    let mut h = StableHasher::new();
+    for set in sets {
+        h.write_field(set.cluster.as_bytes());
+        h.write(&(set.endpoints.len() as u64).to_le_bytes());
+        for e in &set.endpoints {
+            let mut without_labels = e.clone();
+            without_labels.labels.clear();
+            h.write_field(&without_labels.encode_to_vec());
+            let labels: BTreeMap<&String, &String> = e.labels.iter().collect();
+            h.write(&(labels.len() as u64).to_le_bytes());
+            for (k, v) in labels {
+                h.write_field(k.as_bytes());
+                h.write_field(v.as_bytes());
+            }
+        }
+    }
+    h.finish_hex()
+}
+
+#[cfg(test)]
+mod tests;

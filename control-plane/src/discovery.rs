@@ -1,0 +1,372 @@
+//! The `weft.v1.Discovery` gRPC service: one task per proxy stream.
+//!
+//! Per stream: the first message must be `Hello`; the node is registered; then the task pushes
+//! one `DiscoveryResponse` holding only the resource types whose version differs from what the
+//! proxy holds, waits for its Ack/Nack (at most one push outstanding), and recomputes whenever
+//! the control plane's generation moved meanwhile (changes coalesce into one push).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weft_proto::v1::discovery_request::Kind;
+use weft_proto::v1::discovery_server::Discovery;
+use weft_proto::v1::{DiscoveryRequest, DiscoveryResponse, Hello, Node, ResourceType, TypeVersion};
+
+use crate::compile::{type_name, Resources};
+use crate::state::ControlPlane;
+
+/// The discovery gRPC service.
+#[derive(Debug, Clone)]
+pub struct DiscoveryService {
+    cp: Arc<ControlPlane>,
+}
+
+impl DiscoveryService {
+    pub fn new(cp: Arc<ControlPlane>) -> Self {
+        Self { cp }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type StreamStream = ResponseStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let inbound = request.into_inner();
+        // Answer headers at once and read the Hello in the task: a client may well wait for the
+        // response headers before it sends anything.
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(run_stream(Arc::clone(&self.cp), inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+static NONCE: AtomicU64 = AtomicU64::new(1);
+
+fn next_nonce() -> String {
+    NONCE.fetch_add(1, Ordering::Relaxed).to_string()
+}
+
+/// A response sent and not yet answered.
+#[derive(Debug)]
+struct Pending {
+    nonce: String,
+    versions: HashMap<i32, String>,
+    generation: u64,
+    sent_at: Instant,
+}
+
+/// Versions a proxy NACKed: not re-sent until the generation moves past `generation`.
+#[derive(Debug)]
+struct Rejected {
+    generation: u64,
+    versions: HashMap<i32, String>,
+}
+
+/// Deregisters the stream however the task ends.
+struct Connection {
+    cp: Arc<ControlPlane>,
+    id: String,
+    session: u64,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.cp.disconnect(&self.id, self.session);
+        tracing::info!(proxy = %self.id, "proxy disconnected");
+    }
+}
+
+async fn read_hello(inbound: &mut Streaming<DiscoveryRequest>) -> Result<Hello, Status> {
+    let hello = match inbound.next().await {
+        Some(Ok(DiscoveryRequest {
+            kind: Some(Kind::Hello(hello)),
+        })) => hello,
+        Some(Ok(_)) => {
+            return Err(Status::invalid_argument(
+                "the first message on a discovery stream must be Hello",
+            ))
+        }
+        Some(Err(status)) => return Err(status),
+        None => {
+            return Err(Status::invalid_argument(
+                "the stream ended before its Hello",
+            ))
+        }
+    };
+    let node = hello
+        .node
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("Hello.node is required"))?;
+    if node.id.is_empty() {
+        return Err(Status::invalid_argument("Hello.node.id is required"));
+    }
+    if node.service.is_empty() {
+        return Err(Status::invalid_argument("Hello.node.service is required"));
+    }
+    Ok(hello)
+}
+
+/// Builds a response with every type whose version differs from `held` and was not rejected
+/// (in this generation); `None` when there is nothing to send.
+fn build_response(
+    resources: Resources,
+    held: &HashMap<i32, String>,
+    rejected: Option<&Rejected>,
+    generation: u64,
+) -> Option<(DiscoveryResponse, Pending)> {
+    let wanted = |t: ResourceType, version: &str| {
+        let key = t as i32;
+        held.get(&key).is_none_or(|v| v != version)
+            && rejected.is_none_or(|r| r.versions.get(&key).is_none_or(|v| v != version))
+    };
+    let mut versions = HashMap::new();
+    let mut response = DiscoveryResponse::default();
+    let Resources {
+        listeners,
+        routes,
+        clusters,
+        endpoints,
+    } = resources;
+    if wanted(ResourceType::Listeners, &listeners.version) {
+        versions.insert(ResourceType::Listeners as i32, listeners.version.clone());
+        response.listeners = Some(listeners);
+    }
+    if wanted(ResourceType::Routes, &routes.version) {
+        versions.insert(ResourceType::Routes as i32, routes.version.clone());
+        response.routes = Some(routes);
+    }
+    if wanted(ResourceType::Clusters, &clusters.version) {
+        versions.insert(ResourceType::Clusters as i32, clusters.version.clone());
+        response.clusters = Some(clusters);
+    }
+    if wanted(ResourceType::Endpoints, &endpoints.version) {
+        versions.insert(ResourceType::Endpoints as i32, endpoints.version.clone());
+        response.endpoints = Some(endpoints);
+    }
+    if versions.is_empty() {
+        return None;
+    }
+    let nonce = next_nonce();
+    response.nonce = nonce.clone();
+    Some((
+        response,
+        Pending {
+            nonce,
+            versions,
+            generation,
+            sent_at: Instant::now(),
+        },
+    ))
+}
+
+fn versions_map(list: &[TypeVersion]) -> HashMap<i32, String> {
+    list.iter()
+        .filter(|tv| tv.r#type != ResourceType::Unspecified as i32)
+        .map(|tv| (tv.r#type, tv.version.clone()))
+        .collect()
+}
+
+fn record_answer(cp: &ControlPlane, pending: &Pending, result: &str) {
+    let m = cp.metrics();
+    m.push_duration_seconds
+        .observe(pending.sent_at.elapsed().as_secs_f64());
+    for t in pending.versions.keys() {
+        if let Ok(t) = ResourceType::try_from(*t) {
+            m.pushes_total
+                .with_label_values(&[type_name(t), result])
+                .inc();
+        }
+    }
+}
+
+async fn run_stream(
+    cp: Arc<ControlPlane>,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) {
+    let hello = match read_hello(&mut inbound).await {
+        Ok(h) => h,
+        Err(status) => {
+            tracing::warn!(error = %status.message(), "rejecting discovery stream");
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+    };
+    let mut node: Node = hello.node.unwrap_or_default();
+    if node.namespace.is_empty() {
+        node.namespace = "default".to_owned();
+    }
+    let mut held = versions_map(&hello.held);
+    let session = cp.connect(&node);
+    let _connection = Connection {
+        cp: Arc::clone(&cp),
+        id: node.id.clone(),
+        session,
+    };
+    tracing::info!(proxy = %node.id, service = %node.service, namespace = %node.namespace, inbound = %node.inbound_address, held = held.len(), "proxy connected");
+    cp.update_status(&node.id, session, &held, None);
+
+    let mut generations = cp.subscribe();
+    let mut outstanding: Option<Pending> = None;
+    let mut rejected: Option<Rejected> = None;
+    let mut dirty = true;
+    loop {
+        if dirty && outstanding.is_none() {
+            dirty = false;
+            let generation = *generations.borrow_and_update();
+            if rejected
+                .as_ref()
+                .is_some_and(|r| r.generation != generation)
+            {
+                rejected = None;
+            }
+            let resources = cp.compile_for(&node);
+            if let Some((response, pending)) =
+                build_response(resources, &held, rejected.as_ref(), generation)
+            {
+                tracing::debug!(proxy = %node.id, nonce = %pending.nonce, types = ?pending.versions, "push");
+                if tx.send(Ok(response)).await.is_err() {
+                    break;
+                }
+                outstanding = Some(pending);
+            }
+        }
+        tokio::select! {
+            changed = generations.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                dirty = true;
+            }
+            message = inbound.next() => match message {
+                Some(Ok(DiscoveryRequest { kind: Some(Kind::Ack(ack)) })) => {
+                    let matches = outstanding.as_ref().is_some_and(|p| p.nonce == ack.nonce);
+                    let reported = versions_map(&ack.versions);
+                    if matches {
+                        if let Some(p) = outstanding.take() {
+                            record_answer(&cp, &p, "ack");
+                            if reported.is_empty() {
+                                held.extend(p.versions);
+                            }
+                        }
+                    } else {
+                        tracing::debug!(proxy = %node.id, nonce = %ack.nonce, "stale ack");
+                    }
+                    held.extend(reported);
+                    cp.update_status(&node.id, session, &held, None);
+                }
+                Some(Ok(DiscoveryRequest { kind: Some(Kind::Nack(nack)) })) => {
+                    tracing::warn!(proxy = %node.id, nonce = %nack.nonce, error = %nack.error, "proxy rejected config");
+                    if outstanding.as_ref().is_some_and(|p| p.nonce == nack.nonce) {
+                        if let Some(p) = outstanding.take() {
+                            record_answer(&cp, &p, "nack");
+                            let listed = versions_map(&nack.rejected);
+                            rejected = Some(Rejected {
+                                generation: p.generation,
+                                versions: if listed.is_empty() { p.versions } else { listed },
+                            });
+                        }
+                    }
+                    cp.update_status(&node.id, session, &held, Some(nack.error));
+                }
+                Some(Ok(DiscoveryRequest { kind: Some(Kind::Hello(_)) })) => {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument("Hello may only be sent once per stream")))
+                        .await;
+                    break;
+                }
+                Some(Ok(DiscoveryRequest { kind: None })) => {}
+                Some(Err(status)) => {
+                    tracing::debug!(proxy = %node.id, error = %status, "stream error");
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_proto::v1::{ClusterSet, EndpointSet, ListenerSet, RouteSet};
+
+    fn resources(l: &str, r: &str, c: &str, e: &str) -> Resources {
+        Resources {
+            listeners: ListenerSet {
+                version: l.into(),
+                ..Default::default()
+            },
+            routes: RouteSet {
+                version: r.into(),
+                ..Default::default()
+            },
+            clusters: ClusterSet {
+                version: c.into(),
+                ..Default::default()
+            },
+            endpoints: EndpointSet {
+                version: e.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn sends_only_types_not_held() {
+        let held: HashMap<i32, String> = [
+            (ResourceType::Listeners as i32, "l1".to_owned()),
+            (ResourceType::Routes as i32, "r1".to_owned()),
+        ]
+        .into();
+        let (resp, pending) =
+            build_response(resources("l1", "r1", "c1", "e1"), &held, None, 0).unwrap();
+        assert!(resp.listeners.is_none() && resp.routes.is_none());
+        assert!(resp.clusters.is_some() && resp.endpoints.is_some());
+        assert_eq!(pending.versions.len(), 2);
+        assert!(!resp.nonce.is_empty());
+        assert!(build_response(
+            resources("l1", "r1", "c1", "e1"),
+            &[
+                (1, "l1".into()),
+                (2, "r1".into()),
+                (3, "c1".into()),
+                (4, "e1".into())
+            ]
+            .into(),
+            None,
+            0
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn rejected_versions_are_skipped() {
+        let rejected = Rejected {
+            generation: 3,
+            versions: [(ResourceType::Routes as i32, "r2".to_owned())].into(),
+        };
+        let (resp, _) = build_response(
+            resources("l1", "r2", "c1", "e2"),
+            &HashMap::new(),
+            Some(&rejected),
+            3,
+        )
+        .unwrap();
+        assert!(resp.routes.is_none());
+        assert!(resp.endpoints.is_some());
+    }
+}

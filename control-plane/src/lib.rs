@@ -1,0 +1,23 @@
+//! Weft's control plane: policies in, per-proxy configuration out.
+//!
+//! ```text
+//! policy dir (watched) -> policy::PolicySet (validated, versioned)
+//! registry (static endpoints + connected sidecars)
+//! compile(policy, registry, node) -> listeners, routes, clusters, endpoints
+//! discovery: push only changed types, track ACK/NACK per proxy
+//! admin HTTP: policy CRUD, status, metrics          ctl: the weftctl client
+//! ```
+
+pub mod admin;
+pub mod compile;
+pub mod ctl;
+pub mod discovery;
+pub mod hash;
+pub mod metrics;
+pub mod policy;
+pub mod registry;
+pub mod server;
+pub mod state;
+pub mod watch;
+
+pub use server::{Config, ServeError, Server};

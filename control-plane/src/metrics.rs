@@ -1,0 +1,132 @@
+//! The control plane's Prometheus metrics (names are API: see ARCHITECTURE.md), in their own
+//! registry so tests and embedders never collide with a global one.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Errors creating or rendering metrics.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+/// Every control-plane metric.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub proxies_connected: IntGauge,
+    /// Labels: `type` (listeners|routes|clusters|endpoints), `result` (ack|nack).
+    pub pushes_total: IntCounterVec,
+    /// From sending a response to its ACK/NACK.
+    pub push_duration_seconds: Histogram,
+    policy_version_info: IntGaugeVec,
+    /// Label `result` (ok|error).
+    pub policy_reloads_total: IntCounterVec,
+    /// 1 while the store holds an invalid file.
+    pub policy_errors: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let proxies_connected = IntGauge::new(
+            "weft_control_proxies_connected",
+            "Proxies with an open discovery stream.",
+        )?;
+        let pushes_total = IntCounterVec::new(
+            Opts::new(
+                "weft_control_pushes_total",
+                "Resource sets pushed to proxies, by type and the proxy's answer.",
+            ),
+            &["type", "result"],
+        )?;
+        let push_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "weft_control_push_duration_seconds",
+                "Time from sending a discovery response to its ACK or NACK.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )?;
+        let policy_version_info = IntGaugeVec::new(
+            Opts::new(
+                "weft_control_policy_version_info",
+                "The version of the policy set being served (value 1).",
+            ),
+            &["version"],
+        )?;
+        let policy_reloads_total = IntCounterVec::new(
+            Opts::new(
+                "weft_control_policy_reloads_total",
+                "Policy set loads (watcher reloads and admin writes), by result.",
+            ),
+            &["result"],
+        )?;
+        let policy_errors = IntGauge::new(
+            "weft_control_policy_errors",
+            "1 while the policy store holds an invalid file, else 0.",
+        )?;
+        registry.register(Box::new(proxies_connected.clone()))?;
+        registry.register(Box::new(pushes_total.clone()))?;
+        registry.register(Box::new(push_duration_seconds.clone()))?;
+        registry.register(Box::new(policy_version_info.clone()))?;
+        registry.register(Box::new(policy_reloads_total.clone()))?;
+        registry.register(Box::new(policy_errors.clone()))?;
+        // Show both results from the start so rate() works before the first event.
+        for result in ["ok", "error"] {
+            policy_reloads_total.with_label_values(&[result]);
+        }
+        Ok(Self {
+            registry,
+            proxies_connected,
+            pushes_total,
+            push_duration_seconds,
+            policy_version_info,
+            policy_reloads_total,
+            policy_errors,
+        })
+    }
+
+    /// Makes `version` the only `weft_control_policy_version_info` series.
+    pub fn set_policy_version(&self, version: &str) {
+        self.policy_version_info.reset();
+        self.policy_version_info
+            .with_label_values(&[version])
+            .set(1);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Result<String, MetricsError> {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_documented_names() {
+        let m = Metrics::new().unwrap();
+        m.set_policy_version("abc");
+        m.set_policy_version("def");
+        m.pushes_total.with_label_values(&["routes", "ack"]).inc();
+        m.push_duration_seconds.observe(0.01);
+        let text = m.render().unwrap();
+        for name in [
+            "weft_control_proxies_connected 0",
+            "weft_control_pushes_total{result=\"ack\",type=\"routes\"} 1",
+            "weft_control_push_duration_seconds_bucket",
+            "weft_control_policy_version_info{version=\"def\"} 1",
+            "weft_control_policy_reloads_total{result=\"ok\"} 0",
+            "weft_control_policy_errors 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+        assert!(!text.contains("version=\"abc\""));
+    }
+}

@@ -1,0 +1,439 @@
+//! Policies: the YAML schema, parsing and validation into an immutable, versioned [`PolicySet`].
+//!
+//! A policy set is built from a whole directory of files at once; it is either entirely valid or
+//! rejected with every error found, each naming `file:line: field: reason`.
+
+mod locate;
+pub mod store;
+mod validate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hash::StableHasher;
+
+pub use locate::line_of;
+pub use store::{PolicyStore, StoreError};
+
+/// One policy file: its name (no directory) and its YAML text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    pub name: String,
+    pub content: String,
+}
+
+/// The top level of a policy file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// How a service speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http,
+    Grpc,
+    Tcp,
+}
+
+/// Load-balancing policy of a service's cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// A mesh service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// tcp only: the outbound port on each caller's `tcp_bind_ip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub lb: LbPolicy,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// `0s` = no timeout.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Services this one calls; `None` = every service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dependencies: Option<Vec<String>>,
+    #[serde(default)]
+    pub endpoints: Vec<StaticEndpoint>,
+}
+
+/// An endpoint declared in YAML (outside the mesh).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticEndpoint {
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// A route for requests addressed to `service`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: String,
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matcher: Option<RouteMatch>,
+    pub destinations: Vec<Destination>,
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+}
+
+/// What a request must look like for a route to apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+}
+
+/// Exactly one of `exact`, `prefix`, `regex`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+/// A header condition: exactly one of `exact`, `regex`, `present`; `invert` negates it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub invert: bool,
+}
+
+/// A weighted destination service of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    pub service: String,
+    /// Percentage; may be omitted when it is the only destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+/// A service's identity: name and namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServiceKey {
+    pub name: String,
+    pub namespace: String,
+}
+
+impl ServiceKey {
+    pub fn new(name: impl Into<String>, namespace: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+        }
+    }
+
+    /// The cluster name: `<service>.<namespace>`.
+    pub fn cluster_name(&self) -> String {
+        format!("{}.{}", self.name, self.namespace)
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.name, self.namespace)
+    }
+}
+
+/// One problem found in a policy file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// The YAML is malformed or does not fit the schema (includes unknown fields).
+    #[error("{file}:{line}: {field}: {reason}")]
+    Parse {
+        file: String,
+        line: usize,
+        field: String,
+        reason: String,
+    },
+    /// The YAML parses but breaks a rule (bad name, dangling reference, ...).
+    #[error("{file}:{line}: {field}: {reason}")]
+    Invalid {
+        file: String,
+        line: usize,
+        field: String,
+        reason: String,
+    },
+}
+
+/// Every error that made a policy set invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} policy error(s): {}", .0.len(), join_errors(.0))]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+fn join_errors(errors: &[PolicyError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl PolicyErrors {
+    /// The errors as display strings, for the admin API.
+    pub fn messages(&self) -> Vec<String> {
+        self.0.iter().map(ToString::to_string).collect()
+    }
+}
+
+/// A validated, immutable set of policies with a content-hash version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicySet {
+    version: String,
+    files: Vec<SourceFile>,
+    services: Vec<Service>,
+    routes: Vec<Route>,
+}
+
+impl Default for PolicySet {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl PolicySet {
+    /// The empty set (no files).
+    pub fn empty() -> Self {
+        Self {
+            version: version_of(&[]),
+            files: Vec::new(),
+            services: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    /// Parses and validates `files` as one set (sorted by name first).
+    pub fn from_files(mut files: Vec<SourceFile>) -> Result<Self, PolicyErrors> {
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut parsed = Vec::with_capacity(files.len());
+        let mut errors = Vec::new();
+        for file in &files {
+            match parse_file(file) {
+                Ok(p) => parsed.push(p),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(PolicyErrors(errors));
+        }
+        validate::validate(&files, &parsed)?;
+        let services = parsed.iter().flat_map(|p| p.services.clone()).collect();
+        let routes = parsed.iter().flat_map(|p| p.routes.clone()).collect();
+        Ok(Self {
+            version: version_of(&files),
+            files,
+            services,
+            routes,
+        })
+    }
+
+    /// Content hash of the sorted file names and contents (16 hex digits).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The source files, sorted by name.
+    pub fn files(&self) -> &[SourceFile] {
+        &self.files
+    }
+
+    /// Every service, in file-name then declared order.
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
+    /// Every route, in file-name then declared order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The service with this identity.
+    pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
+        self.services
+            .iter()
+            .find(|s| s.name == key.name && s.namespace == key.namespace)
+    }
+
+    /// Resolves a service reference; see [`resolve_reference`].
+    pub fn resolve(&self, reference: &str, context_namespace: Option<&str>) -> Option<ServiceKey> {
+        resolve_reference(&self.services, reference, context_namespace).ok()
+    }
+}
+
+/// Why a service reference does not resolve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceError {
+    #[error("unknown service {0:?}")]
+    Unknown(String),
+    #[error("service {0:?} exists in several namespaces ({1}); write <name>.<namespace>")]
+    Ambiguous(String, String),
+}
+
+/// Resolves a reference to a service: `name.namespace` names one exactly; a bare `name` means
+/// the service of that name in `context_namespace` if there is one, else the only service of
+/// that name in any namespace.
+pub fn resolve_reference(
+    services: &[Service],
+    reference: &str,
+    context_namespace: Option<&str>,
+) -> Result<ServiceKey, ReferenceError> {
+    if let Some((name, ns)) = reference.split_once('.') {
+        return services
+            .iter()
+            .find(|s| s.name == name && s.namespace == ns)
+            .map(|s| ServiceKey::new(&s.name, &s.namespace))
+            .ok_or_else(|| ReferenceError::Unknown(reference.to_owned()));
+    }
+    let candidates: Vec<&Service> = services.iter().filter(|s| s.name == reference).collect();
+    if let Some(ns) = context_namespace {
+        if let Some(s) = candidates.iter().find(|s| s.namespace == ns) {
+            return Ok(ServiceKey::new(&s.name, &s.namespace));
+        }
+    }
+    match candidates.as_slice() {
+        [] => Err(ReferenceError::Unknown(reference.to_owned())),
+        [s] => Ok(ServiceKey::new(&s.name, &s.namespace)),
+        many => {
+            let mut namespaces: Vec<&str> = many.iter().map(|s| s.namespace.as_str()).collect();
+            namespaces.sort_unstable();
+            namespaces.dedup();
+            Err(ReferenceError::Ambiguous(
+                reference.to_owned(),
+                namespaces.join(", "),
+            ))
+        }
+    }
+}
+
+/// FNV-1a 64 over the sorted file names and contents.
+fn version_of(files: &[SourceFile]) -> String {
+    let mut sorted: Vec<&SourceFile> = files.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h = StableHasher::new();
+    for f in sorted {
+        h.write_field(f.name.as_bytes());
+        h.write_field(f.content.as_bytes());
+    }
+    h.finish_hex()
+}
+
+/// Parses one file; an empty (or comments-only) file is an empty policy file.
+fn parse_file(file: &SourceFile) -> Result<PolicyFile, PolicyError> {
+    let to_error = |e: serde_yaml::Error| {
+        let line = e.location().map_or(1, |l| l.line());
+        let (field, reason) = split_serde_message(&e.to_string());
+        PolicyError::Parse {
+            file: file.name.clone(),
+            line,
+            field,
+            reason,
+        }
+    };
+    let value: serde_yaml::Value = serde_yaml::from_str(&file.content).map_err(to_error)?;
+    if value.is_null() {
+        return Ok(PolicyFile::default());
+    }
+    serde_yaml::from_str(&file.content).map_err(to_error)
+}
+
+/// Splits serde_yaml's `"path: message at line L column C"` into (path, message).
+fn split_serde_message(message: &str) -> (String, String) {
+    let mut msg = message;
+    if let Some(i) = msg.rfind(" at line ") {
+        let tail = &msg[i + " at line ".len()..];
+        if tail
+            .split(' ')
+            .next()
+            .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()))
+            && tail.contains(" column ")
+        {
+            msg = &msg[..i];
+        }
+    }
+    if let Some((path, rest)) = msg.split_once(": ") {
+        let looks_like_path = !path.is_empty()
+            && path
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.[]-".contains(c));
+        if looks_like_path {
+            return (path.to_owned(), rest.to_owned());
+        }
+    }
+    ("(file)".to_owned(), msg.to_owned())
+}
+
+/// An index of services by identity, for compilation.
+pub(crate) fn services_by_key(policy: &PolicySet) -> HashMap<ServiceKey, &Service> {
+    policy
+        .services()
+        .iter()
+        .map(|s| (ServiceKey::new(&s.name, &s.namespace), s))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

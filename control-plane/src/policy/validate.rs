@@ -1,0 +1,336 @@
+//! Semantic validation of parsed policy files: names, uniqueness, references, ranges, matchers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use super::{
+    line_of, resolve_reference, PolicyError, PolicyErrors, PolicyFile, Protocol, Route, Service,
+    SourceFile,
+};
+
+/// Collects errors with their file and field path; lines are looked up at the end.
+struct Collector<'a> {
+    files: &'a [SourceFile],
+    errors: Vec<PolicyError>,
+}
+
+impl Collector<'_> {
+    fn push(&mut self, file: usize, field: String, reason: impl Into<String>) {
+        let source = &self.files[file];
+        self.errors.push(PolicyError::Invalid {
+            file: source.name.clone(),
+            line: line_of(&source.content, &field),
+            field,
+            reason: reason.into(),
+        });
+    }
+
+    fn location(&self, file: usize, field: &str) -> String {
+        let source = &self.files[file];
+        format!("{}:{}", source.name, line_of(&source.content, field))
+    }
+}
+
+/// Checks every rule over the whole set; `parsed[i]` is the parse of `files[i]`.
+pub(super) fn validate(files: &[SourceFile], parsed: &[PolicyFile]) -> Result<(), PolicyErrors> {
+    let mut c = Collector {
+        files,
+        errors: Vec::new(),
+    };
+    let all_services: Vec<Service> = parsed.iter().flat_map(|p| p.services.clone()).collect();
+
+    let mut seen_services: HashMap<(String, String), (usize, String)> = HashMap::new();
+    let mut seen_routes: HashMap<String, (usize, String)> = HashMap::new();
+    for (fi, file) in parsed.iter().enumerate() {
+        for (si, service) in file.services.iter().enumerate() {
+            let path = format!("services[{si}]");
+            let key = (service.name.clone(), service.namespace.clone());
+            if let Some((first_file, first_path)) = seen_services.get(&key) {
+                let first = c.location(*first_file, first_path);
+                c.push(
+                    fi,
+                    format!("{path}.name"),
+                    format!(
+                        "duplicate service \"{}.{}\" (first defined at {first})",
+                        key.0, key.1
+                    ),
+                );
+            } else {
+                seen_services.insert(key, (fi, path.clone()));
+            }
+            validate_service(&mut c, fi, &path, service, &all_services);
+        }
+        for (ri, route) in file.routes.iter().enumerate() {
+            let path = format!("routes[{ri}]");
+            if let Some((first_file, first_path)) = seen_routes.get(&route.name) {
+                let first = c.location(*first_file, first_path);
+                c.push(
+                    fi,
+                    format!("{path}.name"),
+                    format!(
+                        "duplicate route \"{}\" (first defined at {first})",
+                        route.name
+                    ),
+                );
+            } else {
+                seen_routes.insert(route.name.clone(), (fi, path.clone()));
+            }
+            validate_route(&mut c, fi, &path, route, &all_services);
+        }
+    }
+    if c.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(PolicyErrors(c.errors))
+    }
+}
+
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters (RFC 1123 label).
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+const DNS_LABEL_RULE: &str =
+    "must be a DNS label: lower-case letters, digits and '-', at most 63 characters, starting and ending with a letter or digit";
+
+fn validate_service(
+    c: &mut Collector<'_>,
+    fi: usize,
+    path: &str,
+    service: &Service,
+    all: &[Service],
+) {
+    if !is_dns_label(&service.name) {
+        c.push(
+            fi,
+            format!("{path}.name"),
+            format!("{:?} {DNS_LABEL_RULE}", service.name),
+        );
+    }
+    if !is_dns_label(&service.namespace) {
+        c.push(
+            fi,
+            format!("{path}.namespace"),
+            format!("{:?} {DNS_LABEL_RULE}", service.namespace),
+        );
+    }
+    match (service.protocol, service.port) {
+        (Protocol::Tcp, None) => c.push(
+            fi,
+            format!("{path}.port"),
+            "tcp services need a port (1..=65535)",
+        ),
+        (Protocol::Tcp, Some(p)) if !(1..=65535).contains(&p) => c.push(
+            fi,
+            format!("{path}.port"),
+            format!("port {p} is out of range 1..=65535"),
+        ),
+        (Protocol::Http | Protocol::Grpc, Some(_)) => c.push(
+            fi,
+            format!("{path}.port"),
+            "port is only valid for tcp services",
+        ),
+        _ => {}
+    }
+    if service.connect_timeout.is_zero() {
+        c.push(
+            fi,
+            format!("{path}.connect_timeout"),
+            "must be greater than 0s",
+        );
+    }
+    if let Some(deps) = &service.dependencies {
+        for (di, dep) in deps.iter().enumerate() {
+            if let Err(e) = resolve_reference(all, dep, Some(&service.namespace)) {
+                c.push(fi, format!("{path}.dependencies[{di}]"), e.to_string());
+            }
+        }
+    }
+    for (ei, endpoint) in service.endpoints.iter().enumerate() {
+        if endpoint.address.parse::<SocketAddr>().is_err() {
+            c.push(
+                fi,
+                format!("{path}.endpoints[{ei}].address"),
+                format!("{:?} is not an ip:port address", endpoint.address),
+            );
+        }
+    }
+}
+
+fn validate_route(c: &mut Collector<'_>, fi: usize, path: &str, route: &Route, all: &[Service]) {
+    if !is_dns_label(&route.name) {
+        c.push(
+            fi,
+            format!("{path}.name"),
+            format!("{:?} {DNS_LABEL_RULE}", route.name),
+        );
+    }
+    let mut context_namespace = None;
+    match resolve_reference(all, &route.service, None) {
+        Ok(key) => {
+            if let Some(s) = all
+                .iter()
+                .find(|s| s.name == key.name && s.namespace == key.namespace)
+            {
+                if s.protocol == Protocol::Tcp {
+                    c.push(
+                        fi,
+                        format!("{path}.service"),
+                        format!("service \"{key}\" is tcp: tcp services can't have routes"),
+                    );
+                }
+            }
+            context_namespace = Some(key.namespace);
+        }
+        Err(e) => c.push(fi, format!("{path}.service"), e.to_string()),
+    }
+    for (hi, host) in route.hosts.iter().enumerate() {
+        if host.is_empty() || host.contains(|ch: char| ch.is_whitespace() || ch == '/') {
+            c.push(
+                fi,
+                format!("{path}.hosts[{hi}]"),
+                format!("{host:?} is not a host name"),
+            );
+        }
+    }
+    if let Some(m) = &route.matcher {
+        if let Some(p) = &m.path {
+            let set = [&p.exact, &p.prefix, &p.regex]
+                .iter()
+                .filter(|v| v.is_some())
+                .count();
+            if set != 1 {
+                c.push(
+                    fi,
+                    format!("{path}.match.path"),
+                    format!("exactly one of exact, prefix, regex is required ({set} given)"),
+                );
+            }
+            for (field, value) in [("exact", &p.exact), ("prefix", &p.prefix)] {
+                if let Some(v) = value {
+                    if !v.starts_with('/') {
+                        c.push(
+                            fi,
+                            format!("{path}.match.path.{field}"),
+                            format!("{v:?} must start with '/'"),
+                        );
+                    }
+                }
+            }
+            if let Some(re) = &p.regex {
+                if let Err(e) = regex::Regex::new(re) {
+                    c.push(
+                        fi,
+                        format!("{path}.match.path.regex"),
+                        format!("invalid regex: {}", one_line(&e.to_string())),
+                    );
+                }
+            }
+        }
+        for (hi, h) in m.headers.iter().enumerate() {
+            let hpath = format!("{path}.match.headers[{hi}]");
+            if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                c.push(
+                    fi,
+                    format!("{hpath}.name"),
+                    format!("{:?} is not a valid header name", h.name),
+                );
+            }
+            let set = usize::from(h.exact.is_some())
+                + usize::from(h.regex.is_some())
+                + usize::from(h.present.is_some());
+            if set != 1 {
+                c.push(
+                    fi,
+                    hpath.clone(),
+                    format!("exactly one of exact, regex, present is required ({set} given)"),
+                );
+            }
+            if let Some(re) = &h.regex {
+                if let Err(e) = regex::Regex::new(re) {
+                    c.push(
+                        fi,
+                        format!("{hpath}.regex"),
+                        format!("invalid regex: {}", one_line(&e.to_string())),
+                    );
+                }
+            }
+        }
+        for (mi, method) in m.methods.iter().enumerate() {
+            if method.is_empty() || http::Method::from_bytes(method.as_bytes()).is_err() {
+                c.push(
+                    fi,
+                    format!("{path}.match.methods[{mi}]"),
+                    format!("{method:?} is not an HTTP method"),
+                );
+            }
+        }
+    }
+    if route.destinations.is_empty() {
+        c.push(
+            fi,
+            format!("{path}.destinations"),
+            "at least one destination is required",
+        );
+    }
+    for (di, d) in route.destinations.iter().enumerate() {
+        match resolve_reference(all, &d.service, context_namespace.as_deref()) {
+            Ok(key) => {
+                let tcp = all.iter().any(|s| {
+                    s.name == key.name
+                        && s.namespace == key.namespace
+                        && s.protocol == Protocol::Tcp
+                });
+                if tcp {
+                    c.push(
+                        fi,
+                        format!("{path}.destinations[{di}].service"),
+                        format!("service \"{key}\" is tcp and can't be a route destination"),
+                    );
+                }
+            }
+            Err(e) => c.push(
+                fi,
+                format!("{path}.destinations[{di}].service"),
+                e.to_string(),
+            ),
+        }
+    }
+    if route.destinations.len() > 1 {
+        let mut sum = 0u64;
+        for (di, d) in route.destinations.iter().enumerate() {
+            match d.weight {
+                Some(w) => sum += u64::from(w),
+                None => c.push(
+                    fi,
+                    format!("{path}.destinations[{di}].weight"),
+                    "a weight is required when a route has several destinations",
+                ),
+            }
+        }
+        if route.destinations.iter().all(|d| d.weight.is_some()) && sum != 100 {
+            c.push(
+                fi,
+                format!("{path}.destinations"),
+                format!("weights must sum to 100 (they sum to {sum})"),
+            );
+        }
+    } else if let Some(w) = route.destinations.first().and_then(|d| d.weight) {
+        if w != 100 {
+            c.push(
+                fi,
+                format!("{path}.destinations[0].weight"),
+                format!("a single destination takes all traffic: weight must be 100 or omitted (got {w})"),
+            );
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
