@@ -25,6 +25,6 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> building binaries for the end-to-end tests"
 cargo build --workspace --bins --quiet
 echo "==> cargo test"
-cargo test --workspace -- --test-threads=2
+cargo test --workspace --no-fail-fast -- --test-threads=2
 echo "==> demo check (scripts/demo.sh --check)"
 scripts/demo.sh --check

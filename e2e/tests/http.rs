@@ -1,0 +1,226 @@
+//! HTTP/1.1 and HTTP/2 (h2c) through the caller's outbound sidecar, the callee's inbound sidecar,
+//! to the demo app; and the README demo (`web` calls `api` through its own sidecar).
+
+use http::{Method, Version};
+use weft_e2e::{
+    caller_proxy, http_services_yaml, instance_of, wait_for_instance, wait_metric_at_least,
+    Instance,
+};
+use weft_testkit::{ControlPlane, DemoApp, DemoAppConfig, PolicyDir, Proxy};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_request_crosses_both_sidecars() {
+    let policies = PolicyDir::with_file("mesh.yaml", &http_services_yaml(&["web", "api"]));
+    let cp = ControlPlane::start(policies.path()).await;
+    let api = Instance::http(&cp, "api", "api-1").await;
+    let web = caller_proxy(&cp, "web", "web-1").await;
+    let client = web.http1();
+    wait_for_instance(&client, "api", "/", "api-1").await;
+
+    let r = client
+        .request(Method::GET, "api", "/hello?x=1", &[("x-test", "yes")], "")
+        .await
+        .expect("GET http://api/hello through web's sidecar");
+    assert_eq!(r.status, 200, "{}", r.summary());
+    assert_eq!(r.version, Version::HTTP_11);
+    assert_eq!(instance_of(&r), "api-1");
+    let body = r.json();
+    assert_eq!(body["service"], "api", "{body}");
+    assert_eq!(body["method"], "GET", "{body}");
+    assert_eq!(body["path"], "/hello", "{body}");
+    assert_eq!(body["query"], "x=1", "{body}");
+    assert_eq!(
+        body["version"], "HTTP/1.1",
+        "the app must see HTTP/1.1: {body}"
+    );
+    assert_eq!(
+        body["headers"]["x-test"], "yes",
+        "request headers must reach the app: {body}"
+    );
+    let host = body["host"].as_str().unwrap_or_default();
+    assert!(
+        host == "api" || host.starts_with("api:"),
+        "the app sees Host {host:?}: {body}"
+    );
+
+    // A body of 1 MiB goes up and comes back unchanged.
+    let payload: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8).collect();
+    let r = client
+        .request(
+            Method::POST,
+            "api",
+            "/echo",
+            &[("content-type", "application/octet-stream")],
+            payload.clone(),
+        )
+        .await
+        .expect("POST http://api/echo");
+    assert_eq!(r.status, 200, "{}", r.summary());
+    assert_eq!(r.body.len(), payload.len(), "echoed body length");
+    assert!(r.body[..] == payload[..], "echoed body differs");
+
+    // The app's own statuses pass through untouched (no proxy error header).
+    let r = client
+        .get("api", "/status/418")
+        .await
+        .expect("GET /status/418");
+    assert_eq!(r.status, 418, "{}", r.summary());
+    assert_eq!(instance_of(&r), "api-1");
+    assert_eq!(r.header("x-weft-error"), None, "{}", r.summary());
+
+    // Every host name of the service routes to it (lower-cased, port stripped).
+    for host in [
+        "api.default",
+        "api.default.svc",
+        "api.default.svc.cluster.local",
+        "API:8080",
+        "api.default.svc.cluster.local:80",
+    ] {
+        let r = client
+            .get(host, "/")
+            .await
+            .unwrap_or_else(|e| panic!("GET http://{host}/: {e:#}"));
+        assert_eq!(r.status, 200, "Host {host}: {}", r.summary());
+        assert_eq!(instance_of(&r), "api-1", "Host {host}");
+    }
+
+    // Both sidecars counted the requests.
+    wait_metric_at_least(
+        "web's sidecar counts outbound requests to api",
+        "weft_requests_total",
+        &[
+            ("direction", "outbound"),
+            ("cluster", "api.default"),
+            ("code", "200"),
+        ],
+        6.0,
+        async || web.metrics().await,
+    )
+    .await;
+    wait_metric_at_least(
+        "api's sidecar counts inbound requests",
+        "weft_requests_total",
+        &[("direction", "inbound"), ("code", "418")],
+        1.0,
+        async || api.proxy.metrics().await,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_requests_cross_both_sidecars() {
+    let policies = PolicyDir::with_file("mesh.yaml", &http_services_yaml(&["web", "api"]));
+    let cp = ControlPlane::start(policies.path()).await;
+    let _api = Instance::http(&cp, "api", "api-1").await;
+    let web = caller_proxy(&cp, "web", "web-1").await;
+    let client = web.h2c();
+    wait_for_instance(&client, "api", "/", "api-1").await;
+
+    let r = client
+        .get("api", "/h2?y=2")
+        .await
+        .expect("h2c GET http://api/h2");
+    assert_eq!(r.status, 200, "{}", r.summary());
+    assert_eq!(
+        r.version,
+        Version::HTTP_2,
+        "the sidecar must answer h2c with HTTP/2"
+    );
+    let body = r.json();
+    assert_eq!(body["service"], "api", "{body}");
+    assert_eq!(body["path"], "/h2", "{body}");
+    let host = body["host"].as_str().unwrap_or_default();
+    assert!(
+        host == "api" || host.starts_with("api:"),
+        "the app sees authority {host:?}: {body}"
+    );
+
+    let payload: Vec<u8> = (0..300_000usize).map(|i| (i % 253) as u8).collect();
+    let r = client
+        .request(Method::POST, "api", "/echo", &[], payload.clone())
+        .await
+        .expect("h2c POST http://api/echo");
+    assert_eq!(r.status, 200, "{}", r.summary());
+    assert!(
+        r.body[..] == payload[..],
+        "echoed h2 body differs ({} bytes back)",
+        r.body.len()
+    );
+
+    // Concurrent streams on the one h2 connection, each with its own answer.
+    let requests = (0..20).map(|i| {
+        let client = client.clone();
+        async move { (i, client.get("api", &format!("/stream/{i}")).await) }
+    });
+    for (i, r) in futures::future::join_all(requests).await {
+        let r = r.unwrap_or_else(|e| panic!("concurrent h2 request {i}: {e:#}"));
+        assert_eq!(r.status, 200, "request {i}: {}", r.summary());
+        assert_eq!(r.json()["path"], format!("/stream/{i}"));
+    }
+}
+
+/// The README demo: `web` (a demo app) calls `api` through its own outbound sidecar; the test
+/// calls `web` through web's inbound sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_app_calls_api_through_its_sidecar() {
+    let policies = PolicyDir::with_file("mesh.yaml", &http_services_yaml(&["web", "api"]));
+    let cp = ControlPlane::start(policies.path()).await;
+    let _api = Instance::http(&cp, "api", "api-1").await;
+
+    let web_proxy_config = weft_e2e::caller_proxy_config(&cp, "web", "web-1");
+    let web_app = DemoApp::start_with(
+        DemoAppConfig::new("web", "web-1").with_outbound(web_proxy_config.outbound),
+    )
+    .await;
+    let mut cfg = web_proxy_config;
+    cfg.app = web_app.http_addr();
+    let web = Proxy::start_with(cfg).await;
+
+    let inbound = weft_testkit::HttpClient::h1(web.inbound_addr());
+    let what = "web's app, called through web's inbound sidecar, gets 200 from api through web's outbound sidecar";
+    let r = weft_testkit::wait_until(weft_testkit::DEFAULT_WAIT, what, async || {
+        let r = inbound
+            .get("web", "/call?url=http%3A%2F%2Fapi%2Fhello")
+            .await?;
+        let body = r.json();
+        if r.status == 200 && body["status"] == 200 {
+            Ok(body)
+        } else {
+            Err(anyhow::anyhow!("{}", r.summary()))
+        }
+    })
+    .await;
+    assert_eq!(r["body"]["service"], "api", "{r}");
+    assert_eq!(r["body"]["instance"], "api-1", "{r}");
+    assert_eq!(r["body"]["path"], "/hello", "{r}");
+    assert_eq!(r["headers"]["x-demo-instance"], "api-1", "{r}");
+}
+
+/// Several clients at once, HTTP/1.1 and h2c mixed: a bounded burst with no errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_get_no_errors() {
+    let policies = PolicyDir::with_file("mesh.yaml", &http_services_yaml(&["web", "api"]));
+    let cp = ControlPlane::start(policies.path()).await;
+    let _api1 = Instance::http(&cp, "api", "api-1").await;
+    let _api2 = Instance::http(&cp, "api", "api-2").await;
+    let web = caller_proxy(&cp, "web", "web-1").await;
+    wait_for_instance(&web.http1(), "api", "/", "api-1").await;
+    wait_for_instance(&web.http1(), "api", "/", "api-2").await;
+
+    const CLIENTS: usize = 8;
+    const PER_CLIENT: usize = 50;
+    let runs = (0..CLIENTS).map(|i| {
+        let client = if i % 2 == 0 { web.http1() } else { web.h2c() };
+        async move { weft_e2e::tally(&client, "api", &format!("/client/{i}"), PER_CLIENT).await }
+    });
+    let mut total = 0;
+    for (i, t) in futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert!(t.errors.is_empty(), "client {i}: {:?}", t.errors);
+        total += t.count("api-1") + t.count("api-2");
+    }
+    assert_eq!(total, CLIENTS * PER_CLIENT);
+}
