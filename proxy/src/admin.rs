@@ -1,0 +1,248 @@
+//! The admin HTTP server (bootstrap `admin`, default 127.0.0.1:15000): `/metrics`, `/ready`,
+//! `/live`, `/config_dump`. It runs on the control thread's runtime, never on the data path.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use weft_proto::v1;
+
+use crate::metrics::Metrics;
+use crate::snapshot::{ResourceKind, Snapshot, SnapshotStore};
+
+/// What the admin endpoints report on.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The current snapshot.
+    pub store: Arc<SnapshotStore>,
+    /// Metrics to expose.
+    pub metrics: Metrics,
+    /// This proxy's identity.
+    pub node: Arc<v1::Node>,
+    /// Set once shutdown started: `/ready` turns 503.
+    pub draining: Arc<AtomicBool>,
+}
+
+/// Serves admin requests on `listener` forever.
+pub async fn serve(listener: TcpListener, state: AdminState) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let resp = handle(&state, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Answers one admin request.
+pub fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, state.metrics.encode());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" => {
+            if state.draining.load(Ordering::Relaxed) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if state.store.load().is_some() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no config from the control plane yet\n",
+                )
+            }
+        }
+        "/config_dump" => {
+            let snapshot = state.store.load_full();
+            let body = config_dump(&state.node, snapshot.as_deref());
+            let mut r = text(
+                StatusCode::OK,
+                serde_json::to_vec_pretty(&body).unwrap_or_default(),
+            );
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics /ready /live /config_dump\n",
+        ),
+    }
+}
+
+/// Lower-case short name of a proto enum value: `DIRECTION_OUTBOUND` -> `outbound`.
+fn enum_name(full: &str, prefix: &str) -> String {
+    full.strip_prefix(prefix)
+        .unwrap_or(full)
+        .to_ascii_lowercase()
+}
+
+fn node_json(n: &v1::Node) -> Value {
+    json!({
+        "id": n.id, "service": n.service, "namespace": n.namespace, "labels": n.labels,
+        "inbound_address": n.inbound_address, "outbound_address": n.outbound_address,
+        "app_address": n.app_address, "tcp_bind_ip": n.tcp_bind_ip,
+        "build_version": n.build_version,
+    })
+}
+
+/// The `/config_dump` document for `snapshot` (ARCHITECTURE.md "Admin APIs").
+pub fn config_dump(node: &v1::Node, snapshot: Option<&Snapshot>) -> Value {
+    let empty = Default::default();
+    let r = snapshot.map_or(&empty, |s| &s.resources);
+    let versions: serde_json::Map<String, Value> = ResourceKind::ALL
+        .iter()
+        .map(|k| {
+            (
+                k.as_str().to_owned(),
+                r.version(*k).map_or(Value::Null, |v| json!(v)),
+            )
+        })
+        .collect();
+    let listeners: Vec<Value> = r.listeners.iter().flat_map(|s| &s.listeners).map(|l| {
+        json!({
+            "name": l.name, "address": l.address,
+            "direction": enum_name(v1::Direction::try_from(l.direction).unwrap_or_default().as_str_name(), "DIRECTION_"),
+            "protocol": enum_name(v1::ListenerProtocol::try_from(l.protocol).unwrap_or_default().as_str_name(), "LISTENER_PROTOCOL_"),
+            "route_table": l.route_table, "cluster": l.cluster,
+        })
+    }).collect();
+    let routes: Vec<Value> = r.routes.iter().flat_map(|s| &s.tables).map(|t| {
+        json!({ "name": t.name, "routes": t.routes.iter().map(route_json).collect::<Vec<_>>() })
+    }).collect();
+    let clusters: Vec<Value> = r.clusters.iter().flat_map(|s| &s.clusters).map(|c| {
+        json!({
+            "name": c.name, "service": c.service, "namespace": c.namespace,
+            "lb": enum_name(v1::LbPolicy::try_from(c.lb).unwrap_or_default().as_str_name(), "LB_POLICY_"),
+            "connect_timeout_ms": c.connect_timeout_ms, "request_timeout_ms": c.request_timeout_ms,
+            "protocol": enum_name(v1::UpstreamProtocol::try_from(c.protocol).unwrap_or_default().as_str_name(), "UPSTREAM_PROTOCOL_"),
+        })
+    }).collect();
+    let endpoints: Vec<Value> = r.endpoints.iter().flat_map(|s| &s.clusters).map(|ce| {
+        json!({
+            "cluster": ce.cluster,
+            "endpoints": ce.endpoints.iter().map(|e| json!({
+                "address": e.address, "weight": e.weight, "proxy_id": e.proxy_id, "labels": e.labels,
+            })).collect::<Vec<_>>(),
+        })
+    }).collect();
+    json!({
+        "node": node_json(node),
+        "versions": versions,
+        "listeners": listeners,
+        "routes": routes,
+        "clusters": clusters,
+        "endpoints": endpoints,
+    })
+}
+
+fn route_json(r: &v1::Route) -> Value {
+    let m = r.r#match.clone().unwrap_or_default();
+    let path = match m.path.and_then(|p| p.kind) {
+        None => Value::Null,
+        Some(v1::path_match::Kind::Exact(p)) => json!({"exact": p}),
+        Some(v1::path_match::Kind::Prefix(p)) => json!({"prefix": p}),
+        Some(v1::path_match::Kind::Regex(p)) => json!({"regex": p}),
+    };
+    let headers: Vec<Value> = m
+        .headers
+        .iter()
+        .map(|h| {
+            let mut v = match &h.kind {
+                Some(v1::header_match::Kind::Exact(x)) => json!({"name": h.name, "exact": x}),
+                Some(v1::header_match::Kind::Regex(x)) => json!({"name": h.name, "regex": x}),
+                Some(v1::header_match::Kind::Present(x)) => json!({"name": h.name, "present": x}),
+                None => json!({"name": h.name}),
+            };
+            if h.invert {
+                v["invert"] = json!(true);
+            }
+            v
+        })
+        .collect();
+    json!({
+        "name": r.name,
+        "match": {"hosts": m.hosts, "path": path, "headers": headers, "methods": m.methods},
+        "destinations": r.destinations.iter().map(|d| json!({"cluster": d.cluster, "weight": d.weight})).collect::<Vec<_>>(),
+        "timeout_ms": r.timeout_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_dump_has_versions_node_and_resources() {
+        let m = Metrics::new().unwrap();
+        let s = Snapshot::build(crate::snapshot::tests::resources(), None, &m).unwrap();
+        let node = v1::Node {
+            id: "web-1".into(),
+            service: "web".into(),
+            ..Default::default()
+        };
+        let d = config_dump(&node, Some(&s));
+        assert_eq!(d["node"]["id"], "web-1");
+        assert_eq!(d["versions"]["listeners"], "l1");
+        assert_eq!(d["versions"]["endpoints"], "e1");
+        assert_eq!(d["listeners"][0]["protocol"], "http");
+        assert_eq!(d["listeners"][0]["direction"], "outbound");
+        assert_eq!(
+            d["routes"][0]["routes"][0]["destinations"][0]["cluster"],
+            "backend.default"
+        );
+        assert_eq!(d["clusters"][0]["protocol"], "unspecified");
+        assert_eq!(
+            d["endpoints"][0]["endpoints"][0]["address"],
+            "127.0.0.1:9001"
+        );
+        let empty = config_dump(&node, None);
+        assert_eq!(empty["versions"]["routes"], Value::Null);
+        assert_eq!(empty["listeners"], json!([]));
+    }
+}

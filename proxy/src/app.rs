@@ -1,0 +1,159 @@
+//! Process assembly: the data-path runtime (multi-threaded), the control thread (single-threaded
+//! runtime running the discovery client and the admin server), and shutdown on SIGTERM/SIGINT.
+//!
+//! Nothing but the admin port is bound until the first snapshot arrives: listeners come from the
+//! snapshot.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use weft_proto::v1;
+
+use crate::admin::{self, AdminState};
+use crate::config::Bootstrap;
+use crate::discovery::{ConfigApplier, Discovery};
+use crate::listen::{self, DataPlane, ListenerManager};
+use crate::metrics::{Metrics, MetricsError};
+use crate::snapshot::SnapshotStore;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Building a tokio runtime failed.
+    #[error("starting the {which} runtime: {source}")]
+    Runtime {
+        /// "data" or "control".
+        which: &'static str,
+        /// I/O error from tokio.
+        source: std::io::Error,
+    },
+    /// The admin address could not be bound.
+    #[error("admin: cannot bind {addr}: {source}")]
+    AdminBind {
+        /// The bootstrap `admin` address.
+        addr: std::net::SocketAddr,
+        /// I/O error.
+        source: std::io::Error,
+    },
+    /// Metrics registration failed.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// Spawning the control thread failed.
+    #[error("spawning the control thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The node identity announced to the control plane.
+pub fn node(b: &Bootstrap) -> v1::Node {
+    v1::Node {
+        id: b.node_id(),
+        service: b.node.service.clone(),
+        namespace: b.node.namespace.clone(),
+        labels: b.node.labels.clone().into_iter().collect(),
+        inbound_address: b.inbound.address.to_string(),
+        outbound_address: b.outbound.address.to_string(),
+        app_address: b.inbound.app.to_string(),
+        tcp_bind_ip: b.outbound.tcp_bind_ip.to_string(),
+        build_version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+/// Runs the proxy until SIGTERM/SIGINT, then drains and returns.
+pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
+    let data_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("weft-data")
+        .build()
+        .map_err(|source| StartError::Runtime {
+            which: "data",
+            source,
+        })?;
+    let metrics = Metrics::new()?;
+    let store: Arc<SnapshotStore> = Arc::new(SnapshotStore::empty());
+    let plane = DataPlane {
+        store: Arc::clone(&store),
+        drain_timeout: bootstrap.drain_timeout,
+        http: Arc::new(crate::http::server_builder()),
+    };
+    let listeners = Arc::new(Mutex::new(ListenerManager::new(
+        data_rt.handle().clone(),
+        plane,
+    )));
+    let node = node(bootstrap);
+    tracing::info!(id = %node.id, service = %node.service, control_plane = %bootstrap.control_plane, "starting weft-proxy");
+
+    let admin_sock = listen::bind(bootstrap.admin).map_err(|source| StartError::AdminBind {
+        addr: bootstrap.admin,
+        source,
+    })?;
+    let draining = Arc::new(AtomicBool::new(false));
+    let admin_state = AdminState {
+        store: Arc::clone(&store),
+        metrics: metrics.clone(),
+        node: Arc::new(node.clone()),
+        draining: Arc::clone(&draining),
+    };
+    let applier = ConfigApplier::new(Arc::clone(&store), Arc::clone(&listeners), metrics);
+    let discovery = Discovery::new(bootstrap.control_plane.clone(), node, applier);
+    let control_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| StartError::Runtime {
+            which: "control",
+            source,
+        })?;
+    let admin_addr = bootstrap.admin;
+    std::thread::Builder::new()
+        .name("weft-control".into())
+        .spawn(move || {
+            control_rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(admin_sock) {
+                    Ok(sock) => {
+                        tracing::info!(addr = %admin_addr, "admin listening");
+                        tokio::spawn(admin::serve(sock, admin_state));
+                    }
+                    Err(e) => tracing::error!(error = %e, "admin listener unusable"),
+                }
+                discovery.run().await;
+            });
+        })
+        .map_err(StartError::Thread)?;
+
+    data_rt.block_on(async {
+        shutdown_signal().await;
+        tracing::info!(drain_timeout = ?bootstrap.drain_timeout, "shutting down: draining listeners");
+        draining.store(true, Ordering::Relaxed);
+        let drained = listeners.lock().unwrap_or_else(PoisonError::into_inner).shutdown();
+        // Connections enforce drain_timeout themselves; the margin covers their last writes.
+        let limit = bootstrap.drain_timeout + Duration::from_millis(500);
+        if tokio::time::timeout(limit, drained).await.is_err() {
+            tracing::warn!("connections still open after the drain timeout; exiting anyway");
+        }
+    });
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the proxy");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,286 @@
+//! The bootstrap file (`weft-proxy --config FILE`): who this proxy is, where its control plane
+//! and admin port are, and the addresses it announces. Format in ARCHITECTURE.md; unknown fields
+//! are errors that name the field.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors loading the bootstrap file.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// The file could not be read.
+    #[error("reading bootstrap {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed, has an unknown field or a bad value (serde names the field).
+    #[error("bootstrap {path}: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// serde_yaml's error, which carries the field path and line.
+        source: serde_yaml::Error,
+    },
+    /// A field parsed but its value is unusable.
+    #[error("bootstrap {path}: {field}: {reason}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// Dotted field path, e.g. `control_plane`.
+        field: &'static str,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+}
+
+/// The parsed bootstrap.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    /// Identity of this proxy.
+    pub node: NodeConfig,
+    /// Admin HTTP address.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Control-plane gRPC URL.
+    #[serde(default = "default_control_plane")]
+    pub control_plane: String,
+    /// Inbound side: announced address and the local app.
+    #[serde(default)]
+    pub inbound: InboundConfig,
+    /// Outbound side: the HTTP listener and the IP for TCP service ports.
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    /// How long a removed listener (or a shutting-down proxy) may finish open connections.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// `node:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The local service this sidecar fronts (required).
+    pub service: String,
+    /// Namespace of `service`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Unique proxy id; defaults to `<service>-<hostname>-<pid>`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Free-form labels sent to the control plane.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `inbound:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// Announced as this instance's endpoint.
+    #[serde(default = "default_inbound")]
+    pub address: SocketAddr,
+    /// The local service.
+    #[serde(default = "default_app")]
+    pub app: SocketAddr,
+}
+
+/// `outbound:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// The outbound HTTP listener the local app calls.
+    #[serde(default = "default_outbound")]
+    pub address: SocketAddr,
+    /// IP that outbound TCP service ports are bound on.
+    #[serde(default = "default_tcp_bind_ip")]
+    pub tcp_bind_ip: IpAddr,
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        Self {
+            address: default_inbound(),
+            app: default_app(),
+        }
+    }
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            address: default_outbound(),
+            tcp_bind_ip: default_tcp_bind_ip(),
+        }
+    }
+}
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::new(LOCALHOST, 15000)
+}
+fn default_control_plane() -> String {
+    "http://127.0.0.1:15010".to_owned()
+}
+fn default_inbound() -> SocketAddr {
+    SocketAddr::new(LOCALHOST, 15006)
+}
+fn default_outbound() -> SocketAddr {
+    SocketAddr::new(LOCALHOST, 15001)
+}
+fn default_app() -> SocketAddr {
+    SocketAddr::new(LOCALHOST, 8080)
+}
+fn default_tcp_bind_ip() -> IpAddr {
+    LOCALHOST
+}
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Bootstrap {
+    /// Reads and validates a bootstrap file.
+    pub fn load(path: &Path) -> Result<Self, BootstrapError> {
+        let text = std::fs::read_to_string(path).map_err(|source| BootstrapError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates bootstrap YAML; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, BootstrapError> {
+        let b: Bootstrap = serde_yaml::from_str(text).map_err(|source| BootstrapError::Parse {
+            path: origin.to_owned(),
+            source,
+        })?;
+        let invalid = |field, reason: String| BootstrapError::Invalid {
+            path: origin.to_owned(),
+            field,
+            reason,
+        };
+        if b.node.service.is_empty() {
+            return Err(invalid("node.service", "must not be empty".into()));
+        }
+        if b.node.id.as_deref() == Some("") {
+            return Err(invalid(
+                "node.id",
+                "must not be empty (omit it for the default)".into(),
+            ));
+        }
+        match b.control_plane.parse::<http::Uri>() {
+            Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}
+            _ => {
+                return Err(invalid(
+                    "control_plane",
+                    format!("{:?} is not an http(s)://host:port URL", b.control_plane),
+                ))
+            }
+        }
+        Ok(b)
+    }
+
+    /// The node id: configured, or `<service>-<hostname>-<pid>`.
+    pub fn node_id(&self) -> String {
+        if let Some(id) = &self.node.id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "localhost".to_owned());
+        format!("{}-{}-{}", self.node.service, host, std::process::id())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = "
+node:
+  service: web
+  namespace: prod
+  id: web-1
+  labels: {version: v1}
+admin: 127.0.0.2:15000
+control_plane: http://127.0.0.1:15010
+inbound:
+  address: 127.0.0.2:15006
+  app: 127.0.0.2:8080
+outbound:
+  address: 127.0.0.2:15001
+  tcp_bind_ip: 127.0.0.2
+drain_timeout: 2s
+";
+
+    #[test]
+    fn parses_the_documented_example() {
+        let b = Bootstrap::parse(FULL, "b.yaml").unwrap();
+        assert_eq!(b.node.service, "web");
+        assert_eq!(b.node.namespace, "prod");
+        assert_eq!(b.node_id(), "web-1");
+        assert_eq!(b.node.labels["version"], "v1");
+        assert_eq!(b.admin.to_string(), "127.0.0.2:15000");
+        assert_eq!(b.inbound.app.to_string(), "127.0.0.2:8080");
+        assert_eq!(b.outbound.tcp_bind_ip.to_string(), "127.0.0.2");
+        assert_eq!(b.drain_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn applies_defaults() {
+        let b = Bootstrap::parse("node: {service: web}", "b.yaml").unwrap();
+        assert_eq!(b.node.namespace, "default");
+        assert_eq!(b.admin.to_string(), "127.0.0.1:15000");
+        assert_eq!(b.control_plane, "http://127.0.0.1:15010");
+        assert_eq!(b.inbound.address.to_string(), "127.0.0.1:15006");
+        assert_eq!(b.outbound.address.to_string(), "127.0.0.1:15001");
+        assert_eq!(b.drain_timeout, Duration::from_secs(5));
+        assert!(b.node_id().starts_with("web-"));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = Bootstrap::parse("node: {service: web, servce: x}", "b.yaml").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("servce") && msg.contains("node"), "{msg}");
+        let e = Bootstrap::parse("node: {service: web}\nadmn: 1.2.3.4:5", "b.yaml").unwrap_err();
+        assert!(e.to_string().contains("admn"), "{e}");
+    }
+
+    #[test]
+    fn missing_service_is_named() {
+        let e = Bootstrap::parse("node: {namespace: x}", "b.yaml").unwrap_err();
+        assert!(e.to_string().contains("service"), "{e}");
+        let e = Bootstrap::parse("admin: 127.0.0.1:1", "b.yaml").unwrap_err();
+        assert!(e.to_string().contains("node"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let e = Bootstrap::parse("node: {service: web}\nadmin: nope", "b.yaml").unwrap_err();
+        assert!(e.to_string().contains("admin"), "{e}");
+        let e =
+            Bootstrap::parse("node: {service: web}\ndrain_timeout: soon", "b.yaml").unwrap_err();
+        assert!(e.to_string().contains("drain_timeout"), "{e}");
+        let e =
+            Bootstrap::parse("node: {service: web}\ncontrol_plane: 'x y'", "b.yaml").unwrap_err();
+        assert!(e.to_string().contains("control_plane"), "{e}");
+        let e = Bootstrap::parse("node: {service: web}\ninbound: {app: 1.2.3.4}", "b.yaml")
+            .unwrap_err();
+        assert!(e.to_string().contains("inbound.app"), "{e}");
+    }
+}

@@ -1,0 +1,145 @@
+//! The downstream response body: the upstream body streamed through untouched (data and
+//! trailers), or a small proxy-generated body. Streaming upstream bodies also
+//! - record the request's metrics exactly once, when the body ends or is dropped, with the
+//!   `grpc-status` seen in headers or trailers, and
+//! - hand the HTTP/1.1 upstream connection back to its pool, but only if the body was read to
+//!   the end (otherwise the connection is in an unknown state and is closed).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::metrics::RequestMetrics;
+use crate::upstream::PooledH1;
+
+/// What to do when a streamed response finishes.
+#[derive(Debug)]
+pub struct Completion {
+    /// Where to record the request.
+    pub metrics: Arc<RequestMetrics>,
+    /// Response status.
+    pub status: StatusCode,
+    /// `grpc-status` from the response headers (trailers-only responses) or trailers.
+    pub grpc_status: Option<HeaderValue>,
+    /// When the request arrived.
+    pub start: Instant,
+    /// The HTTP/1.1 connection to return to its pool.
+    pub pooled: Option<PooledH1>,
+}
+
+impl Completion {
+    fn finish(self, body_complete: bool) {
+        let grpc = self
+            .grpc_status
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        self.metrics
+            .record(self.status, grpc, self.start.elapsed().as_secs_f64());
+        if body_complete {
+            if let Some(conn) = self.pooled {
+                conn.release();
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Inner {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+/// Body of every response the proxy sends downstream.
+#[derive(Debug)]
+pub struct ResponseBody {
+    inner: Inner,
+    completion: Option<Completion>,
+}
+
+impl ResponseBody {
+    /// A proxy-generated body (metrics are recorded by the caller).
+    pub fn local(data: Bytes) -> Self {
+        Self {
+            inner: Inner::Local(Some(data)),
+            completion: None,
+        }
+    }
+
+    /// An upstream body streamed through; `completion` runs when it ends or is dropped.
+    pub fn upstream(body: Incoming, completion: Completion) -> Self {
+        Self {
+            inner: Inner::Upstream(body),
+            completion: Some(completion),
+        }
+    }
+
+    fn complete(&mut self, body_complete: bool) {
+        if let Some(c) = self.completion.take() {
+            c.finish(body_complete);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        match &mut this.inner {
+            Inner::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Inner::Upstream(body) => match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let (Some(trailers), Some(c)) = (frame.trailers_ref(), &mut this.completion)
+                    {
+                        if let Some(v) = trailers.get("grpc-status") {
+                            c.grpc_status = Some(v.clone());
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(Err(e)) => {
+                    this.complete(false);
+                    Poll::Ready(Some(Err(e)))
+                }
+                None => {
+                    this.complete(true);
+                    Poll::Ready(None)
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Local(d) => d.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(b) => b.size_hint(),
+            Inner::Local(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            Inner::Local(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Bodies hyper never polls (empty ones) or that the client abandoned end here.
+        let complete = self.is_end_stream();
+        self.complete(complete);
+    }
+}

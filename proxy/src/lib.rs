@@ -1,0 +1,34 @@
+//! `weft-proxy`: Weft's sidecar proxy, the data plane.
+//!
+//! Module map (ARCHITECTURE.md describes the behaviour):
+//! - [`config`]: the bootstrap file.
+//! - [`discovery`]: the control-plane client (Hello, ACK/NACK, reconnect with backoff).
+//! - [`snapshot`]: held resource sets and the validated, immutable [`snapshot::Snapshot`].
+//! - [`listen`]: binding, swapping and draining listeners; accept loops.
+//! - [`pipeline`]: **the HTTP request path, assembled in one place**.
+//! - [`http`]: the hyper server connection, response bodies, header rewriting, error responses.
+//! - [`route`]: route tables and matching.
+//! - [`balance`]: weighted destination pick and weighted round robin.
+//! - [`cluster`]: clusters, endpoints and the state that survives snapshot swaps.
+//! - [`upstream`]: per-endpoint connection pools (HTTP/1.1 idle pool, shared HTTP/2).
+//! - [`tcp`]: opaque TCP proxying with half-close.
+//! - [`drain`]: drain signalling between listeners and connections.
+//! - [`metrics`]: Prometheus families and pre-resolved handles.
+//! - [`admin`]: `/metrics`, `/ready`, `/live`, `/config_dump`.
+//! - [`app`]: runtimes, threads, signals.
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod cluster;
+pub mod config;
+pub mod discovery;
+pub mod drain;
+pub mod http;
+pub mod listen;
+pub mod metrics;
+pub mod pipeline;
+pub mod route;
+pub mod snapshot;
+pub mod tcp;
+pub mod upstream;

@@ -1,0 +1,195 @@
+//! The HTTP request path, assembled in one place (ARCHITECTURE.md "Proxy request path"):
+//!
+//! ```text
+//! load snapshot (once) -> listener's route table: match host, path, headers, method
+//!   -> no match: the listener's catch-all cluster (inbound: the local app) or 404 no-route
+//!   -> weighted pick of a destination cluster -> round-robin endpoint (503 no-endpoints)
+//!   -> rewrite headers/URI for the upstream HTTP version
+//!   -> pooled upstream connection, under the route/cluster timeout (504 request-timeout)
+//!        connect failure -> 503 connect-failed; closed before responding -> 502 upstream-reset
+//!   -> response streamed back (trailers intact); metrics recorded once, when the body ends
+//! ```
+//!
+//! Everything that needs the snapshot happens synchronously in [`HttpProxy::call`]; the future
+//! only owns the chosen cluster and metric handles, so a request finishes on the configuration it
+//! started with and no snapshot guard or lock is held across an await.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{header, Request, Response, Version};
+use hyper::body::Incoming;
+
+use crate::cluster::{Cluster, UpstreamProtocol};
+use crate::http::body::{Completion, ResponseBody};
+use crate::http::error::ProxyError;
+use crate::http::headers::{prepare_request, strip_hop_by_hop};
+use crate::metrics::RequestMetrics;
+use crate::route::{normalize_host, RequestInfo};
+use crate::snapshot::{HttpListener, Listener, ListenerKind, SnapshotStore};
+use crate::upstream::Wire;
+
+/// The hyper service of one downstream HTTP connection.
+#[derive(Clone)]
+pub struct HttpProxy {
+    store: Arc<SnapshotStore>,
+    /// The listener as it was when the connection was accepted: used if a later snapshot no
+    /// longer has an HTTP listener at this address (the connection is draining).
+    accepted_on: Arc<Listener>,
+}
+
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
+/// Where a request goes, decided synchronously from the snapshot.
+struct Target {
+    cluster: Arc<Cluster>,
+    metrics: Arc<RequestMetrics>,
+    route_timeout: Option<Duration>,
+}
+
+impl HttpProxy {
+    /// The service for a connection accepted on `listener` (an HTTP listener).
+    pub fn new(store: Arc<SnapshotStore>, listener: Arc<Listener>) -> Self {
+        Self {
+            store,
+            accepted_on: listener,
+        }
+    }
+
+    /// Routes `req` against the listener's current config: `Err` is a finished 404.
+    fn select(&self, http: &HttpListener, req: &Request<Incoming>) -> Result<Target, ProxyError> {
+        let raw_host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("");
+        let host: Cow<'_, str> = normalize_host(raw_host);
+        let info = RequestInfo {
+            host: &host,
+            path: req.uri().path(),
+            method: req.method(),
+            headers: req.headers(),
+        };
+        if let Some(route) = http.routes.as_ref().and_then(|t| t.find(&info)) {
+            if let Some(dest) = route.destinations.pick() {
+                return Ok(Target {
+                    cluster: Arc::clone(&dest.cluster),
+                    metrics: Arc::clone(dest.metrics()),
+                    route_timeout: route.timeout,
+                });
+            }
+        }
+        match &http.catch_all {
+            Some(c) => Ok(Target {
+                cluster: Arc::clone(&c.cluster),
+                metrics: Arc::clone(&c.metrics),
+                route_timeout: None,
+            }),
+            None => Err(ProxyError::NoRoute {
+                host: host.to_string(),
+                path: req.uri().path().into(),
+            }),
+        }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for HttpProxy {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let start = Instant::now();
+        let snapshot = self.store.load();
+        let current = snapshot
+            .as_ref()
+            .and_then(|s| s.listeners.get(&self.accepted_on.addr))
+            .filter(|l| matches!(l.kind, ListenerKind::Http(_)))
+            .unwrap_or(&self.accepted_on);
+        let ListenerKind::Http(http) = &current.kind else {
+            // Connections are only served as HTTP when accepted on an HTTP listener.
+            return Box::pin(async { Ok(Response::new(ResponseBody::local(Default::default()))) });
+        };
+        let target = self.select(http, &req);
+        let no_route_metrics = target.is_err().then(|| Arc::clone(http.no_route_metrics()));
+        drop(snapshot);
+        match target {
+            Ok(target) => Box::pin(async move { Ok(forward(req, target, start).await) }),
+            Err(e) => {
+                if let Some(m) = no_route_metrics {
+                    m.record(e.status(), "", start.elapsed().as_secs_f64());
+                }
+                tracing::debug!(error = %e, "no route");
+                let resp = e.to_response();
+                Box::pin(async move { Ok(resp) })
+            }
+        }
+    }
+}
+
+/// Sends `req` to `target` and builds the downstream response.
+async fn forward(
+    mut req: Request<Incoming>,
+    target: Target,
+    start: Instant,
+) -> Response<ResponseBody> {
+    let Target {
+        cluster,
+        metrics,
+        route_timeout,
+    } = target;
+    let fail = |e: ProxyError| {
+        tracing::debug!(cluster = %cluster.name, error = %e, "request failed");
+        metrics.record(e.status(), "", start.elapsed().as_secs_f64());
+        e.to_response()
+    };
+    let Some(endpoint) = cluster.pick() else {
+        return fail(ProxyError::NoEndpoints {
+            cluster: cluster.name.to_string(),
+        });
+    };
+    let downstream_version = req.version();
+    let wire = match cluster.protocol {
+        UpstreamProtocol::Http1 => Wire::H1,
+        UpstreamProtocol::Http2 => Wire::H2,
+        UpstreamProtocol::Preserve if downstream_version == Version::HTTP_2 => Wire::H2,
+        UpstreamProtocol::Preserve => Wire::H1,
+    };
+    prepare_request(&mut req, wire, endpoint.addr);
+
+    let send = endpoint
+        .pool
+        .send(req, wire, cluster.connect_timeout, &cluster.connect_errors);
+    let result = match route_timeout.or(cluster.request_timeout) {
+        Some(limit) => match tokio::time::timeout(limit, send).await {
+            Ok(r) => r,
+            Err(_) => return fail(ProxyError::RequestTimeout(limit)),
+        },
+        None => send.await,
+    };
+    let (resp, pooled) = match result {
+        Ok(ok) => ok,
+        Err(e) => return fail(e.into()),
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = downstream_version;
+    let completion = Completion {
+        grpc_status: parts.headers.get("grpc-status").cloned(),
+        status: parts.status,
+        metrics,
+        start,
+        pooled,
+    };
+    Response::from_parts(parts, ResponseBody::upstream(body, completion))
+}

@@ -1,0 +1,641 @@
+//! HTTP route tables: compiling the proto `RouteTable` into an indexed matcher, and matching a
+//! request (host, path, headers, method) to a route.
+//!
+//! Matching is "first match wins, in declared order". To avoid scanning every route for every
+//! request, routes are indexed by exact host name: each exact host maps to the ordered list of
+//! routes that can match it (routes naming it, wildcard routes covering it, host-less routes);
+//! hosts not in the index scan only the wildcard and host-less routes.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::Method;
+use regex::Regex;
+use weft_proto::v1;
+
+use crate::balance::WeightedPick;
+use crate::cluster::Cluster;
+use crate::metrics::{Metrics, RequestMetrics};
+use crate::snapshot::Rejection;
+
+/// A compiled route table, bound to the direction of the listener that uses it (for metrics).
+#[derive(Debug)]
+pub struct RouteTable {
+    /// Table name.
+    pub name: Arc<str>,
+    routes: Box<[Route]>,
+    /// Exact host -> indices into `routes` that may match it, in order.
+    by_host: HashMap<Box<str>, Box<[u32]>>,
+    /// Indices of routes with wildcard hosts or no hosts, in order.
+    fallback: Box<[u32]>,
+}
+
+/// One route.
+#[derive(Debug)]
+pub struct Route {
+    /// Route name (a metric label).
+    pub name: Arc<str>,
+    hosts: Box<[HostPattern]>,
+    path: PathMatcher,
+    headers: Box<[HeaderMatcher]>,
+    methods: Box<[Method]>,
+    /// Weighted clusters.
+    pub destinations: WeightedPick<Destination>,
+    /// Route timeout overriding the cluster's default.
+    pub timeout: Option<Duration>,
+}
+
+/// A route's destination cluster and the lazily resolved metric handles for the pair.
+#[derive(Debug)]
+pub struct Destination {
+    /// The cluster.
+    pub cluster: Arc<Cluster>,
+    metrics: OnceLock<Arc<RequestMetrics>>,
+    family: Metrics,
+    direction: &'static str,
+    route: Arc<str>,
+}
+
+impl Destination {
+    /// Metric handles for (direction, route, cluster); resolved on first use, then lock-free.
+    pub fn metrics(&self) -> &Arc<RequestMetrics> {
+        self.metrics.get_or_init(|| {
+            Arc::new(
+                self.family
+                    .request_metrics(self.direction, &self.route, &self.cluster.name),
+            )
+        })
+    }
+}
+
+#[derive(Debug)]
+enum HostPattern {
+    Exact(Box<str>),
+    /// `*.example.com` stored as `.example.com`.
+    Suffix(Box<str>),
+}
+
+#[derive(Debug)]
+enum PathMatcher {
+    Any,
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Regex(Regex),
+}
+
+#[derive(Debug)]
+struct HeaderMatcher {
+    name: HeaderName,
+    kind: HeaderKind,
+    invert: bool,
+}
+
+#[derive(Debug)]
+enum HeaderKind {
+    Exact(HeaderValue),
+    Regex(Regex),
+    Present,
+}
+
+/// The request facts routing looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    /// Host, lower case, port stripped (see [`normalize_host`]).
+    pub host: &'a str,
+    /// URI path without the query.
+    pub path: &'a str,
+    /// Method.
+    pub method: &'a Method,
+    /// Request headers.
+    pub headers: &'a HeaderMap,
+}
+
+/// Compiles a regex that must match the whole input.
+fn full_regex(re: &str) -> Result<Regex, regex::Error> {
+    Regex::new(&format!("^(?:{re})$"))
+}
+
+impl RouteTable {
+    /// Compiles `table` for a listener of `direction`; clusters are resolved by name.
+    pub fn build(
+        table: &v1::RouteTable,
+        clusters: &HashMap<Arc<str>, Arc<Cluster>>,
+        metrics: &Metrics,
+        direction: &'static str,
+    ) -> Result<Self, Vec<Rejection>> {
+        let mut errors = Vec::new();
+        let mut routes = Vec::with_capacity(table.routes.len());
+        for (i, r) in table.routes.iter().enumerate() {
+            match Route::build(&table.name, i, r, clusters, metrics, direction) {
+                Ok(route) => routes.push(route),
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self::index(table.name.as_str().into(), routes))
+    }
+
+    fn index(name: Arc<str>, routes: Vec<Route>) -> Self {
+        let mut by_host: HashMap<Box<str>, Vec<u32>> = HashMap::new();
+        for r in &routes {
+            for h in r.hosts.iter() {
+                if let HostPattern::Exact(h) = h {
+                    by_host.entry(h.clone()).or_default();
+                }
+            }
+        }
+        let mut fallback = Vec::new();
+        for (i, r) in routes.iter().enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            if r.hosts.is_empty() || r.hosts.iter().any(|h| matches!(h, HostPattern::Suffix(_))) {
+                fallback.push(i);
+            }
+            for (host, list) in &mut by_host {
+                if r.matches_host(host) {
+                    list.push(i);
+                }
+            }
+        }
+        Self {
+            name,
+            routes: routes.into(),
+            by_host: by_host.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            fallback: fallback.into(),
+        }
+    }
+
+    /// The first route matching `req`, in declared order.
+    pub fn find(&self, req: &RequestInfo<'_>) -> Option<&Route> {
+        match self.by_host.get(req.host) {
+            Some(candidates) => candidates
+                .iter()
+                .map(|&i| &self.routes[i as usize])
+                .find(|r| r.matches_rest(req)),
+            None => self
+                .fallback
+                .iter()
+                .map(|&i| &self.routes[i as usize])
+                .find(|r| r.matches_host(req.host) && r.matches_rest(req)),
+        }
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Whether the table has no routes.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+impl Route {
+    fn build(
+        table: &str,
+        index: usize,
+        r: &v1::Route,
+        clusters: &HashMap<Arc<str>, Arc<Cluster>>,
+        metrics: &Metrics,
+        direction: &'static str,
+    ) -> Result<Self, Vec<Rejection>> {
+        let label = if r.name.is_empty() {
+            format!("#{index}")
+        } else {
+            r.name.clone()
+        };
+        let resource = format!("route table {table:?} route {label:?}");
+        let mut errors = Vec::new();
+        let mut reject = |field: String, reason: String| {
+            errors.push(Rejection::new(resource.clone(), field, reason));
+        };
+        let name: Arc<str> = label.as_str().into();
+        let m = r.r#match.clone().unwrap_or_default();
+
+        let mut hosts = Vec::new();
+        for (i, h) in m.hosts.iter().enumerate() {
+            let h = h.trim().to_ascii_lowercase();
+            if h == "*" {
+                // "*" alone means any host: same as no hosts at all.
+                hosts.clear();
+                break;
+            }
+            if let Some(suffix) = h.strip_prefix('*') {
+                if !suffix.starts_with('.') || suffix.len() < 2 || suffix.contains('*') {
+                    reject(
+                        format!("match.hosts[{i}]"),
+                        format!("bad wildcard {h:?}, want *.domain"),
+                    );
+                    continue;
+                }
+                hosts.push(HostPattern::Suffix(suffix.into()));
+            } else if h.is_empty() || h.contains(['*', '/', ' ']) {
+                reject(
+                    format!("match.hosts[{i}]"),
+                    format!("invalid host name {h:?}"),
+                );
+            } else {
+                hosts.push(HostPattern::Exact(h.into()));
+            }
+        }
+
+        use v1::path_match::Kind as P;
+        let path = match m.path.and_then(|p| p.kind) {
+            None => PathMatcher::Any,
+            Some(P::Exact(p)) => PathMatcher::Exact(p.into()),
+            Some(P::Prefix(p)) if p.is_empty() || p == "/" => PathMatcher::Any,
+            Some(P::Prefix(p)) => PathMatcher::Prefix(p.into()),
+            Some(P::Regex(re)) => match full_regex(&re) {
+                Ok(re) => PathMatcher::Regex(re),
+                Err(e) => {
+                    reject(
+                        "match.path.regex".into(),
+                        format!("invalid regex {re:?}: {e}"),
+                    );
+                    PathMatcher::Any
+                }
+            },
+        };
+
+        use v1::header_match::Kind as H;
+        let mut headers = Vec::new();
+        for (i, h) in m.headers.iter().enumerate() {
+            let Ok(hname) = HeaderName::from_bytes(h.name.as_bytes()) else {
+                reject(
+                    format!("match.headers[{i}].name"),
+                    format!("invalid header name {:?}", h.name),
+                );
+                continue;
+            };
+            let kind = match &h.kind {
+                Some(H::Exact(v)) => match HeaderValue::from_str(v) {
+                    Ok(v) => HeaderKind::Exact(v),
+                    Err(_) => {
+                        reject(
+                            format!("match.headers[{i}].exact"),
+                            format!("invalid header value {v:?}"),
+                        );
+                        continue;
+                    }
+                },
+                Some(H::Regex(re)) => match full_regex(re) {
+                    Ok(re) => HeaderKind::Regex(re),
+                    Err(e) => {
+                        reject(
+                            format!("match.headers[{i}].regex"),
+                            format!("invalid regex {re:?}: {e}"),
+                        );
+                        continue;
+                    }
+                },
+                Some(H::Present(true)) => HeaderKind::Present,
+                Some(H::Present(false)) | None => {
+                    reject(
+                        format!("match.headers[{i}]"),
+                        "needs one of exact, regex or present: true".into(),
+                    );
+                    continue;
+                }
+            };
+            headers.push(HeaderMatcher {
+                name: hname,
+                kind,
+                invert: h.invert,
+            });
+        }
+
+        let mut methods = Vec::new();
+        for (i, meth) in m.methods.iter().enumerate() {
+            match Method::from_bytes(meth.to_ascii_uppercase().as_bytes()) {
+                Ok(meth) => methods.push(meth),
+                Err(_) => reject(
+                    format!("match.methods[{i}]"),
+                    format!("invalid method {meth:?}"),
+                ),
+            }
+        }
+
+        let mut dests = Vec::new();
+        if r.destinations.is_empty() {
+            reject(
+                "destinations".into(),
+                "must name at least one cluster".into(),
+            );
+        }
+        for (i, d) in r.destinations.iter().enumerate() {
+            match clusters.get(d.cluster.as_str()) {
+                Some(c) => dests.push((
+                    Destination {
+                        cluster: c.clone(),
+                        metrics: OnceLock::new(),
+                        family: metrics.clone(),
+                        direction,
+                        route: name.clone(),
+                    },
+                    d.weight,
+                )),
+                None => reject(
+                    format!("destinations[{i}].cluster"),
+                    format!("unknown cluster {:?}", d.cluster),
+                ),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            name,
+            hosts: hosts.into(),
+            path,
+            headers: headers.into(),
+            methods: methods.into(),
+            destinations: WeightedPick::new(dests),
+            timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
+        })
+    }
+
+    fn matches_host(&self, host: &str) -> bool {
+        self.hosts.is_empty()
+            || self.hosts.iter().any(|p| match p {
+                HostPattern::Exact(h) => **h == *host,
+                HostPattern::Suffix(s) => host.len() > s.len() && host.ends_with(&**s),
+            })
+    }
+
+    fn matches_rest(&self, req: &RequestInfo<'_>) -> bool {
+        let path_ok = match &self.path {
+            PathMatcher::Any => true,
+            PathMatcher::Exact(p) => **p == *req.path,
+            PathMatcher::Prefix(p) => req.path.starts_with(&**p),
+            PathMatcher::Regex(re) => re.is_match(req.path),
+        };
+        path_ok
+            && (self.methods.is_empty() || self.methods.contains(req.method))
+            && self.headers.iter().all(|h| h.matches(req.headers))
+    }
+}
+
+impl HeaderMatcher {
+    fn matches(&self, headers: &HeaderMap) -> bool {
+        let hit = match &self.kind {
+            HeaderKind::Present => headers.contains_key(&self.name),
+            HeaderKind::Exact(v) => headers.get_all(&self.name).iter().any(|x| x == v),
+            HeaderKind::Regex(re) => headers
+                .get_all(&self.name)
+                .iter()
+                .any(|x| x.to_str().is_ok_and(|s| re.is_match(s))),
+        };
+        hit != self.invert
+    }
+}
+
+/// Lower-cases a host and strips its port (`Api.Example.com:8080` -> `api.example.com`,
+/// `[::1]:80` -> `[::1]`). Borrows when nothing changes, the common case.
+pub fn normalize_host(raw: &str) -> Cow<'_, str> {
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // IPv6 literal: keep the brackets, drop what follows "]".
+        match rest.find(']') {
+            Some(end) => &raw[..end + 2],
+            None => raw,
+        }
+    } else {
+        match raw.rfind(':') {
+            Some(i) => &raw[..i],
+            None => raw,
+        }
+    };
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::test_cluster;
+
+    fn clusters(names: &[&str]) -> HashMap<Arc<str>, Arc<Cluster>> {
+        names
+            .iter()
+            .map(|n| (Arc::from(*n), test_cluster(n)))
+            .collect()
+    }
+
+    fn route(name: &str, hosts: &[&str], cluster: &str) -> v1::Route {
+        v1::Route {
+            name: name.into(),
+            r#match: Some(v1::RouteMatch {
+                hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                ..Default::default()
+            }),
+            destinations: vec![v1::WeightedCluster {
+                cluster: cluster.into(),
+                weight: 100,
+            }],
+            timeout_ms: 0,
+        }
+    }
+
+    fn with_path(mut r: v1::Route, kind: v1::path_match::Kind) -> v1::Route {
+        r.r#match.get_or_insert_with(Default::default).path =
+            Some(v1::PathMatch { kind: Some(kind) });
+        r
+    }
+
+    fn table(routes: Vec<v1::Route>) -> RouteTable {
+        let t = v1::RouteTable {
+            name: "outbound".into(),
+            routes,
+        };
+        RouteTable::build(
+            &t,
+            &clusters(&["a", "b", "c"]),
+            &Metrics::new().unwrap(),
+            "outbound",
+        )
+        .unwrap()
+    }
+
+    fn find<'t>(
+        t: &'t RouteTable,
+        host: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<&'t str> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let host = normalize_host(host);
+        let req = RequestInfo {
+            host: &host,
+            path,
+            method: &method,
+            headers: &h,
+        };
+        t.find(&req).map(|r| &*r.name)
+    }
+
+    #[test]
+    fn hosts_exact_wildcard_and_any() {
+        let t = table(vec![
+            route("exact", &["api.example.com"], "a"),
+            route("wild", &["*.example.com"], "b"),
+            route("any", &[], "c"),
+        ]);
+        assert_eq!(find(&t, "api.example.com", "GET", "/", &[]), Some("exact"));
+        assert_eq!(
+            find(&t, "API.Example.COM:8080", "GET", "/", &[]),
+            Some("exact")
+        );
+        assert_eq!(find(&t, "x.example.com", "GET", "/", &[]), Some("wild"));
+        assert_eq!(find(&t, "a.b.example.com", "GET", "/", &[]), Some("wild"));
+        assert_eq!(find(&t, "example.com", "GET", "/", &[]), Some("any"));
+        assert_eq!(find(&t, "other", "GET", "/", &[]), Some("any"));
+    }
+
+    #[test]
+    fn declared_order_wins_across_index() {
+        // A host-less route declared first beats a later exact-host route.
+        let t = table(vec![
+            with_path(
+                route("first-any", &[], "a"),
+                v1::path_match::Kind::Prefix("/x".into()),
+            ),
+            route("exact", &["svc"], "b"),
+        ]);
+        assert_eq!(find(&t, "svc", "GET", "/x/1", &[]), Some("first-any"));
+        assert_eq!(find(&t, "svc", "GET", "/y", &[]), Some("exact"));
+        assert_eq!(find(&t, "nope", "GET", "/y", &[]), None);
+    }
+
+    #[test]
+    fn paths_exact_prefix_regex() {
+        use v1::path_match::Kind;
+        let t = table(vec![
+            with_path(route("exact", &["h"], "a"), Kind::Exact("/a".into())),
+            with_path(
+                route("regex", &["h"], "b"),
+                Kind::Regex("/users/[0-9]+".into()),
+            ),
+            with_path(route("prefix", &["h"], "c"), Kind::Prefix("/api".into())),
+        ]);
+        assert_eq!(find(&t, "h", "GET", "/a", &[]), Some("exact"));
+        assert_eq!(find(&t, "h", "GET", "/a/", &[]), None);
+        assert_eq!(find(&t, "h", "GET", "/users/42", &[]), Some("regex"));
+        // Regexes match the whole path.
+        assert_eq!(find(&t, "h", "GET", "/users/42/x", &[]), None);
+        assert_eq!(find(&t, "h", "GET", "/api/v1", &[]), Some("prefix"));
+        assert_eq!(find(&t, "h", "GET", "/apix", &[]), Some("prefix"));
+    }
+
+    #[test]
+    fn headers_and_methods() {
+        use v1::header_match::Kind;
+        let mut canary = route("canary", &["h"], "a");
+        let m = canary.r#match.as_mut().unwrap();
+        m.headers = vec![
+            v1::HeaderMatch {
+                name: "x-canary".into(),
+                kind: Some(Kind::Exact("true".into())),
+                invert: false,
+            },
+            v1::HeaderMatch {
+                name: "x-user".into(),
+                kind: Some(Kind::Regex("u[0-9]".into())),
+                invert: false,
+            },
+            v1::HeaderMatch {
+                name: "x-block".into(),
+                kind: Some(Kind::Present(true)),
+                invert: true,
+            },
+        ];
+        m.methods = vec!["get".into(), "POST".into()];
+        let t = table(vec![canary, route("default", &["h"], "b")]);
+        let ok = [("x-canary", "true"), ("x-user", "u1")];
+        assert_eq!(find(&t, "h", "GET", "/", &ok), Some("canary"));
+        assert_eq!(find(&t, "h", "POST", "/", &ok), Some("canary"));
+        assert_eq!(find(&t, "h", "DELETE", "/", &ok), Some("default"));
+        assert_eq!(
+            find(
+                &t,
+                "h",
+                "GET",
+                "/",
+                &[("x-canary", "false"), ("x-user", "u1")]
+            ),
+            Some("default")
+        );
+        assert_eq!(
+            find(
+                &t,
+                "h",
+                "GET",
+                "/",
+                &[("x-canary", "true"), ("x-user", "u12")]
+            ),
+            Some("default")
+        );
+        assert_eq!(
+            find(
+                &t,
+                "h",
+                "GET",
+                "/",
+                &[("x-canary", "true"), ("x-user", "u1"), ("x-block", "1")]
+            ),
+            Some("default")
+        );
+        assert_eq!(find(&t, "h", "GET", "/", &[]), Some("default"));
+    }
+
+    #[test]
+    fn build_errors_name_route_and_field() {
+        use v1::path_match::Kind;
+        let t = v1::RouteTable {
+            name: "outbound".into(),
+            routes: vec![
+                with_path(route("bad-re", &[], "a"), Kind::Regex("(".into())),
+                route("bad-dest", &[], "paymnts"),
+                route("bad-host", &["*example.com"], "a"),
+            ],
+        };
+        let errs = RouteTable::build(&t, &clusters(&["a"]), &Metrics::new().unwrap(), "outbound")
+            .unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert_eq!(errs.len(), 3, "{text:?}");
+        assert!(
+            text[0].starts_with(
+                r#"route table "outbound" route "bad-re": match.path.regex: invalid regex"#
+            ),
+            "{text:?}"
+        );
+        assert_eq!(
+            text[1],
+            r#"route table "outbound" route "bad-dest": destinations[0].cluster: unknown cluster "paymnts""#
+        );
+        assert!(text[2].contains("match.hosts[0]"), "{text:?}");
+    }
+
+    #[test]
+    fn normalizes_hosts() {
+        assert_eq!(normalize_host("a.b:80"), "a.b");
+        assert_eq!(normalize_host("A.B"), "a.b");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(normalize_host("[::1]"), "[::1]");
+        assert!(matches!(normalize_host("svc"), Cow::Borrowed(_)));
+    }
+}

@@ -1,0 +1,660 @@
+//! The proxy's configuration: the resource sets held from the control plane ([`Resources`]) and
+//! the immutable, validated, ready-to-serve [`Snapshot`] built from them.
+//!
+//! A discovery response replaces some sets; [`Resources::merge`] combines them with the sets held
+//! for the other types and [`Snapshot::build`] compiles and validates the whole, returning every
+//! problem as a [`Rejection`] naming the resource and field (this becomes the NACK). The data
+//! path reads the current snapshot through a [`SnapshotStore`] (`ArcSwap`), once per request.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwapOption;
+use weft_proto::v1;
+
+use crate::cluster::Cluster;
+use crate::metrics::{Metrics, RequestMetrics, TcpMetrics};
+use crate::route::RouteTable;
+
+/// Where the data path finds the current snapshot; empty until the first one is applied.
+pub type SnapshotStore = ArcSwapOption<Snapshot>;
+
+/// One reason a configuration was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: {field}: {reason}")]
+pub struct Rejection {
+    /// e.g. `listener "outbound"`.
+    pub resource: String,
+    /// e.g. `address`.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl Rejection {
+    /// A rejection of `field` of `resource`.
+    pub fn new(
+        resource: impl Into<String>,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            resource: resource.into(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Joins rejections into one NACK reason.
+pub fn nack_reason(rejections: &[Rejection]) -> String {
+    rejections
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The four resource types, with their proto enum and metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResourceKind {
+    /// Listener set.
+    Listeners,
+    /// Route tables.
+    Routes,
+    /// Clusters.
+    Clusters,
+    /// Endpoints.
+    Endpoints,
+}
+
+impl ResourceKind {
+    /// Every kind, in a stable order.
+    pub const ALL: [Self; 4] = [
+        Self::Listeners,
+        Self::Routes,
+        Self::Clusters,
+        Self::Endpoints,
+    ];
+
+    /// The name used in metrics and `/config_dump`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Listeners => "listeners",
+            Self::Routes => "routes",
+            Self::Clusters => "clusters",
+            Self::Endpoints => "endpoints",
+        }
+    }
+
+    /// The protocol enum value.
+    pub fn proto(self) -> v1::ResourceType {
+        match self {
+            Self::Listeners => v1::ResourceType::Listeners,
+            Self::Routes => v1::ResourceType::Routes,
+            Self::Clusters => v1::ResourceType::Clusters,
+            Self::Endpoints => v1::ResourceType::Endpoints,
+        }
+    }
+}
+
+/// The resource sets the proxy holds (the last applied of each type).
+#[derive(Debug, Clone, Default)]
+pub struct Resources {
+    /// Listeners.
+    pub listeners: Option<v1::ListenerSet>,
+    /// Route tables.
+    pub routes: Option<v1::RouteSet>,
+    /// Clusters.
+    pub clusters: Option<v1::ClusterSet>,
+    /// Endpoints.
+    pub endpoints: Option<v1::EndpointSet>,
+}
+
+impl Resources {
+    /// These sets with the ones present in `resp` replacing them.
+    pub fn merge(&self, resp: &v1::DiscoveryResponse) -> Self {
+        Self {
+            listeners: resp.listeners.clone().or_else(|| self.listeners.clone()),
+            routes: resp.routes.clone().or_else(|| self.routes.clone()),
+            clusters: resp.clusters.clone().or_else(|| self.clusters.clone()),
+            endpoints: resp.endpoints.clone().or_else(|| self.endpoints.clone()),
+        }
+    }
+
+    /// The version held for `kind`, if any.
+    pub fn version(&self, kind: ResourceKind) -> Option<&str> {
+        match kind {
+            ResourceKind::Listeners => self.listeners.as_ref().map(|s| s.version.as_str()),
+            ResourceKind::Routes => self.routes.as_ref().map(|s| s.version.as_str()),
+            ResourceKind::Clusters => self.clusters.as_ref().map(|s| s.version.as_str()),
+            ResourceKind::Endpoints => self.endpoints.as_ref().map(|s| s.version.as_str()),
+        }
+    }
+
+    /// Every held type version, for Hello and Ack.
+    pub fn type_versions(&self) -> Vec<v1::TypeVersion> {
+        ResourceKind::ALL
+            .iter()
+            .filter_map(|&k| {
+                self.version(k).map(|v| v1::TypeVersion {
+                    r#type: k.proto().into(),
+                    version: v.to_owned(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The kinds (and versions) a discovery response carries.
+pub fn carried(resp: &v1::DiscoveryResponse) -> Vec<(ResourceKind, String)> {
+    let mut out = Vec::new();
+    if let Some(s) = &resp.listeners {
+        out.push((ResourceKind::Listeners, s.version.clone()));
+    }
+    if let Some(s) = &resp.routes {
+        out.push((ResourceKind::Routes, s.version.clone()));
+    }
+    if let Some(s) = &resp.clusters {
+        out.push((ResourceKind::Clusters, s.version.clone()));
+    }
+    if let Some(s) = &resp.endpoints {
+        out.push((ResourceKind::Endpoints, s.version.clone()));
+    }
+    out
+}
+
+/// Whether a listener faces the local app (outbound) or the mesh (inbound); a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Local app -> other services.
+    Outbound,
+    /// Peers -> local app.
+    Inbound,
+}
+
+impl Direction {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// A validated listener.
+#[derive(Debug)]
+pub struct Listener {
+    /// Name (unique in the snapshot).
+    pub name: Arc<str>,
+    /// Bound address (unique in the snapshot).
+    pub addr: SocketAddr,
+    /// Metric direction.
+    pub direction: Direction,
+    /// What it serves.
+    pub kind: ListenerKind,
+}
+
+/// HTTP routing or opaque TCP forwarding.
+#[derive(Debug)]
+pub enum ListenerKind {
+    /// HTTP/1.1 + h2c.
+    Http(HttpListener),
+    /// Bytes to one cluster.
+    Tcp {
+        /// The destination cluster.
+        cluster: Arc<Cluster>,
+        /// Pre-resolved TCP metric handles.
+        metrics: TcpMetrics,
+    },
+}
+
+/// Routing configuration of an HTTP listener.
+#[derive(Debug)]
+pub struct HttpListener {
+    /// The route table, if the listener names one.
+    pub routes: Option<RouteTable>,
+    /// Where requests go that match no route (inbound: the local app).
+    pub catch_all: Option<CatchAll>,
+    /// Metrics of requests that matched nothing (`route=""`, `cluster=""`).
+    no_route: OnceLock<Arc<RequestMetrics>>,
+    metrics: Metrics,
+    direction: Direction,
+}
+
+/// The catch-all destination of an HTTP listener; its route label is the listener's name.
+#[derive(Debug)]
+pub struct CatchAll {
+    /// The cluster.
+    pub cluster: Arc<Cluster>,
+    /// Metrics for (direction, listener name, cluster).
+    pub metrics: Arc<RequestMetrics>,
+}
+
+impl HttpListener {
+    /// Metric handles for requests that matched no route.
+    pub fn no_route_metrics(&self) -> &Arc<RequestMetrics> {
+        self.no_route.get_or_init(|| {
+            Arc::new(
+                self.metrics
+                    .request_metrics(self.direction.as_str(), "", ""),
+            )
+        })
+    }
+}
+
+/// Everything the data path needs, validated and compiled; immutable once built.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The sets this was built from (for versions, ACKs and `/config_dump`).
+    pub resources: Resources,
+    /// Listeners by bound address.
+    pub listeners: HashMap<SocketAddr, Arc<Listener>>,
+    /// Clusters by name.
+    pub clusters: HashMap<Arc<str>, Arc<Cluster>>,
+}
+
+impl Snapshot {
+    /// Compiles and validates `resources`, reusing long-lived cluster state of `previous`.
+    pub fn build(
+        resources: Resources,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+    ) -> Result<Self, Vec<Rejection>> {
+        let mut errors = Vec::new();
+        let clusters = build_clusters(&resources, previous, metrics, &mut errors);
+        let tables: HashMap<&str, &v1::RouteTable> = resources
+            .routes
+            .iter()
+            .flat_map(|s| &s.tables)
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        if let Some(set) = &resources.routes {
+            let mut seen = HashSet::new();
+            for t in &set.tables {
+                if !seen.insert(t.name.as_str()) {
+                    errors.push(Rejection::new(
+                        format!("route table {:?}", t.name),
+                        "name",
+                        "duplicate route table name",
+                    ));
+                }
+            }
+        }
+        let mut listeners = HashMap::new();
+        let mut names = HashSet::new();
+        let mut referenced = HashSet::new();
+        for l in resources.listeners.iter().flat_map(|s| &s.listeners) {
+            let res = format!("listener {:?}", l.name);
+            if l.name.is_empty() {
+                errors.push(Rejection::new(res.clone(), "name", "must not be empty"));
+            } else if !names.insert(l.name.as_str()) {
+                errors.push(Rejection::new(
+                    res.clone(),
+                    "name",
+                    "duplicate listener name",
+                ));
+            }
+            let Ok(addr) = l.address.parse::<SocketAddr>() else {
+                errors.push(Rejection::new(
+                    res,
+                    "address",
+                    format!("invalid ip:port {:?}", l.address),
+                ));
+                continue;
+            };
+            let direction = match v1::Direction::try_from(l.direction) {
+                Ok(v1::Direction::Inbound) => Direction::Inbound,
+                // Unspecified counts as outbound: only a metric label depends on it.
+                _ => Direction::Outbound,
+            };
+            let cluster = if l.cluster.is_empty() {
+                None
+            } else {
+                match clusters.get(l.cluster.as_str()) {
+                    Some(c) => Some(Arc::clone(c)),
+                    None => {
+                        errors.push(Rejection::new(
+                            res,
+                            "cluster",
+                            format!("unknown cluster {:?}", l.cluster),
+                        ));
+                        continue;
+                    }
+                }
+            };
+            let kind = match v1::ListenerProtocol::try_from(l.protocol) {
+                Ok(v1::ListenerProtocol::Tcp) => {
+                    let Some(cluster) = cluster else {
+                        errors.push(Rejection::new(
+                            res,
+                            "cluster",
+                            "a TCP listener needs a cluster",
+                        ));
+                        continue;
+                    };
+                    let metrics = metrics.tcp_metrics(direction.as_str(), &cluster.name);
+                    ListenerKind::Tcp { cluster, metrics }
+                }
+                Ok(v1::ListenerProtocol::Http) => {
+                    let routes = if l.route_table.is_empty() {
+                        None
+                    } else {
+                        let Some(t) = tables.get(l.route_table.as_str()) else {
+                            errors.push(Rejection::new(
+                                res,
+                                "route_table",
+                                format!("unknown route table {:?}", l.route_table),
+                            ));
+                            continue;
+                        };
+                        referenced.insert(l.route_table.as_str());
+                        match RouteTable::build(t, &clusters, metrics, direction.as_str()) {
+                            Ok(t) => Some(t),
+                            Err(mut e) => {
+                                errors.append(&mut e);
+                                continue;
+                            }
+                        }
+                    };
+                    let catch_all = cluster.map(|cluster| CatchAll {
+                        metrics: Arc::new(metrics.request_metrics(
+                            direction.as_str(),
+                            &l.name,
+                            &cluster.name,
+                        )),
+                        cluster,
+                    });
+                    ListenerKind::Http(HttpListener {
+                        routes,
+                        catch_all,
+                        no_route: OnceLock::new(),
+                        metrics: metrics.clone(),
+                        direction,
+                    })
+                }
+                _ => {
+                    errors.push(Rejection::new(
+                        res,
+                        "protocol",
+                        format!("unsupported listener protocol {}", l.protocol),
+                    ));
+                    continue;
+                }
+            };
+            let listener = Listener {
+                name: l.name.as_str().into(),
+                addr,
+                direction,
+                kind,
+            };
+            if let Some(other) = listeners.insert(addr, Arc::new(listener)) {
+                errors.push(Rejection::new(
+                    format!("listener {:?}", l.name),
+                    "address",
+                    format!("{addr} is also the address of listener {:?}", other.name),
+                ));
+            }
+        }
+        // Tables no listener uses are still validated, so a bad one is NACKed when pushed rather
+        // than when a listener starts using it.
+        for t in tables
+            .values()
+            .filter(|t| !referenced.contains(t.name.as_str()))
+        {
+            if let Err(mut e) = RouteTable::build(t, &clusters, metrics, "outbound") {
+                errors.append(&mut e);
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            resources,
+            listeners,
+            clusters,
+        })
+    }
+}
+
+fn build_clusters(
+    resources: &Resources,
+    previous: Option<&Snapshot>,
+    metrics: &Metrics,
+    errors: &mut Vec<Rejection>,
+) -> HashMap<Arc<str>, Arc<Cluster>> {
+    let mut endpoints: HashMap<&str, &[v1::Endpoint]> = HashMap::new();
+    for ce in resources.endpoints.iter().flat_map(|s| &s.clusters) {
+        if endpoints
+            .insert(ce.cluster.as_str(), &ce.endpoints)
+            .is_some()
+        {
+            errors.push(Rejection::new(
+                format!("endpoints of cluster {:?}", ce.cluster),
+                "cluster",
+                "listed twice",
+            ));
+        }
+    }
+    let mut clusters = HashMap::new();
+    for c in resources.clusters.iter().flat_map(|s| &s.clusters) {
+        if c.name.is_empty() {
+            errors.push(Rejection::new("cluster \"\"", "name", "must not be empty"));
+            continue;
+        }
+        let prev = previous
+            .and_then(|p| p.clusters.get(c.name.as_str()))
+            .map(|c| &**c);
+        let eps = endpoints.get(c.name.as_str()).copied().unwrap_or_default();
+        match Cluster::build(c, eps, prev, metrics) {
+            Ok(built) => {
+                if clusters
+                    .insert(built.name.clone(), Arc::new(built))
+                    .is_some()
+                {
+                    errors.push(Rejection::new(
+                        format!("cluster {:?}", c.name),
+                        "name",
+                        "duplicate cluster name",
+                    ));
+                }
+            }
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    // Endpoints of clusters not in the set are ignored: they cannot be routed to.
+    clusters
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn listener(
+        name: &str,
+        addr: &str,
+        tcp: bool,
+        table: &str,
+        cluster: &str,
+    ) -> v1::Listener {
+        v1::Listener {
+            name: name.into(),
+            address: addr.into(),
+            direction: v1::Direction::Outbound.into(),
+            protocol: if tcp {
+                v1::ListenerProtocol::Tcp
+            } else {
+                v1::ListenerProtocol::Http
+            }
+            .into(),
+            route_table: table.into(),
+            cluster: cluster.into(),
+        }
+    }
+
+    pub(crate) fn resources() -> Resources {
+        Resources {
+            listeners: Some(v1::ListenerSet {
+                version: "l1".into(),
+                listeners: vec![
+                    listener("outbound", "127.0.0.1:15001", false, "outbound", ""),
+                    listener("inbound", "127.0.0.1:15006", false, "", "inbound"),
+                    listener(
+                        "outbound-tcp-db.default",
+                        "127.0.0.1:7000",
+                        true,
+                        "",
+                        "db.default",
+                    ),
+                ],
+            }),
+            routes: Some(v1::RouteSet {
+                version: "r1".into(),
+                tables: vec![v1::RouteTable {
+                    name: "outbound".into(),
+                    routes: vec![v1::Route {
+                        name: "default-backend.default".into(),
+                        r#match: Some(v1::RouteMatch {
+                            hosts: vec!["backend".into()],
+                            ..Default::default()
+                        }),
+                        destinations: vec![v1::WeightedCluster {
+                            cluster: "backend.default".into(),
+                            weight: 100,
+                        }],
+                        timeout_ms: 0,
+                    }],
+                }],
+            }),
+            clusters: Some(v1::ClusterSet {
+                version: "c1".into(),
+                clusters: ["backend.default", "db.default", "inbound"]
+                    .iter()
+                    .map(|n| v1::Cluster {
+                        name: (*n).into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            endpoints: Some(v1::EndpointSet {
+                version: "e1".into(),
+                clusters: vec![v1::ClusterEndpoints {
+                    cluster: "backend.default".into(),
+                    endpoints: vec![v1::Endpoint {
+                        address: "127.0.0.1:9001".into(),
+                        weight: 1,
+                        ..Default::default()
+                    }],
+                }],
+            }),
+        }
+    }
+
+    fn reasons(r: Resources) -> Vec<String> {
+        Snapshot::build(r, None, &Metrics::new().unwrap())
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn builds_a_valid_snapshot() {
+        let s = Snapshot::build(resources(), None, &Metrics::new().unwrap()).unwrap();
+        assert_eq!(s.listeners.len(), 3);
+        assert_eq!(s.clusters.len(), 3);
+        let out = &s.listeners[&"127.0.0.1:15001".parse().unwrap()];
+        assert!(
+            matches!(&out.kind, ListenerKind::Http(h) if h.routes.as_ref().unwrap().len() == 1)
+        );
+        let inb = &s.listeners[&"127.0.0.1:15006".parse().unwrap()];
+        assert!(
+            matches!(&inb.kind, ListenerKind::Http(h) if h.routes.is_none() && h.catch_all.is_some())
+        );
+    }
+
+    #[test]
+    fn nack_names_listener_address() {
+        let mut r = resources();
+        r.listeners.as_mut().unwrap().listeners[0].address = "127.0.0.1".into();
+        assert_eq!(
+            reasons(r),
+            [r#"listener "outbound": address: invalid ip:port "127.0.0.1""#]
+        );
+    }
+
+    #[test]
+    fn nack_names_route_to_unknown_cluster() {
+        let mut r = resources();
+        r.clusters
+            .as_mut()
+            .unwrap()
+            .clusters
+            .retain(|c| c.name != "backend.default");
+        assert_eq!(
+            reasons(r),
+            [
+                r#"route table "outbound" route "default-backend.default": destinations[0].cluster: unknown cluster "backend.default""#
+            ]
+        );
+    }
+
+    #[test]
+    fn nack_names_bad_regex_and_unknown_table() {
+        let mut r = resources();
+        let rs = r.routes.as_mut().unwrap();
+        rs.tables[0].routes[0].r#match.as_mut().unwrap().path = Some(v1::PathMatch {
+            kind: Some(v1::path_match::Kind::Regex("a(".into())),
+        });
+        let got = reasons(r.clone());
+        assert!(
+            got[0].contains("match.path.regex: invalid regex"),
+            "{got:?}"
+        );
+        r.routes = None;
+        assert_eq!(
+            reasons(r),
+            [r#"listener "outbound": route_table: unknown route table "outbound""#]
+        );
+    }
+
+    #[test]
+    fn nack_names_duplicate_address_and_tcp_without_cluster() {
+        let mut r = resources();
+        let ls = &mut r.listeners.as_mut().unwrap().listeners;
+        ls[1].address = "127.0.0.1:15001".into();
+        ls[2].cluster = String::new();
+        let got = reasons(r);
+        assert!(
+            got.iter().any(|g| g.contains(
+                r#"listener "outbound-tcp-db.default": cluster: a TCP listener needs a cluster"#
+            )),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|g| g.contains("127.0.0.1:15001 is also the address of listener")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn merge_keeps_unchanged_sets_and_versions() {
+        let r = resources();
+        let resp = v1::DiscoveryResponse {
+            nonce: "n".into(),
+            endpoints: Some(v1::EndpointSet {
+                version: "e2".into(),
+                clusters: vec![],
+            }),
+            ..Default::default()
+        };
+        let m = r.merge(&resp);
+        assert_eq!(m.version(ResourceKind::Endpoints), Some("e2"));
+        assert_eq!(m.version(ResourceKind::Routes), Some("r1"));
+        assert_eq!(m.type_versions().len(), 4);
+        assert_eq!(carried(&resp), [(ResourceKind::Endpoints, "e2".to_owned())]);
+    }
+}

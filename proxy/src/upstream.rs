@@ -1,0 +1,358 @@
+//! Connections to upstream endpoints, one [`EndpointPool`] per endpoint address.
+//!
+//! - HTTP/1.1: a LIFO stack of idle connections. A connection goes back to the pool only once its
+//!   response body has been read to the end ([`PooledH1::release`]), and idle connections are
+//!   bounded in number and age.
+//! - HTTP/2: one shared connection per endpoint, multiplexing every request; re-established
+//!   (by a single task) when it closes.
+//!
+//! A request that never reached a stale pooled connection is retried on another one, so an
+//! upstream closing an idle keep-alive connection does not surface as a 502.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntCounter;
+use tokio::net::TcpStream;
+
+/// Most idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_H1: usize = 512;
+/// Idle HTTP/1.1 connections older than this are closed instead of reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why an upstream request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// TCP connect failed.
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// TCP connect did not complete in time.
+    #[error("connect to {addr} timed out after {after:?}")]
+    ConnectTimeout {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The cluster's connect timeout.
+        after: Duration,
+    },
+    /// The HTTP handshake (h2 preface/settings) failed.
+    #[error("handshake with {addr} failed: {source}")]
+    Handshake {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// hyper's error.
+        source: hyper::Error,
+    },
+    /// Reading the downstream request body failed while forwarding it (malformed chunked body,
+    /// client reset): the client's fault, not the upstream's.
+    #[error("reading the request body for {addr} failed: {source}")]
+    RequestBody {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// hyper's error (a user body error).
+        source: hyper::Error,
+    },
+    /// The connection closed or was reset before a response arrived.
+    #[error("upstream {addr} reset before responding: {source}")]
+    Reset {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// hyper's error.
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    /// Whether the failure happened while connecting (-> 503 connect-failed), as opposed to
+    /// after the request was handed to a connection (-> 502 upstream-reset).
+    pub fn is_connect(&self) -> bool {
+        !matches!(self, Self::Reset { .. } | Self::RequestBody { .. })
+    }
+
+    /// Classifies an error from a request already handed to a connection.
+    fn after_send(addr: SocketAddr, source: hyper::Error) -> Self {
+        // hyper reports failures of the body *we* stream (the downstream request body) as
+        // "user" errors; everything else is the upstream connection failing.
+        if source.is_user() {
+            Self::RequestBody { addr, source }
+        } else {
+            Self::Reset { addr, source }
+        }
+    }
+}
+
+/// HTTP version to use towards the endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// HTTP/1.1.
+    H1,
+    /// HTTP/2 prior knowledge.
+    H2,
+}
+
+struct IdleH1 {
+    tx: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// Connections to one endpoint.
+pub struct EndpointPool {
+    addr: SocketAddr,
+    idle_h1: Mutex<VecDeque<IdleH1>>,
+    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    /// Serializes establishing the shared h2 connection (single flight).
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for EndpointPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointPool")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An HTTP/1.1 connection lent to one request; hand it back with [`PooledH1::release`] once the
+/// response body is complete, or drop it to close the connection.
+#[derive(Debug)]
+pub struct PooledH1 {
+    tx: http1::SendRequest<Incoming>,
+    pool: Arc<EndpointPool>,
+}
+
+impl PooledH1 {
+    /// Returns the connection to its pool for reuse.
+    pub fn release(self) {
+        self.pool.checkin(self.tx);
+    }
+}
+
+/// Locks ignoring poisoning: the guarded data (a queue / an optional sender) stays consistent
+/// even if a holder panicked, because every critical section is a single push/pop/replace.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl EndpointPool {
+    /// An empty pool for `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            idle_h1: Mutex::new(VecDeque::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The endpoint address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sends `req` over `wire`, connecting if needed. For HTTP/1.1 the connection comes back with
+    /// the response and must be released after the body ends.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        wire: Wire,
+        connect_timeout: Duration,
+        connect_errors: &IntCounter,
+    ) -> Result<(Response<Incoming>, Option<PooledH1>), UpstreamError> {
+        match wire {
+            Wire::H1 => {
+                let (resp, tx) = self.send_h1(req, connect_timeout, connect_errors).await?;
+                Ok((
+                    resp,
+                    Some(PooledH1 {
+                        tx,
+                        pool: Arc::clone(self),
+                    }),
+                ))
+            }
+            Wire::H2 => Ok((
+                self.send_h2(req, connect_timeout, connect_errors).await?,
+                None,
+            )),
+        }
+    }
+
+    async fn connect(
+        &self,
+        timeout: Duration,
+        errors: &IntCounter,
+    ) -> Result<TokioIo<TcpStream>, UpstreamError> {
+        let addr = self.addr;
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                errors.inc();
+                return Err(UpstreamError::Connect { addr, source });
+            }
+            Err(_) => {
+                errors.inc();
+                return Err(UpstreamError::ConnectTimeout {
+                    addr,
+                    after: timeout,
+                });
+            }
+        };
+        // Best effort: latency matters more than packet count for request/response traffic.
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    fn pop_idle_h1(&self) -> Option<http1::SendRequest<Incoming>> {
+        let mut idle = lock(&self.idle_h1);
+        while let Some(c) = idle.pop_back() {
+            if c.since.elapsed() < IDLE_TIMEOUT && !c.tx.is_closed() {
+                return Some(c.tx);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, tx: http1::SendRequest<Incoming>) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = lock(&self.idle_h1);
+        // Oldest first: drop the expired and anything over the bound (dropping the sender
+        // closes the connection).
+        while idle
+            .front()
+            .is_some_and(|c| c.since.elapsed() >= IDLE_TIMEOUT || idle.len() >= MAX_IDLE_H1)
+        {
+            idle.pop_front();
+        }
+        idle.push_back(IdleH1 {
+            tx,
+            since: Instant::now(),
+        });
+    }
+
+    async fn send_h1(
+        &self,
+        mut req: Request<Incoming>,
+        connect_timeout: Duration,
+        errors: &IntCounter,
+    ) -> Result<(Response<Incoming>, http1::SendRequest<Incoming>), UpstreamError> {
+        let addr = self.addr;
+        // Try idle connections; each iteration consumes one, so this ends.
+        while let Some(mut tx) = self.pop_idle_h1() {
+            if tx.ready().await.is_err() {
+                continue;
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, tx)),
+                Err(mut e) => match e.take_message() {
+                    // Never written: safe to try another connection.
+                    Some(r) => req = r,
+                    None => return Err(UpstreamError::after_send(addr, e.into_error())),
+                },
+            }
+        }
+        let io = self.connect(connect_timeout, errors).await?;
+        let (mut tx, conn) = http1::handshake(io)
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "upstream h1 connection ended");
+            }
+        });
+        let resp = tx
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::after_send(addr, source))?;
+        Ok((resp, tx))
+    }
+
+    fn shared_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+        lock(&self.h2)
+            .as_ref()
+            .filter(|tx| !tx.is_closed())
+            .cloned()
+    }
+
+    async fn h2_sender(
+        &self,
+        connect_timeout: Duration,
+        errors: &IntCounter,
+    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+        if let Some(tx) = self.shared_h2() {
+            return Ok(tx);
+        }
+        let _single = self.h2_connecting.lock().await;
+        if let Some(tx) = self.shared_h2() {
+            return Ok(tx);
+        }
+        let addr = self.addr;
+        let io = self.connect(connect_timeout, errors).await?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(io)
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "upstream h2 connection ended");
+            }
+        });
+        *lock(&self.h2) = Some(tx.clone());
+        Ok(tx)
+    }
+
+    async fn send_h2(
+        &self,
+        mut req: Request<Incoming>,
+        connect_timeout: Duration,
+        errors: &IntCounter,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let addr = self.addr;
+        // At most one retry, on a fresh connection, for a request the old one never took.
+        for attempt in 0..2 {
+            let mut tx = self.h2_sender(connect_timeout, errors).await?;
+            let ready = tx.ready().await;
+            if ready.is_err() && attempt == 0 {
+                self.forget_h2(&tx);
+                continue;
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(r) if attempt == 0 => {
+                        self.forget_h2(&tx);
+                        req = r;
+                    }
+                    _ => return Err(UpstreamError::after_send(addr, e.into_error())),
+                },
+            }
+        }
+        // Unreachable in practice: attempt 1 always returns above. Report it as a reset rather
+        // than panicking.
+        Err(UpstreamError::ConnectTimeout {
+            addr,
+            after: connect_timeout,
+        })
+    }
+
+    fn forget_h2(&self, dead: &http2::SendRequest<Incoming>) {
+        let mut g = lock(&self.h2);
+        // Only clear if nobody replaced it meanwhile (a closed sender is the dead one).
+        if g.as_ref().is_some_and(|tx| tx.is_closed()) || dead.is_closed() {
+            *g = g.take().filter(|tx| !tx.is_closed());
+        }
+    }
+}
