@@ -121,22 +121,20 @@ async fn route(
             return method_not_allowed("POST");
         }
         let dry_run = path == "/v1/validate";
-        return match read_body(req).await {
-            Ok(body) => match serde_json::from_str::<Batch>(&body) {
-                Ok(batch) => {
-                    let changes: Vec<(String, Option<String>)> = batch
-                        .files
-                        .into_iter()
-                        .map(|f| (f.name, Some(f.content)))
-                        .collect();
-                    outcome_response(cp.apply_many(&changes, dry_run).await)
-                }
-                Err(e) => errors_response(
-                    StatusCode::BAD_REQUEST,
-                    &[format!(
-                        "expected JSON {{\"files\": [{{\"name\", \"content\"}}]}}: {e}"
-                    )],
-                ),
+        return match read_batch(req).await {
+            Ok(changes) => outcome_response(cp.apply_many(&changes, dry_run).await),
+            Err(r) => r,
+        };
+    }
+    // What applying these files would change, per connected proxy (weftctl diff).
+    if path == "/v1/diff" {
+        if *method != Method::POST {
+            return method_not_allowed("POST");
+        }
+        return match read_batch(req).await {
+            Ok(changes) => match cp.diff_many(&changes).await {
+                Ok(diff) => json_response(StatusCode::OK, &json!(diff)),
+                Err(e) => outcome_response(Err(e)),
             },
             Err(r) => r,
         };
@@ -162,7 +160,14 @@ async fn route(
     }
     let known = matches!(
         path,
-        "/healthz" | "/metrics" | "/v1/policies" | "/v1/services" | "/v1/routes" | "/v1/proxies"
+        "/healthz"
+            | "/metrics"
+            | "/v1/policies"
+            | "/v1/services"
+            | "/v1/routes"
+            | "/v1/clusters"
+            | "/v1/endpoints"
+            | "/v1/proxies"
     );
     if !known {
         return json_response(
@@ -196,6 +201,16 @@ async fn route(
         }
         "/v1/services" => json_response(StatusCode::OK, &json!(cp.policy().services())),
         "/v1/routes" => json_response(StatusCode::OK, &json!(cp.policy().routes())),
+        "/v1/clusters" => {
+            let policy = cp.policy();
+            let clusters = cp.with_registry(|r| crate::inventory::clusters(&policy, r));
+            json_response(StatusCode::OK, &json!(clusters))
+        }
+        "/v1/endpoints" => {
+            let policy = cp.policy();
+            let endpoints = cp.with_registry(|r| crate::inventory::endpoints(&policy, r));
+            json_response(StatusCode::OK, &json!(endpoints))
+        }
         _ => json_response(StatusCode::OK, &json!(cp.proxy_statuses())),
     }
 }
@@ -215,6 +230,26 @@ fn method_not_allowed(allow: &'static str) -> Response<Body> {
 #[serde(deny_unknown_fields)]
 struct Batch {
     files: Vec<crate::policy::SourceFile>,
+}
+
+/// Reads a multi-file body into store changes.
+async fn read_batch(
+    req: Request<Incoming>,
+) -> Result<Vec<(String, Option<String>)>, Response<Body>> {
+    let body = read_body(req).await?;
+    let batch = serde_json::from_str::<Batch>(&body).map_err(|e| {
+        errors_response(
+            StatusCode::BAD_REQUEST,
+            &[format!(
+                "expected JSON {{\"files\": [{{\"name\", \"content\"}}]}}: {e}"
+            )],
+        )
+    })?;
+    Ok(batch
+        .files
+        .into_iter()
+        .map(|f| (f.name, Some(f.content)))
+        .collect())
 }
 
 async fn apply(

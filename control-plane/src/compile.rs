@@ -93,19 +93,8 @@ pub fn compile(policy: &PolicySet, registry: &Registry, node: &Node) -> Resource
     }
 
     let mut clusters: Vec<Cluster> = cluster_services
-        .iter()
-        .map(|(name, s)| Cluster {
-            name: name.clone(),
-            service: s.name.clone(),
-            namespace: s.namespace.clone(),
-            lb: LbPolicy::RoundRobin as i32,
-            connect_timeout_ms: millis(s.connect_timeout),
-            request_timeout_ms: millis(s.request_timeout),
-            protocol: match s.protocol {
-                Protocol::Grpc => UpstreamProtocol::Http2,
-                Protocol::Http | Protocol::Tcp => UpstreamProtocol::Preserve,
-            } as i32,
-        })
+        .values()
+        .map(|s| service_cluster(s))
         .collect();
     clusters.push(Cluster {
         name: INBOUND.to_owned(),
@@ -159,6 +148,22 @@ pub fn compile(policy: &PolicySet, registry: &Registry, node: &Node) -> Resource
             version: version_of_endpoints(&endpoints),
             clusters: endpoints,
         },
+    }
+}
+
+/// The cluster of a mesh service, as every proxy that may call it receives it.
+pub fn service_cluster(s: &Service) -> Cluster {
+    Cluster {
+        name: key_of(s).cluster_name(),
+        service: s.name.clone(),
+        namespace: s.namespace.clone(),
+        lb: LbPolicy::RoundRobin as i32,
+        connect_timeout_ms: millis(s.connect_timeout),
+        request_timeout_ms: millis(s.request_timeout),
+        protocol: match s.protocol {
+            Protocol::Grpc => UpstreamProtocol::Http2,
+            Protocol::Http | Protocol::Tcp => UpstreamProtocol::Preserve,
+        } as i32,
     }
 }
 
@@ -382,8 +387,9 @@ fn compile_route(
     }
 }
 
-/// Static endpoints (declared order) then registered sidecars (by node id).
-fn endpoints_of(service: &Service, registry: &Registry) -> Vec<Endpoint> {
+/// The endpoints of a service: static ones (declared order) then registered sidecars (by node
+/// id, including those within their deregistration grace).
+pub fn endpoints_of(service: &Service, registry: &Registry) -> Vec<Endpoint> {
     let key = key_of(service);
     let mut out: Vec<Endpoint> = service
         .endpoints

@@ -4,6 +4,15 @@
 //! one `DiscoveryResponse` holding only the resource types whose version differs from what the
 //! proxy holds, waits for its Ack/Nack (at most one push outstanding), and recomputes whenever
 //! the control plane's generation moved meanwhile (changes coalesce into one push).
+//!
+//! A push left unanswered for the push timeout is considered lost: it is logged and counted
+//! (`weft_control_pushes_total{result="timeout"}`), and the stream pushes again on the next
+//! change, against what the proxy last ACKed (so the lost types are resent). A late answer to
+//! the lost nonce is treated as stale, though an ACK's versions still update what the proxy
+//! holds.
+//!
+//! Convergence (`weft_control_push_duration_seconds`) runs from the first change the proxy had
+//! not yet been sent (or its connect, for the first push) to the ACK of the push carrying it.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -65,6 +74,8 @@ struct Pending {
     nonce: String,
     versions: HashMap<i32, String>,
     generation: u64,
+    /// When the earliest change this push carries happened (convergence start).
+    changed_at: Instant,
     sent_at: Instant,
 }
 
@@ -126,6 +137,7 @@ fn build_response(
     held: &HashMap<i32, String>,
     rejected: Option<&Rejected>,
     generation: u64,
+    changed_at: Instant,
 ) -> Option<(DiscoveryResponse, Pending)> {
     let wanted = |t: ResourceType, version: &str| {
         let key = t as i32;
@@ -167,6 +179,7 @@ fn build_response(
             nonce,
             versions,
             generation,
+            changed_at,
             sent_at: Instant::now(),
         },
     ))
@@ -179,10 +192,13 @@ fn versions_map(list: &[TypeVersion]) -> HashMap<i32, String> {
         .collect()
 }
 
+/// Counts a push's outcome per type; an ACK also ends its convergence time.
 fn record_answer(cp: &ControlPlane, pending: &Pending, result: &str) {
     let m = cp.metrics();
-    m.push_duration_seconds
-        .observe(pending.sent_at.elapsed().as_secs_f64());
+    if result == "ack" {
+        m.push_duration_seconds
+            .observe(pending.changed_at.elapsed().as_secs_f64());
+    }
     for t in pending.versions.keys() {
         if let Ok(t) = ResourceType::try_from(*t) {
             m.pushes_total
@@ -210,6 +226,7 @@ async fn run_stream(
         node.namespace = "default".to_owned();
     }
     let mut held = versions_map(&hello.held);
+    let connected_at = Instant::now();
     let session = cp.connect(&node);
     let _connection = Connection {
         cp: Arc::clone(&cp),
@@ -220,8 +237,11 @@ async fn run_stream(
     cp.update_status(&node.id, session, &held, None);
 
     let mut generations = cp.subscribe();
+    let push_timeout = cp.push_timeout();
     let mut outstanding: Option<Pending> = None;
     let mut rejected: Option<Rejected> = None;
+    // The generation last compiled for this proxy; `None` until the first compile.
+    let mut compiled: Option<u64> = None;
     let mut dirty = true;
     loop {
         if dirty && outstanding.is_none() {
@@ -233,9 +253,14 @@ async fn run_stream(
             {
                 rejected = None;
             }
+            let changed_at = match compiled {
+                None => connected_at,
+                Some(seen) => cp.first_change_after(seen).unwrap_or_else(Instant::now),
+            };
+            compiled = Some(generation);
             let resources = cp.compile_for(&node);
             if let Some((response, pending)) =
-                build_response(resources, &held, rejected.as_ref(), generation)
+                build_response(resources, &held, rejected.as_ref(), generation, changed_at)
             {
                 tracing::debug!(proxy = %node.id, nonce = %pending.nonce, types = ?pending.versions, "push");
                 if tx.send(Ok(response)).await.is_err() {
@@ -244,7 +269,22 @@ async fn run_stream(
                 outstanding = Some(pending);
             }
         }
+        let deadline = outstanding
+            .as_ref()
+            .map(|p| tokio::time::Instant::from_std(p.sent_at + push_timeout));
         tokio::select! {
+            () = sleep_until_or_never(deadline) => {
+                if let Some(p) = outstanding.take() {
+                    tracing::warn!(
+                        proxy = %node.id,
+                        nonce = %p.nonce,
+                        types = ?type_names(&p.versions),
+                        timeout = ?push_timeout,
+                        "push unanswered: considered lost; the next change pushes again"
+                    );
+                    record_answer(&cp, &p, "timeout");
+                }
+            }
             changed = generations.changed() => {
                 if changed.is_err() {
                     break;
@@ -299,6 +339,24 @@ async fn run_stream(
     }
 }
 
+/// Sleeps until `deadline`, or forever without one (a disabled `select!` branch).
+async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn type_names(versions: &HashMap<i32, String>) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = versions
+        .keys()
+        .filter_map(|t| ResourceType::try_from(*t).ok())
+        .map(type_name)
+        .collect();
+    names.sort_unstable();
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,8 +390,14 @@ mod tests {
             (ResourceType::Routes as i32, "r1".to_owned()),
         ]
         .into();
-        let (resp, pending) =
-            build_response(resources("l1", "r1", "c1", "e1"), &held, None, 0).unwrap();
+        let (resp, pending) = build_response(
+            resources("l1", "r1", "c1", "e1"),
+            &held,
+            None,
+            0,
+            Instant::now(),
+        )
+        .unwrap();
         assert!(resp.listeners.is_none() && resp.routes.is_none());
         assert!(resp.clusters.is_some() && resp.endpoints.is_some());
         assert_eq!(pending.versions.len(), 2);
@@ -348,7 +412,8 @@ mod tests {
             ]
             .into(),
             None,
-            0
+            0,
+            Instant::now()
         )
         .is_none());
     }
@@ -364,6 +429,7 @@ mod tests {
             &HashMap::new(),
             Some(&rejected),
             3,
+            Instant::now(),
         )
         .unwrap();
         assert!(resp.routes.is_none());

@@ -5,14 +5,17 @@
 //! registry (static endpoints + connected sidecars)
 //! compile(policy, registry, node) -> listeners, routes, clusters, endpoints
 //! discovery: push only changed types, track ACK/NACK per proxy
+//! diff: what a policy change would do, per proxy   inventory: compiled clusters + endpoints
 //! admin HTTP: policy CRUD, status, metrics          ctl: the weftctl client
 //! ```
 
 pub mod admin;
 pub mod compile;
 pub mod ctl;
+pub mod diff;
 pub mod discovery;
 pub mod hash;
+pub mod inventory;
 pub mod metrics;
 pub mod policy;
 pub mod registry;

@@ -16,10 +16,13 @@ pub struct MetricsError(#[from] prometheus::Error);
 pub struct Metrics {
     registry: Registry,
     pub proxies_connected: IntGauge,
-    /// Labels: `type` (listeners|routes|clusters|endpoints), `result` (ack|nack).
+    /// Labels: `type` (listeners|routes|clusters|endpoints), `result` (ack|nack|timeout).
     pub pushes_total: IntCounterVec,
-    /// From sending a response to its ACK/NACK.
+    /// Convergence: from the change a push carries (policy apply/reload, registry change, or
+    /// the proxy's connect) to the proxy's ACK of that push. One observation per ACKed push.
     pub push_duration_seconds: Histogram,
+    /// Connected proxies whose latest answer was a NACK.
+    pub proxies_nacking: IntGauge,
     policy_version_info: IntGaugeVec,
     /// Label `result` (ok|error).
     pub policy_reloads_total: IntCounterVec,
@@ -37,18 +40,23 @@ impl Metrics {
         let pushes_total = IntCounterVec::new(
             Opts::new(
                 "weft_control_pushes_total",
-                "Resource sets pushed to proxies, by type and the proxy's answer.",
+                "Resource sets pushed to proxies, by type and the proxy's answer (ack, nack, or timeout: unanswered within --push-timeout).",
             ),
             &["type", "result"],
         )?;
         let push_duration_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "weft_control_push_duration_seconds",
-                "Time from sending a discovery response to its ACK or NACK.",
+                "Convergence: time from a config change (policy apply/reload, registry change, proxy connect) to the proxy's ACK of the push carrying it.",
             )
             .buckets(vec![
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0,
             ]),
+        )?;
+        let proxies_nacking = IntGauge::new(
+            "weft_control_proxies_nacking",
+            "Connected proxies whose latest answer was a NACK (they run older config than they were sent).",
         )?;
         let policy_version_info = IntGaugeVec::new(
             Opts::new(
@@ -71,6 +79,7 @@ impl Metrics {
         registry.register(Box::new(proxies_connected.clone()))?;
         registry.register(Box::new(pushes_total.clone()))?;
         registry.register(Box::new(push_duration_seconds.clone()))?;
+        registry.register(Box::new(proxies_nacking.clone()))?;
         registry.register(Box::new(policy_version_info.clone()))?;
         registry.register(Box::new(policy_reloads_total.clone()))?;
         registry.register(Box::new(policy_errors.clone()))?;
@@ -78,11 +87,17 @@ impl Metrics {
         for result in ["ok", "error"] {
             policy_reloads_total.with_label_values(&[result]);
         }
+        for t in ["listeners", "routes", "clusters", "endpoints"] {
+            for result in ["ack", "nack", "timeout"] {
+                pushes_total.with_label_values(&[t, result]);
+            }
+        }
         Ok(Self {
             registry,
             proxies_connected,
             pushes_total,
             push_duration_seconds,
+            proxies_nacking,
             policy_version_info,
             policy_reloads_total,
             policy_errors,
@@ -124,6 +139,8 @@ mod tests {
             "weft_control_policy_version_info{version=\"def\"} 1",
             "weft_control_policy_reloads_total{result=\"ok\"} 0",
             "weft_control_policy_errors 0",
+            "weft_control_proxies_nacking 0",
+            "weft_control_pushes_total{result=\"timeout\",type=\"endpoints\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

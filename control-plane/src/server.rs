@@ -26,6 +26,8 @@ pub struct Config {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub deregister_grace: Duration,
+    /// How long a push may stay unanswered before it is considered lost (see `discovery`).
+    pub push_timeout: Duration,
 }
 
 /// Errors starting or running the control plane.
@@ -67,11 +69,14 @@ impl Server {
             return Err(ServeError::NoPolicyDir(config.policies));
         }
         let metrics = Metrics::new()?;
-        let cp = Arc::new(ControlPlane::new(
-            PolicyStore::new(&config.policies),
-            config.deregister_grace,
-            metrics,
-        ));
+        let cp = Arc::new(
+            ControlPlane::new(
+                PolicyStore::new(&config.policies),
+                config.deregister_grace,
+                metrics,
+            )
+            .with_push_timeout(config.push_timeout),
+        );
         // Watch before the first load so no change in between is missed.
         let watcher = crate::watch::spawn_watcher(Arc::clone(&cp))?;
         if cp.reload().await.is_err() {

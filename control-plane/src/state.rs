@@ -3,9 +3,13 @@
 //!
 //! Every change that can alter some proxy's resources (a new policy set, a registry change)
 //! bumps the generation; each discovery stream then recompiles its proxy's resources and pushes
-//! whatever differs.
+//! whatever differs. The instant of each recent generation is kept so a stream can measure
+//! convergence (change -> ACK) for `weft_control_push_duration_seconds`.
+//!
+//! A proxy's status outlives its stream by the deregistration grace: it is listed as
+//! disconnected (with the time left before removal) until its registration expires.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,9 +19,10 @@ use tokio::sync::watch;
 use weft_proto::v1::Node;
 
 use crate::compile::{compile, Resources};
+use crate::diff::{policy_changes, resource_diff, PolicyDiff, ProxyDiff};
 use crate::metrics::Metrics;
 use crate::policy::store::is_valid_file_name;
-use crate::policy::{PolicyErrors, PolicySet, PolicyStore, ServiceKey, StoreError};
+use crate::policy::{PolicyErrors, PolicySet, PolicyStore, SourceFile, StoreError};
 use crate::registry::Registry;
 
 /// Why an admin change to the policy store was refused.
@@ -38,7 +43,24 @@ pub struct ApplyOutcome {
     pub changed: Vec<String>,
 }
 
-/// The push status of one connected proxy, for `GET /v1/proxies` and `weftctl status`.
+/// Default time a push may stay unanswered before it is considered lost.
+pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many recent generation instants are kept for convergence timing. A stream that falls
+/// further behind measures from the oldest one kept (an underestimate, never a panic).
+const CHANGE_HISTORY: usize = 1024;
+
+/// Whether a proxy's stream is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyState {
+    Connected,
+    /// The stream ended; the proxy's endpoint is removed when the grace expires.
+    Disconnected,
+}
+
+/// The push status of one proxy (connected, or disconnected within its grace), for
+/// `GET /v1/proxies` and `weftctl status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProxyStatus {
     pub id: String,
@@ -48,11 +70,23 @@ pub struct ProxyStatus {
     pub build_version: String,
     /// RFC 3339, seconds precision.
     pub connected_since: String,
+    pub state: ProxyState,
+    /// RFC 3339; set while disconnected.
+    pub disconnected_since: Option<String>,
+    /// Whole seconds (rounded up) until a disconnected proxy's endpoint is removed.
+    pub removing_in_seconds: Option<u64>,
     /// ACKed version by type (`listeners`, `routes`, `clusters`, `endpoints`).
     pub versions: BTreeMap<String, String>,
+    /// The reason of the proxy's most recent NACK on this stream, if it ever NACKed.
     pub last_nack: Option<String>,
+    /// RFC 3339 time of `last_nack`.
+    pub last_nack_at: Option<String>,
+    /// Whether the proxy's latest answer was a NACK: it runs an older config than it was sent.
+    pub nacking: bool,
     #[serde(skip)]
     session: u64,
+    #[serde(skip)]
+    remove_at: Option<Instant>,
 }
 
 /// Shared state of one control plane.
@@ -64,8 +98,11 @@ pub struct ControlPlane {
     registry: Mutex<Registry>,
     statuses: Mutex<BTreeMap<String, ProxyStatus>>,
     generation: watch::Sender<u64>,
+    /// Instants of recent generations, oldest first: `(generation, when it was bumped)`.
+    changes: Mutex<VecDeque<(u64, Instant)>>,
     /// Serializes store reads+writes (admin API and watcher reloads).
     apply_lock: tokio::sync::Mutex<()>,
+    push_timeout: Duration,
     metrics: Metrics,
 }
 
@@ -86,9 +123,23 @@ impl ControlPlane {
             registry: Mutex::new(Registry::new(deregister_grace)),
             statuses: Mutex::new(BTreeMap::new()),
             generation: watch::Sender::new(0),
+            changes: Mutex::new(VecDeque::new()),
             apply_lock: tokio::sync::Mutex::new(()),
+            push_timeout: DEFAULT_PUSH_TIMEOUT,
             metrics,
         }
+    }
+
+    /// Sets how long a push may stay unanswered before the stream considers it lost.
+    #[must_use]
+    pub fn with_push_timeout(mut self, timeout: Duration) -> Self {
+        // Bounded so `Instant + timeout` can't overflow.
+        self.push_timeout = timeout.min(Duration::from_secs(365 * 24 * 3600));
+        self
+    }
+
+    pub fn push_timeout(&self) -> Duration {
+        self.push_timeout
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -115,7 +166,22 @@ impl ControlPlane {
     }
 
     fn bump(&self) {
-        self.generation.send_modify(|g| *g += 1);
+        let mut changes = lock(&self.changes);
+        // Record the instant before publishing, so a stream that sees the new generation always
+        // finds its instant. Bumps are serialized by the `changes` lock.
+        let next = *self.generation.borrow() + 1;
+        changes.push_back((next, Instant::now()));
+        while changes.len() > CHANGE_HISTORY {
+            changes.pop_front();
+        }
+        self.generation.send_replace(next);
+    }
+
+    /// When the first change after generation `seen` happened (`None`: no later change is
+    /// recorded). Discovery streams measure convergence from it.
+    pub fn first_change_after(&self, seen: u64) -> Option<Instant> {
+        let changes = lock(&self.changes);
+        changes.iter().find(|(g, _)| *g > seen).map(|(_, at)| *at)
     }
 
     fn set_error(&self, error: Option<String>) {
@@ -201,39 +267,10 @@ impl ControlPlane {
         changes: &[(String, Option<String>)],
         dry_run: bool,
     ) -> Result<ApplyOutcome, ApplyError> {
-        for (name, _) in changes {
-            if !is_valid_file_name(name) {
-                return Err(StoreError::InvalidName(name.clone()).into());
-            }
-        }
         let _guard = self.apply_lock.lock().await;
-        let mut files = self.store.read_files()?;
-        let mut writes = Vec::new();
-        for (name, content) in changes {
-            let existing = files.iter().position(|f| &f.name == name);
-            match (existing, content) {
-                (Some(i), Some(c)) => {
-                    if files[i].content != *c {
-                        writes.push((name, Some(c)));
-                    }
-                    files[i].content.clone_from(c);
-                }
-                (None, Some(c)) => {
-                    writes.push((name, Some(c)));
-                    files.push(crate::policy::SourceFile {
-                        name: name.clone(),
-                        content: c.clone(),
-                    });
-                }
-                (Some(i), None) => {
-                    writes.push((name, None));
-                    files.remove(i);
-                }
-                (None, None) => return Err(StoreError::NotFound(name.clone()).into()),
-            }
-        }
+        let (files, writes) = self.merged_files(changes)?;
         let set = PolicySet::from_files(files)?;
-        let changed = diff(&self.policy.load(), &set);
+        let changed = policy_changes(&self.policy.load(), &set);
         let outcome = ApplyOutcome {
             version: set.version().to_owned(),
             changed,
@@ -258,6 +295,84 @@ impl ControlPlane {
         Ok(outcome)
     }
 
+    /// Validates the store with `changes` applied (like [`ControlPlane::apply_many`] with
+    /// `dry_run`) and reports, for every connected proxy, how its compiled snapshot would
+    /// change. Writes nothing.
+    pub async fn diff_many(
+        &self,
+        changes: &[(String, Option<String>)],
+    ) -> Result<PolicyDiff, ApplyError> {
+        let proposed = {
+            let _guard = self.apply_lock.lock().await;
+            let (files, _) = self.merged_files(changes)?;
+            PolicySet::from_files(files)?
+        };
+        let current = self.policy.load_full();
+        let registry = lock(&self.registry);
+        let proxies = registry
+            .proxies()
+            .filter(|p| p.is_connected())
+            .map(|p| {
+                let before = compile(&current, &registry, &p.node);
+                let after = compile(&proposed, &registry, &p.node);
+                let types = resource_diff(&before, &after);
+                ProxyDiff {
+                    id: p.node.id.clone(),
+                    service: p.service.name.clone(),
+                    namespace: p.service.namespace.clone(),
+                    changes: types.values().any(|t| t.version_changes),
+                    types,
+                }
+            })
+            .collect();
+        Ok(PolicyDiff {
+            current_version: current.version().to_owned(),
+            version: proposed.version().to_owned(),
+            changed: policy_changes(&current, &proposed),
+            proxies,
+        })
+    }
+
+    /// The store's files with `changes` applied (`None` content: removed), and the writes that
+    /// would make it so (unchanged files are not rewritten). Call with `apply_lock` held.
+    #[allow(clippy::type_complexity)]
+    fn merged_files<'a>(
+        &self,
+        changes: &'a [(String, Option<String>)],
+    ) -> Result<(Vec<SourceFile>, Vec<(&'a String, Option<&'a String>)>), ApplyError> {
+        for (name, _) in changes {
+            if !is_valid_file_name(name) {
+                return Err(StoreError::InvalidName(name.clone()).into());
+            }
+        }
+        let mut files = self.store.read_files()?;
+        let mut writes = Vec::new();
+        for (name, content) in changes {
+            let existing = files.iter().position(|f| &f.name == name);
+            match (existing, content) {
+                (Some(i), Some(c)) => {
+                    if files[i].content != *c {
+                        writes.push((name, Some(c)));
+                    }
+                    files[i].content.clone_from(c);
+                }
+                (None, Some(c)) => {
+                    writes.push((name, Some(c)));
+                    files.push(SourceFile {
+                        name: name.clone(),
+                        content: c.clone(),
+                    });
+                }
+                (Some(i), None) => {
+                    writes.push((name, None));
+                    files.remove(i);
+                }
+                (None, None) => return Err(StoreError::NotFound(name.clone()).into()),
+            }
+        }
+        Ok((files, writes))
+    }
+
     /// Registers a proxy's stream; returns its session.
     pub fn connect(&self, node: &Node) -> u64 {
         let now = SystemTime::now();
@@ -276,9 +391,15 @@ impl ControlPlane {
                 inbound_address: node.inbound_address.clone(),
                 build_version: node.build_version.clone(),
                 connected_since: humantime::format_rfc3339_seconds(now).to_string(),
+                state: ProxyState::Connected,
+                disconnected_since: None,
+                removing_in_seconds: None,
                 versions: BTreeMap::new(),
                 last_nack: None,
+                last_nack_at: None,
+                nacking: false,
                 session,
+                remove_at: None,
             },
         );
         self.metrics.proxies_connected.inc();
@@ -286,24 +407,52 @@ impl ControlPlane {
         session
     }
 
-    /// A proxy's stream ended: its endpoint goes after the grace period.
+    /// A proxy's stream ended: its endpoint (and its status) go after the grace period.
     pub fn disconnect(&self, id: &str, session: u64) {
-        lock(&self.registry).disconnect(id, session, Instant::now());
-        let mut statuses = lock(&self.statuses);
-        if statuses.get(id).is_some_and(|s| s.session == session) {
-            statuses.remove(id);
+        let now = Instant::now();
+        let remove_at = {
+            let mut registry = lock(&self.registry);
+            registry.disconnect(id, session, now);
+            registry
+                .get(id)
+                .filter(|p| p.session == session)
+                .and_then(|p| p.remove_at)
+        };
+        {
+            let mut statuses = lock(&self.statuses);
+            if let Some(s) = statuses.get_mut(id).filter(|s| s.session == session) {
+                s.state = ProxyState::Disconnected;
+                s.disconnected_since =
+                    Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
+                s.remove_at = Some(remove_at.unwrap_or(now));
+            }
         }
         self.metrics.proxies_connected.dec();
+        self.refresh_nacking_gauge();
     }
 
-    /// Drops registrations whose grace expired (and wakes streams if any did).
+    /// Drops registrations (and statuses) whose grace expired, and wakes streams if any did.
     pub fn expire_registrations(&self) {
-        if lock(&self.registry).expire(Instant::now()) {
+        let now = Instant::now();
+        let expired = lock(&self.registry).expire(now);
+        lock(&self.statuses).retain(|_, s| s.remove_at.is_none_or(|at| at > now));
+        if expired {
             self.bump();
         }
     }
 
-    /// Records what a proxy ACKed / NACKed.
+    fn refresh_nacking_gauge(&self) {
+        let nacking = lock(&self.statuses)
+            .values()
+            .filter(|s| s.state == ProxyState::Connected && s.nacking)
+            .count();
+        self.metrics
+            .proxies_nacking
+            .set(i64::try_from(nacking).unwrap_or(i64::MAX));
+    }
+
+    /// Records what a proxy holds: `last_nack` is the reason of a NACK just received; `None`
+    /// means a Hello or an ACK (which ends a NACKing streak).
     pub fn update_status(
         &self,
         id: &str,
@@ -320,15 +469,36 @@ impl ControlPlane {
                     Some((crate::compile::type_name(t).to_owned(), v.clone()))
                 })
                 .collect();
+            s.nacking = last_nack.is_some();
             if last_nack.is_some() {
                 s.last_nack = last_nack;
+                s.last_nack_at =
+                    Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
             }
         }
+        drop(statuses);
+        self.refresh_nacking_gauge();
     }
 
-    /// Every connected proxy's status, sorted by id.
+    /// Every proxy's status (connected, or disconnected within its grace), sorted by id.
     pub fn proxy_statuses(&self) -> Vec<ProxyStatus> {
-        lock(&self.statuses).values().cloned().collect()
+        let now = Instant::now();
+        lock(&self.statuses)
+            .values()
+            .map(|s| {
+                let mut s = s.clone();
+                s.removing_in_seconds = s.remove_at.map(|at| {
+                    let left = at.saturating_duration_since(now);
+                    left.as_secs() + u64::from(left.subsec_nanos() > 0)
+                });
+                s
+            })
+            .collect()
+    }
+
+    /// A snapshot of the registry, for read-only views (`GET /v1/clusters`).
+    pub fn with_registry<T>(&self, f: impl FnOnce(&Registry) -> T) -> T {
+        f(&lock(&self.registry))
     }
 
     /// Compiles the current resources of `node`.
@@ -336,44 +506,6 @@ impl ControlPlane {
         let policy = self.policy.load();
         let registry = lock(&self.registry);
         compile(&policy, &registry, node)
-    }
-}
-
-/// Human-readable differences between two policy sets.
-fn diff(old: &PolicySet, new: &PolicySet) -> Vec<String> {
-    let services = |set: &PolicySet| -> BTreeMap<ServiceKey, crate::policy::Service> {
-        set.services()
-            .iter()
-            .map(|s| (ServiceKey::new(&s.name, &s.namespace), s.clone()))
-            .collect()
-    };
-    let routes = |set: &PolicySet| -> BTreeMap<String, crate::policy::Route> {
-        set.routes()
-            .iter()
-            .map(|r| (r.name.clone(), r.clone()))
-            .collect()
-    };
-    let mut out = Vec::new();
-    diff_maps(&services(old), &services(new), "service", &mut out);
-    diff_maps(&routes(old), &routes(new), "route", &mut out);
-    out
-}
-
-fn diff_maps<K: Ord + std::fmt::Display, V: PartialEq>(
-    old: &BTreeMap<K, V>,
-    new: &BTreeMap<K, V>,
-    kind: &str,
-    out: &mut Vec<String>,
-) {
-    for (k, v) in new {
-        match old.get(k) {
-            None => out.push(format!("{kind}/{k} created")),
-            Some(o) if o != v => out.push(format!("{kind}/{k} configured")),
-            Some(_) => {}
-        }
-    }
-    for k in old.keys().filter(|k| !new.contains_key(k)) {
-        out.push(format!("{kind}/{k} deleted"));
     }
 }
 
@@ -474,5 +606,124 @@ mod tests {
         cp.reload().await.unwrap();
         assert_eq!(cp.policy_error(), None);
         assert_eq!(cp.metrics().policy_errors.get(), 0);
+    }
+
+    fn node(id: &str, service: &str, inbound: &str) -> Node {
+        Node {
+            id: id.into(),
+            service: service.into(),
+            inbound_address: inbound.into(),
+            outbound_address: "127.0.0.1:15001".into(),
+            ..Node::default()
+        }
+    }
+
+    #[test]
+    fn disconnected_proxies_stay_listed_until_their_grace_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::new(
+            PolicyStore::new(dir.path()),
+            Duration::from_millis(300),
+            Metrics::new().unwrap(),
+        );
+        let s = cp.connect(&node("a-1", "a", "127.0.0.2:15006"));
+        assert_eq!(cp.metrics().proxies_connected.get(), 1);
+        cp.update_status("a-1", s, &HashMap::new(), Some("routes: bad regex".into()));
+        assert_eq!(cp.metrics().proxies_nacking.get(), 1);
+        let st = &cp.proxy_statuses()[0];
+        assert!(st.nacking);
+        assert_eq!(st.last_nack.as_deref(), Some("routes: bad regex"));
+        assert!(st.last_nack_at.is_some());
+        // An ACK ends the NACKing streak but keeps the last reason.
+        cp.update_status("a-1", s, &HashMap::new(), None);
+        assert_eq!(cp.metrics().proxies_nacking.get(), 0);
+        assert_eq!(
+            cp.proxy_statuses()[0].last_nack.as_deref(),
+            Some("routes: bad regex")
+        );
+
+        cp.disconnect("a-1", s);
+        assert_eq!(cp.metrics().proxies_connected.get(), 0);
+        let st = &cp.proxy_statuses()[0];
+        assert_eq!(st.state, ProxyState::Disconnected);
+        assert_eq!(st.removing_in_seconds, Some(1));
+        let json = serde_json::to_value(st).unwrap();
+        assert_eq!(json["state"], "disconnected");
+        cp.expire_registrations();
+        assert_eq!(cp.proxy_statuses().len(), 1, "kept during the grace");
+        std::thread::sleep(Duration::from_millis(350));
+        cp.expire_registrations();
+        assert!(cp.proxy_statuses().is_empty());
+
+        // A reconnect within the grace is listed as connected again.
+        let s1 = cp.connect(&node("b-1", "b", ""));
+        cp.disconnect("b-1", s1);
+        let s2 = cp.connect(&node("b-1", "b", ""));
+        assert_ne!(s1, s2);
+        assert_eq!(cp.proxy_statuses()[0].state, ProxyState::Connected);
+        assert_eq!(cp.proxy_statuses()[0].removing_in_seconds, None);
+        assert_eq!(cp.metrics().proxies_connected.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn change_instants_are_recorded_per_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cp(dir.path());
+        let rx = cp.subscribe();
+        let g0 = *rx.borrow();
+        assert_eq!(cp.first_change_after(g0), None);
+        let before = Instant::now();
+        cp.apply("a.yaml", Some("services: [{name: a}]\n"), false)
+            .await
+            .unwrap();
+        let first = cp.first_change_after(g0).unwrap();
+        assert!(first >= before);
+        cp.apply("a.yaml", Some("services: [{name: b}]\n"), false)
+            .await
+            .unwrap();
+        // Still the first change after g0; the second one is found after g0 + 1.
+        assert_eq!(cp.first_change_after(g0), Some(first));
+        assert!(cp.first_change_after(g0 + 1).unwrap() >= first);
+        assert_eq!(cp.first_change_after(g0 + 2), None);
+    }
+
+    #[tokio::test]
+    async fn diff_reports_per_proxy_changes_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            "services:\n  - {name: web, dependencies: [api]}\n  - name: api\n  - name: other\n",
+        )
+        .unwrap();
+        let cp = cp(dir.path());
+        cp.reload().await.unwrap();
+        let version = cp.policy().version().to_owned();
+        cp.connect(&node("web-1", "web", "127.0.0.2:15006"));
+        cp.connect(&node("other-1", "other", "127.0.0.3:15006"));
+        let routes = "routes:\n  - name: r\n    service: api\n    match: {path: {prefix: /v2}}\n    destinations: [{service: other}]\n";
+        let d = cp
+            .diff_many(&[("r.yaml".into(), Some(routes.into()))])
+            .await
+            .unwrap();
+        assert_eq!(d.current_version, version);
+        assert_ne!(d.version, version);
+        assert_eq!(d.changed, ["route/r created"]);
+        let ids: Vec<&str> = d.proxies.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["other-1", "web-1"]);
+        let web = &d.proxies[1];
+        assert!(web.changes);
+        assert_eq!(web.types["routes"].added, ["outbound/r"]);
+        assert_eq!(web.types["clusters"].added, ["other.default"]);
+        assert!(!web.types["listeners"].version_changes);
+        // `other` has no dependencies (it may call everything), so it sees the route too.
+        assert!(d.proxies[0].changes);
+        assert!(!dir.path().join("r.yaml").exists());
+        assert_eq!(cp.policy().version(), version);
+
+        // Invalid input: the same errors as apply.
+        let bad = cp
+            .diff_many(&[("r.yaml".into(), Some(routes.replace("other", "nope")))])
+            .await;
+        assert!(matches!(bad, Err(ApplyError::Invalid(_))));
     }
 }

@@ -25,6 +25,10 @@ struct Args {
     /// How long a disconnected proxy's endpoint is kept before removal (e.g. 5s, 500ms).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     deregister_grace: Duration,
+    /// How long a config push may stay unanswered before it is considered lost: logged,
+    /// counted as weft_control_pushes_total{result="timeout"}, and pushed again on the next change.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    push_timeout: Duration,
 }
 
 async fn shutdown_signal() {
@@ -63,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
         grpc: args.grpc,
         admin: args.admin,
         deregister_grace: args.deregister_grace,
+        push_timeout: args.push_timeout,
     })
     .await?;
     server.serve(shutdown_signal()).await?;

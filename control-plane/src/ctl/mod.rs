@@ -1,7 +1,8 @@
 //! `weftctl`: the command-line client of the control plane's admin API.
 //!
 //! Exit codes: 0 ok, 1 rejected/invalid (or any server-side failure), 2 usage, 3 server
-//! unreachable.
+//! unreachable. `diff` exits 0 whenever it computed a difference (empty or not) and 1 when the
+//! files are invalid, like `validate`.
 
 pub mod client;
 pub mod table;
@@ -29,8 +30,14 @@ pub const EXIT_UNREACHABLE: i32 = 3;
 #[command(
     name = "weftctl",
     version,
-    about,
-    after_help = "Exit codes: 0 ok, 1 rejected or invalid, 2 usage, 3 server unreachable."
+    about = "Command-line client of the Weft control plane's admin API (weft-control --admin)",
+    after_help = "\
+Exit codes:
+  0  ok (diff: the difference was computed, whether or not anything would change)
+  1  rejected or invalid: the server refused the request (e.g. a policy error, printed as
+     file:line: field: reason) and nothing changed
+  2  usage: bad arguments, unreadable files, bad --server URL
+  3  the control plane's admin API is unreachable"
 )]
 pub struct Cli {
     /// Admin API of weft-control.
@@ -60,12 +67,16 @@ pub enum Kind {
     Policies,
     Services,
     Routes,
+    /// Each service's compiled cluster with its current endpoints.
+    Clusters,
+    /// Every endpoint of every cluster (static and registered sidecars).
+    Endpoints,
     Proxies,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// List policy files, services, routes or connected proxies.
+    /// List policy files, services, routes, compiled clusters, endpoints or connected proxies.
     Get {
         kind: Kind,
         /// Output format.
@@ -74,6 +85,7 @@ pub enum Command {
     },
     /// Validate and store policy files (a file, or every *.yaml/*.yml in a directory).
     Apply {
+        /// A policy file, or a directory of *.yaml/*.yml files (repeatable).
         #[arg(
             short = 'f',
             long = "filename",
@@ -84,6 +96,7 @@ pub enum Command {
     },
     /// Check policy files against the server's current set without storing them.
     Validate {
+        /// A policy file, or a directory of *.yaml/*.yml files (repeatable).
         #[arg(
             short = 'f',
             long = "filename",
@@ -92,9 +105,24 @@ pub enum Command {
         )]
         files: Vec<PathBuf>,
     },
+    /// Show what applying policy files would change, per connected proxy, without storing them.
+    Diff {
+        /// A policy file, or a directory of *.yaml/*.yml files (repeatable).
+        #[arg(
+            short = 'f',
+            long = "filename",
+            value_name = "FILE|DIR",
+            required = true
+        )]
+        files: Vec<PathBuf>,
+        /// Output format (table = human-readable summary).
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Remove a policy file from the store (e.g. `routes.yaml`; `.yaml` is added if missing).
     Delete { name: String },
-    /// Which config version each connected proxy runs.
+    /// Every proxy (connected, or disconnected within its grace): the config version it ACKed
+    /// per type, its last NACK, and since when it is connected.
     Status {
         /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
@@ -147,6 +175,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Status { output } => status(&client, output).await,
         Command::Apply { files } => apply(&client, &files, false).await,
         Command::Validate { files } => apply(&client, &files, true).await,
+        Command::Diff { files, output } => diff(&client, &files, output).await,
         Command::Delete { name } => delete(&client, &name).await,
     }
 }
@@ -221,6 +250,8 @@ async fn get(client: &AdminClient, kind: Kind, output: Output) -> Result<(), Ctl
         Kind::Policies => "/v1/policies",
         Kind::Services => "/v1/services",
         Kind::Routes => "/v1/routes",
+        Kind::Clusters => "/v1/clusters",
+        Kind::Endpoints => "/v1/endpoints",
         Kind::Proxies => "/v1/proxies",
     };
     let value = get_json(client, path).await?;
@@ -306,6 +337,53 @@ async fn get(client: &AdminClient, kind: Kind, output: Output) -> Result<(), Ctl
             }
             t.render()
         }
+        Kind::Clusters => {
+            let mut t = Table::new(&[
+                "NAME",
+                "PROTOCOL",
+                "LB",
+                "CONNECT TIMEOUT",
+                "REQUEST TIMEOUT",
+                "ENDPOINTS",
+                "ADDRESSES",
+            ]);
+            for v in items {
+                let endpoints = list(v, "endpoints");
+                let protocol = match s(v, "upstream_protocol").as_str() {
+                    "preserve" | "" => s(v, "protocol"),
+                    upstream => format!("{} ({upstream})", s(v, "protocol")),
+                };
+                t.row(vec![
+                    s(v, "name"),
+                    protocol,
+                    s(v, "lb"),
+                    s(v, "connect_timeout"),
+                    s(v, "request_timeout"),
+                    endpoints.len().to_string(),
+                    or_dash(
+                        endpoints
+                            .iter()
+                            .map(|e| s(e, "address"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
+                ]);
+            }
+            t.render()
+        }
+        Kind::Endpoints => {
+            let mut t = Table::new(&["CLUSTER", "ADDRESS", "WEIGHT", "STATE", "PROXY"]);
+            for v in items {
+                t.row(vec![
+                    s(v, "cluster"),
+                    s(v, "address"),
+                    s(v, "weight"),
+                    s(v, "state"),
+                    or_dash(s(v, "proxy_id")),
+                ]);
+            }
+            t.render()
+        }
         Kind::Proxies => {
             let mut t = Table::new(&["ID", "SERVICE", "NAMESPACE", "INBOUND", "CONNECTED SINCE"]);
             for v in items {
@@ -384,33 +462,64 @@ async fn status(client: &AdminClient, output: Output) -> Result<(), CtlError> {
     if output != Output::Table {
         return print_structured(&value, output);
     }
+    print!("{}", status_table(&value));
+    Ok(())
+}
+
+/// The `weftctl status` table of a `GET /v1/proxies` answer.
+fn status_table(value: &Value) -> String {
     let mut t = Table::new(&[
         "ID",
         "SERVICE",
+        "STATE",
         "LISTENERS",
         "ROUTES",
         "CLUSTERS",
         "ENDPOINTS",
-        "LAST NACK",
         "CONNECTED SINCE",
+        "LAST NACK",
     ]);
     let empty = Vec::new();
-    for v in value.as_array().unwrap_or(&empty) {
+    let proxies = value.as_array().unwrap_or(&empty);
+    for v in proxies {
         let versions = v.get("versions").cloned().unwrap_or(Value::Null);
         let version = |t: &str| or_dash(short(&s(&versions, t)));
+        let state = match s(v, "state").as_str() {
+            "disconnected" => format!(
+                "disconnected, removing in {}s",
+                or_dash(s(v, "removing_in_seconds"))
+            ),
+            _ if v.get("nacking").and_then(Value::as_bool) == Some(true) => {
+                "connected, NACKing".to_owned()
+            }
+            "" => "connected".to_owned(),
+            other => other.to_owned(),
+        };
+        let last_nack = match (s(v, "last_nack"), s(v, "last_nack_at")) {
+            (reason, _) if reason.is_empty() => "-".to_owned(),
+            (reason, at) if at.is_empty() => one_line(&reason),
+            (reason, at) => format!("{at} {}", one_line(&reason)),
+        };
         t.row(vec![
             s(v, "id"),
             format!("{}.{}", s(v, "service"), s(v, "namespace")),
+            state,
             version("listeners"),
             version("routes"),
             version("clusters"),
             version("endpoints"),
-            or_dash(s(v, "last_nack")),
             s(v, "connected_since"),
+            last_nack,
         ]);
     }
-    print!("{}", t.render());
-    Ok(())
+    if proxies.is_empty() {
+        return "no proxies connected\n".to_owned();
+    }
+    t.render()
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The policy files named by `paths`: files as given, directories' `*.yaml`/`*.yml` sorted.
@@ -452,11 +561,9 @@ fn file_name(p: &Path) -> Option<&str> {
     p.file_name().and_then(|n| n.to_str())
 }
 
-/// Applies (or, with `dry_run`, validates) the files: one file with `PUT
-/// /v1/policies/<name>`, several at once with the multi-file endpoint so that files which
-/// reference each other are validated together.
-async fn apply(client: &AdminClient, paths: &[PathBuf], dry_run: bool) -> Result<(), CtlError> {
-    let mut files = Vec::new();
+/// Reads the policy files named by `paths` (files, or directories' `*.yaml`/`*.yml`).
+fn read_policy_files(paths: &[PathBuf]) -> Result<Vec<crate::policy::SourceFile>, CtlError> {
+    let mut files: Vec<crate::policy::SourceFile> = Vec::new();
     for path in collect_files(paths)? {
         let Some(name) = file_name(&path).map(str::to_owned) else {
             return Err(CtlError::usage(format!(
@@ -470,10 +577,7 @@ async fn apply(client: &AdminClient, paths: &[PathBuf], dry_run: bool) -> Result
                 path.display()
             )));
         }
-        if files
-            .iter()
-            .any(|f: &crate::policy::SourceFile| f.name == name)
-        {
+        if files.iter().any(|f| f.name == name) {
             return Err(CtlError::usage(format!(
                 "{name} given twice: policy files are stored by file name"
             )));
@@ -482,10 +586,23 @@ async fn apply(client: &AdminClient, paths: &[PathBuf], dry_run: bool) -> Result
             .map_err(|e| CtlError::usage(format!("{}: {e}", path.display())))?;
         files.push(crate::policy::SourceFile { name, content });
     }
-    let label = match files.as_slice() {
+    Ok(files)
+}
+
+/// How output names a set of files: the file's name, or `N files`.
+fn label_of(files: &[crate::policy::SourceFile]) -> String {
+    match files {
         [one] => one.name.clone(),
         many => format!("{} files", many.len()),
-    };
+    }
+}
+
+/// Applies (or, with `dry_run`, validates) the files: one file with `PUT
+/// /v1/policies/<name>`, several at once with the multi-file endpoint so that files which
+/// reference each other are validated together.
+async fn apply(client: &AdminClient, paths: &[PathBuf], dry_run: bool) -> Result<(), CtlError> {
+    let files = read_policy_files(paths)?;
+    let label = label_of(&files);
     let reply = match files.as_slice() {
         [one] => {
             let (method, url) = if dry_run {
@@ -542,6 +659,102 @@ async fn apply(client: &AdminClient, paths: &[PathBuf], dry_run: bool) -> Result
             reply_errors(&reply).join("; ")
         ))),
     }
+}
+
+/// Shows what applying the files would change: the policy-level changes, then per connected
+/// proxy the resource types that would be pushed and the resources added/removed/changed.
+async fn diff(client: &AdminClient, paths: &[PathBuf], output: Output) -> Result<(), CtlError> {
+    let files = read_policy_files(paths)?;
+    let label = label_of(&files);
+    let body = serde_json::json!({ "files": files }).to_string();
+    let reply = client.send(Method::POST, "/v1/diff", Some(body)).await?;
+    match reply.status {
+        StatusCode::OK => {
+            let v = reply.json().ok_or_else(|| {
+                CtlError::rejected("POST /v1/diff: the server's answer is not JSON")
+            })?;
+            if output != Output::Table {
+                return print_structured(&v, output);
+            }
+            print!("{}", render_diff(&label, &v));
+            Ok(())
+        }
+        StatusCode::UNPROCESSABLE_ENTITY => {
+            for e in reply_errors(&reply) {
+                eprintln!("{e}");
+            }
+            Err(CtlError::rejected(format!(
+                "{label}: invalid, no difference computed"
+            )))
+        }
+        _ => Err(CtlError::rejected(format!(
+            "{label}: {}",
+            reply_errors(&reply).join("; ")
+        ))),
+    }
+}
+
+/// The human-readable form of a `POST /v1/diff` answer.
+fn render_diff(label: &str, v: &Value) -> String {
+    let mut out = String::new();
+    let (current, proposed) = (s(v, "current_version"), s(v, "version"));
+    let changes: Vec<&str> = list(v, "changed")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    if current == proposed {
+        out.push_str(&format!(
+            "{label}: no change (policy version {current} already serving)\n"
+        ));
+    } else {
+        out.push_str(&format!(
+            "{label}: policy version {current} -> {proposed}\n"
+        ));
+    }
+    for c in &changes {
+        out.push_str(&format!("  {c}\n"));
+    }
+    let proxies = list(v, "proxies");
+    if proxies.is_empty() {
+        out.push_str("no proxies connected: nothing would be pushed\n");
+        return out;
+    }
+    let affected = proxies
+        .iter()
+        .filter(|p| p.get("changes").and_then(Value::as_bool) == Some(true))
+        .count();
+    out.push_str(&format!(
+        "{affected} of {} connected proxies would receive a push\n",
+        proxies.len()
+    ));
+    for p in proxies {
+        let name = format!("{} ({}.{})", s(p, "id"), s(p, "service"), s(p, "namespace"));
+        if p.get("changes").and_then(Value::as_bool) != Some(true) {
+            out.push_str(&format!("\n{name}: unchanged\n"));
+            continue;
+        }
+        out.push_str(&format!("\n{name}:\n"));
+        let Some(types) = p.get("types").and_then(Value::as_object) else {
+            continue;
+        };
+        for t in ["listeners", "routes", "clusters", "endpoints"] {
+            let Some(d) = types.get(t) else { continue };
+            if d.get("version_changes").and_then(Value::as_bool) != Some(true) {
+                continue;
+            }
+            out.push_str(&format!(
+                "  {t}: {} -> {}\n",
+                short(&s(d, "version")),
+                short(&s(d, "proposed_version"))
+            ));
+            for (key, mark) in [("added", '+'), ("removed", '-'), ("changed", '~')] {
+                for name in list(d, key).iter().filter_map(Value::as_str) {
+                    out.push_str(&format!("    {mark} {name}\n"));
+                }
+            }
+        }
+    }
+    out
 }
 
 async fn delete(client: &AdminClient, name: &str) -> Result<(), CtlError> {
@@ -626,5 +839,88 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    #[test]
+    fn status_shows_state_versions_and_last_nack() {
+        let value = serde_json::json!([
+            {"id": "api-1", "service": "api", "namespace": "default", "state": "disconnected",
+             "removing_in_seconds": 3, "versions": {"routes": "0123456789abcdef"},
+             "connected_since": "2024-01-01T00:00:00Z", "last_nack": null, "nacking": false},
+            {"id": "web-1", "service": "web", "namespace": "default", "state": "connected",
+             "versions": {}, "connected_since": "2024-01-01T00:00:00Z",
+             "last_nack": "routes: bad\nregex", "last_nack_at": "2024-01-01T00:01:00Z",
+             "nacking": true}
+        ]);
+        let out = status_table(&value);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("ID "), "{out}");
+        assert!(lines[1].contains("disconnected, removing in 3s"), "{out}");
+        assert!(lines[1].contains("01234567 "), "{out}");
+        assert!(lines[2].contains("connected, NACKing"), "{out}");
+        assert!(
+            lines[2].ends_with("2024-01-01T00:01:00Z routes: bad regex"),
+            "{out}"
+        );
+        assert_eq!(
+            status_table(&serde_json::json!([])),
+            "no proxies connected\n"
+        );
+    }
+
+    #[test]
+    fn diff_is_printed_per_proxy() {
+        let value = serde_json::json!({
+            "current_version": "aaaa", "version": "bbbb", "changed": ["route/r created"],
+            "proxies": [
+                {"id": "api-1", "service": "api", "namespace": "default", "changes": false, "types": {}},
+                {"id": "web-1", "service": "web", "namespace": "default", "changes": true, "types": {
+                    "routes": {"version": "1111111111", "proposed_version": "2222222222",
+                               "version_changes": true, "added": ["outbound/r"], "removed": [],
+                               "changed": ["outbound/default-api.default"]},
+                    "listeners": {"version": "x", "proposed_version": "x", "version_changes": false,
+                                  "added": [], "removed": [], "changed": []}
+                }}
+            ]
+        });
+        assert_eq!(
+            render_diff("b.yaml", &value),
+            "\
+b.yaml: policy version aaaa -> bbbb
+  route/r created
+1 of 2 connected proxies would receive a push
+
+api-1 (api.default): unchanged
+
+web-1 (web.default):
+  routes: 11111111 -> 22222222
+    + outbound/r
+    ~ outbound/default-api.default
+"
+        );
+        let none = serde_json::json!({"current_version": "a", "version": "a", "changed": [], "proxies": []});
+        assert_eq!(
+            render_diff("x.yaml", &none),
+            "x.yaml: no change (policy version a already serving)\nno proxies connected: nothing would be pushed\n"
+        );
+    }
+
+    #[test]
+    fn help_documents_exit_codes_and_new_commands() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for needle in ["Exit codes:", "3  the control plane", "diff", "status"] {
+            assert!(help.contains(needle), "{needle} missing from\n{help}");
+        }
+        let cli = Cli::try_parse_from(["weftctl", "diff", "-f", "x.yaml", "-o", "json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Diff {
+                output: Output::Json,
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["weftctl", "get", "clusters"]).is_ok());
+        assert!(Cli::try_parse_from(["weftctl", "get", "endpoints"]).is_ok());
     }
 }

@@ -361,6 +361,60 @@ fn endpoint_addresses_must_be_ip_port() {
         e,
         "p.yaml:5: services[0].endpoints[1].address: \"localhost:80\" is not an ip:port address"
     );
+    let e = one_error("services:\n  - name: a\n    endpoints:\n      - address: 127.0.0.1:0\n");
+    assert_eq!(
+        e,
+        "p.yaml:4: services[0].endpoints[0].address: \"127.0.0.1:0\": port 0 is out of range 1..=65535"
+    );
+    let e = one_error("services:\n  - name: a\n    endpoints:\n      - address: \"[::1]:65536\"\n");
+    assert_eq!(
+        e,
+        "p.yaml:4: services[0].endpoints[0].address: \"[::1]:65536\": port 65536 is out of range 1..=65535"
+    );
+}
+
+const DUP: &str = "services:\n  - name: a\n  - name: b\nroutes:\n  - name: first\n    service: a\n    match:\n      path: {prefix: /api}\n      methods: [get, POST]\n    destinations: [{service: b}]\n";
+
+#[test]
+fn duplicate_route_matches_name_both_routes() {
+    // Same service, same path, same methods (order and case differ), different hosts: the
+    // second route can never win (hosts are service aliases shared by all its routes).
+    let errs = errors(&[
+        ("a.yaml", DUP),
+        (
+            "b.yaml",
+            "routes:\n  - name: second\n    service: a.default\n    hosts: [x.example.com]\n    match:\n      methods: [POST, GET]\n      path:\n        prefix: /api\n    destinations: [{service: a}]\n",
+        ),
+    ]);
+    assert_eq!(
+        errs,
+        ["b.yaml:5: routes[0].match: duplicate route: matches exactly the requests of route \"first\" (defined at a.yaml:5) for the same service, so it could never be selected"]
+    );
+    // Two match-less routes of one service: the error points at the second route.
+    let e = one_error(
+        "services: [{name: a}]\nroutes:\n  - name: r1\n    service: a\n    destinations: [{service: a}]\n  - name: r2\n    service: a\n    destinations: [{service: a}]\n",
+    );
+    assert!(
+        e.starts_with("p.yaml:6: routes[1]: duplicate route: matches exactly the requests of route \"r1\" (defined at p.yaml:3)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn similar_routes_are_not_duplicates() {
+    for second in [
+        // Another service.
+        "  - name: second\n    service: b\n    match:\n      path: {prefix: /api}\n      methods: [GET, POST]\n    destinations: [{service: b}]\n",
+        // Another path kind.
+        "  - name: second\n    service: a\n    match:\n      path: {exact: /api}\n      methods: [GET, POST]\n    destinations: [{service: b}]\n",
+        // Another method set.
+        "  - name: second\n    service: a\n    match:\n      path: {prefix: /api}\n      methods: [GET]\n    destinations: [{service: b}]\n",
+        // An extra header condition.
+        "  - name: second\n    service: a\n    match:\n      path: {prefix: /api}\n      methods: [GET, POST]\n      headers: [{name: x-canary, present: true}]\n    destinations: [{service: b}]\n",
+    ] {
+        PolicySet::from_files(vec![file("p.yaml", &format!("{DUP}{second}"))])
+            .unwrap_or_else(|e| panic!("{second}: {e}"));
+    }
 }
 
 #[test]

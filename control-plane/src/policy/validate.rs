@@ -41,6 +41,7 @@ pub(super) fn validate(files: &[SourceFile], parsed: &[PolicyFile]) -> Result<()
 
     let mut seen_services: HashMap<(String, String), (usize, String)> = HashMap::new();
     let mut seen_routes: HashMap<String, (usize, String)> = HashMap::new();
+    let mut seen_matches: HashMap<String, (usize, String, String)> = HashMap::new();
     for (fi, file) in parsed.iter().enumerate() {
         for (si, service) in file.services.iter().enumerate() {
             let path = format!("services[{si}]");
@@ -62,6 +63,7 @@ pub(super) fn validate(files: &[SourceFile], parsed: &[PolicyFile]) -> Result<()
         }
         for (ri, route) in file.routes.iter().enumerate() {
             let path = format!("routes[{ri}]");
+            let duplicate_name = seen_routes.contains_key(&route.name);
             if let Some((first_file, first_path)) = seen_routes.get(&route.name) {
                 let first = c.location(*first_file, first_path);
                 c.push(
@@ -76,12 +78,83 @@ pub(super) fn validate(files: &[SourceFile], parsed: &[PolicyFile]) -> Result<()
                 seen_routes.insert(route.name.clone(), (fi, path.clone()));
             }
             validate_route(&mut c, fi, &path, route, &all_services);
+            // A repeated name is already an error; don't report its match a second time.
+            if let Some(key) = match_key(route, &all_services).filter(|_| !duplicate_name) {
+                if let Some((first_file, first_path, first_name)) = seen_matches.get(&key) {
+                    let first = c.location(*first_file, first_path);
+                    let field = if route.matcher.is_some() {
+                        format!("{path}.match")
+                    } else {
+                        path.clone()
+                    };
+                    c.push(
+                        fi,
+                        field,
+                        format!(
+                            "duplicate route: matches exactly the requests of route \"{first_name}\" \
+                             (defined at {first}) for the same service, so it could never be selected"
+                        ),
+                    );
+                } else {
+                    seen_matches.insert(key, (fi, path.clone(), route.name.clone()));
+                }
+            }
         }
     }
     if c.errors.is_empty() {
         Ok(())
     } else {
         Err(PolicyErrors(c.errors))
+    }
+}
+
+/// What makes two routes indistinguishable: the service they attach to and their normalized
+/// match (path, headers by name, methods as a set). `hosts` are left out on purpose: compiled
+/// hosts are aliases of the *service*, shared by all its routes (ARCHITECTURE.md), so two routes
+/// that differ only in `hosts` still shadow each other. `None` when the service does not resolve
+/// (that error is reported on its own).
+fn match_key(route: &Route, all: &[Service]) -> Option<String> {
+    let service = resolve_reference(all, &route.service, None).ok()?;
+    let m = route.matcher.clone().unwrap_or_default();
+    let mut headers: Vec<String> = m
+        .headers
+        .iter()
+        .map(|h| {
+            format!(
+                "{}|{:?}|{:?}|{:?}|{}",
+                h.name.to_ascii_lowercase(),
+                h.exact,
+                h.regex,
+                h.present,
+                h.invert
+            )
+        })
+        .collect();
+    headers.sort();
+    headers.dedup();
+    let mut methods: Vec<String> = m.methods.iter().map(|x| x.to_ascii_uppercase()).collect();
+    methods.sort();
+    methods.dedup();
+    Some(format!("{service}|{:?}|{headers:?}|{methods:?}", m.path))
+}
+
+/// Checks an endpoint address: `ip:port` with a port in 1..=65535.
+fn check_address(address: &str) -> Result<(), String> {
+    match address.parse::<SocketAddr>() {
+        Ok(a) if a.port() == 0 => Err(format!("{address:?}: port 0 is out of range 1..=65535")),
+        Ok(_) => Ok(()),
+        Err(_) => {
+            // Say "out of range" rather than "not an address" when only the port is wrong.
+            if let Some((host, port)) = address.rsplit_once(':') {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                if host.parse::<std::net::IpAddr>().is_ok() {
+                    if let Ok(p) = port.parse::<u64>() {
+                        return Err(format!("{address:?}: port {p} is out of range 1..=65535"));
+                    }
+                }
+            }
+            Err(format!("{address:?} is not an ip:port address"))
+        }
     }
 }
 
@@ -152,12 +225,8 @@ fn validate_service(
         }
     }
     for (ei, endpoint) in service.endpoints.iter().enumerate() {
-        if endpoint.address.parse::<SocketAddr>().is_err() {
-            c.push(
-                fi,
-                format!("{path}.endpoints[{ei}].address"),
-                format!("{:?} is not an ip:port address", endpoint.address),
-            );
+        if let Err(reason) = check_address(&endpoint.address) {
+            c.push(fi, format!("{path}.endpoints[{ei}].address"), reason);
         }
     }
 }

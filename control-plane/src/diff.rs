@@ -1,0 +1,323 @@
+//! What a change would do, before it is made: the policy-level summary of two policy sets
+//! (`service/backend.default created`) and, per proxy, the resource-level difference between
+//! the snapshot it gets now and the one it would get (`weftctl diff`, `POST /v1/diff`).
+//!
+//! Resources are compared by name within each type: listeners by listener name, routes by
+//! `<table>/<route>`, clusters by cluster name, endpoints by cluster name. A type's version is the
+//! hash of its content, so `version_changes` says whether a push of that type would happen.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::compile::{type_name, Resources};
+use crate::policy::{PolicySet, Route, Service, ServiceKey};
+use weft_proto::v1::ResourceType;
+
+/// Human-readable differences between two policy sets, services first, then routes, e.g.
+/// `route/canary configured`.
+pub fn policy_changes(old: &PolicySet, new: &PolicySet) -> Vec<String> {
+    let services = |set: &PolicySet| -> BTreeMap<ServiceKey, Service> {
+        set.services()
+            .iter()
+            .map(|s| (ServiceKey::new(&s.name, &s.namespace), s.clone()))
+            .collect()
+    };
+    let routes = |set: &PolicySet| -> BTreeMap<String, Route> {
+        set.routes()
+            .iter()
+            .map(|r| (r.name.clone(), r.clone()))
+            .collect()
+    };
+    let mut out = Vec::new();
+    diff_maps(&services(old), &services(new), "service", &mut out);
+    diff_maps(&routes(old), &routes(new), "route", &mut out);
+    out
+}
+
+fn diff_maps<K: Ord + std::fmt::Display, V: PartialEq>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    kind: &str,
+    out: &mut Vec<String>,
+) {
+    for (k, v) in new {
+        match old.get(k) {
+            None => out.push(format!("{kind}/{k} created")),
+            Some(o) if o != v => out.push(format!("{kind}/{k} configured")),
+            Some(_) => {}
+        }
+    }
+    for k in old.keys().filter(|k| !new.contains_key(k)) {
+        out.push(format!("{kind}/{k} deleted"));
+    }
+}
+
+/// How one resource type of one proxy would change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TypeDiff {
+    /// The version the proxy's snapshot has now (compiled from the serving set).
+    pub version: String,
+    /// The version it would have.
+    pub proposed_version: String,
+    /// Whether the version changes, i.e. whether this type would be pushed.
+    pub version_changes: bool,
+    /// Names of resources that would appear, disappear, or change content.
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+/// How one proxy's snapshot would change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProxyDiff {
+    pub id: String,
+    pub service: String,
+    pub namespace: String,
+    /// Whether any type would be pushed to this proxy.
+    pub changes: bool,
+    /// By type name: `listeners`, `routes`, `clusters`, `endpoints`.
+    pub types: BTreeMap<&'static str, TypeDiff>,
+}
+
+/// The answer of `POST /v1/diff`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyDiff {
+    /// Version of the serving policy set.
+    pub current_version: String,
+    /// Version the set would have with the files applied.
+    pub version: String,
+    /// Policy-level changes (see [`policy_changes`]).
+    pub changed: Vec<String>,
+    /// Every connected proxy, sorted by id.
+    pub proxies: Vec<ProxyDiff>,
+}
+
+/// Compares two named lists: (added, removed, changed), each sorted by name.
+fn diff_named<T: PartialEq>(
+    old: &BTreeMap<String, &T>,
+    new: &BTreeMap<String, &T>,
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut added = Vec::new();
+    let mut changed = Vec::new();
+    for (name, item) in new {
+        match old.get(name) {
+            None => added.push(name.clone()),
+            Some(o) if o != item => changed.push(name.clone()),
+            Some(_) => {}
+        }
+    }
+    let removed = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .cloned()
+        .collect();
+    (added, removed, changed)
+}
+
+fn type_diff<T: PartialEq>(
+    version: &str,
+    proposed_version: &str,
+    old: &BTreeMap<String, &T>,
+    new: &BTreeMap<String, &T>,
+) -> TypeDiff {
+    let (added, removed, changed) = diff_named(old, new);
+    TypeDiff {
+        version: version.to_owned(),
+        proposed_version: proposed_version.to_owned(),
+        version_changes: version != proposed_version,
+        added,
+        removed,
+        changed,
+    }
+}
+
+/// The per-type difference between a proxy's current and proposed resources.
+pub fn resource_diff(
+    current: &Resources,
+    proposed: &Resources,
+) -> BTreeMap<&'static str, TypeDiff> {
+    fn listeners(r: &Resources) -> BTreeMap<String, &weft_proto::v1::Listener> {
+        r.listeners
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l))
+            .collect()
+    }
+    fn routes(r: &Resources) -> BTreeMap<String, &weft_proto::v1::Route> {
+        r.routes
+            .tables
+            .iter()
+            .flat_map(|t| {
+                t.routes
+                    .iter()
+                    .map(move |r| (format!("{}/{}", t.name, r.name), r))
+            })
+            .collect()
+    }
+    fn clusters(r: &Resources) -> BTreeMap<String, &weft_proto::v1::Cluster> {
+        r.clusters
+            .clusters
+            .iter()
+            .map(|c| (c.name.clone(), c))
+            .collect()
+    }
+    fn endpoints(r: &Resources) -> BTreeMap<String, &weft_proto::v1::ClusterEndpoints> {
+        r.endpoints
+            .clusters
+            .iter()
+            .map(|c| (c.cluster.clone(), c))
+            .collect()
+    }
+    let mut out = BTreeMap::new();
+    out.insert(
+        type_name(ResourceType::Listeners),
+        type_diff(
+            &current.listeners.version,
+            &proposed.listeners.version,
+            &listeners(current),
+            &listeners(proposed),
+        ),
+    );
+    let mut route_diff = type_diff(
+        &current.routes.version,
+        &proposed.routes.version,
+        &routes(current),
+        &routes(proposed),
+    );
+    if route_diff.version_changes
+        && route_diff.added.is_empty()
+        && route_diff.removed.is_empty()
+        && route_diff.changed.is_empty()
+    {
+        // Same routes, new order: first match wins, so the table itself changed.
+        route_diff.changed = proposed
+            .routes
+            .tables
+            .iter()
+            .map(|t| format!("{} (route order)", t.name))
+            .collect();
+    }
+    out.insert(type_name(ResourceType::Routes), route_diff);
+    out.insert(
+        type_name(ResourceType::Clusters),
+        type_diff(
+            &current.clusters.version,
+            &proposed.clusters.version,
+            &clusters(current),
+            &clusters(proposed),
+        ),
+    );
+    out.insert(
+        type_name(ResourceType::Endpoints),
+        type_diff(
+            &current.endpoints.version,
+            &proposed.endpoints.version,
+            &endpoints(current),
+            &endpoints(proposed),
+        ),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::compile;
+    use crate::policy::SourceFile;
+    use crate::registry::Registry;
+    use std::time::Duration;
+    use weft_proto::v1::Node;
+
+    fn set(content: &str) -> PolicySet {
+        PolicySet::from_files(vec![SourceFile {
+            name: "p.yaml".into(),
+            content: content.into(),
+        }])
+        .unwrap()
+    }
+
+    fn node() -> Node {
+        Node {
+            id: "web-1".into(),
+            service: "web".into(),
+            namespace: "default".into(),
+            inbound_address: "127.0.0.2:15006".into(),
+            outbound_address: "127.0.0.2:15001".into(),
+            app_address: "127.0.0.1:8080".into(),
+            ..Node::default()
+        }
+    }
+
+    const BASE: &str = "services:\n  - {name: web, dependencies: [api, db]}\n  - name: api\n  - {name: db, protocol: tcp, port: 5432}\n  - name: other\n";
+
+    #[test]
+    fn policy_changes_name_services_and_routes() {
+        let old = set(BASE);
+        let new =
+            set(&format!(
+            "{}routes:\n  - name: r\n    service: api\n    destinations: [{{service: other}}]\n",
+            BASE.replace("  - name: other\n", "  - {name: other, request_timeout: 3s}\n")
+        ));
+        assert_eq!(
+            policy_changes(&old, &new),
+            ["service/other.default configured", "route/r created"]
+        );
+        assert_eq!(
+            policy_changes(&new, &old),
+            ["service/other.default configured", "route/r deleted"]
+        );
+    }
+
+    #[test]
+    fn names_what_changes_per_type() {
+        let registry = Registry::new(Duration::from_secs(1));
+        let old = compile(&set(BASE), &registry, &node());
+        // A route of api sending to `other`: a new route and a new cluster (+ its endpoints);
+        // dropping db removes its tcp listener, cluster and endpoints.
+        let new_set = set(&format!(
+            "{}routes:\n  - name: r\n    service: api\n    match: {{path: {{prefix: /x}}}}\n    destinations: [{{service: other}}]\n",
+            BASE.replace("dependencies: [api, db]", "dependencies: [api]")
+        ));
+        let new = compile(&new_set, &registry, &node());
+        let d = resource_diff(&old, &new);
+        let l = &d["listeners"];
+        assert!(l.version_changes);
+        assert_eq!(l.removed, ["outbound-tcp-db.default"]);
+        assert!(l.added.is_empty() && l.changed.is_empty());
+        let r = &d["routes"];
+        assert_eq!(r.added, ["outbound/r"]);
+        assert!(r.removed.is_empty());
+        let c = &d["clusters"];
+        assert_eq!(c.added, ["other.default"]);
+        assert_eq!(c.removed, ["db.default"]);
+        let e = &d["endpoints"];
+        assert_eq!(e.added, ["other.default"]);
+        assert_eq!(e.removed, ["db.default"]);
+
+        // Nothing changes: no version moves, nothing listed.
+        let same = resource_diff(&old, &old);
+        assert!(same.values().all(|t| *t
+            == TypeDiff {
+                version: t.version.clone(),
+                proposed_version: t.version.clone(),
+                ..TypeDiff::default()
+            }));
+    }
+
+    #[test]
+    fn a_changed_timeout_changes_only_that_cluster() {
+        let registry = Registry::new(Duration::from_secs(1));
+        let old = compile(&set(BASE), &registry, &node());
+        let new = compile(
+            &set(&BASE.replace("  - name: api\n", "  - {name: api, connect_timeout: 3s}\n")),
+            &registry,
+            &node(),
+        );
+        let d = resource_diff(&old, &new);
+        assert_eq!(d["clusters"].changed, ["api.default"]);
+        for t in ["listeners", "routes", "endpoints"] {
+            assert!(!d[t].version_changes, "{t}: {:?}", d[t]);
+        }
+    }
+}
