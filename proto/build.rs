@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["weft/v1/discovery.proto"];
+    let protos = ["weft/v1/discovery.proto", "weft/v1/identity.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

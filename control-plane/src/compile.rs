@@ -52,6 +52,8 @@ pub fn type_name(t: ResourceType) -> &'static str {
         ResourceType::Routes => "routes",
         ResourceType::Clusters => "clusters",
         ResourceType::Endpoints => "endpoints",
+        ResourceType::Policies => "policies",
+        ResourceType::Trust => "trust",
         ResourceType::Unspecified => "unspecified",
     }
 }
@@ -105,6 +107,7 @@ pub fn compile(policy: &PolicySet, registry: &Registry, node: &Node) -> Resource
         // The caller's sidecar enforces the request timeout.
         request_timeout_ms: 0,
         protocol: UpstreamProtocol::Preserve as i32,
+        ..Default::default()
     });
     clusters.sort_by(|a, b| a.name.cmp(&b.name));
 
@@ -125,6 +128,7 @@ pub fn compile(policy: &PolicySet, registry: &Registry, node: &Node) -> Resource
                 weight: 1,
                 proxy_id: String::new(),
                 labels: Default::default(),
+                ..Default::default()
             }]
         },
     });
@@ -164,6 +168,7 @@ pub fn service_cluster(s: &Service) -> Cluster {
             Protocol::Grpc => UpstreamProtocol::Http2,
             Protocol::Http | Protocol::Tcp => UpstreamProtocol::Preserve,
         } as i32,
+        ..Default::default()
     }
 }
 
@@ -217,6 +222,7 @@ fn compile_listeners(node: &Node, local: Option<&Service>, callable: &[&Service]
             protocol: ListenerProtocol::Http as i32,
             route_table: OUTBOUND.to_owned(),
             cluster: String::new(),
+            ..Default::default()
         });
     }
     if !node.inbound_address.is_empty() {
@@ -232,6 +238,7 @@ fn compile_listeners(node: &Node, local: Option<&Service>, callable: &[&Service]
             } as i32,
             route_table: String::new(),
             cluster: INBOUND.to_owned(),
+            ..Default::default()
         });
     }
     let bind_ip = tcp_bind_ip(node);
@@ -247,6 +254,7 @@ fn compile_listeners(node: &Node, local: Option<&Service>, callable: &[&Service]
             protocol: ListenerProtocol::Tcp as i32,
             route_table: String::new(),
             cluster,
+            ..Default::default()
         });
     }
     listeners.sort_by(|a, b| a.name.cmp(&b.name));
@@ -313,6 +321,7 @@ fn compile_route_table(policy: &PolicySet, callable: &[&Service]) -> RouteTable 
                 weight: 100,
             }],
             timeout_ms: 0,
+            ..Default::default()
         });
     }
     RouteTable {
@@ -384,6 +393,7 @@ fn compile_route(
         }),
         destinations,
         timeout_ms: route.timeout.map_or(0, millis),
+        ..Default::default()
     }
 }
 
@@ -399,6 +409,7 @@ pub fn endpoints_of(service: &Service, registry: &Registry) -> Vec<Endpoint> {
             weight: e.weight,
             proxy_id: String::new(),
             labels: Default::default(),
+            ..Default::default()
         })
         .collect();
     out.extend(registry.endpoints_of(&key).map(|p| Endpoint {
@@ -406,6 +417,7 @@ pub fn endpoints_of(service: &Service, registry: &Registry) -> Vec<Endpoint> {
         weight: 1,
         proxy_id: p.node.id.clone(),
         labels: p.node.labels.clone(),
+        ..Default::default()
     }));
     out
 }

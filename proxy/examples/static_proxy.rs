@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
                     protocol: v1::ListenerProtocol::Http.into(),
                     route_table: "outbound".into(),
                     cluster: String::new(),
+                    ..Default::default()
                 }],
             }),
             routes: Some(v1::RouteSet {
@@ -58,6 +59,7 @@ fn main() -> anyhow::Result<()> {
                             weight: 100,
                         }],
                         timeout_ms: 0,
+                        ..Default::default()
                     }],
                 }],
             }),
@@ -81,6 +83,7 @@ fn main() -> anyhow::Result<()> {
                     }],
                 }],
             }),
+            ..Default::default()
         };
         match applier.apply(&resp).kind {
             Some(v1::discovery_request::Kind::Ack(_)) => {}

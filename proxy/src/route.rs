@@ -440,6 +440,7 @@ mod tests {
                 weight: 100,
             }],
             timeout_ms: 0,
+            ..Default::default()
         }
     }
 

@@ -491,6 +491,7 @@ pub(crate) mod tests {
             .into(),
             route_table: table.into(),
             cluster: cluster.into(),
+            ..Default::default()
         }
     }
 
@@ -525,6 +526,7 @@ pub(crate) mod tests {
                             weight: 100,
                         }],
                         timeout_ms: 0,
+                        ..Default::default()
                     }],
                 }],
             }),

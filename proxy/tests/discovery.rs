@@ -55,6 +55,7 @@ fn response(nonce: &str, listen: SocketAddr, endpoint: &str, ev: &str) -> v1::Di
                 protocol: v1::ListenerProtocol::Http.into(),
                 route_table: String::new(),
                 cluster: "inbound".into(),
+                ..Default::default()
             }],
         }),
         routes: Some(v1::RouteSet {
@@ -78,6 +79,7 @@ fn response(nonce: &str, listen: SocketAddr, endpoint: &str, ev: &str) -> v1::Di
                 }],
             }],
         }),
+        ..Default::default()
     }
 }
 

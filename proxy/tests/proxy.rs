@@ -137,6 +137,7 @@ fn http_listener(name: &str, addr: SocketAddr, table: &str, cluster: &str) -> v1
         protocol: v1::ListenerProtocol::Http.into(),
         route_table: table.into(),
         cluster: cluster.into(),
+        ..Default::default()
     }
 }
 
@@ -155,6 +156,7 @@ fn route(name: &str, host: &str, prefix: &str, cluster: &str, timeout_ms: u64) -
             weight: 100,
         }],
         timeout_ms,
+        ..Default::default()
     }
 }
 
@@ -227,6 +229,7 @@ fn config(listen: SocketAddr, inbound: SocketAddr, up: SocketAddr) -> v1::Discov
                 endpoints("inbound", &[up]),
             ],
         }),
+        ..Default::default()
     }
 }
 
@@ -498,6 +501,7 @@ async fn tcp_half_close_and_byte_counts() {
                 protocol: v1::ListenerProtocol::Tcp.into(),
                 route_table: String::new(),
                 cluster: "db".into(),
+                ..Default::default()
             }],
         }),
         clusters: Some(v1::ClusterSet {

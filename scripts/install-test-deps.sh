@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Weft's test suite needs, if they are missing:
+#   curl             admin API checks in scripts/demo.sh --check
+#   netcat-openbsd   `nc -N` for the TCP demo check
+#   prometheus       a real scraper and `promtool` (e2e/tests/prometheus.rs)
+# Idempotent: does nothing (no `apt-get update`) when everything is installed.
+# Runs `apt-get update` at most once, then installs only what is missing, without
+# recommended packages. Prints what it installed.
+set -euo pipefail
+
+PACKAGES=(curl netcat-openbsd prometheus)
+
+installed() { # package
+  [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
+}
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  installed "$p" || missing+=("$p")
+done
+
+if ((${#missing[@]} == 0)); then
+  echo "install-test-deps: already installed: ${PACKAGES[*]}"
+  exit 0
+fi
+
+sudo=()
+if [[ $(id -u) != 0 ]]; then
+  if command -v sudo >/dev/null 2>&1; then
+    sudo=(sudo)
+  else
+    echo "install-test-deps: missing ${missing[*]}, and not root and no sudo to install them" >&2
+    exit 1
+  fi
+fi
+
+echo "install-test-deps: installing ${missing[*]}"
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+# Check every package really is there now, and that the tools the tests run are on PATH.
+failed=()
+for p in "${missing[@]}"; do
+  installed "$p" || failed+=("$p")
+done
+for tool in curl nc prometheus promtool; do
+  command -v "$tool" >/dev/null 2>&1 || failed+=("$tool (command)")
+done
+if ((${#failed[@]})); then
+  echo "install-test-deps: still missing after install: ${failed[*]}" >&2
+  exit 1
+fi
+echo "install-test-deps: installed ${missing[*]}"
