@@ -155,3 +155,303 @@ pub async fn wait_metric_at_least<F>(
 /// A short pause used only to let something *not* happen (e.g. give a bad config time to be
 /// wrongly applied) before checking it did not.
 pub const SETTLE: Duration = Duration::from_millis(500);
+
+/// How long a `weftctl` run may take before the helpers give up on it.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs `weftctl --server <cp admin> args...`; returns its output and a description of the run
+/// (command line, exit status, stdout, stderr) for assertion messages.
+pub async fn weftctl(cp: &ControlPlane, args: &[&str]) -> (std::process::Output, String) {
+    let server = cp.admin_url("");
+    let mut full = vec!["--server", server.as_str()];
+    full.extend_from_slice(args);
+    let mut cmd = tokio::process::Command::new(weft_testkit::bin_path("weftctl"));
+    cmd.args(&full).kill_on_drop(true);
+    let out = tokio::time::timeout(CLI_TIMEOUT, cmd.output())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "`weftctl {}` did not finish within {CLI_TIMEOUT:?}",
+                full.join(" ")
+            )
+        })
+        .unwrap_or_else(|e| panic!("cannot run `weftctl`: {e}"));
+    let desc = format!(
+        "`weftctl {}` exited {}\nstdout:\n{}\nstderr:\n{}",
+        full.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, desc)
+}
+
+/// The `GET /v1/proxies` entry of proxy `id`, if listed.
+pub async fn proxy_status(cp: &ControlPlane, id: &str) -> Option<serde_json::Value> {
+    let proxies = cp.proxies().await;
+    proxies
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["id"] == id))
+        .cloned()
+}
+
+/// The ways [`MixedLoad`] reaches a proxy's outbound listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ClientKind {
+    /// HTTP/1.1 over pooled keep-alive connections.
+    H1KeepAlive,
+    /// HTTP/1.1, a new connection per request (`connection: close`).
+    H1NewConnection,
+    /// HTTP/2 prior knowledge (h2c), requests multiplexed on one connection.
+    H2,
+}
+
+/// A counter of configuration generations shared between a test that changes the config and
+/// the load it runs meanwhile: `written` moves just before a change is submitted, `applied`
+/// once the proxy under load is seen running it. A request sent while `applied` was `a` and
+/// answered while `written` was `w` may have been served by any generation in `a..=w`.
+#[derive(Debug, Default)]
+pub struct Generations {
+    pub applied: std::sync::atomic::AtomicU64,
+    pub written: std::sync::atomic::AtomicU64,
+}
+
+impl Generations {
+    fn applied(&self) -> u64 {
+        self.applied.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// One request of a [`MixedLoad`].
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    pub kind: ClientKind,
+    pub host: String,
+    pub path: String,
+    /// `Generations::applied` when the request was sent.
+    pub sent_applied: u64,
+    /// `Generations::written` when the answer (or error) arrived.
+    pub received_written: u64,
+    /// `(service, instance)` of the demo app that answered 200, or what went wrong instead.
+    pub result: Result<(String, String), String>,
+}
+
+/// Every request of a finished [`MixedLoad`].
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub records: Vec<RequestRecord>,
+}
+
+impl LoadReport {
+    /// The requests that did not get a 200 from a demo app.
+    pub fn failures(&self) -> Vec<&RequestRecord> {
+        self.records.iter().filter(|r| r.result.is_err()).collect()
+    }
+
+    /// Request counts per client kind.
+    pub fn by_kind(&self) -> BTreeMap<ClientKind, usize> {
+        let mut m = BTreeMap::new();
+        for r in &self.records {
+            *m.entry(r.kind).or_default() += 1;
+        }
+        m
+    }
+
+    /// 200 responses per answering service.
+    pub fn by_service(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for r in &self.records {
+            if let Ok((service, _)) = &r.result {
+                *m.entry(service.clone()).or_default() += 1;
+            }
+        }
+        m
+    }
+
+    /// The first `n` failures, described, for assertion messages.
+    pub fn describe_failures(&self, n: usize) -> String {
+        let failures = self.failures();
+        let mut s = format!("{} failed requests", failures.len());
+        for r in failures.iter().take(n) {
+            s.push_str(&format!(
+                "\n  {:?} http://{}{} (generations {}..={}): {}",
+                r.kind,
+                r.host,
+                r.path,
+                r.sent_applied,
+                r.received_written,
+                r.result.as_ref().err().map_or("", String::as_str)
+            ));
+        }
+        s
+    }
+}
+
+/// What a [`MixedLoad`] sends.
+#[derive(Clone, Debug)]
+pub struct LoadSpec {
+    /// The proxy's outbound listener.
+    pub target: SocketAddr,
+    /// Host names (services) the requests go to, in turn.
+    pub hosts: Vec<String>,
+    /// Concurrent tasks per [`ClientKind`].
+    pub tasks_per_kind: usize,
+    /// The most requests one task sends (the count bound).
+    pub max_per_task: usize,
+    /// The time bound: a task sends nothing after this long.
+    pub max_duration: Duration,
+    /// A pause between one task's requests, so the load spreads over the config changes.
+    pub pause: Duration,
+    /// Every `slow_every`-th request of a task asks the demo app to wait `slow_ms` before
+    /// answering, so some requests are in flight across a config swap (0 = never).
+    pub slow_every: usize,
+    pub slow_ms: u64,
+}
+
+/// Bounded concurrent HTTP load of every [`ClientKind`] through one proxy: each task stops at
+/// its request count, at the time bound, or when [`MixedLoad::finish`] is called.
+#[derive(Debug)]
+pub struct MixedLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<RequestRecord>>>,
+}
+
+impl MixedLoad {
+    /// Starts the tasks; `generations` stamps every request (see [`Generations`]).
+    pub fn start(spec: &LoadSpec, generations: &std::sync::Arc<Generations>) -> MixedLoad {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        let shared_h1 = HttpClient::h1(spec.target);
+        let shared_h2 = HttpClient::h2c(spec.target);
+        for kind in [
+            ClientKind::H1KeepAlive,
+            ClientKind::H1NewConnection,
+            ClientKind::H2,
+        ] {
+            for task in 0..spec.tasks_per_kind {
+                let spec = spec.clone();
+                let client = match kind {
+                    ClientKind::H1KeepAlive => Some(shared_h1.clone()),
+                    ClientKind::H2 => Some(shared_h2.clone()),
+                    ClientKind::H1NewConnection => None,
+                };
+                let (stop, sent, generations) = (stop.clone(), sent.clone(), generations.clone());
+                tasks.push(tokio::spawn(async move {
+                    load_task(kind, task, spec, client, stop, sent, generations).await
+                }));
+            }
+        }
+        MixedLoad { stop, sent, tasks }
+    }
+
+    /// Requests answered (or failed) so far.
+    pub fn sent(&self) -> usize {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` requests were answered, so a change happens under load.
+    pub async fn wait_sent(&self, n: usize) {
+        let what = format!("the load has sent {n} requests");
+        wait_until(DEFAULT_WAIT, &what, async || {
+            let sent = self.sent();
+            if sent >= n {
+                Ok(())
+            } else {
+                Err(format!("{sent} sent"))
+            }
+        })
+        .await;
+    }
+
+    /// Stops the tasks after their current request and collects every record.
+    pub async fn finish(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut report = LoadReport::default();
+        for t in self.tasks {
+            let records = tokio::time::timeout(DEFAULT_WAIT, t)
+                .await
+                .unwrap_or_else(|_| panic!("a load task did not stop within {DEFAULT_WAIT:?}"))
+                .unwrap_or_else(|e| panic!("a load task panicked: {e}"));
+            report.records.extend(records);
+        }
+        report
+    }
+}
+
+async fn load_task(
+    kind: ClientKind,
+    task: usize,
+    spec: LoadSpec,
+    client: Option<HttpClient>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    generations: std::sync::Arc<Generations>,
+) -> Vec<RequestRecord> {
+    use std::sync::atomic::Ordering;
+    let started = std::time::Instant::now();
+    let mut records = Vec::new();
+    for i in 0..spec.max_per_task {
+        if stop.load(Ordering::SeqCst) || started.elapsed() >= spec.max_duration {
+            break;
+        }
+        let host = spec.hosts[(i + task) % spec.hosts.len()].clone();
+        let path = if spec.slow_every > 0 && i % spec.slow_every == spec.slow_every - 1 {
+            format!("/delay/{}", spec.slow_ms)
+        } else {
+            format!("/load/{kind:?}/{task}/{i}")
+        };
+        let sent_applied = generations.applied();
+        let resp = match &client {
+            Some(c) => c.get(&host, &path).await,
+            None => {
+                HttpClient::h1(spec.target)
+                    .request(
+                        http::Method::GET,
+                        &host,
+                        &path,
+                        &[("connection", "close")],
+                        Vec::new(),
+                    )
+                    .await
+            }
+        };
+        let received_written = generations.written();
+        let result = match resp {
+            Ok(r) if r.status == 200 => {
+                match serde_json::from_slice::<serde_json::Value>(&r.body) {
+                    Ok(body) => Ok((
+                        body["service"].as_str().unwrap_or_default().to_string(),
+                        instance_of(&r),
+                    )),
+                    Err(e) => Err(format!(
+                        "200 without a demo-app JSON body ({e}): {}",
+                        r.summary()
+                    )),
+                }
+            }
+            Ok(r) => Err(r.summary()),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        records.push(RequestRecord {
+            kind,
+            host,
+            path,
+            sent_applied,
+            received_written,
+            result,
+        });
+        sent.fetch_add(1, Ordering::SeqCst);
+        if !spec.pause.is_zero() {
+            tokio::time::sleep(spec.pause).await;
+        }
+    }
+    records
+}
