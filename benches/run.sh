@@ -1,0 +1,610 @@
+#!/usr/bin/env bash
+# Weft load benchmark: direct (no proxy) vs Weft (outbound sidecar; sidecar-to-sidecar) vs
+# HAProxy vs nginx, in one run on this machine, loopback only. See benches/README.md.
+#
+#   benches/run.sh            full mode (bounded, ~6 minutes of measurement)
+#   benches/run.sh --quick    a few seconds per case (smoke run, ~2 minutes)
+#   options: --skip-build (use the release binaries already in target/release)
+#            --skip-install (don't apt-get / cargo install the load tools)
+#            --only=direct,haproxy,nginx,weft (a subset; `weft` includes weft-mesh)
+#
+# Writes the table to stdout and benches/results/latest.md.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BENCH=$ROOT/benches
+HELPER="python3 $BENCH/lib/bench.py"
+
+MODE=full
+ONLY=direct,haproxy,nginx,weft
+BUILD=1
+INSTALL=1
+for arg in "$@"; do
+  case $arg in
+    --quick) MODE=quick ;;
+    --skip-build) BUILD=0 ;;
+    --skip-install) INSTALL=0 ;;
+    --only=*) ONLY=${arg#--only=} ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+# ---------------------------------------------------------------- durations (seconds)
+if [[ $MODE == quick ]]; then
+  D_FIX=3; D_SAT=3; D_H2=3; D_TCP=2; D_CONN=2; WARM=1; IDLE_HOLD=3
+else
+  D_FIX=15; D_SAT=15; D_H2=10; D_TCP=10; D_CONN=5; WARM=2; IDLE_HOLD=5
+fi
+FIX_RATE=${BENCH_FIX_RATE:-2000}      # req/s of the fixed-rate latency case
+FIX_CONNS=10                          # connections of the fixed-rate case (FIX_RATE/10 each)
+SAT_CONNS=${BENCH_SAT_CONNS:-64}      # keep-alive connections at saturation
+H2_CONNS=4; H2_STREAMS=16             # h2load: connections x concurrent streams each
+CONN_CONNS=16                         # concurrent clients of the new-connection case
+IDLE_N=${BENCH_IDLE_CONNS:-10000}     # idle keep-alive connections
+
+# ---------------------------------------------------------------- pinning (2 cores)
+# Server side (the proxy under test + the upstream nginx + iperf3 server) on SERVER_CPUS, load
+# generators (wrk, h2load, oha, iperf3 client, the idle-connection client) and the idle
+# weft-control on CLIENT_CPUS. Every proxy gets the same core and one worker thread.
+SERVER_CPUS=${BENCH_SERVER_CPUS:-0}
+CLIENT_CPUS=${BENCH_CLIENT_CPUS:-1}
+srv() { taskset -c "$SERVER_CPUS" "$@"; }
+cli() { taskset -c "$CLIENT_CPUS" "$@"; }
+
+# ---------------------------------------------------------------- addresses (loopback only)
+# 127.0.3.x: never used by the tests (127.{1..250}.x.y) nor the demo (127.0.0.x).
+UP=127.0.3.1          # upstream nginx :8080 (h1) :8082 (h2c); iperf3 server :5201
+HAP=127.0.3.10        # HAProxy :8080 h1, :8082 h2c, :5201 tcp
+NGX=127.0.3.11        # nginx proxy :8080 h1, :8082 h2c, :5201 tcp
+CP=127.0.3.20         # weft-control :15010 grpc, :15011 admin
+W_CLIENT=127.0.3.21   # the caller's sidecar (outbound :15001, tcp :5301 / :5302)
+W_MESH=127.0.3.22     # sidecar of service `mesh` (app = upstream :8080)
+W_MESH_H2=127.0.3.23  # sidecar of service `mesh-h2` (app = upstream :8082)
+W_MESH_TCP=127.0.3.24 # sidecar of service `tcp-mesh` (app = iperf3 :5201)
+
+need() { command -v "$1" >/dev/null 2>&1; }
+log() { printf '==> %s\n' "$*" >&2; }
+
+# ---------------------------------------------------------------- install the tools
+if [[ $INSTALL == 1 ]]; then
+  pkgs=()
+  need wrk || pkgs+=(wrk)
+  need h2load || pkgs+=(nghttp2-client)
+  need haproxy || pkgs+=(haproxy)
+  need nginx || pkgs+=(nginx-light)
+  [[ -f /usr/lib/nginx/modules/ngx_stream_module.so ]] || pkgs+=(libnginx-mod-stream)
+  need iperf3 || pkgs+=(iperf3)
+  need taskset || pkgs+=(util-linux)
+  need curl || pkgs+=(curl)
+  if ((${#pkgs[@]})); then
+    log "installing ${pkgs[*]} (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+  fi
+  # oha (fixed-rate latency with -q). Optional: without it the fixed-rate case uses h2load --h1 --rps.
+  if ! need oha && [[ ${BENCH_NO_OHA:-0} != 1 ]]; then
+    log "installing oha (cargo install oha --locked; a one-time build of a few minutes)"
+    nice -n 5 cargo install oha --locked --quiet >&2 || log "cargo install oha failed: using h2load --h1 --rps for the fixed-rate case"
+  fi
+fi
+for t in wrk h2load haproxy nginx iperf3 taskset curl python3; do
+  need "$t" || { echo "run.sh: $t is missing (run without --skip-install)" >&2; exit 1; }
+done
+export PATH=$HOME/.cargo/bin:$PATH
+FIX_TOOL=h2load
+need oha && FIX_TOOL=oha
+
+# ---------------------------------------------------------------- build Weft (release)
+BIN=$ROOT/target/release
+WEFT_NOTE=""
+if [[ $BUILD == 1 ]]; then
+  log "building Weft (cargo build --release -p weft-proxy -p weft-control)"
+  if ! cargo build --release --quiet -p weft-proxy -p weft-control >"${TMPDIR:-/tmp}/weft-bench-build.log" 2>&1; then
+    tail -20 "${TMPDIR:-/tmp}/weft-bench-build.log" >&2
+    WEFT_NOTE="release build failed (see ${TMPDIR:-/tmp}/weft-bench-build.log); "
+    log "the release build failed; Weft cases use the binaries already in target/release, if any"
+  fi
+fi
+WEFT_OK=1
+for b in weft-proxy weft-control; do
+  [[ -x $BIN/$b ]] || { WEFT_OK=0; WEFT_NOTE+="$BIN/$b missing; "; }
+done
+
+# ---------------------------------------------------------------- state, processes, cleanup
+# A run killed with SIGKILL can't run its trap: its processes would keep our addresses. Stop
+# them by the PIDs it recorded (only those whose command line names its temp dir).
+LAST=/tmp/weft-bench.last
+if [[ -s $LAST ]]; then
+  read -r old_work <"$LAST" || true
+  if [[ -n ${old_work:-} && -f $old_work/pids ]]; then
+    while read -r pid _; do
+      if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$old_work"; then
+        log "stopping PID $pid left over by an earlier run"; kill "$pid" 2>/dev/null || true
+      fi
+    done <"$old_work/pids"
+    sleep 0.5
+  fi
+fi
+busy=$(ss -Hltn 2>/dev/null | awk '{print $4}' | grep -E '^127\.0\.3\.[0-9]+:' || true)
+if [[ -n $busy ]]; then
+  echo "run.sh: addresses of the benchmark are in use (an earlier run's leftovers?):" $busy >&2
+  exit 1
+fi
+WORK=$(mktemp -d /tmp/weft-bench.XXXXXX)
+echo "$WORK" >"$LAST"
+RES=$WORK/results.json
+PIDS=$WORK/pids
+: >"$PIDS"
+echo '{}' >"$RES"
+# 10k idle connections need ~10k descriptors in the proxy and in the client. Containers may cap
+# the hard limit (20000 here): take what we can get, and size the proxies to it.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+if ((NOFILE < IDLE_N + 200)); then
+  IDLE_N=$((NOFILE - 200))
+  log "open-file limit is $NOFILE: using $IDLE_N idle connections"
+fi
+# HAProxy reserves two descriptors per connection (maxsock = 2 x maxconn) and refuses to start
+# if ulimit-n can't cover that: size maxconn to the limit and use the same N for every proxy.
+MAXCONN=$(((NOFILE - 100) / 2))
+if ((IDLE_N > MAXCONN - 50)); then
+  IDLE_N=$((MAXCONN - 50))
+  log "open-file hard limit $NOFILE (HAProxy needs 2 per connection): using $IDLE_N idle connections"
+fi
+
+stop_all() {
+  local pid
+  # Children first (reverse start order), TERM then KILL, each by its recorded PID only.
+  if [[ -s $PIDS ]]; then
+    tac "$PIDS" | while read -r pid _; do kill "$pid" 2>/dev/null || true; done
+    sleep 0.5
+    tac "$PIDS" | while read -r pid _; do kill -9 "$pid" 2>/dev/null || true; done
+  fi
+  if [[ ${KEEP_WORK:-0} != 1 ]]; then rm -rf "$WORK"; fi
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+
+start() { # name, [srv|cli] command... (runs in the background, PID recorded)
+  local name=$1; shift
+  # Expand srv/cli here so that the recorded PID is the program itself (taskset execs it),
+  # not a subshell running a shell function.
+  case $1 in
+    srv) shift; set -- taskset -c "$SERVER_CPUS" "$@" ;;
+    cli) shift; set -- taskset -c "$CLIENT_CPUS" "$@" ;;
+  esac
+  "$@" >"$WORK/$name.log" 2>&1 &
+  echo "$! $name" >>"$PIDS"
+  eval "PID_${name//-/_}=$!"
+}
+stop() { # name: stop one process started with `start`
+  local var="PID_${1//-/_}" pid
+  pid=${!var:-}
+  [[ -n $pid ]] || return 0
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+wait_url() { # url, [host header], tries of 0.1 s
+  local url=$1 host=${2:-} tries=${3:-100}
+  for _ in $(seq 1 "$tries"); do
+    if curl -fsS -o /dev/null -m 1 ${host:+-H "host: $host"} "$url" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+wait_port() { # host, port
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# ---------------------------------------------------------------- upstream (nginx) + iperf3
+mkdir -p "$WORK/up" "$WORK/hap" "$WORK/ngx" "$WORK/weft/policies"
+cat >"$WORK/up/nginx.conf" <<EOF
+daemon off;
+master_process off;
+user root;
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+error_log $WORK/up/error.log warn;
+pid $WORK/up/nginx.pid;
+events { worker_connections $((NOFILE - 100)); }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  client_body_temp_path $WORK/up/body;
+  server {
+    listen $UP:8080 backlog=4096;
+    listen $UP:8082 http2 backlog=4096;
+    location / { default_type text/plain; return 200 "hello from the upstream\n"; }
+  }
+}
+EOF
+log "starting the upstream (nginx, 1 worker, core $SERVER_CPUS) and iperf3 -s"
+start upstream srv nginx -c "$WORK/up/nginx.conf" -p "$WORK/up"
+start iperf srv iperf3 -s -B $UP -p 5201 --logfile "$WORK/iperf3-server.log"
+wait_url "http://$UP:8080/" || { cat "$WORK/upstream.log" >&2; echo "run.sh: upstream nginx did not start" >&2; exit 1; }
+wait_port $UP 5201 || { echo "run.sh: iperf3 server did not start" >&2; exit 1; }
+
+# ---------------------------------------------------------------- HAProxy
+cat >"$WORK/hap/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  # Explicit ulimit-n: HAProxy would otherwise insist on 2 x maxconn descriptors, more than a
+  # container's hard limit allows; idle clients need one each (server connections are pooled).
+  ulimit-n $NOFILE
+  maxconn $MAXCONN
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 60s
+  timeout server 60s
+  timeout http-keep-alive 60s
+  option http-keep-alive
+  http-reuse always
+frontend h1
+  bind $HAP:8080 backlog 4096
+  default_backend up
+frontend h2
+  bind $HAP:8082 proto h2 backlog 4096
+  default_backend up
+backend up
+  server s1 $UP:8080
+listen tcp
+  mode tcp
+  bind $HAP:5201
+  server s1 $UP:5201
+EOF
+
+# ---------------------------------------------------------------- nginx as proxy
+cat >"$WORK/ngx/nginx.conf" <<EOF
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+daemon off;
+user root;
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+error_log $WORK/ngx/error.log warn;
+pid $WORK/ngx/nginx.pid;
+events { worker_connections $((NOFILE - 100)); }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  client_body_temp_path $WORK/ngx/body;
+  proxy_temp_path $WORK/ngx/proxy;
+  upstream up { server $UP:8080; keepalive 128; keepalive_requests 10000000; }
+  server {
+    listen $NGX:8080 backlog=4096;
+    listen $NGX:8082 http2 backlog=4096;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering on;
+    }
+  }
+}
+stream {
+  server { listen $NGX:5201; proxy_pass $UP:5201; }
+}
+EOF
+
+# ---------------------------------------------------------------- Weft
+# One control plane, four sidecars. `weft` = the caller's sidecar only (outbound listener ->
+# upstream nginx as a static endpoint). `weft-mesh` = caller's sidecar -> callee's sidecar
+# (inbound) -> upstream: the full mesh path, with the callee registered by the control plane.
+cat >"$WORK/weft/policies/bench.yaml" <<EOF
+services:
+  - {name: bench-client, namespace: bench}
+  - name: upstream          # outbound-only: static endpoint = the upstream nginx (h1)
+    namespace: bench
+    endpoints: [{address: "$UP:8080"}]
+  - name: upstream-h2       # outbound-only, h2c: the upstream nginx's h2c port (Weft preserves h2)
+    namespace: bench
+    endpoints: [{address: "$UP:8082"}]
+  - {name: mesh, namespace: bench}      # endpoints: the registered sidecar $W_MESH
+  - {name: mesh-h2, namespace: bench}   # endpoints: the registered sidecar $W_MESH_H2
+  - name: tcp-direct
+    namespace: bench
+    protocol: tcp
+    port: 5301
+    endpoints: [{address: "$UP:5201"}]
+  - {name: tcp-mesh, namespace: bench, protocol: tcp, port: 5302}
+EOF
+weft_bootstrap() { # file, service, ip, app
+  cat >"$1" <<EOF
+node: {service: $2, namespace: bench, id: $2-0}
+admin: $3:15000
+control_plane: http://$CP:15010
+inbound: {address: "$3:15006", app: "$4"}
+outbound: {address: "$3:15001", tcp_bind_ip: $3}
+drain_timeout: 1s
+EOF
+}
+weft_bootstrap "$WORK/weft/client.yaml" bench-client $W_CLIENT "$UP:9"
+weft_bootstrap "$WORK/weft/mesh.yaml" mesh $W_MESH "$UP:8080"
+weft_bootstrap "$WORK/weft/mesh-h2.yaml" mesh-h2 $W_MESH_H2 "$UP:8082"
+weft_bootstrap "$WORK/weft/tcp-mesh.yaml" tcp-mesh $W_MESH_TCP "$UP:5201"
+
+# Does weft-proxy have a worker-thread setting? It builds its data runtime with tokio's
+# default, which reads TOKIO_WORKER_THREADS (else the CPUs it may run on: 1 under taskset).
+export TOKIO_WORKER_THREADS=1
+WEFT_THREADS_NOTE="weft-proxy has no worker-thread flag; pinned with taskset and TOKIO_WORKER_THREADS=1 (tokio's own variable)"
+if [[ $WEFT_OK == 1 ]] && "$BIN/weft-proxy" --help 2>/dev/null | grep -qi 'worker'; then
+  WEFT_THREADS_NOTE="weft-proxy --help mentions workers: $("$BIN/weft-proxy" --help | grep -i worker | head -1 | xargs)"
+fi
+export WEFT_WORKER_THREADS=1   # harmless if unsupported; used if/when weft-proxy reads it
+export RUST_LOG=${BENCH_RUST_LOG:-warn}
+
+# ---------------------------------------------------------------- measurement helpers
+TARGETS=(direct weft weft-mesh haproxy nginx)
+CLK=$($HELPER clk-tck)
+
+# h1/h2/tcp addresses and Host header per target.
+h1_addr() { case $1 in direct) echo $UP:8080 ;; haproxy) echo $HAP:8080 ;; nginx) echo $NGX:8080 ;; weft|weft-mesh) echo $W_CLIENT:15001 ;; esac; }
+h2_addr() { case $1 in direct) echo $UP:8082 ;; haproxy) echo $HAP:8082 ;; nginx) echo $NGX:8082 ;; weft|weft-mesh) echo $W_CLIENT:15001 ;; esac; }
+tcp_addr() { case $1 in direct) echo "$UP 5201" ;; haproxy) echo "$HAP 5201" ;; nginx) echo "$NGX 5201" ;; weft) echo "$W_CLIENT 5301" ;; weft-mesh) echo "$W_CLIENT 5302" ;; esac; }
+h1_host() { case $1 in weft) echo upstream.bench ;; weft-mesh) echo mesh.bench ;; *) echo "" ;; esac; }
+h2_host() { case $1 in weft) echo upstream-h2.bench ;; weft-mesh) echo mesh-h2.bench ;; *) echo "" ;; esac; }
+
+# PIDs whose CPU and memory count for a target, by case (h1 | h2 | tcp).
+proxy_pids() {
+  case $1 in
+    direct) echo "" ;;
+    haproxy) echo "${PID_haproxy:-}" ;;
+    nginx) echo "${NGX_WORKERS:-}" ;;
+    weft) echo "${PID_w_client:-}" ;;
+    weft-mesh)
+      case ${2:-h1} in
+        h1) echo "${PID_w_client:-} ${PID_w_mesh:-}" ;;
+        h2) echo "${PID_w_client:-} ${PID_w_mesh_h2:-}" ;;
+        tcp) echo "${PID_w_client:-} ${PID_w_mesh_tcp:-}" ;;
+      esac ;;
+  esac
+}
+
+# fixed-rate HTTP/1.1 keep-alive latency
+case_fix() { # target
+  local t=$1 addr host out=$WORK/$1.fix.out
+  addr=$(h1_addr "$t"); host=$(h1_host "$t")
+  if [[ $FIX_TOOL == oha ]]; then
+    cli oha --no-tui --output-format json -z "${D_FIX}s" -c $FIX_CONNS -q "$FIX_RATE" \
+      --latency-correction ${host:+--host "$host"} "http://$addr/" >"$out" 2>&1 || true
+    $HELPER oha "$RES" "$t" fix "$out"
+  else
+    cli h2load --h1 -t 1 -c $FIX_CONNS --rps $((FIX_RATE / FIX_CONNS)) -D "$D_FIX" \
+      --warm-up-time=1 --log-file="$WORK/$t.fix.log" \
+      ${host:+-H ":authority: $host"} "http://$addr/" >"$out" 2>&1 || true
+    $HELPER h2load "$RES" "$t" fix "$out" "$WORK/$t.fix.log"
+  fi
+}
+
+# saturation HTTP/1.1 keep-alive (wrk): req/s, latency, CPU per request, RSS under load
+case_sat() {
+  local t=$1 addr host out=$WORK/$1.sat.out pids c0 c1 reqs sampler=""
+  addr=$(h1_addr "$t"); host=$(h1_host "$t"); pids=$(proxy_pids "$t" h1)
+  cli wrk -t 1 -c $SAT_CONNS -d "${WARM}s" -s "$BENCH/lib/wrk_json.lua" "http://$addr/" >/dev/null 2>&1 || true
+  c0=$($HELPER cpu $pids)
+  if [[ -n $pids ]]; then
+    $HELPER sample-rss "$WORK/$t.rss.load" "$((D_SAT - 1))" $pids &
+    sampler=$!
+  fi
+  WRK_HOST=$host cli wrk -t 1 -c $SAT_CONNS -d "${D_SAT}s" --timeout 5s -s "$BENCH/lib/wrk_json.lua" \
+    "http://$addr/" >"$out" 2>&1 || true
+  c1=$($HELPER cpu $pids)
+  if [[ -n $sampler ]]; then wait "$sampler" || true; fi
+  $HELPER wrk "$RES" "$t" sat "$out"
+  reqs=$($HELPER get "$RES" "$t" sat.requests)
+  if [[ -n $pids && -n $reqs ]]; then
+    $HELPER put "$RES" "$t" cpu.sat "$(python3 -c "print(($c1-$c0)/$CLK*1e6/$reqs)")"
+  fi
+  if [[ -n $pids && -s $WORK/$t.rss.load ]]; then
+    $HELPER put "$RES" "$t" rss.load "$(python3 -c "print($(cat "$WORK/$t.rss.load")/1024)")"
+  fi
+}
+
+# HTTP/2 cleartext, several streams per connection (h2load)
+case_h2() {
+  local t=$1 addr host out=$WORK/$1.h2.out pids c0 c1 reqs
+  addr=$(h2_addr "$t"); host=$(h2_host "$t"); pids=$(proxy_pids "$t" h2)
+  c0=$($HELPER cpu $pids)
+  cli h2load -t 1 -c $H2_CONNS -m $H2_STREAMS -D "$D_H2" --warm-up-time="$WARM" \
+    ${host:+-H ":authority: $host"} "http://$addr/" >"$out" 2>&1 || true
+  c1=$($HELPER cpu $pids)
+  $HELPER h2load "$RES" "$t" h2 "$out"
+  reqs=$($HELPER get "$RES" "$t" h2.requests)
+  if [[ -n $pids && -n $reqs ]]; then
+    # CPU includes the warm-up second's requests, which h2load doesn't count: an upper bound.
+    $HELPER put "$RES" "$t" cpu.h2 "$(python3 -c "print(($c1-$c0)/$CLK*1e6/$reqs)")"
+  fi
+}
+
+# new connections per second: HTTP/1.1 with Connection: close, one request per connection
+case_conn() {
+  local t=$1 addr host out=$WORK/$1.conn.out
+  addr=$(h1_addr "$t"); host=$(h1_host "$t")
+  WRK_CLOSE=1 WRK_HOST=$host cli wrk -t 1 -c $CONN_CONNS -d "${D_CONN}s" --timeout 5s \
+    -s "$BENCH/lib/wrk_json.lua" "http://$addr/" >"$out" 2>&1 || true
+  $HELPER wrk "$RES" "$t" conn "$out"
+}
+
+# TCP throughput (iperf3, one stream, client -> server)
+case_tcp() {
+  local t=$1 out=$WORK/$1.tcp.out h p
+  read -r h p <<<"$(tcp_addr "$t")"
+  cli iperf3 -c "$h" -p "$p" -t "$D_TCP" -J >"$out" 2>&1 || true
+  $HELPER iperf "$RES" "$t" tcp "$out"
+}
+
+# RSS idle, and with IDLE_N idle keep-alive connections (proxies only)
+case_idle() {
+  local t=$1 addr host pids out=$WORK/$1.idle.out ok
+  addr=$(h1_addr "$t"); host=$(h1_host "$t"); pids=$(proxy_pids "$t" h1)
+  [[ -n $pids ]] || return 0
+  start "idle_$t" cli python3 "$BENCH/lib/idle_conns.py" "${addr%:*}" "${addr##*:}" "$IDLE_N" \
+    ${host:+--host-header "$host"} --hold 300
+  for _ in $(seq 1 600); do
+    grep -q '^ready' "$WORK/idle_$t.log" 2>/dev/null && break
+    kill -0 "$(eval echo "\$PID_idle_${t//-/_}")" 2>/dev/null || break
+    sleep 0.1
+  done
+  if ! grep -q '^ready' "$WORK/idle_$t.log" 2>/dev/null; then
+    $HELPER fail "$RES" "$t" rss.10k "idle client: $(tail -1 "$WORK/idle_$t.log" 2>/dev/null)"
+    stop "idle_$t"; return 0
+  fi
+  sleep "$IDLE_HOLD"
+  $HELPER put "$RES" "$t" rss.10k "$(python3 -c "print($($HELPER rss $pids)/1024)")"
+  ok=$(sed -n 's/^ready ok=\([0-9]*\).*/\1/p' "$WORK/idle_$t.log")
+  $HELPER put "$RES" "$t" idle.ok "$ok/$IDLE_N"
+  # Does the proxy still answer while holding them?
+  if ! curl -fsS -o /dev/null -m 2 ${host:+-H "host: $host"} "http://$addr/"; then
+    $HELPER put "$RES" "$t" idle.ok "$ok/$IDLE_N, then a new request FAILED"
+  fi
+  log "$t: $(head -1 "$WORK/idle_$t.log"); RSS $($HELPER get "$RES" "$t" rss.10k) MB"
+  stop "idle_$t"
+  sleep 1
+}
+
+run_target() { # target
+  local t=$1
+  log "[$t] fixed rate ($FIX_RATE req/s, $FIX_TOOL, ${D_FIX}s)"; case_fix "$t"
+  log "[$t] HTTP/1.1 saturation (wrk -c $SAT_CONNS, ${D_SAT}s)"; case_sat "$t"
+  log "[$t] HTTP/2 (h2load -c $H2_CONNS -m $H2_STREAMS, ${D_H2}s)"; case_h2 "$t"
+  log "[$t] new connections (wrk Connection: close, ${D_CONN}s)"; case_conn "$t"
+  log "[$t] TCP throughput (iperf3, ${D_TCP}s)"; case_tcp "$t"
+}
+
+fail_all() { # target, reason
+  local m
+  for m in fix.rps sat.rps h2.rps conn.rps tcp.mbps rss.idle; do $HELPER fail "$RES" "$1" "$m" "$2"; done
+}
+
+idle_rss() { # target: RSS after start, before traffic (one request to warm up)
+  local pids
+  pids=$(proxy_pids "$1" h1)
+  [[ -n $pids ]] || return 0
+  sleep 1
+  $HELPER put "$RES" "$1" rss.idle "$(python3 -c "print($($HELPER rss $pids)/1024)")"
+}
+
+# ---------------------------------------------------------------- the run
+T_START=$(date +%s)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+log "mode $MODE; pinning: server side (proxy + upstream) on CPU $SERVER_CPUS, load generators on CPU $CLIENT_CPUS"
+
+on() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+# direct
+if on direct; then run_target direct; fi
+
+# HAProxy
+if on haproxy; then
+log "starting HAProxy (nbthread 1, CPU $SERVER_CPUS)"
+start haproxy srv haproxy -db -f "$WORK/hap/haproxy.cfg"
+if wait_url "http://$HAP:8080/"; then
+  idle_rss haproxy
+  run_target haproxy
+  case_idle haproxy
+else
+  fail_all haproxy "haproxy did not start: $(tail -1 "$WORK/haproxy.log")"
+fi
+stop haproxy
+fi
+
+# nginx
+if on nginx; then
+log "starting nginx (worker_processes 1, CPU $SERVER_CPUS)"
+start nginx srv nginx -c "$WORK/ngx/nginx.conf" -p "$WORK/ngx"
+if wait_url "http://$NGX:8080/"; then
+  NGX_WORKERS=$($HELPER children "$PID_nginx")
+  idle_rss nginx
+  run_target nginx
+  case_idle nginx
+else
+  fail_all nginx "nginx did not start: $(tail -1 "$WORK/nginx.log")"
+fi
+stop nginx
+fi
+
+# Weft
+if ! on weft; then
+  :
+elif [[ $WEFT_OK == 1 ]]; then
+  log "starting weft-control (CPU $CLIENT_CPUS) and 4 weft-proxy sidecars (CPU $SERVER_CPUS, 1 worker thread)"
+  start control cli "$BIN/weft-control" --policies "$WORK/weft/policies" \
+    --grpc $CP:15010 --admin $CP:15011
+  if wait_url "http://$CP:15011/healthz"; then
+    start w_client srv "$BIN/weft-proxy" --config "$WORK/weft/client.yaml"
+    start w_mesh srv "$BIN/weft-proxy" --config "$WORK/weft/mesh.yaml"
+    start w_mesh_h2 srv "$BIN/weft-proxy" --config "$WORK/weft/mesh-h2.yaml"
+    start w_mesh_tcp srv "$BIN/weft-proxy" --config "$WORK/weft/tcp-mesh.yaml"
+    ready=1
+    for ip in $W_CLIENT $W_MESH $W_MESH_H2 $W_MESH_TCP; do
+      wait_url "http://$ip:15000/ready" "" 150 || { ready=0; log "sidecar $ip not ready"; }
+    done
+    # Registration is asynchronous: wait until the caller's sidecar routes to both paths.
+    wait_url "http://$W_CLIENT:15001/" upstream.bench 100 || ready=0
+    wait_url "http://$W_CLIENT:15001/" mesh.bench 100 || ready=0
+    if [[ $ready == 1 ]]; then
+      idle_rss weft
+      $HELPER put "$RES" weft-mesh rss.idle "$(python3 -c "print($($HELPER rss $(proxy_pids weft-mesh h1))/1024)")"
+      run_target weft
+      run_target weft-mesh
+      case_idle weft
+    else
+      why="sidecars not ready / no route (logs: control, w_client); first error: $(grep -h -m1 -i 'error' "$WORK"/w_client.log "$WORK"/control.log 2>/dev/null | head -1 | cut -c1-100)"
+      fail_all weft "$why"; fail_all weft-mesh "$why"
+    fi
+    # Did any sidecar die during the run?
+    for p in w_client w_mesh w_mesh_h2 w_mesh_tcp; do
+      var="PID_$p"
+      if ! kill -0 "${!var}" 2>/dev/null; then
+        WEFT_NOTE+="weft-proxy $p exited during the run: $(tail -1 "$WORK/$p.log" | cut -c1-160); "
+      fi
+    done
+    # Errors the sidecars logged (at warn and above) during the run.
+    nerr=$(cat "$WORK"/w_*.log 2>/dev/null | grep -c -E ' (WARN|ERROR) ' || true)
+    if [[ $nerr -gt 0 ]]; then
+      WEFT_NOTE+="the sidecars logged $nerr WARN/ERROR lines, e.g.: $(grep -h -m1 -E ' (WARN|ERROR) ' "$WORK"/w_*.log | cut -c1-200 | sed 's/\x1b\[[0-9;]*m//g'); "
+    fi
+  else
+    fail_all weft "weft-control did not start: $(tail -1 "$WORK/control.log")"
+    fail_all weft-mesh "weft-control did not start"
+  fi
+else
+  fail_all weft "not built: $WEFT_NOTE"; fail_all weft-mesh "not built"
+fi
+
+# ---------------------------------------------------------------- report
+T_END=$(date +%s)
+commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+dirty=$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null | head -1)
+[[ -n $dirty ]] && commit+=" (working tree has uncommitted changes)"
+python3 - "$WORK/meta.json" <<EOF
+import json, sys
+notes = [n.strip() for n in """${WEFT_NOTE}""".split("; ") if n.strip()]
+notes.append("""${WEFT_THREADS_NOTE}""")
+meta = {
+  "date": "$(date -u '+%Y-%m-%d %H:%M UTC')",
+  "commit": """$commit""",
+  "cores": "$(nproc) ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))",
+  "command": "benches/run.sh $*",
+  "load": "load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every number)",
+  "idle_n": $IDLE_N,
+  "mode": "$MODE: fixed ${FIX_RATE} req/s ${D_FIX}s, saturation ${D_SAT}s (wrk -c $SAT_CONNS), h2 ${D_H2}s (h2load -c $H2_CONNS -m $H2_STREAMS), conn ${D_CONN}s (-c $CONN_CONNS), tcp ${D_TCP}s, $IDLE_N idle conns; total $((T_END - T_START))s",
+  "pinning": "proxy under test + upstream nginx + iperf3 server on CPU $SERVER_CPUS; load generators + weft-control on CPU $CLIENT_CPUS; haproxy nbthread 1, nginx worker_processes 1, weft-proxy 1 worker thread",
+  "tools": "fixed rate: $FIX_TOOL; saturation + new conns: wrk; h2: h2load; tcp: iperf3; $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1 | cut -d: -f2 | xargs)",
+  "notes": notes,
+}
+json.dump(meta, open(sys.argv[1], "w"))
+EOF
+echo
+$HELPER report "$RES" "$WORK/meta.json" "$BENCH/results/latest.md"
+echo
+log "written to benches/results/latest.md"
