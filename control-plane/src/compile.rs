@@ -4,20 +4,45 @@
 //! (route order inside a table is semantic and kept), and each type's version is a stable hash
 //! of its encoded contents, so identical input always yields identical versions and a change to
 //! one type (say endpoints) leaves the other versions alone.
+//!
+//! Defaults are filled here, so the proxy receives explicit values for every knob; the
+//! resilience knobs live in `resilience`, identities/authorization/trust in `authz`.
+
+mod authz;
+mod resilience;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use prost::Message;
 use weft_proto::v1::{
-    header_match, path_match, Cluster, ClusterEndpoints, ClusterSet, Direction, Endpoint,
-    EndpointSet, HeaderMatch, LbPolicy, Listener, ListenerProtocol, ListenerSet, Node, PathMatch,
-    ResourceType, Route, RouteMatch, RouteSet, RouteTable, UpstreamProtocol, WeightedCluster,
+    header_match, Cluster, ClusterEndpoints, ClusterSet, Direction, Endpoint, EndpointSet,
+    HeaderMatch, LbPolicy, Listener, ListenerProtocol, ListenerSet, MtlsMode, Node,
+    PolicySet as AuthorizationSet, ResourceType, Route, RouteMatch, RouteSet, RouteTable, TrustSet,
+    UpstreamProtocol, WeightedCluster,
 };
 
 use crate::hash::StableHasher;
-use crate::policy::{self, PolicySet, Protocol, Service, ServiceKey};
+use crate::policy::{self, spiffe_id, PolicySet, Protocol, Service, ServiceKey};
 use crate::registry::Registry;
+
+/// The trust bundle compilation hands to proxies (TRUST): the CA's trust domain and its root
+/// certificates (two during a root rotation). Set by the CA through
+/// [`crate::state::ControlPlane::set_trust`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustBundle {
+    pub trust_domain: String,
+    pub roots_pem: Vec<String>,
+}
+
+impl Default for TrustBundle {
+    fn default() -> Self {
+        Self {
+            trust_domain: policy::DEFAULT_TRUST_DOMAIN.to_owned(),
+            roots_pem: Vec::new(),
+        }
+    }
+}
 
 /// Name of the local app's cluster and of the inbound listener.
 pub const INBOUND: &str = "inbound";
@@ -31,16 +56,21 @@ pub struct Resources {
     pub routes: RouteSet,
     pub clusters: ClusterSet,
     pub endpoints: EndpointSet,
+    /// The authorization policy guarding the proxy's own service (at most one).
+    pub policies: AuthorizationSet,
+    pub trust: TrustSet,
 }
 
 impl Resources {
     /// (type, version) of each set.
-    pub fn versions(&self) -> [(ResourceType, &str); 4] {
+    pub fn versions(&self) -> [(ResourceType, &str); 6] {
         [
             (ResourceType::Listeners, self.listeners.version.as_str()),
             (ResourceType::Routes, self.routes.version.as_str()),
             (ResourceType::Clusters, self.clusters.version.as_str()),
             (ResourceType::Endpoints, self.endpoints.version.as_str()),
+            (ResourceType::Policies, self.policies.version.as_str()),
+            (ResourceType::Trust, self.trust.version.as_str()),
         ]
     }
 }
@@ -59,7 +89,12 @@ pub fn type_name(t: ResourceType) -> &'static str {
 }
 
 /// Compiles the resources of the proxy `node`.
-pub fn compile(policy: &PolicySet, registry: &Registry, node: &Node) -> Resources {
+pub fn compile(
+    policy: &PolicySet,
+    registry: &Registry,
+    trust: &TrustBundle,
+    node: &Node,
+) -> Resources {
     let namespace = if node.namespace.is_empty() {
         "default"
     } else {
@@ -70,8 +105,16 @@ pub fn compile(policy: &PolicySet, registry: &Registry, node: &Node) -> Resource
     let local = services.get(&local_key).copied();
 
     let callable = callable_services(policy, local);
+    let trust_domain = authz::trust_domain(policy, trust);
+    let authorization = authz::policy_for(policy, &local_key, trust_domain);
 
-    let listeners = compile_listeners(node, local, &callable);
+    let listeners = compile_listeners(
+        policy,
+        node,
+        local,
+        &callable,
+        authorization.as_ref().map(|p| p.name.as_str()),
+    );
     let table = compile_route_table(policy, &callable);
 
     // Clusters: callable services, every destination of their routes, and `inbound`.
@@ -96,7 +139,7 @@ pub fn compile(policy: &PolicySet, registry: &Registry, node: &Node) -> Resource
 
     let mut clusters: Vec<Cluster> = cluster_services
         .values()
-        .map(|s| service_cluster(s))
+        .map(|s| service_cluster(policy, s))
         .collect();
     clusters.push(Cluster {
         name: INBOUND.to_owned(),
@@ -107,6 +150,9 @@ pub fn compile(policy: &PolicySet, registry: &Registry, node: &Node) -> Resource
         // The caller's sidecar enforces the request timeout.
         request_timeout_ms: 0,
         protocol: UpstreamProtocol::Preserve as i32,
+        // The local app is plain and alone: no breaker, ejection or health checks.
+        idle_timeout_ms: millis(idle_timeout_of(local)),
+        mtls: MtlsMode::Disabled as i32,
         ..Default::default()
     });
     clusters.sort_by(|a, b| a.name.cmp(&b.name));
@@ -115,7 +161,7 @@ pub fn compile(policy: &PolicySet, registry: &Registry, node: &Node) -> Resource
         .iter()
         .map(|(name, s)| ClusterEndpoints {
             cluster: name.clone(),
-            endpoints: endpoints_of(s, registry),
+            endpoints: endpoints_of(s, registry, trust_domain),
         })
         .collect();
     endpoints.push(ClusterEndpoints {
@@ -135,6 +181,12 @@ pub fn compile(policy: &PolicySet, registry: &Registry, node: &Node) -> Resource
     endpoints.sort_by(|a, b| a.cluster.cmp(&b.cluster));
 
     let tables = vec![table];
+    let policies: Vec<_> = authorization.into_iter().collect();
+    let trust_set = TrustSet {
+        version: String::new(),
+        trust_domain: trust_domain.to_owned(),
+        roots_pem: trust.roots_pem.clone(),
+    };
     Resources {
         listeners: ListenerSet {
             version: version_of_messages(&listeners),
@@ -152,23 +204,43 @@ pub fn compile(policy: &PolicySet, registry: &Registry, node: &Node) -> Resource
             version: version_of_endpoints(&endpoints),
             clusters: endpoints,
         },
+        policies: AuthorizationSet {
+            version: version_of_messages(&policies),
+            policies,
+        },
+        trust: TrustSet {
+            version: version_of_messages(std::slice::from_ref(&trust_set)),
+            ..trust_set
+        },
     }
 }
 
-/// The cluster of a mesh service, as every proxy that may call it receives it.
-pub fn service_cluster(s: &Service) -> Cluster {
+/// A service's idle timeout (the default 60s for a service the policy does not know).
+fn idle_timeout_of(service: Option<&Service>) -> std::time::Duration {
+    service.map_or(std::time::Duration::from_secs(60), |s| s.idle_timeout)
+}
+
+/// The cluster of a mesh service, as every proxy that may call it receives it. `mtls` is the
+/// service's effective inbound mode: a caller originates mTLS to its endpoints that have an
+/// identity unless it is `DISABLED`.
+pub fn service_cluster(policy: &PolicySet, s: &Service) -> Cluster {
     Cluster {
         name: key_of(s).cluster_name(),
         service: s.name.clone(),
         namespace: s.namespace.clone(),
-        lb: LbPolicy::RoundRobin as i32,
+        lb: resilience::lb(s.lb) as i32,
         connect_timeout_ms: millis(s.connect_timeout),
         request_timeout_ms: millis(s.request_timeout),
         protocol: match s.protocol {
             Protocol::Grpc => UpstreamProtocol::Http2,
             Protocol::Http | Protocol::Tcp => UpstreamProtocol::Preserve,
         } as i32,
-        ..Default::default()
+        hash: resilience::hash(s),
+        breaker: Some(resilience::breaker(&s.circuit_breaker)),
+        outlier: resilience::outlier(&s.outlier_detection),
+        health_check: resilience::health_check(s),
+        idle_timeout_ms: millis(s.idle_timeout),
+        mtls: authz::mtls(policy.mtls_of(Some(s))) as i32,
     }
 }
 
@@ -212,8 +284,17 @@ fn routes_of_services<'a>(
     })
 }
 
-fn compile_listeners(node: &Node, local: Option<&Service>, callable: &[&Service]) -> Vec<Listener> {
+/// Outbound listeners accept the local app's plaintext (`mtls: DISABLED`, no authorization);
+/// the inbound listener carries the local service's mTLS mode, rate limit and authorization.
+fn compile_listeners(
+    policy: &PolicySet,
+    node: &Node,
+    local: Option<&Service>,
+    callable: &[&Service],
+    authorization: Option<&str>,
+) -> Vec<Listener> {
     let mut listeners = Vec::new();
+    let idle_timeout_ms = millis(idle_timeout_of(local));
     if !node.outbound_address.is_empty() {
         listeners.push(Listener {
             name: OUTBOUND.to_owned(),
@@ -222,6 +303,8 @@ fn compile_listeners(node: &Node, local: Option<&Service>, callable: &[&Service]
             protocol: ListenerProtocol::Http as i32,
             route_table: OUTBOUND.to_owned(),
             cluster: String::new(),
+            mtls: MtlsMode::Disabled as i32,
+            idle_timeout_ms,
             ..Default::default()
         });
     }
@@ -238,7 +321,12 @@ fn compile_listeners(node: &Node, local: Option<&Service>, callable: &[&Service]
             } as i32,
             route_table: String::new(),
             cluster: INBOUND.to_owned(),
-            ..Default::default()
+            mtls: authz::mtls(policy.mtls_of(local)) as i32,
+            rate_limit: local
+                .and_then(|s| s.rate_limit.as_ref())
+                .map(resilience::rate_limit),
+            idle_timeout_ms,
+            authorization: authorization.unwrap_or_default().to_owned(),
         });
     }
     let bind_ip = tcp_bind_ip(node);
@@ -254,6 +342,8 @@ fn compile_listeners(node: &Node, local: Option<&Service>, callable: &[&Service]
             protocol: ListenerProtocol::Tcp as i32,
             route_table: String::new(),
             cluster,
+            mtls: MtlsMode::Disabled as i32,
+            idle_timeout_ms: millis(s.idle_timeout),
             ..Default::default()
         });
     }
@@ -299,6 +389,7 @@ fn push_unique(v: &mut Vec<String>, s: String) {
 }
 
 fn compile_route_table(policy: &PolicySet, callable: &[&Service]) -> RouteTable {
+    let default_retry = policy::RetryPolicy::default();
     let mut routes = Vec::new();
     for service in callable.iter().filter(|s| s.protocol != Protocol::Tcp) {
         // A route's `hosts` are extra names of its service: every route of the service (and its
@@ -321,7 +412,10 @@ fn compile_route_table(policy: &PolicySet, callable: &[&Service]) -> RouteTable 
                 weight: 100,
             }],
             timeout_ms: 0,
-            ..Default::default()
+            retry: Some(resilience::retry(
+                service.retry.as_ref().unwrap_or(&default_retry),
+            )),
+            rate_limit: None,
         });
     }
     RouteTable {
@@ -337,15 +431,7 @@ fn compile_route(
     hosts: Vec<String>,
 ) -> Route {
     let m = route.matcher.clone().unwrap_or_default();
-    let path = m.path.map(|p| PathMatch {
-        kind: if let Some(e) = p.exact {
-            Some(path_match::Kind::Exact(e))
-        } else if let Some(pre) = p.prefix {
-            Some(path_match::Kind::Prefix(pre))
-        } else {
-            p.regex.map(path_match::Kind::Regex)
-        },
-    });
+    let path = m.path.as_ref().map(authz::path);
     let headers = m
         .headers
         .into_iter()
@@ -393,13 +479,21 @@ fn compile_route(
         }),
         destinations,
         timeout_ms: route.timeout.map_or(0, millis),
-        ..Default::default()
+        retry: Some(resilience::retry(
+            route
+                .retry
+                .as_ref()
+                .or(service.retry.as_ref())
+                .unwrap_or(&policy::RetryPolicy::default()),
+        )),
+        rate_limit: route.rate_limit.as_ref().map(resilience::rate_limit),
     }
 }
 
-/// The endpoints of a service: static ones (declared order) then registered sidecars (by node
-/// id, including those within their deregistration grace).
-pub fn endpoints_of(service: &Service, registry: &Registry) -> Vec<Endpoint> {
+/// The endpoints of a service: static ones (declared order, plaintext: no identity) then
+/// registered sidecars (by node id, including those within their deregistration grace), whose
+/// identity is the service's SPIFFE ID in `trust_domain`.
+pub fn endpoints_of(service: &Service, registry: &Registry, trust_domain: &str) -> Vec<Endpoint> {
     let key = key_of(service);
     let mut out: Vec<Endpoint> = service
         .endpoints
@@ -412,12 +506,13 @@ pub fn endpoints_of(service: &Service, registry: &Registry) -> Vec<Endpoint> {
             ..Default::default()
         })
         .collect();
+    let identity = spiffe_id(trust_domain, &key.namespace, &key.name);
     out.extend(registry.endpoints_of(&key).map(|p| Endpoint {
         address: p.node.inbound_address.clone(),
         weight: 1,
         proxy_id: p.node.id.clone(),
         labels: p.node.labels.clone(),
-        ..Default::default()
+        identity: identity.clone(),
     }));
     out
 }
@@ -454,3 +549,7 @@ fn version_of_endpoints(sets: &[ClusterEndpoints]) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_resilience;
+#[cfg(test)]
+mod tests_security;

@@ -3,7 +3,8 @@
 //! the snapshot it gets now and the one it would get (`weftctl diff`, `POST /v1/diff`).
 //!
 //! Resources are compared by name within each type: listeners by listener name, routes by
-//! `<table>/<route>`, clusters by cluster name, endpoints by cluster name. A type's version is the
+//! `<table>/<route>`, clusters by cluster name, endpoints by cluster name, policies by
+//! authorization policy name, trust by trust domain. A type's version is the
 //! hash of its content, so `version_changes` says whether a push of that type would happen.
 
 use std::collections::BTreeMap;
@@ -11,11 +12,11 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::compile::{type_name, Resources};
-use crate::policy::{PolicySet, Route, Service, ServiceKey};
+use crate::policy::{AuthorizationPolicy, PolicySet, Route, Service, ServiceKey};
 use weft_proto::v1::ResourceType;
 
-/// Human-readable differences between two policy sets, services first, then routes, e.g.
-/// `route/canary configured`.
+/// Human-readable differences between two policy sets: `mesh`, services, routes, then
+/// authorization policies, e.g. `route/canary configured`.
 pub fn policy_changes(old: &PolicySet, new: &PolicySet) -> Vec<String> {
     let services = |set: &PolicySet| -> BTreeMap<ServiceKey, Service> {
         set.services()
@@ -29,9 +30,24 @@ pub fn policy_changes(old: &PolicySet, new: &PolicySet) -> Vec<String> {
             .map(|r| (r.name.clone(), r.clone()))
             .collect()
     };
+    let authorization = |set: &PolicySet| -> BTreeMap<String, AuthorizationPolicy> {
+        set.authorization()
+            .iter()
+            .map(|p| (p.name.clone(), p.clone()))
+            .collect()
+    };
     let mut out = Vec::new();
+    if old.mesh() != new.mesh() {
+        out.push("mesh configured".to_owned());
+    }
     diff_maps(&services(old), &services(new), "service", &mut out);
     diff_maps(&routes(old), &routes(new), "route", &mut out);
+    diff_maps(
+        &authorization(old),
+        &authorization(new),
+        "authorization",
+        &mut out,
+    );
     out
 }
 
@@ -76,7 +92,7 @@ pub struct ProxyDiff {
     pub namespace: String,
     /// Whether any type would be pushed to this proxy.
     pub changes: bool,
-    /// By type name: `listeners`, `routes`, `clusters`, `endpoints`.
+    /// By type name: `listeners`, `routes`, `clusters`, `endpoints`, `policies`, `trust`.
     pub types: BTreeMap<&'static str, TypeDiff>,
 }
 
@@ -169,7 +185,35 @@ pub fn resource_diff(
             .map(|c| (c.cluster.clone(), c))
             .collect()
     }
+    fn policies(r: &Resources) -> BTreeMap<String, &weft_proto::v1::AuthorizationPolicy> {
+        r.policies
+            .policies
+            .iter()
+            .map(|p| (p.name.clone(), p))
+            .collect()
+    }
+    fn trust(r: &Resources) -> BTreeMap<String, &weft_proto::v1::TrustSet> {
+        std::iter::once((r.trust.trust_domain.clone(), &r.trust)).collect()
+    }
     let mut out = BTreeMap::new();
+    out.insert(
+        type_name(ResourceType::Policies),
+        type_diff(
+            &current.policies.version,
+            &proposed.policies.version,
+            &policies(current),
+            &policies(proposed),
+        ),
+    );
+    out.insert(
+        type_name(ResourceType::Trust),
+        type_diff(
+            &current.trust.version,
+            &proposed.trust.version,
+            &trust(current),
+            &trust(proposed),
+        ),
+    );
     out.insert(
         type_name(ResourceType::Listeners),
         type_diff(
@@ -223,7 +267,7 @@ pub fn resource_diff(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::compile;
+    use crate::compile::{compile, TrustBundle};
     use crate::policy::SourceFile;
     use crate::registry::Registry;
     use std::time::Duration;
@@ -272,14 +316,14 @@ mod tests {
     #[test]
     fn names_what_changes_per_type() {
         let registry = Registry::new(Duration::from_secs(1));
-        let old = compile(&set(BASE), &registry, &node());
+        let old = compile(&set(BASE), &registry, &TrustBundle::default(), &node());
         // A route of api sending to `other`: a new route and a new cluster (+ its endpoints);
         // dropping db removes its tcp listener, cluster and endpoints.
         let new_set = set(&format!(
             "{}routes:\n  - name: r\n    service: api\n    match: {{path: {{prefix: /x}}}}\n    destinations: [{{service: other}}]\n",
             BASE.replace("dependencies: [api, db]", "dependencies: [api]")
         ));
-        let new = compile(&new_set, &registry, &node());
+        let new = compile(&new_set, &registry, &TrustBundle::default(), &node());
         let d = resource_diff(&old, &new);
         let l = &d["listeners"];
         assert!(l.version_changes);
@@ -306,12 +350,47 @@ mod tests {
     }
 
     #[test]
+    fn mesh_authorization_and_trust_changes_are_named() {
+        let with_policy =
+            format!("{BASE}authorization:\n  - {{name: web-callers, service: web}}\n");
+        let denying = format!(
+            "{with_policy}mesh:\n  namespaces: {{default: {{default_authorization: deny}}}}\n"
+        );
+        assert_eq!(
+            policy_changes(&set(BASE), &set(&denying)),
+            ["mesh configured", "authorization/web-callers created"]
+        );
+        let registry = Registry::new(Duration::from_secs(1));
+        let trust = TrustBundle::default();
+        let old = compile(&set(BASE), &registry, &trust, &node());
+        let new = compile(&set(&denying), &registry, &trust, &node());
+        let d = resource_diff(&old, &new);
+        assert_eq!(d["policies"].added, ["web-callers"]);
+        assert!(
+            d["listeners"].changed == ["inbound"],
+            "{:?}",
+            d["listeners"]
+        );
+        assert!(!d["trust"].version_changes);
+        let rotated = TrustBundle {
+            roots_pem: vec!["NEW".into()],
+            ..TrustBundle::default()
+        };
+        let d = resource_diff(&old, &compile(&set(BASE), &registry, &rotated, &node()));
+        assert_eq!(d["trust"].changed, ["cluster.local"]);
+        for t in ["listeners", "routes", "clusters", "endpoints", "policies"] {
+            assert!(!d[t].version_changes, "{t}");
+        }
+    }
+
+    #[test]
     fn a_changed_timeout_changes_only_that_cluster() {
         let registry = Registry::new(Duration::from_secs(1));
-        let old = compile(&set(BASE), &registry, &node());
+        let old = compile(&set(BASE), &registry, &TrustBundle::default(), &node());
         let new = compile(
             &set(&BASE.replace("  - name: api\n", "  - {name: api, connect_timeout: 3s}\n")),
             &registry,
+            &TrustBundle::default(),
             &node(),
         );
         let d = resource_diff(&old, &new);

@@ -151,6 +151,8 @@ fn build_response(
         routes,
         clusters,
         endpoints,
+        policies,
+        trust,
     } = resources;
     if wanted(ResourceType::Listeners, &listeners.version) {
         versions.insert(ResourceType::Listeners as i32, listeners.version.clone());
@@ -167,6 +169,14 @@ fn build_response(
     if wanted(ResourceType::Endpoints, &endpoints.version) {
         versions.insert(ResourceType::Endpoints as i32, endpoints.version.clone());
         response.endpoints = Some(endpoints);
+    }
+    if wanted(ResourceType::Policies, &policies.version) {
+        versions.insert(ResourceType::Policies as i32, policies.version.clone());
+        response.policies = Some(policies);
+    }
+    if wanted(ResourceType::Trust, &trust.version) {
+        versions.insert(ResourceType::Trust as i32, trust.version.clone());
+        response.trust = Some(trust);
     }
     if versions.is_empty() {
         return None;
@@ -298,9 +308,10 @@ async fn run_stream(
                     if matches {
                         if let Some(p) = outstanding.take() {
                             record_answer(&cp, &p, "ack");
-                            if reported.is_empty() {
-                                held.extend(p.versions);
-                            }
+                            // The ACK covers every set of the push; versions the proxy reports
+                            // override them (a proxy that does not list a type it was sent,
+                            // say an older one unaware of it, is not re-sent it forever).
+                            held.extend(p.versions);
                         }
                     } else {
                         tracing::debug!(proxy = %node.id, nonce = %ack.nonce, "stale ack");
@@ -360,7 +371,7 @@ fn type_names(versions: &HashMap<i32, String>) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_proto::v1::{ClusterSet, EndpointSet, ListenerSet, RouteSet};
+    use weft_proto::v1::{ClusterSet, EndpointSet, ListenerSet, PolicySet, RouteSet, TrustSet};
 
     fn resources(l: &str, r: &str, c: &str, e: &str) -> Resources {
         Resources {
@@ -380,6 +391,14 @@ mod tests {
                 version: e.into(),
                 ..Default::default()
             },
+            policies: PolicySet {
+                version: "p1".into(),
+                ..Default::default()
+            },
+            trust: TrustSet {
+                version: "t1".into(),
+                ..Default::default()
+            },
         }
     }
 
@@ -388,6 +407,7 @@ mod tests {
         let held: HashMap<i32, String> = [
             (ResourceType::Listeners as i32, "l1".to_owned()),
             (ResourceType::Routes as i32, "r1".to_owned()),
+            (ResourceType::Trust as i32, "t1".to_owned()),
         ]
         .into();
         let (resp, pending) = build_response(
@@ -400,7 +420,8 @@ mod tests {
         .unwrap();
         assert!(resp.listeners.is_none() && resp.routes.is_none());
         assert!(resp.clusters.is_some() && resp.endpoints.is_some());
-        assert_eq!(pending.versions.len(), 2);
+        assert!(resp.policies.is_some() && resp.trust.is_none());
+        assert_eq!(pending.versions.len(), 3);
         assert!(!resp.nonce.is_empty());
         assert!(build_response(
             resources("l1", "r1", "c1", "e1"),
@@ -408,7 +429,9 @@ mod tests {
                 (1, "l1".into()),
                 (2, "r1".into()),
                 (3, "c1".into()),
-                (4, "e1".into())
+                (4, "e1".into()),
+                (5, "p1".into()),
+                (6, "t1".into())
             ]
             .into(),
             None,

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::compile::service_cluster;
-use crate::policy::{LbPolicy, PolicySet, Protocol, Service, ServiceKey};
+use crate::policy::{LbPolicy, MtlsMode, PolicySet, Protocol, Service, ServiceKey};
 use crate::registry::Registry;
 use weft_proto::v1::UpstreamProtocol;
 
@@ -45,6 +45,8 @@ pub struct ClusterView {
     /// `http2`.
     pub upstream_protocol: &'static str,
     pub lb: LbPolicy,
+    /// The service's effective inbound mTLS mode (its own, else `mesh.mtls`).
+    pub mtls: MtlsMode,
     /// Humantime, e.g. `1s`, `250ms`.
     pub connect_timeout: String,
     /// Humantime; `0s` = no timeout.
@@ -89,7 +91,7 @@ pub fn clusters(policy: &PolicySet, registry: &Registry) -> Vec<ClusterView> {
         .services()
         .iter()
         .map(|s| {
-            let c = service_cluster(s);
+            let c = service_cluster(policy, s);
             ClusterView {
                 upstream_protocol: match UpstreamProtocol::try_from(c.protocol) {
                     Ok(UpstreamProtocol::Http2) => "http2",
@@ -101,6 +103,7 @@ pub fn clusters(policy: &PolicySet, registry: &Registry) -> Vec<ClusterView> {
                 namespace: s.namespace.clone(),
                 protocol: s.protocol,
                 lb: s.lb,
+                mtls: policy.mtls_of(Some(s)),
                 connect_timeout: humantime::format_duration(s.connect_timeout).to_string(),
                 request_timeout: humantime::format_duration(s.request_timeout).to_string(),
                 port: s.port,
@@ -169,6 +172,7 @@ mod tests {
         assert_eq!(endpoints(&policy, &registry).len(), 3);
         let json = serde_json::to_value(&list[1]).unwrap();
         assert_eq!(json["protocol"], "tcp");
-        assert_eq!(json["lb"], "round_robin");
+        assert_eq!(json["lb"], "p2c_peak_ewma");
+        assert_eq!(json["mtls"], "permissive");
     }
 }

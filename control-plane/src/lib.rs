@@ -7,20 +7,25 @@
 //! discovery: push only changed types, track ACK/NACK per proxy
 //! diff: what a policy change would do, per proxy   inventory: compiled clusters + endpoints
 //! admin HTTP: policy CRUD, status, metrics          ctl: the weftctl client
+//! ca + token + identity: Identity.Certify (CSR -> SPIFFE SVID)   tls: the gRPC port's TLS
 //! ```
 
 pub mod admin;
+pub mod ca;
 pub mod compile;
 pub mod ctl;
 pub mod diff;
 pub mod discovery;
 pub mod hash;
+pub mod identity;
 pub mod inventory;
 pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod server;
 pub mod state;
+pub mod tls;
+pub mod token;
 pub mod watch;
 
 pub use server::{Config, ServeError, Server};

@@ -28,7 +28,14 @@ pub struct Metrics {
     pub policy_reloads_total: IntCounterVec,
     /// 1 while the store holds an invalid file.
     pub policy_errors: IntGauge,
+    /// When the CA's issuing certificate expires (unix seconds; 0 without a CA).
+    pub issuer_expiry_timestamp_seconds: IntGauge,
+    /// `Identity.Certify` answers, label `result` (see [`CERTIFY_RESULTS`]).
+    pub certificates_issued_total: IntCounterVec,
 }
+
+/// The `result` label values of `weft_control_certificates_issued_total`.
+pub const CERTIFY_RESULTS: [&str; 5] = ["ok", "unauthenticated", "invalid", "refused", "error"];
 
 impl Metrics {
     pub fn new() -> Result<Self, MetricsError> {
@@ -76,6 +83,22 @@ impl Metrics {
             "weft_control_policy_errors",
             "1 while the policy store holds an invalid file, else 0.",
         )?;
+        let issuer_expiry_timestamp_seconds = IntGauge::new(
+            "weft_control_issuer_expiry_timestamp_seconds",
+            "When the CA certificate that signs proxy certificates expires (unix seconds; 0 without a CA).",
+        )?;
+        let certificates_issued_total = IntCounterVec::new(
+            Opts::new(
+                "weft_control_certificates_issued_total",
+                "Identity.Certify requests by result: ok, unauthenticated (bad join token), invalid (bad CSR or name), refused (CA issuer expired or expiring first), error.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(issuer_expiry_timestamp_seconds.clone()))?;
+        registry.register(Box::new(certificates_issued_total.clone()))?;
+        for result in CERTIFY_RESULTS {
+            certificates_issued_total.with_label_values(&[result]);
+        }
         registry.register(Box::new(proxies_connected.clone()))?;
         registry.register(Box::new(pushes_total.clone()))?;
         registry.register(Box::new(push_duration_seconds.clone()))?;
@@ -101,6 +124,8 @@ impl Metrics {
             policy_version_info,
             policy_reloads_total,
             policy_errors,
+            issuer_expiry_timestamp_seconds,
+            certificates_issued_total,
         })
     }
 
@@ -141,6 +166,8 @@ mod tests {
             "weft_control_policy_errors 0",
             "weft_control_proxies_nacking 0",
             "weft_control_pushes_total{result=\"timeout\",type=\"endpoints\"} 0",
+            "weft_control_issuer_expiry_timestamp_seconds 0",
+            "weft_control_certificates_issued_total{result=\"refused\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

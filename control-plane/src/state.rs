@@ -1,8 +1,8 @@
 //! The control plane's shared state: the serving policy set, the registry, per-proxy push
 //! status, metrics, and the generation counter that wakes discovery streams.
 //!
-//! Every change that can alter some proxy's resources (a new policy set, a registry change)
-//! bumps the generation; each discovery stream then recompiles its proxy's resources and pushes
+//! Every change that can alter some proxy's resources (a new policy set, a registry change, a
+//! new trust bundle) bumps the generation; each discovery stream then recompiles its proxy's resources and pushes
 //! whatever differs. The instant of each recent generation is kept so a stream can measure
 //! convergence (change -> ACK) for `weft_control_push_duration_seconds`.
 //!
@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use weft_proto::v1::Node;
 
-use crate::compile::{compile, Resources};
+use crate::compile::{compile, Resources, TrustBundle};
 use crate::diff::{policy_changes, resource_diff, PolicyDiff, ProxyDiff};
 use crate::metrics::Metrics;
 use crate::policy::store::is_valid_file_name;
@@ -75,7 +75,8 @@ pub struct ProxyStatus {
     pub disconnected_since: Option<String>,
     /// Whole seconds (rounded up) until a disconnected proxy's endpoint is removed.
     pub removing_in_seconds: Option<u64>,
-    /// ACKed version by type (`listeners`, `routes`, `clusters`, `endpoints`).
+    /// ACKed version by type (`listeners`, `routes`, `clusters`, `endpoints`, `policies`,
+    /// `trust`).
     pub versions: BTreeMap<String, String>,
     /// The reason of the proxy's most recent NACK on this stream, if it ever NACKed.
     pub last_nack: Option<String>,
@@ -95,6 +96,8 @@ pub struct ControlPlane {
     store: PolicyStore,
     policy: ArcSwap<PolicySet>,
     policy_error: Mutex<Option<String>>,
+    /// The CA's trust domain and roots, pushed to every proxy as TRUST.
+    trust: ArcSwap<TrustBundle>,
     registry: Mutex<Registry>,
     statuses: Mutex<BTreeMap<String, ProxyStatus>>,
     generation: watch::Sender<u64>,
@@ -120,6 +123,7 @@ impl ControlPlane {
             store,
             policy: ArcSwap::from_pointee(policy),
             policy_error: Mutex::new(None),
+            trust: ArcSwap::from_pointee(TrustBundle::default()),
             registry: Mutex::new(Registry::new(deregister_grace)),
             statuses: Mutex::new(BTreeMap::new()),
             generation: watch::Sender::new(0),
@@ -153,6 +157,28 @@ impl ControlPlane {
     /// The serving policy set.
     pub fn policy(&self) -> Arc<PolicySet> {
         self.policy.load_full()
+    }
+
+    /// The trust bundle compiled into every proxy's TRUST set.
+    pub fn trust(&self) -> Arc<TrustBundle> {
+        self.trust.load_full()
+    }
+
+    /// Serves a new trust bundle (CA start-up, root rotation); returns whether it changed. A
+    /// change bumps the generation, so every proxy is pushed the new TRUST set (and, if the
+    /// trust domain changed, the identities derived from it).
+    pub fn set_trust(&self, bundle: TrustBundle) -> bool {
+        let changed = **self.trust.load() != bundle;
+        if changed {
+            tracing::info!(
+                trust_domain = %bundle.trust_domain,
+                roots = bundle.roots_pem.len(),
+                "serving trust bundle"
+            );
+            self.trust.store(Arc::new(bundle));
+            self.bump();
+        }
+        changed
     }
 
     /// Why the store's current content was rejected, if it was.
@@ -199,6 +225,7 @@ impl ControlPlane {
                 files = set.files().len(),
                 services = set.services().len(),
                 routes = set.routes().len(),
+                authorization = set.authorization().len(),
                 "serving policy set"
             );
             self.policy.store(Arc::new(set));
@@ -308,13 +335,14 @@ impl ControlPlane {
             PolicySet::from_files(files)?
         };
         let current = self.policy.load_full();
+        let trust = self.trust.load_full();
         let registry = lock(&self.registry);
         let proxies = registry
             .proxies()
             .filter(|p| p.is_connected())
             .map(|p| {
-                let before = compile(&current, &registry, &p.node);
-                let after = compile(&proposed, &registry, &p.node);
+                let before = compile(&current, &registry, &trust, &p.node);
+                let after = compile(&proposed, &registry, &trust, &p.node);
                 let types = resource_diff(&before, &after);
                 ProxyDiff {
                     id: p.node.id.clone(),
@@ -504,8 +532,9 @@ impl ControlPlane {
     /// Compiles the current resources of `node`.
     pub fn compile_for(&self, node: &Node) -> Resources {
         let policy = self.policy.load();
+        let trust = self.trust.load();
         let registry = lock(&self.registry);
-        compile(&policy, &registry, node)
+        compile(&policy, &registry, &trust, node)
     }
 }
 
@@ -663,6 +692,29 @@ mod tests {
         assert_eq!(cp.proxy_statuses()[0].state, ProxyState::Connected);
         assert_eq!(cp.proxy_statuses()[0].removing_in_seconds, None);
         assert_eq!(cp.metrics().proxies_connected.get(), 1);
+    }
+
+    #[test]
+    fn set_trust_bumps_only_on_change_and_reaches_compiled_resources() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cp(dir.path());
+        let mut rx = cp.subscribe();
+        rx.borrow_and_update();
+        assert!(!cp.set_trust(TrustBundle::default()), "same as the default");
+        assert!(!rx.has_changed().unwrap());
+        let rotated = TrustBundle {
+            trust_domain: "example.org".into(),
+            roots_pem: vec!["OLD".into(), "NEW".into()],
+        };
+        assert!(cp.set_trust(rotated.clone()));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*cp.trust(), rotated);
+        let r = cp.compile_for(&node("a-1", "a", "127.0.0.2:15006"));
+        assert_eq!(r.trust.trust_domain, "example.org");
+        assert_eq!(r.trust.roots_pem, ["OLD", "NEW"]);
+        rx.borrow_and_update();
+        assert!(!cp.set_trust(rotated));
+        assert!(!rx.has_changed().unwrap());
     }
 
     #[tokio::test]

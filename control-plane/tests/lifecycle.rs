@@ -404,3 +404,113 @@ async fn diff_and_inventory_over_the_admin_api_and_weftctl() {
         run(cli).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn policies_and_trust_are_pushed_per_type_only_when_changed() {
+    use weft_control::compile::TrustBundle;
+    let policy = "services:\n  - name: web\n  - name: api\nauthorization:\n  - name: api-callers\n    service: api\n    default: deny\n    rules:\n      - name: web\n        from: {services: [web]}\n";
+    let cp = start(&[("a.yaml", policy)], Duration::from_millis(200)).await;
+    let mut api = connect(
+        &cp.grpc,
+        hello(node("api-1", "api", "127.0.0.2:15006"), vec![]),
+    )
+    .await;
+    let first = next(&mut api).await;
+    let policies = first.policies.as_ref().expect("policies in the first push");
+    assert_eq!(policies.policies.len(), 1);
+    assert_eq!(
+        policies.policies[0].rules[0].identities,
+        ["spiffe://cluster.local/ns/default/sa/web"]
+    );
+    let trust = first.trust.as_ref().expect("trust in the first push");
+    assert_eq!(trust.trust_domain, "cluster.local");
+    let inbound = first
+        .listeners
+        .as_ref()
+        .unwrap()
+        .listeners
+        .iter()
+        .find(|l| l.name == "inbound")
+        .unwrap();
+    assert_eq!(inbound.authorization, "api-callers");
+    let mut api_held = Vec::new();
+    ack(&api, &first, &mut api_held).await;
+    let mut web = connect(
+        &cp.grpc,
+        hello(node("web-1", "web", "127.0.0.3:15006"), vec![]),
+    )
+    .await;
+    let web_first = next(&mut web).await;
+    assert!(web_first.policies.as_ref().unwrap().policies.is_empty());
+    let mut web_held = Vec::new();
+    ack(&web, &web_first, &mut web_held).await;
+    // web's registration changes api's endpoints (web is callable by api): drain that push.
+    let update = next(&mut api).await;
+    assert!(update.policies.is_none() && update.trust.is_none());
+    ack(&api, &update, &mut api_held).await;
+    assert_silent(&mut api).await;
+    assert_silent(&mut web).await;
+
+    // A rule change reaches only the guarded service's proxy, as a policies-only push.
+    put(
+        &cp,
+        "a.yaml",
+        &policy.replace(
+            "{services: [web]}",
+            "{services: [web], namespaces: [default]}",
+        ),
+    )
+    .await;
+    let update = next(&mut api).await;
+    assert!(update.policies.is_some());
+    assert!(update.listeners.is_none() && update.routes.is_none());
+    assert!(update.clusters.is_none() && update.endpoints.is_none() && update.trust.is_none());
+    ack(&api, &update, &mut api_held).await;
+    assert_silent(&mut web).await;
+
+    // A root rotation: every proxy gets a trust-only push.
+    assert!(cp.cp.set_trust(TrustBundle {
+        trust_domain: "cluster.local".into(),
+        roots_pem: vec!["OLD".into(), "NEW".into()],
+    }));
+    for (proxy, held) in [(&mut api, &mut api_held), (&mut web, &mut web_held)] {
+        let update = next(proxy).await;
+        let trust = update.trust.as_ref().expect("a trust push");
+        assert_eq!(trust.roots_pem, ["OLD", "NEW"]);
+        assert!(update.policies.is_none() && update.listeners.is_none());
+        assert!(update.clusters.is_none() && update.endpoints.is_none());
+        ack(proxy, &update, held).await;
+    }
+    assert_silent(&mut api).await;
+
+    // Status and metrics name the new types.
+    let status = get_json(&cp.admin, "/v1/proxies").await;
+    let api_status = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "api-1")
+        .unwrap();
+    assert_eq!(
+        api_status["versions"].as_object().unwrap().len(),
+        6,
+        "{api_status}"
+    );
+    let text = metrics(&cp).await;
+    assert_eq!(
+        sample(
+            &text,
+            "weft_control_pushes_total{result=\"ack\",type=\"trust\"}"
+        ),
+        4.0
+    );
+
+    // Resync with everything held: nothing is resent.
+    drop(api);
+    let mut again = connect(
+        &cp.grpc,
+        hello(node("api-1", "api", "127.0.0.2:15006"), api_held.clone()),
+    )
+    .await;
+    assert_silent(&mut again).await;
+}

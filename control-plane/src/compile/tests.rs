@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use super::*;
 use crate::policy::SourceFile;
+use weft_proto::v1::path_match;
 
 const POLICY: &str = "\
 services:
@@ -68,7 +69,12 @@ fn registry() -> Registry {
 
 #[test]
 fn listeners() {
-    let r = compile(&policy(POLICY), &registry(), &node("web"));
+    let r = compile(
+        &policy(POLICY),
+        &registry(),
+        &TrustBundle::default(),
+        &node("web"),
+    );
     let l = &r.listeners.listeners;
     let names: Vec<&str> = l.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(names, ["inbound", "outbound", "outbound-tcp-db.default"]);
@@ -87,7 +93,12 @@ fn listeners() {
 
 #[test]
 fn tcp_service_gets_a_tcp_inbound_listener() {
-    let r = compile(&policy(POLICY), &registry(), &node("db"));
+    let r = compile(
+        &policy(POLICY),
+        &registry(),
+        &TrustBundle::default(),
+        &node("db"),
+    );
     let inbound = r
         .listeners
         .listeners
@@ -105,7 +116,12 @@ fn tcp_service_gets_a_tcp_inbound_listener() {
 
 #[test]
 fn route_table_has_user_routes_then_defaults() {
-    let r = compile(&policy(POLICY), &registry(), &node("web"));
+    let r = compile(
+        &policy(POLICY),
+        &registry(),
+        &TrustBundle::default(),
+        &node("web"),
+    );
     assert_eq!(r.routes.tables.len(), 1);
     let table = &r.routes.tables[0];
     assert_eq!(table.name, "outbound");
@@ -161,7 +177,12 @@ fn route_table_has_user_routes_then_defaults() {
 
 #[test]
 fn without_dependencies_every_service_is_callable_in_declared_order() {
-    let r = compile(&policy(POLICY), &registry(), &node("unknown"));
+    let r = compile(
+        &policy(POLICY),
+        &registry(),
+        &TrustBundle::default(),
+        &node("unknown"),
+    );
     let names: Vec<&str> = r.routes.tables[0]
         .routes
         .iter()
@@ -184,7 +205,12 @@ fn without_dependencies_every_service_is_callable_in_declared_order() {
 
 #[test]
 fn clusters() {
-    let r = compile(&policy(POLICY), &registry(), &node("web"));
+    let r = compile(
+        &policy(POLICY),
+        &registry(),
+        &TrustBundle::default(),
+        &node("web"),
+    );
     let c = &r.clusters.clusters;
     let names: Vec<&str> = c.iter().map(|c| c.name.as_str()).collect();
     // backend-v2 is not a dependency but a destination of backend's route.
@@ -204,7 +230,7 @@ fn clusters() {
     assert_eq!(c[1].namespace, "default");
     assert_eq!(c[1].connect_timeout_ms, 1000);
     assert_eq!(c[1].request_timeout_ms, 2000);
-    assert_eq!(c[1].lb, LbPolicy::RoundRobin as i32);
+    assert_eq!(c[1].lb, LbPolicy::P2cPeakEwma as i32);
     assert_eq!(c[3].service, "");
     assert_eq!(c[3].protocol, UpstreamProtocol::Preserve as i32);
 }
@@ -222,7 +248,7 @@ fn endpoints_are_static_plus_registered_sidecars() {
     backend2.inbound_address = "127.0.0.4:15006".into();
     reg.register(backend2, SystemTime::now());
 
-    let r = compile(&policy(POLICY), &reg, &node("web"));
+    let r = compile(&policy(POLICY), &reg, &TrustBundle::default(), &node("web"));
     let e = &r.endpoints.clusters;
     let clusters: Vec<&str> = e.iter().map(|c| c.cluster.as_str()).collect();
     assert_eq!(
@@ -261,8 +287,8 @@ fn same_input_same_versions() {
         .map(|i| (format!("k{i}"), format!("v{i}")))
         .collect();
     reg.register(n, SystemTime::now());
-    let a = compile(&p, &reg, &node("web"));
-    let b = compile(&policy(POLICY), &reg, &node("web"));
+    let a = compile(&p, &reg, &TrustBundle::default(), &node("web"));
+    let b = compile(&policy(POLICY), &reg, &TrustBundle::default(), &node("web"));
     assert_eq!(a.versions(), b.versions());
     for (_, v) in a.versions() {
         assert_eq!(v.len(), 16);
@@ -273,11 +299,11 @@ fn same_input_same_versions() {
 fn endpoint_only_change_changes_only_the_endpoints_version() {
     let p = policy(POLICY);
     let mut reg = registry();
-    let before = compile(&p, &reg, &node("web"));
+    let before = compile(&p, &reg, &TrustBundle::default(), &node("web"));
     let mut n = node("backend");
     n.inbound_address = "127.0.0.9:15006".into();
     reg.register(n, SystemTime::now());
-    let after = compile(&p, &reg, &node("web"));
+    let after = compile(&p, &reg, &TrustBundle::default(), &node("web"));
     assert_eq!(before.listeners.version, after.listeners.version);
     assert_eq!(before.routes.version, after.routes.version);
     assert_eq!(before.clusters.version, after.clusters.version);
@@ -286,13 +312,23 @@ fn endpoint_only_change_changes_only_the_endpoints_version() {
 
 #[test]
 fn route_change_leaves_listeners_and_endpoints_alone() {
-    let before = compile(&policy(POLICY), &registry(), &node("web"));
+    let before = compile(
+        &policy(POLICY),
+        &registry(),
+        &TrustBundle::default(),
+        &node("web"),
+    );
     let changed = POLICY.replace(
         "timeout: 2s\n  - name: other-route",
         "timeout: 3s\n  - name: other-route",
     );
     assert_ne!(changed, POLICY);
-    let after = compile(&policy(&changed), &registry(), &node("web"));
+    let after = compile(
+        &policy(&changed),
+        &registry(),
+        &TrustBundle::default(),
+        &node("web"),
+    );
     assert_eq!(before.listeners.version, after.listeners.version);
     assert_ne!(before.routes.version, after.routes.version);
     assert_eq!(before.clusters.version, after.clusters.version);

@@ -342,6 +342,7 @@ async fn get(client: &AdminClient, kind: Kind, output: Output) -> Result<(), Ctl
                 "NAME",
                 "PROTOCOL",
                 "LB",
+                "MTLS",
                 "CONNECT TIMEOUT",
                 "REQUEST TIMEOUT",
                 "ENDPOINTS",
@@ -357,6 +358,7 @@ async fn get(client: &AdminClient, kind: Kind, output: Output) -> Result<(), Ctl
                     s(v, "name"),
                     protocol,
                     s(v, "lb"),
+                    or_dash(s(v, "mtls")),
                     s(v, "connect_timeout"),
                     s(v, "request_timeout"),
                     endpoints.len().to_string(),
@@ -476,6 +478,8 @@ fn status_table(value: &Value) -> String {
         "ROUTES",
         "CLUSTERS",
         "ENDPOINTS",
+        "POLICIES",
+        "TRUST",
         "CONNECTED SINCE",
         "LAST NACK",
     ]);
@@ -508,6 +512,8 @@ fn status_table(value: &Value) -> String {
             version("routes"),
             version("clusters"),
             version("endpoints"),
+            version("policies"),
+            version("trust"),
             s(v, "connected_since"),
             last_nack,
         ]);
@@ -737,7 +743,14 @@ fn render_diff(label: &str, v: &Value) -> String {
         let Some(types) = p.get("types").and_then(Value::as_object) else {
             continue;
         };
-        for t in ["listeners", "routes", "clusters", "endpoints"] {
+        for t in [
+            "listeners",
+            "routes",
+            "clusters",
+            "endpoints",
+            "policies",
+            "trust",
+        ] {
             let Some(d) = types.get(t) else { continue };
             if d.get("version_changes").and_then(Value::as_bool) != Some(true) {
                 continue;

@@ -4,6 +4,8 @@
 //! rejected with every error found, each naming `file:line: field: reason`.
 
 mod locate;
+pub mod resilience;
+pub mod security;
 pub mod store;
 mod validate;
 
@@ -16,6 +18,14 @@ use serde::{Deserialize, Serialize};
 use crate::hash::StableHasher;
 
 pub use locate::line_of;
+pub use resilience::{
+    Backoff, CircuitBreaker, HashPolicy, HealthCheck, HttpHealthCheck, LbPolicy, OutlierDetection,
+    RateLimit, RetryBudget, RetryCondition, RetryOn, RetryPolicy,
+};
+pub use security::{
+    spiffe_id, AuthorizationPolicy, AuthzAction, AuthzRule, AuthzSource, AuthzTarget, Mesh,
+    MtlsMode, NamespaceDefaults, DEFAULT_TRUST_DOMAIN,
+};
 pub use store::{PolicyStore, StoreError};
 
 /// One policy file: its name (no directory) and its YAML text.
@@ -29,10 +39,15 @@ pub struct SourceFile {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
+    /// Mesh-wide settings; at most one file of a set may define them.
+    #[serde(default)]
+    pub mesh: Option<Mesh>,
     #[serde(default)]
     pub services: Vec<Service>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    #[serde(default)]
+    pub authorization: Vec<AuthorizationPolicy>,
 }
 
 /// How a service speaks.
@@ -43,14 +58,6 @@ pub enum Protocol {
     Http,
     Grpc,
     Tcp,
-}
-
-/// Load-balancing policy of a service's cluster.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LbPolicy {
-    #[default]
-    RoundRobin,
 }
 
 fn default_namespace() -> String {
@@ -67,6 +74,10 @@ fn default_request_timeout() -> Duration {
 
 fn default_weight() -> u32 {
     1
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// A mesh service.
@@ -93,6 +104,27 @@ pub struct Service {
     pub dependencies: Option<Vec<String>>,
     #[serde(default)]
     pub endpoints: Vec<StaticEndpoint>,
+    /// ring_hash only (required there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<HashPolicy>,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
+    /// Absent: no active health checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Default retry policy of the routes to this service (absent: the mesh default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Inbound rate limit of this service's sidecars (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Inbound mTLS mode (absent: `mesh.mtls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsMode>,
 }
 
 /// An endpoint declared in YAML (outside the mesh).
@@ -121,6 +153,11 @@ pub struct Route {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout: Option<Duration>,
+    /// Absent: the service's `retry`, else the mesh default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// What a request must look like for a route to apply.
@@ -245,8 +282,10 @@ impl PolicyErrors {
 pub struct PolicySet {
     version: String,
     files: Vec<SourceFile>,
+    mesh: Mesh,
     services: Vec<Service>,
     routes: Vec<Route>,
+    authorization: Vec<AuthorizationPolicy>,
 }
 
 impl Default for PolicySet {
@@ -261,8 +300,10 @@ impl PolicySet {
         Self {
             version: version_of(&[]),
             files: Vec::new(),
+            mesh: Mesh::default(),
             services: Vec::new(),
             routes: Vec::new(),
+            authorization: Vec::new(),
         }
     }
 
@@ -283,11 +324,21 @@ impl PolicySet {
         validate::validate(&files, &parsed)?;
         let services = parsed.iter().flat_map(|p| p.services.clone()).collect();
         let routes = parsed.iter().flat_map(|p| p.routes.clone()).collect();
+        let authorization = parsed
+            .iter()
+            .flat_map(|p| p.authorization.clone())
+            .collect();
+        let mesh = parsed
+            .iter()
+            .find_map(|p| p.mesh.clone())
+            .unwrap_or_default();
         Ok(Self {
             version: version_of(&files),
             files,
+            mesh,
             services,
             routes,
+            authorization,
         })
     }
 
@@ -309,6 +360,36 @@ impl PolicySet {
     /// Every route, in file-name then declared order.
     pub fn routes(&self) -> &[Route] {
         &self.routes
+    }
+
+    /// The mesh-wide settings (defaults when no file defines `mesh:`).
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    /// Every authorization policy, in file-name then declared order.
+    pub fn authorization(&self) -> &[AuthorizationPolicy] {
+        &self.authorization
+    }
+
+    /// The authorization policy guarding `key`'s inbound side, if one is declared.
+    pub fn authorization_of(&self, key: &ServiceKey) -> Option<&AuthorizationPolicy> {
+        self.authorization
+            .iter()
+            .find(|p| resolve_reference(&self.services, &p.service, None).is_ok_and(|k| k == *key))
+    }
+
+    /// The effective inbound mTLS mode of a service: its own, else `mesh.mtls`.
+    pub fn mtls_of(&self, service: Option<&Service>) -> MtlsMode {
+        service.and_then(|s| s.mtls).unwrap_or(self.mesh.mtls)
+    }
+
+    /// The default authorization action of a namespace (`mesh.namespaces`, else allow).
+    pub fn namespace_default(&self, namespace: &str) -> AuthzAction {
+        self.mesh
+            .namespaces
+            .get(namespace)
+            .map_or(AuthzAction::Allow, |n| n.default_authorization)
     }
 
     /// The service with this identity.
@@ -437,3 +518,7 @@ pub(crate) fn services_by_key(policy: &PolicySet) -> HashMap<ServiceKey, &Servic
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_resilience;
+#[cfg(test)]
+mod tests_security;

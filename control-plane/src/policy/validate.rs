@@ -4,12 +4,15 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use super::{
-    line_of, resolve_reference, PolicyError, PolicyErrors, PolicyFile, Protocol, Route, Service,
-    SourceFile,
+    line_of, resolve_reference, PathMatch, PolicyError, PolicyErrors, PolicyFile, Protocol, Route,
+    Service, SourceFile,
 };
 
+mod resilience;
+mod security;
+
 /// Collects errors with their file and field path; lines are looked up at the end.
-struct Collector<'a> {
+pub(super) struct Collector<'a> {
     files: &'a [SourceFile],
     errors: Vec<PolicyError>,
 }
@@ -101,6 +104,7 @@ pub(super) fn validate(files: &[SourceFile], parsed: &[PolicyFile]) -> Result<()
             }
         }
     }
+    security::check(&mut c, parsed, &all_services);
     if c.errors.is_empty() {
         Ok(())
     } else {
@@ -229,6 +233,7 @@ fn validate_service(
             c.push(fi, format!("{path}.endpoints[{ei}].address"), reason);
         }
     }
+    resilience::check_service(c, fi, path, service);
 }
 
 fn validate_route(c: &mut Collector<'_>, fi: usize, path: &str, route: &Route, all: &[Service]) {
@@ -269,37 +274,7 @@ fn validate_route(c: &mut Collector<'_>, fi: usize, path: &str, route: &Route, a
     }
     if let Some(m) = &route.matcher {
         if let Some(p) = &m.path {
-            let set = [&p.exact, &p.prefix, &p.regex]
-                .iter()
-                .filter(|v| v.is_some())
-                .count();
-            if set != 1 {
-                c.push(
-                    fi,
-                    format!("{path}.match.path"),
-                    format!("exactly one of exact, prefix, regex is required ({set} given)"),
-                );
-            }
-            for (field, value) in [("exact", &p.exact), ("prefix", &p.prefix)] {
-                if let Some(v) = value {
-                    if !v.starts_with('/') {
-                        c.push(
-                            fi,
-                            format!("{path}.match.path.{field}"),
-                            format!("{v:?} must start with '/'"),
-                        );
-                    }
-                }
-            }
-            if let Some(re) = &p.regex {
-                if let Err(e) = regex::Regex::new(re) {
-                    c.push(
-                        fi,
-                        format!("{path}.match.path.regex"),
-                        format!("invalid regex: {}", one_line(&e.to_string())),
-                    );
-                }
-            }
+            check_path_match(c, fi, &format!("{path}.match.path"), p);
         }
         for (hi, h) in m.headers.iter().enumerate() {
             let hpath = format!("{path}.match.headers[{hi}]");
@@ -331,13 +306,7 @@ fn validate_route(c: &mut Collector<'_>, fi: usize, path: &str, route: &Route, a
             }
         }
         for (mi, method) in m.methods.iter().enumerate() {
-            if method.is_empty() || http::Method::from_bytes(method.as_bytes()).is_err() {
-                c.push(
-                    fi,
-                    format!("{path}.match.methods[{mi}]"),
-                    format!("{method:?} is not an HTTP method"),
-                );
-            }
+            check_method(c, fi, format!("{path}.match.methods[{mi}]"), method);
         }
     }
     if route.destinations.is_empty() {
@@ -397,6 +366,54 @@ fn validate_route(c: &mut Collector<'_>, fi: usize, path: &str, route: &Route, a
                 format!("a single destination takes all traffic: weight must be 100 or omitted (got {w})"),
             );
         }
+    }
+    if let Some(retry) = &route.retry {
+        resilience::check_retry(c, fi, &format!("{path}.retry"), retry);
+    }
+    if let Some(limit) = &route.rate_limit {
+        resilience::check_rate_limit(c, fi, &format!("{path}.rate_limit"), limit);
+    }
+}
+
+/// Exactly one of exact, prefix, regex; exact and prefix start with '/'; the regex compiles.
+pub(super) fn check_path_match(c: &mut Collector<'_>, fi: usize, path: &str, p: &PathMatch) {
+    let set = [&p.exact, &p.prefix, &p.regex]
+        .iter()
+        .filter(|v| v.is_some())
+        .count();
+    if set != 1 {
+        c.push(
+            fi,
+            path.to_owned(),
+            format!("exactly one of exact, prefix, regex is required ({set} given)"),
+        );
+    }
+    for (field, value) in [("exact", &p.exact), ("prefix", &p.prefix)] {
+        if let Some(v) = value {
+            if !v.starts_with('/') {
+                c.push(
+                    fi,
+                    format!("{path}.{field}"),
+                    format!("{v:?} must start with '/'"),
+                );
+            }
+        }
+    }
+    if let Some(re) = &p.regex {
+        if let Err(e) = regex::Regex::new(re) {
+            c.push(
+                fi,
+                format!("{path}.regex"),
+                format!("invalid regex: {}", one_line(&e.to_string())),
+            );
+        }
+    }
+}
+
+/// An HTTP method token.
+pub(super) fn check_method(c: &mut Collector<'_>, fi: usize, path: String, method: &str) {
+    if method.is_empty() || http::Method::from_bytes(method.as_bytes()).is_err() {
+        c.push(fi, path, format!("{method:?} is not an HTTP method"));
     }
 }
 

@@ -26,6 +26,7 @@ services:
 
 pub struct Running {
     pub grpc: String,
+    pub cp: std::sync::Arc<weft_control::state::ControlPlane>,
     pub admin: AdminClient,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     pub _dir: tempfile::TempDir,
@@ -62,6 +63,7 @@ pub async fn start_with(
     .await
     .unwrap();
     let grpc = format!("http://{}", server.grpc_addr().unwrap());
+    let cp = std::sync::Arc::clone(server.control_plane());
     let admin = AdminClient::new(&format!("http://{}", server.admin_addr().unwrap())).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(server.serve(async {
@@ -69,6 +71,7 @@ pub async fn start_with(
     }));
     Running {
         grpc,
+        cp,
         admin,
         shutdown: Some(tx),
         _dir: dir,
@@ -151,6 +154,11 @@ pub fn versions(r: &DiscoveryResponse) -> Vec<TypeVersion> {
         ResourceType::Endpoints,
         r.endpoints.as_ref().map(|s| &s.version),
     );
+    push(
+        ResourceType::Policies,
+        r.policies.as_ref().map(|s| &s.version),
+    );
+    push(ResourceType::Trust, r.trust.as_ref().map(|s| &s.version));
     out
 }
 

@@ -1,0 +1,118 @@
+//! The zero-trust part of the policy YAML: the mesh-wide `mesh:` block (trust domain, default
+//! mTLS mode, per-namespace default authorization) and `authorization:` policies guarding a
+//! service's inbound side.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::PathMatch;
+
+/// Default trust domain of SPIFFE IDs.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Whether a service's inbound side requires mTLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// Only mTLS from a peer whose chain verifies against the trust bundle.
+    Strict,
+    /// mTLS and plaintext both accepted.
+    #[default]
+    Permissive,
+    /// Plaintext only.
+    Disabled,
+}
+
+/// What happens to a request no rule allows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthzAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// The mesh-wide settings; at most one file may hold a `mesh:` block.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mesh {
+    /// Absent: the trust domain of the control plane's trust bundle (default `cluster.local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
+    /// Default mTLS mode of every service.
+    #[serde(default)]
+    pub mtls: MtlsMode,
+    /// Per-namespace defaults.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespaces: BTreeMap<String, NamespaceDefaults>,
+}
+
+/// Defaults of the services of one namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceDefaults {
+    /// The default action of services of this namespace without an explicit one.
+    #[serde(default)]
+    pub default_authorization: AuthzAction,
+}
+
+/// An authorization policy guarding one service's inbound listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationPolicy {
+    pub name: String,
+    pub service: String,
+    /// Absent: the namespace default (`mesh.namespaces`), else allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<AuthzAction>,
+    #[serde(default)]
+    pub rules: Vec<AuthzRule>,
+}
+
+/// A request is allowed when it matches any rule: all of a rule's given conditions hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzRule {
+    pub name: String,
+    #[serde(default)]
+    pub from: AuthzSource,
+    #[serde(default)]
+    pub to: AuthzTarget,
+}
+
+/// Who calls: the peer's identity must be one of `services` or `identities` (when either is
+/// given), and its namespace one of `namespaces` (when given).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzSource {
+    /// `name` or `name.namespace` of mesh services.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+    /// Raw SPIFFE IDs; a trailing `*` matches a prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+}
+
+/// What is called (HTTP only): any of `methods`, any of `paths`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzTarget {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathMatch>,
+}
+
+impl AuthzTarget {
+    pub fn is_empty(&self) -> bool {
+        self.methods.is_empty() && self.paths.is_empty()
+    }
+}
+
+/// The SPIFFE ID of a service's workloads.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service}")
+}
