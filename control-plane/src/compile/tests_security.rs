@@ -244,7 +244,7 @@ fn trust_set_and_trust_domain() {
     // A root rotation changes only the trust version.
     let rotated = TrustBundle {
         roots_pem: vec!["ROOT-B".into()],
-        ..bundle.clone()
+        ..bundle
     };
     let r3 = compile(&policy(MESH), &reg, &rotated, &node("web", "default"));
     assert_ne!(r.trust.version, r3.trust.version);
