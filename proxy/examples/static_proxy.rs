@@ -1,6 +1,7 @@
 //! Runs the proxy's data path with a fixed config and no control plane, for benchmarks:
 //! `static_proxy LISTEN UPSTREAM [h1|h2|preserve]` forwards every HTTP request on LISTEN to
-//! UPSTREAM. Stops on Ctrl-C.
+//! UPSTREAM. Stops on Ctrl-C. Data-path workers: `WEFT_WORKER_THREADS` (default one per CPU), on
+//! the same runtime the proxy uses.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,9 +22,11 @@ fn main() -> anyhow::Result<()> {
         Some("h2") => v1::UpstreamProtocol::Http2,
         _ => v1::UpstreamProtocol::Preserve,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let workers = match std::env::var(weft_proxy::config::WORKER_THREADS_ENV) {
+        Ok(v) => weft_proxy::config::parse_worker_threads(&v).map_err(anyhow::Error::msg)?,
+        Err(_) => weft_proxy::config::default_worker_threads(),
+    };
+    let rt = weft_proxy::app::data_runtime(workers)?;
     rt.block_on(async {
         let store = Arc::new(SnapshotStore::empty());
         let plane = DataPlane {

@@ -1,5 +1,6 @@
-//! Process assembly: the data-path runtime (multi-threaded), the control thread (single-threaded
-//! runtime running the discovery client and the admin server), and shutdown on SIGTERM/SIGINT.
+//! Process assembly: the data-path runtime (`worker_threads` workers), the control thread
+//! (single-threaded runtime running the discovery client and the admin server), and shutdown on
+//! SIGTERM/SIGINT.
 //!
 //! Nothing but the admin port is bound until the first snapshot arrives: listeners come from the
 //! snapshot.
@@ -59,16 +60,34 @@ pub fn node(b: &Bootstrap) -> v1::Node {
     }
 }
 
+/// The data-path runtime with `worker_threads` workers.
+///
+/// One worker gets a current-thread runtime: it runs on the thread that calls `block_on` (the
+/// main thread, for the whole life of the process), without the work-stealing machinery (shared
+/// run queues, atomics, a separate idle main thread) that buys nothing with a single worker.
+/// Tasks spawned from other threads through its [`tokio::runtime::Handle`] (the control thread
+/// starting listeners) are queued to it and run there.
+pub fn data_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads)
+            .enable_all()
+            .thread_name("weft-data")
+            .build()
+    }
+}
+
 /// Runs the proxy until SIGTERM/SIGINT, then drains and returns.
 pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
-    let data_rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("weft-data")
-        .build()
-        .map_err(|source| StartError::Runtime {
-            which: "data",
-            source,
-        })?;
+    let workers = bootstrap.worker_threads();
+    let data_rt = data_runtime(workers).map_err(|source| StartError::Runtime {
+        which: "data",
+        source,
+    })?;
     let metrics = Metrics::new()?;
     let store: Arc<SnapshotStore> = Arc::new(SnapshotStore::empty());
     let plane = DataPlane {
@@ -81,7 +100,7 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         plane,
     )));
     let node = node(bootstrap);
-    tracing::info!(id = %node.id, service = %node.service, control_plane = %bootstrap.control_plane, "starting weft-proxy");
+    tracing::info!(id = %node.id, service = %node.service, control_plane = %bootstrap.control_plane, worker_threads = workers, "starting weft-proxy");
 
     let admin_sock = listen::bind(bootstrap.admin).map_err(|source| StartError::AdminBind {
         addr: bootstrap.admin,

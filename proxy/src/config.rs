@@ -61,6 +61,22 @@ pub struct Bootstrap {
     /// How long a removed listener (or a shutting-down proxy) may finish open connections.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Data-path worker threads; `None` = one per CPU. `WEFT_WORKER_THREADS` overrides it
+    /// (applied by [`Bootstrap::load`]); see [`Bootstrap::worker_threads`].
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
+}
+
+/// Environment variable overriding the bootstrap's `worker_threads`.
+pub const WORKER_THREADS_ENV: &str = "WEFT_WORKER_THREADS";
+
+/// Parses a worker-thread count (the bootstrap field or [`WORKER_THREADS_ENV`]): a positive
+/// integer.
+pub fn parse_worker_threads(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{value:?} is not a positive integer")),
+    }
 }
 
 /// `node:` section.
@@ -148,6 +164,10 @@ fn default_namespace() -> String {
 fn default_drain() -> Duration {
     Duration::from_secs(5)
 }
+/// One worker per CPU this process may run on (respects the affinity mask, e.g. `taskset`).
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
 
 impl Bootstrap {
     /// Reads and validates a bootstrap file.
@@ -156,7 +176,24 @@ impl Bootstrap {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        let mut b = Self::parse(&text, &path.display().to_string())?;
+        if let Ok(env) = std::env::var(WORKER_THREADS_ENV) {
+            b.worker_threads =
+                Some(
+                    parse_worker_threads(&env).map_err(|reason| BootstrapError::Invalid {
+                        path: WORKER_THREADS_ENV.to_owned(),
+                        field: "worker_threads",
+                        reason,
+                    })?,
+                );
+        }
+        Ok(b)
+    }
+
+    /// Data-path worker threads: `worker_threads` (or its env override), else the number of
+    /// CPUs this process may run on.
+    pub fn worker_threads(&self) -> usize {
+        self.worker_threads.unwrap_or_else(default_worker_threads)
     }
 
     /// Parses and validates bootstrap YAML; `origin` names the source in errors.
@@ -177,6 +214,12 @@ impl Bootstrap {
             return Err(invalid(
                 "node.id",
                 "must not be empty (omit it for the default)".into(),
+            ));
+        }
+        if b.worker_threads == Some(0) {
+            return Err(invalid(
+                "worker_threads",
+                "must be at least 1 (omit it for one per CPU)".into(),
             ));
         }
         match b.control_plane.parse::<http::Uri>() {
@@ -225,6 +268,7 @@ outbound:
   address: 127.0.0.2:15001
   tcp_bind_ip: 127.0.0.2
 drain_timeout: 2s
+worker_threads: 3
 ";
 
     #[test]
@@ -238,6 +282,23 @@ drain_timeout: 2s
         assert_eq!(b.inbound.app.to_string(), "127.0.0.2:8080");
         assert_eq!(b.outbound.tcp_bind_ip.to_string(), "127.0.0.2");
         assert_eq!(b.drain_timeout, Duration::from_secs(2));
+        assert_eq!(b.worker_threads(), 3);
+    }
+
+    #[test]
+    fn worker_threads_default_and_validation() {
+        let b = Bootstrap::parse("node: {service: web}", "b.yaml").unwrap();
+        assert_eq!(b.worker_threads, None);
+        assert_eq!(b.worker_threads(), default_worker_threads());
+        assert!(b.worker_threads() >= 1);
+        let e = Bootstrap::parse("node: {service: web}\nworker_threads: 0", "b.yaml").unwrap_err();
+        assert!(e.to_string().contains("worker_threads"), "{e}");
+        let e =
+            Bootstrap::parse("node: {service: web}\nworker_threads: many", "b.yaml").unwrap_err();
+        assert!(e.to_string().contains("worker_threads"), "{e}");
+        assert_eq!(parse_worker_threads(" 2 "), Ok(2));
+        assert!(parse_worker_threads("0").is_err());
+        assert!(parse_worker_threads("x").is_err());
     }
 
     #[test]

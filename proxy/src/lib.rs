@@ -15,20 +15,38 @@
 //! - [`drain`]: drain signalling between listeners and connections.
 //! - [`metrics`]: Prometheus families and pre-resolved handles.
 //! - [`admin`]: `/metrics`, `/ready`, `/live`, `/config_dump`.
+//! - [`tls`]: mesh mTLS (certificates, trust bundle, verifiers, renewal).
+//! - [`authz`]: authorization policies for the inbound side.
 //! - [`app`]: runtimes, threads, signals.
+//! - [`lb`]: endpoint load balancing (P2C over peak EWMA, round robin, least request, ring hash).
+//! - [`retry`]: retry policy, retry budget, replayable request bodies.
+//! - [`breaker`]: per-cluster circuit-breaker limits.
+//! - [`outlier`]: outlier detection (ejection) and the panic threshold.
+//! - [`health`]: active HTTP/TCP health checks.
+//! - [`ratelimit`]: local token-bucket rate limits.
+//! - [`resilience_metrics`]: the metric families of the above.
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod balance;
+pub mod breaker;
 pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod drain;
+pub mod health;
 pub mod http;
+pub mod lb;
 pub mod listen;
 pub mod metrics;
+pub mod outlier;
 pub mod pipeline;
+pub mod ratelimit;
+pub mod resilience_metrics;
+pub mod retry;
 pub mod route;
 pub mod snapshot;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;

@@ -124,7 +124,9 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
         let no_route_metrics = target.is_err().then(|| Arc::clone(http.no_route_metrics()));
         drop(snapshot);
         match target {
-            Ok(target) => Box::pin(async move { Ok(forward(req, target, start).await) }),
+            // No wrapping `async` block: it would store the request and target a second time
+            // next to the `forward` future inside it, in every request's (boxed) future.
+            Ok(target) => Box::pin(forward(req, target, start)),
             Err(e) => {
                 if let Some(m) = no_route_metrics {
                     m.record(e.status(), "", start.elapsed().as_secs_f64());
@@ -137,12 +139,13 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
     }
 }
 
-/// Sends `req` to `target` and builds the downstream response.
+/// Sends `req` to `target` and builds the downstream response (never an `Err`: failures are
+/// proxy-generated responses).
 async fn forward(
     mut req: Request<Incoming>,
     target: Target,
     start: Instant,
-) -> Response<ResponseBody> {
+) -> Result<Response<ResponseBody>, Infallible> {
     let Target {
         cluster,
         metrics,
@@ -154,9 +157,9 @@ async fn forward(
         e.to_response()
     };
     let Some(endpoint) = cluster.pick() else {
-        return fail(ProxyError::NoEndpoints {
+        return Ok(fail(ProxyError::NoEndpoints {
             cluster: cluster.name.to_string(),
-        });
+        }));
     };
     let downstream_version = req.version();
     let wire = match cluster.protocol {
@@ -173,13 +176,13 @@ async fn forward(
     let result = match route_timeout.or(cluster.request_timeout) {
         Some(limit) => match tokio::time::timeout(limit, send).await {
             Ok(r) => r,
-            Err(_) => return fail(ProxyError::RequestTimeout(limit)),
+            Err(_) => return Ok(fail(ProxyError::RequestTimeout(limit))),
         },
         None => send.await,
     };
     let (resp, pooled) = match result {
         Ok(ok) => ok,
-        Err(e) => return fail(e.into()),
+        Err(e) => return Ok(fail(e.into())),
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -191,5 +194,8 @@ async fn forward(
         start,
         pooled,
     };
-    Response::from_parts(parts, ResponseBody::upstream(body, completion))
+    Ok(Response::from_parts(
+        parts,
+        ResponseBody::upstream(body, completion),
+    ))
 }

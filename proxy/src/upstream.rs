@@ -225,19 +225,16 @@ impl EndpointPool {
         if tx.is_closed() {
             return;
         }
+        let now = Instant::now();
         let mut idle = lock(&self.idle_h1);
         // Oldest first: drop the expired and anything over the bound (dropping the sender
         // closes the connection).
-        while idle
-            .front()
-            .is_some_and(|c| c.since.elapsed() >= IDLE_TIMEOUT || idle.len() >= MAX_IDLE_H1)
-        {
+        while idle.front().is_some_and(|c| {
+            now.saturating_duration_since(c.since) >= IDLE_TIMEOUT || idle.len() >= MAX_IDLE_H1
+        }) {
             idle.pop_front();
         }
-        idle.push_back(IdleH1 {
-            tx,
-            since: Instant::now(),
-        });
+        idle.push_back(IdleH1 { tx, since: now });
     }
 
     async fn send_h1(
@@ -261,8 +258,24 @@ impl EndpointPool {
                 },
             }
         }
+        // Boxed: the connect + handshake states would otherwise inflate every request's future
+        // (and its allocation and moves) for a path only new connections take.
+        let mut tx = Box::pin(self.connect_h1(connect_timeout, errors)).await?;
+        let resp = tx
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::after_send(addr, source))?;
+        Ok((resp, tx))
+    }
+
+    async fn connect_h1(
+        &self,
+        connect_timeout: Duration,
+        errors: &IntCounter,
+    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let addr = self.addr;
         let io = self.connect(connect_timeout, errors).await?;
-        let (mut tx, conn) = http1::handshake(io)
+        let (tx, conn) = http1::handshake(io)
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         tokio::spawn(async move {
@@ -270,11 +283,7 @@ impl EndpointPool {
                 tracing::debug!(%addr, error = %e, "upstream h1 connection ended");
             }
         });
-        let resp = tx
-            .send_request(req)
-            .await
-            .map_err(|source| UpstreamError::after_send(addr, source))?;
-        Ok((resp, tx))
+        Ok(tx)
     }
 
     fn shared_h2(&self) -> Option<http2::SendRequest<Incoming>> {
@@ -292,6 +301,15 @@ impl EndpointPool {
         if let Some(tx) = self.shared_h2() {
             return Ok(tx);
         }
+        // Cold path, boxed so it does not inflate every h2 request's future.
+        Box::pin(self.connect_h2(connect_timeout, errors)).await
+    }
+
+    async fn connect_h2(
+        &self,
+        connect_timeout: Duration,
+        errors: &IntCounter,
+    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
         let _single = self.h2_connecting.lock().await;
         if let Some(tx) = self.shared_h2() {
             return Ok(tx);

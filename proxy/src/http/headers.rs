@@ -13,34 +13,81 @@ use crate::upstream::Wire;
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Which hop-by-hop headers a header map holds, found in one pass over its names.
+#[derive(Default)]
+struct HopByHop {
+    connection: bool,
+    te: bool,
+    /// Any of keep-alive, proxy-connection, transfer-encoding, upgrade.
+    other: bool,
+}
+
+impl HopByHop {
+    fn scan(headers: &HeaderMap) -> Self {
+        let mut found = Self::default();
+        for name in headers.keys() {
+            if name == header::CONNECTION {
+                found.connection = true;
+            } else if name == header::TE {
+                found.te = true;
+            } else if name == header::TRANSFER_ENCODING
+                || name == header::UPGRADE
+                || name == KEEP_ALIVE
+                || name == PROXY_CONNECTION
+            {
+                found.other = true;
+            }
+        }
+        found
+    }
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1) and any named in `Connection`; keeps
 /// `te: trailers` (gRPC needs it) and drops other `te` values.
+///
+/// Runs on every request and response: one pass over the header names decides what to do, so a
+/// message without hop-by-hop headers costs no hashing and no removal.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(conn) = headers.remove(header::CONNECTION) {
-        // Rare path: only clients that name extra hop-by-hop headers pay for this.
-        if let Ok(list) = conn.to_str() {
-            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                    if name != header::TE {
-                        headers.remove(name);
-                    }
-                }
+    let found = HopByHop::scan(headers);
+    if found.connection {
+        if let Some(conn) = headers.remove(header::CONNECTION) {
+            if let Ok(list) = conn.to_str() {
+                remove_connection_options(headers, list);
             }
         }
     }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::UPGRADE);
-    if let Some(te) = headers.get(header::TE) {
-        let trailers = te.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-        if trailers {
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        } else {
-            headers.remove(header::TE);
+    if found.other {
+        headers.remove(KEEP_ALIVE);
+        headers.remove(PROXY_CONNECTION);
+        headers.remove(header::TRANSFER_ENCODING);
+        headers.remove(header::UPGRADE);
+    }
+    if found.te {
+        if let Some(te) = headers.get(header::TE) {
+            let trailers = te.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+            if trailers {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            } else {
+                headers.remove(header::TE);
+            }
+        }
+    }
+}
+
+/// Removes the headers a `Connection` value names (except `te`). Options are matched against the
+/// names present rather than parsed into header names: the usual `keep-alive` / `close` options
+/// then cost a few byte comparisons.
+fn remove_connection_options(headers: &mut HeaderMap, list: &str) {
+    for option in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let named = headers
+            .keys()
+            .find(|k| *k != header::TE && k.as_str().eq_ignore_ascii_case(option))
+            .cloned();
+        if let Some(name) = named {
+            headers.remove(name);
         }
     }
 }
@@ -49,6 +96,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// resort when the client sent no host at all.
 pub fn prepare_request<B>(req: &mut Request<B>, wire: Wire, endpoint: SocketAddr) {
     strip_hop_by_hop(req.headers_mut());
+    if wire == Wire::H1 && req.uri().scheme().is_none() && req.uri().authority().is_none() {
+        // Already origin-form (every HTTP/1.1 request but absolute-form ones): nothing to move.
+        *req.version_mut() = Version::HTTP_11;
+        return;
+    }
     let uri = std::mem::take(req.uri_mut());
     let Parts {
         authority,

@@ -7,8 +7,13 @@ pub mod body;
 pub mod error;
 pub mod headers;
 
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
+
+use futures::task::AtomicWaker;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -46,18 +51,65 @@ pub async fn serve_connection(
 ) {
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                // Garbage bytes, resets, header timeouts: the client's problem, not ours.
-                tracing::debug!(error = %e, "downstream connection ended with error");
+    // Like `select!` on (connection, drain), but the drain future is polled only when its own
+    // waker fired: the connection is woken several times per request and re-polling the drain
+    // watch (a lock and a notifier registration) each time is pure overhead on the hot path.
+    let wake = Arc::new(BranchWake::default());
+    let drain_waker = Waker::from(Arc::clone(&wake));
+    let drained = {
+        let mut signaled = std::pin::pin!(drain.signaled());
+        std::future::poll_fn(|cx| {
+            wake.task.register(cx.waker());
+            if wake.woken.swap(false, Ordering::AcqRel)
+                && signaled
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&drain_waker))
+                    .is_ready()
+            {
+                return Poll::Ready(Ok(true));
             }
+            conn.as_mut().poll(cx).map(|res| res.map(|()| false))
+        })
+        .await
+    };
+    match drained {
+        Ok(false) => {}
+        Err(e) => {
+            // Garbage bytes, resets, header timeouts: the client's problem, not ours.
+            tracing::debug!(error = %e, "downstream connection ended with error");
         }
-        () = drain.signaled() => {
+        Ok(true) => {
             conn.as_mut().graceful_shutdown();
             if tokio::time::timeout(drain_timeout, conn).await.is_err() {
                 tracing::debug!("downstream connection cut after drain timeout");
             }
         }
+    }
+}
+
+/// The waker of one branch of a two-way select: records that the branch was woken and wakes the
+/// task. Starts out "woken" so the branch is polled once (to register interest).
+struct BranchWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Default for BranchWake {
+    fn default() -> Self {
+        Self {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        }
+    }
+}
+
+impl Wake for BranchWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
     }
 }

@@ -1,0 +1,126 @@
+//! Local rate limiting: a token bucket per route or listener (`RateLimit{requests_per_second,
+//! burst}`), implemented as GCRA (the generic cell rate algorithm) on one atomic: the bucket is
+//! the "theoretical arrival time" of the next request, so a check is one load and one CAS, no
+//! lock. A request over the limit is answered 429 with `Retry-After` (whole seconds, at least 1).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use weft_proto::v1;
+
+use crate::lb::load::now_nanos;
+
+/// A token bucket.
+#[derive(Debug)]
+pub struct RateLimiter {
+    /// Nanoseconds per token.
+    interval: u64,
+    /// Bucket size x interval: how far ahead of now the arrival time may run.
+    tolerance: u64,
+    tat: AtomicU64,
+    /// Configured values (for `/config_dump` and tests).
+    pub requests_per_second: u32,
+    /// Bucket size.
+    pub burst: u32,
+}
+
+impl RateLimiter {
+    /// From the proto; `None` when absent. `Err` names the bad field.
+    pub fn from_proto(p: Option<&v1::RateLimit>) -> Result<Option<Self>, (&'static str, String)> {
+        let Some(p) = p else {
+            return Ok(None);
+        };
+        if p.requests_per_second == 0 {
+            return Err(("rate_limit.requests_per_second", "must be > 0".into()));
+        }
+        Ok(Some(Self::new(p.requests_per_second, p.burst)))
+    }
+
+    /// `rps` tokens per second, bucket of `burst` (0 = one second's worth).
+    pub fn new(rps: u32, burst: u32) -> Self {
+        let burst = if burst == 0 { rps.max(1) } else { burst };
+        let interval = 1_000_000_000 / u64::from(rps.max(1));
+        Self {
+            interval,
+            tolerance: interval * u64::from(burst),
+            tat: AtomicU64::new(0),
+            requests_per_second: rps,
+            burst,
+        }
+    }
+
+    /// Takes a token; `Err(retry_after)` when the bucket is empty.
+    pub fn check(&self) -> Result<(), Duration> {
+        self.check_at(now_nanos())
+    }
+
+    fn check_at(&self, now: u64) -> Result<(), Duration> {
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        // Each failed CAS means another request took a token: bounded by contention, and we give
+        // up (allow) after a few rounds rather than spin.
+        for _ in 0..16 {
+            let next = tat.max(now) + self.interval;
+            if next - now > self.tolerance {
+                return Err(Duration::from_nanos(next - now - self.tolerance));
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(actual) => tat = actual,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `Retry-After` seconds for a wait of `d`: rounded up, at least 1.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.is_zero()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn burst_then_rate() {
+        let l = RateLimiter::new(10, 5);
+        let t = 100 * S;
+        assert_eq!((0..20).filter(|_| l.check_at(t).is_ok()).count(), 5);
+        let wait = l.check_at(t).unwrap_err();
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        // 1s later: 10 more tokens, but the bucket holds 5.
+        assert_eq!((0..20).filter(|_| l.check_at(t + S).is_ok()).count(), 5);
+        // Steady rate: one every 100ms.
+        let mut ok = 0;
+        for k in 0..100 {
+            ok += usize::from(l.check_at(t + 2 * S + k * 10_000_000).is_ok());
+        }
+        assert!((10..=16).contains(&ok), "{ok}");
+    }
+
+    #[test]
+    fn proto_and_retry_after() {
+        assert!(RateLimiter::from_proto(None).unwrap().is_none());
+        assert!(RateLimiter::from_proto(Some(&v1::RateLimit {
+            requests_per_second: 0,
+            burst: 1
+        }))
+        .is_err());
+        let l = RateLimiter::from_proto(Some(&v1::RateLimit {
+            requests_per_second: 7,
+            burst: 0,
+        }))
+        .unwrap()
+        .unwrap();
+        assert_eq!(l.burst, 7);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(2_500)), 3);
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+    }
+}

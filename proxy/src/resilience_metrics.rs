@@ -1,0 +1,229 @@
+//! Prometheus families of the resilience features (retries, circuit breaking, outlier
+//! detection, health checks, rate limiting), registered in the proxy's registry, and the
+//! per-cluster handles resolved once when a cluster's long-lived state is created.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::metrics::MetricsError;
+
+/// Every resilience family.
+#[derive(Clone)]
+pub struct ResilienceMetrics {
+    retries_total: IntCounterVec,
+    retry_budget_exhausted_total: IntCounterVec,
+    breaker_usage: IntGaugeVec,
+    breaker_limit: IntGaugeVec,
+    circuit_open: IntGaugeVec,
+    breaker_rejections_total: IntCounterVec,
+    outlier_ejections_total: IntCounterVec,
+    outlier_ejected_endpoints: IntGaugeVec,
+    health_check_failures_total: IntCounterVec,
+    endpoint_healthy: IntGaugeVec,
+    rate_limited_total: IntCounterVec,
+}
+
+impl std::fmt::Debug for ResilienceMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResilienceMetrics").finish_non_exhaustive()
+    }
+}
+
+fn reg<C: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    name: &'static str,
+    made: Result<C, prometheus::Error>,
+) -> Result<C, MetricsError> {
+    let c = made.map_err(|source| MetricsError::Register { name, source })?;
+    r.register(Box::new(c.clone()))
+        .map_err(|source| MetricsError::Register { name, source })?;
+    Ok(c)
+}
+
+fn counter(
+    r: &Registry,
+    name: &'static str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, MetricsError> {
+    reg(r, name, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+fn gauge(
+    r: &Registry,
+    name: &'static str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntGaugeVec, MetricsError> {
+    reg(r, name, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+/// Breaker limit names, in [`crate::breaker::Limit`] order.
+pub const LIMITS: [&str; 4] = ["connections", "pending", "requests", "retries"];
+
+impl ResilienceMetrics {
+    /// Creates and registers the families in `r`.
+    pub fn new(r: &Registry) -> Result<Self, MetricsError> {
+        Ok(Self {
+            retries_total: counter(
+                r,
+                "weft_retries_total",
+                "Retry attempts by how they ended (success, failure) or why none was made \
+                 (budget_exhausted, overloaded)",
+                &["cluster", "result"],
+            )?,
+            retry_budget_exhausted_total: counter(
+                r,
+                "weft_retry_budget_exhausted_total",
+                "Retries not made because the cluster's retry budget was spent",
+                &["cluster"],
+            )?,
+            breaker_usage: gauge(
+                r,
+                "weft_breaker_usage",
+                "Current connections / pending requests / active requests / active retries",
+                &["cluster", "limit"],
+            )?,
+            breaker_limit: gauge(
+                r,
+                "weft_breaker_limit",
+                "Configured circuit-breaker limit (0 = unlimited)",
+                &["cluster", "limit"],
+            )?,
+            circuit_open: gauge(
+                r,
+                "weft_circuit_open",
+                "1 while the limit is reached (the last attempt over it was rejected)",
+                &["cluster", "limit"],
+            )?,
+            breaker_rejections_total: counter(
+                r,
+                "weft_breaker_rejections_total",
+                "Requests failed fast with 503 x-weft-overloaded",
+                &["cluster", "limit"],
+            )?,
+            outlier_ejections_total: counter(
+                r,
+                "weft_outlier_ejections_total",
+                "Endpoint ejections by outlier detection",
+                &["cluster", "reason"],
+            )?,
+            outlier_ejected_endpoints: gauge(
+                r,
+                "weft_outlier_ejected_endpoints",
+                "Endpoints currently ejected",
+                &["cluster"],
+            )?,
+            health_check_failures_total: counter(
+                r,
+                "weft_health_check_failures_total",
+                "Failed active health checks",
+                &["cluster"],
+            )?,
+            endpoint_healthy: gauge(
+                r,
+                "weft_endpoint_healthy",
+                "Active health check verdict per endpoint (1 healthy, 0 unhealthy)",
+                &["cluster", "endpoint"],
+            )?,
+            rate_limited_total: counter(
+                r,
+                "weft_rate_limited_total",
+                "Requests/connections refused by a local rate limit",
+                &["scope", "name"],
+            )?,
+        })
+    }
+
+    /// Handles for `cluster`.
+    pub fn cluster(&self, cluster: &str) -> ClusterResilienceMetrics {
+        let per_limit = |v: &IntGaugeVec| LIMITS.map(|l| v.with_label_values(&[cluster, l]));
+        ClusterResilienceMetrics {
+            retry_success: self.retries_total.with_label_values(&[cluster, "success"]),
+            retry_failure: self.retries_total.with_label_values(&[cluster, "failure"]),
+            retry_budget_exhausted: self
+                .retries_total
+                .with_label_values(&[cluster, "budget_exhausted"]),
+            retry_overloaded: self
+                .retries_total
+                .with_label_values(&[cluster, "overloaded"]),
+            budget_exhausted: self
+                .retry_budget_exhausted_total
+                .with_label_values(&[cluster]),
+            breaker_usage: per_limit(&self.breaker_usage),
+            breaker_limit: per_limit(&self.breaker_limit),
+            circuit_open: per_limit(&self.circuit_open),
+            breaker_rejections: LIMITS.map(|l| {
+                self.breaker_rejections_total
+                    .with_label_values(&[cluster, l])
+            }),
+            ejections_consecutive: self
+                .outlier_ejections_total
+                .with_label_values(&[cluster, "consecutive_failures"]),
+            ejections_success_rate: self
+                .outlier_ejections_total
+                .with_label_values(&[cluster, "success_rate"]),
+            ejected_endpoints: self.outlier_ejected_endpoints.with_label_values(&[cluster]),
+            health_check_failures: self
+                .health_check_failures_total
+                .with_label_values(&[cluster]),
+            endpoint_healthy: self.endpoint_healthy.clone(),
+            cluster: cluster.into(),
+        }
+    }
+
+    /// Counter of requests refused by the rate limit of `scope` (`route`/`listener`) `name`.
+    pub fn rate_limited(&self, scope: &str, name: &str) -> IntCounter {
+        self.rate_limited_total.with_label_values(&[scope, name])
+    }
+}
+
+/// Per-cluster handles.
+#[derive(Debug, Clone)]
+pub struct ClusterResilienceMetrics {
+    /// `weft_retries_total{result="success"}`.
+    pub retry_success: IntCounter,
+    /// `weft_retries_total{result="failure"}`.
+    pub retry_failure: IntCounter,
+    /// `weft_retries_total{result="budget_exhausted"}`.
+    pub retry_budget_exhausted: IntCounter,
+    /// `weft_retries_total{result="overloaded"}` (breaker `max_retries` reached).
+    pub retry_overloaded: IntCounter,
+    /// `weft_retry_budget_exhausted_total`.
+    pub budget_exhausted: IntCounter,
+    /// `weft_breaker_usage` per limit.
+    pub breaker_usage: [IntGauge; 4],
+    /// `weft_breaker_limit` per limit.
+    pub breaker_limit: [IntGauge; 4],
+    /// `weft_circuit_open` per limit.
+    pub circuit_open: [IntGauge; 4],
+    /// `weft_breaker_rejections_total` per limit.
+    pub breaker_rejections: [IntCounter; 4],
+    /// `weft_outlier_ejections_total{reason="consecutive_failures"}`.
+    pub ejections_consecutive: IntCounter,
+    /// `weft_outlier_ejections_total{reason="success_rate"}`.
+    pub ejections_success_rate: IntCounter,
+    /// `weft_outlier_ejected_endpoints`.
+    pub ejected_endpoints: IntGauge,
+    /// `weft_health_check_failures_total`.
+    pub health_check_failures: IntCounter,
+    endpoint_healthy: IntGaugeVec,
+    cluster: Box<str>,
+}
+
+impl ClusterResilienceMetrics {
+    /// Sets `weft_endpoint_healthy{endpoint}`.
+    pub fn set_endpoint_healthy(&self, endpoint: &str, healthy: bool) {
+        self.endpoint_healthy
+            .with_label_values(&[&*self.cluster, endpoint])
+            .set(i64::from(healthy));
+    }
+
+    /// For tests: handles registered in a throwaway registry.
+    pub fn detached(cluster: &str) -> Self {
+        // A fresh registry cannot hold duplicates: registration cannot fail here.
+        #[allow(clippy::expect_used)]
+        ResilienceMetrics::new(&Registry::new())
+            .expect("fresh registry")
+            .cluster(cluster)
+    }
+}

@@ -1,0 +1,335 @@
+//! Mesh mTLS between sidecars (rustls, TLS 1.3 only, `ring` provider).
+//!
+//! - [`spiffe`]: SPIFFE IDs and reading them from certificates.
+//! - [`trust`]: the trust bundle (roots + trust domain), swapped whole on change.
+//! - [`verify`]: the client- and server-certificate verifiers (chain + SPIFFE identity).
+//! - [`certs`]: this proxy's certificate, swapped in on renewal; the rustls cert resolver.
+//! - [`renew`]: key + CSR generation, `Identity.Certify`, renewal at ~2/3 of the lifetime.
+//! - [`metrics`]: handshake / expiry / inbound transport / authz-denial metric families.
+//!
+//! [`MeshTls`] ties them together: one server config for every inbound listener, and one client
+//! config per (expected server identity, ALPN) for outbound connections. Every config reads the
+//! certificate and the trust bundle per handshake, so rotation and trust changes take effect for
+//! new handshakes without touching open connections or rebuilding configs. Session resumption is
+//! off on both sides: every connection's peer is verified against the bundle in force.
+
+pub mod certs;
+pub mod control;
+pub mod inbound;
+pub mod io;
+pub mod metrics;
+pub mod renew;
+pub mod spiffe;
+pub mod trust;
+pub mod verify;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
+use rustls::server::NoServerSessionStorage;
+use rustls::{ClientConfig, ServerConfig};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
+use weft_proto::v1;
+
+use self::certs::CertStore;
+use self::metrics::SecurityMetrics;
+use self::spiffe::SpiffeId;
+use self::trust::TrustStore;
+use self::verify::{MeshClientVerifier, MeshServerVerifier};
+
+/// ALPN id for HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN id for HTTP/1.1.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// How long an inbound TLS handshake may take before the connection is closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What an outbound connection offers in ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Alpn {
+    /// `h2` only: the request is HTTP/2.
+    H2,
+    /// `http/1.1` only.
+    Http1,
+    /// No ALPN: opaque TCP.
+    None,
+}
+
+impl Alpn {
+    fn protocols(self) -> Vec<Vec<u8>> {
+        match self {
+            Self::H2 => vec![ALPN_H2.to_vec()],
+            Self::Http1 => vec![ALPN_HTTP1.to_vec()],
+            Self::None => Vec::new(),
+        }
+    }
+}
+
+/// An accepted inbound mTLS connection.
+#[derive(Debug)]
+pub struct Accepted<IO> {
+    /// The decrypted stream.
+    pub stream: server::TlsStream<IO>,
+    /// The client's verified identity.
+    pub peer: SpiffeId,
+    /// Whether the client negotiated `h2` (else HTTP/1.1 or no ALPN).
+    pub h2: bool,
+}
+
+/// Handshake counters, pre-resolved.
+#[derive(Debug, Clone)]
+struct Handshakes {
+    inbound_ok: IntCounter,
+    inbound_err: IntCounter,
+    outbound_ok: IntCounter,
+    outbound_err: IntCounter,
+}
+
+/// The proxy's mTLS context.
+pub struct MeshTls {
+    certs: Arc<CertStore>,
+    trust: Arc<TrustStore>,
+    metrics: SecurityMetrics,
+    handshakes: Handshakes,
+    provider: Arc<CryptoProvider>,
+    acceptor: TlsAcceptor,
+    clients: Mutex<HashMap<(SpiffeId, Alpn), TlsConnector>>,
+}
+
+/// The crypto provider every Weft TLS config uses (explicit, so a second provider linked into the
+/// binary can never be picked by accident).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl std::fmt::Debug for MeshTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshTls")
+            .field("certs", &self.certs)
+            .field("trust", &self.trust)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeshTls {
+    /// A context with no certificate and no trust bundle yet (handshakes fail until both exist).
+    pub fn new(metrics: SecurityMetrics) -> Result<Self, rustls::Error> {
+        let provider = provider();
+        let certs = Arc::new(CertStore::new());
+        let trust = Arc::new(TrustStore::new());
+        let verifier = Arc::new(MeshClientVerifier::new(
+            Arc::clone(&trust),
+            provider.signature_verification_algorithms,
+        ));
+        let mut server = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::clone(&certs) as _);
+        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+        server.session_storage = Arc::new(NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
+        let handshakes = Handshakes {
+            inbound_ok: metrics.handshake("inbound", true),
+            inbound_err: metrics.handshake("inbound", false),
+            outbound_ok: metrics.handshake("outbound", true),
+            outbound_err: metrics.handshake("outbound", false),
+        };
+        Ok(Self {
+            certs,
+            trust,
+            metrics,
+            handshakes,
+            provider,
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// This proxy's certificate.
+    pub fn certs(&self) -> &Arc<CertStore> {
+        &self.certs
+    }
+
+    /// The trust bundle.
+    pub fn trust(&self) -> &Arc<TrustStore> {
+        &self.trust
+    }
+
+    /// The security metric families.
+    pub fn metrics(&self) -> &SecurityMetrics {
+        &self.metrics
+    }
+
+    /// Terminates inbound mTLS on `io` (whose first bytes are a ClientHello), within
+    /// [`HANDSHAKE_TIMEOUT`].
+    pub async fn accept<IO>(&self, io: IO) -> std::io::Result<Accepted<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(io)).await;
+        let stream = match result {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.handshakes.inbound_err.inc();
+                return Err(e);
+            }
+            Err(_) => {
+                self.handshakes.inbound_err.inc();
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                ));
+            }
+        };
+        let conn = stream.get_ref().1;
+        // The verifier accepted exactly one SPIFFE ID in the leaf; read it back.
+        let peer = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(SpiffeId::from_cert);
+        let Some(Ok(peer)) = peer else {
+            self.handshakes.inbound_err.inc();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "client presented no verifiable identity",
+            ));
+        };
+        let h2 = conn.alpn_protocol() == Some(ALPN_H2);
+        self.handshakes.inbound_ok.inc();
+        Ok(Accepted { stream, peer, h2 })
+    }
+
+    /// The connector for servers that must be `expected`, offering `alpn`.
+    pub fn connector(
+        &self,
+        expected: &SpiffeId,
+        alpn: Alpn,
+    ) -> Result<TlsConnector, rustls::Error> {
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = clients.get(&(expected.clone(), alpn)) {
+            return Ok(c.clone());
+        }
+        let verifier = Arc::new(MeshServerVerifier::new(
+            Arc::clone(&self.trust),
+            self.provider.signature_verification_algorithms,
+            expected.clone(),
+        ));
+        let mut config = ClientConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::clone(&self.certs) as _);
+        config.alpn_protocols = alpn.protocols();
+        config.resumption = Resumption::disabled();
+        let connector = TlsConnector::from(Arc::new(config));
+        clients.insert((expected.clone(), alpn), connector.clone());
+        Ok(connector)
+    }
+
+    /// Originates mTLS on `io` to a sidecar at `ip` that must be `expected`.
+    pub async fn connect<IO>(
+        &self,
+        io: IO,
+        ip: IpAddr,
+        expected: &SpiffeId,
+        alpn: Alpn,
+    ) -> std::io::Result<client::TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let connector = self
+            .connector(expected, alpn)
+            .map_err(std::io::Error::other)?;
+        // Identity is checked against `expected`, not a host name; an IP name sends no SNI.
+        match connector
+            .connect(ServerName::IpAddress(ip.into()), io)
+            .await
+        {
+            Ok(s) => {
+                self.handshakes.outbound_ok.inc();
+                Ok(s)
+            }
+            Err(e) => {
+                self.handshakes.outbound_err.inc();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The process's mesh identity for originating mTLS, set once at start when the bootstrap
+/// configures a join token. Upstream pools and TCP proxying read it when connecting to an
+/// endpoint that has an identity; without it (a proxy run without identity) they connect in
+/// plaintext, which only permissive and disabled peers accept.
+static ORIGINATION: OnceLock<Arc<MeshTls>> = OnceLock::new();
+
+/// Makes `tls` the context outbound connections to mesh endpoints use (first call wins).
+pub fn install_origination(tls: Arc<MeshTls>) {
+    let _ = ORIGINATION.set(tls);
+}
+
+/// The context for outbound mTLS, if this proxy has a mesh identity.
+pub fn origination() -> Option<&'static Arc<MeshTls>> {
+    ORIGINATION.get()
+}
+
+/// Wraps a freshly connected `tcp` to an endpoint in mTLS when `expected` is set and this proxy
+/// has a mesh identity; plaintext otherwise.
+pub async fn originate(
+    tcp: tokio::net::TcpStream,
+    ip: IpAddr,
+    expected: Option<&SpiffeId>,
+    alpn: Alpn,
+) -> std::io::Result<io::ClientIo> {
+    match (expected, origination()) {
+        (Some(id), Some(tls)) => {
+            let s = tls.connect(tcp, ip, id, alpn).await?;
+            Ok(io::ClientIo::Tls(Box::new(s)))
+        }
+        _ => Ok(io::ClientIo::Plain(tcp)),
+    }
+}
+
+/// The identity outbound connections to `endpoint` of `cluster` must find, if they are mTLS:
+/// the endpoint names one and the cluster's mode is not `DISABLED`.
+pub fn mesh_identity(cluster: &v1::Cluster, endpoint: &v1::Endpoint) -> Option<SpiffeId> {
+    if endpoint.identity.is_empty()
+        || inbound::MtlsMode::from_proto(cluster.mtls) == Some(inbound::MtlsMode::Disabled)
+    {
+        return None;
+    }
+    match SpiffeId::parse(&endpoint.identity) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            // Validated by the control plane; a bad one is connected to in plaintext, which a
+            // strict peer refuses, rather than failing the whole snapshot.
+            tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.address, error = %e, "ignoring invalid endpoint identity");
+            None
+        }
+    }
+}
+
+/// Whether `first` (the first bytes of a connection) start a TLS handshake record.
+pub fn looks_like_tls(first: &[u8]) -> bool {
+    // ContentType handshake (22), then a legacy record version 3.x.
+    match first {
+        [] => false,
+        [0x16] => true,
+        [0x16, 0x03, ..] => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;
