@@ -40,6 +40,9 @@ pub enum StartError {
     /// Metrics registration failed.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// The access log or the span exporter could not be started.
+    #[error(transparent)]
+    Observe(#[from] crate::observe::ObserveError),
     /// Spawning the control thread failed.
     #[error("spawning the control thread: {0}")]
     Thread(std::io::Error),
@@ -89,6 +92,16 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         source,
     })?;
     let metrics = Metrics::new()?;
+    let observability = crate::observe::Observability::start(
+        &bootstrap.observability,
+        &crate::observe::NodeInfo {
+            service: bootstrap.node.service.clone(),
+            namespace: bootstrap.node.namespace.clone(),
+            id: bootstrap.node_id(),
+        },
+        metrics.registry(),
+    )?;
+    crate::observe::install(observability);
     let store: Arc<SnapshotStore> = Arc::new(SnapshotStore::empty());
     let plane = DataPlane {
         store: Arc::clone(&store),

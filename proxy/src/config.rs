@@ -61,6 +61,9 @@ pub struct Bootstrap {
     /// How long a removed listener (or a shutting-down proxy) may finish open connections.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Access log, trace propagation/export and metric switches (see [`crate::observe`]).
+    #[serde(default)]
+    pub observability: crate::observe::ObservabilityConfig,
     /// Data-path worker threads; `None` = one per CPU. `WEFT_WORKER_THREADS` overrides it
     /// (applied by [`Bootstrap::load`]); see [`Bootstrap::worker_threads`].
     #[serde(default)]
@@ -221,6 +224,9 @@ impl Bootstrap {
                 "worker_threads",
                 "must be at least 1 (omit it for one per CPU)".into(),
             ));
+        }
+        if let Err((field, reason)) = b.observability.validate() {
+            return Err(invalid(field, reason));
         }
         match b.control_plane.parse::<http::Uri>() {
             Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}

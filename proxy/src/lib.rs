@@ -14,10 +14,12 @@
 //! - [`tcp`]: opaque TCP proxying with half-close.
 //! - [`drain`]: drain signalling between listeners and connections.
 //! - [`metrics`]: Prometheus families and pre-resolved handles.
+//! - [`observe`]: access logs, trace propagation and OTLP span export.
 //! - [`admin`]: `/metrics`, `/ready`, `/live`, `/config_dump`.
 //! - [`tls`]: mesh mTLS (certificates, trust bundle, verifiers, renewal).
 //! - [`authz`]: authorization policies for the inbound side.
 //! - [`app`]: runtimes, threads, signals.
+//! - [`attempts`]: one request's tries against a cluster (breaker, balancer, retries, outlier reports).
 //! - [`lb`]: endpoint load balancing (P2C over peak EWMA, round robin, least request, ring hash).
 //! - [`retry`]: retry policy, retry budget, replayable request bodies.
 //! - [`breaker`]: per-cluster circuit-breaker limits.
@@ -28,6 +30,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod attempts;
 pub mod authz;
 pub mod balance;
 pub mod breaker;
@@ -40,6 +43,7 @@ pub mod http;
 pub mod lb;
 pub mod listen;
 pub mod metrics;
+pub mod observe;
 pub mod outlier;
 pub mod pipeline;
 pub mod ratelimit;

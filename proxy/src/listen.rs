@@ -21,8 +21,11 @@ use tokio::runtime::Handle;
 use crate::drain::{DrainSignal, DrainWatch};
 use crate::http::{self, ServerBuilder};
 use crate::pipeline::HttpProxy;
-use crate::snapshot::{ListenerKind, Rejection, Snapshot, SnapshotStore};
+use crate::snapshot::{Direction, ListenerKind, Rejection, Snapshot, SnapshotStore};
 use crate::tcp;
+use crate::tls::inbound;
+use crate::tls::io::ServerIo;
+use crate::tls::MeshTls;
 
 /// Listen backlog for every listener.
 const BACKLOG: i32 = 1024;
@@ -36,6 +39,8 @@ pub struct DataPlane {
     pub drain_timeout: Duration,
     /// HTTP server settings.
     pub http: Arc<ServerBuilder>,
+    /// Mesh mTLS (inbound termination).
+    pub tls: Arc<MeshTls>,
 }
 
 struct Running {
@@ -196,6 +201,33 @@ fn dispatch(stream: TcpStream, addr: SocketAddr, plane: &DataPlane, drain: &Drai
     let _ = stream.set_nodelay(true);
     let drain = drain.clone();
     let timeout = plane.drain_timeout;
+    if listener.direction == Direction::Inbound {
+        // Peers' sidecars (mTLS) or plaintext clients, as the listener's mode allows.
+        let plane = plane.clone();
+        tokio::spawn(async move {
+            let detect_timeout = match listener.kind {
+                ListenerKind::Http(_) => inbound::DETECT_TIMEOUT_HTTP,
+                ListenerKind::Tcp { .. } => inbound::DETECT_TIMEOUT_TCP,
+            };
+            let Some(conn) = inbound::accept(stream, listener.mtls, &plane.tls, detect_timeout).await
+            else {
+                return;
+            };
+            match &listener.kind {
+                ListenerKind::Http(_) => {
+                    let service = HttpProxy::new(Arc::clone(&plane.store), Arc::clone(&listener))
+                        .with_peer(conn.peer);
+                    let builder = Arc::clone(&plane.http);
+                    http::serve_connection(conn.io, builder, service, drain, timeout).await;
+                }
+                ListenerKind::Tcp { .. } => {
+                    tcp::proxy_connection(conn.io, conn.peer, listener, drain, timeout).await;
+                }
+            }
+        });
+        return;
+    }
+    // Outbound: the local app, always plaintext.
     match &listener.kind {
         ListenerKind::Http(_) => {
             let service = HttpProxy::new(Arc::clone(&plane.store), Arc::clone(&listener));
@@ -205,7 +237,13 @@ fn dispatch(stream: TcpStream, addr: SocketAddr, plane: &DataPlane, drain: &Drai
             ));
         }
         ListenerKind::Tcp { .. } => {
-            tokio::spawn(tcp::proxy_connection(stream, listener, drain, timeout));
+            tokio::spawn(tcp::proxy_connection(
+                ServerIo::Plain(stream),
+                None,
+                listener,
+                drain,
+                timeout,
+            ));
         }
     }
 }

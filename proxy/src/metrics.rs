@@ -45,6 +45,9 @@ pub struct Metrics {
     config_version_info: IntGaugeVec,
     config_updates_total: IntCounterVec,
     upstream_connect_errors_total: IntCounterVec,
+    resilience: crate::resilience_metrics::ResilienceMetrics,
+    /// Security families (mTLS, certificates, authorization): `crate::tls::metrics`.
+    pub security: crate::tls::metrics::SecurityMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -150,8 +153,20 @@ impl Metrics {
                     &["cluster"],
                 ),
             )?,
+            resilience: crate::resilience_metrics::ResilienceMetrics::new(&r)?,
+            security: crate::tls::metrics::SecurityMetrics::register(&r).map_err(|source| {
+                MetricsError::Register {
+                    name: "weft security metrics",
+                    source,
+                }
+            })?,
             registry: r,
         })
+    }
+
+    /// The registry, for modules that register their own families (`observe`).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// The Prometheus text exposition of every family.
@@ -193,6 +208,11 @@ impl Metrics {
                 .tcp_bytes_total
                 .with_label_values(&[direction, cluster, "tx"]),
         }
+    }
+
+    /// The retry / breaker / outlier / health-check / rate-limit families.
+    pub fn resilience(&self) -> &crate::resilience_metrics::ResilienceMetrics {
+        &self.resilience
     }
 
     /// Counter of failed connects to endpoints of `cluster`.
@@ -279,8 +299,17 @@ impl std::fmt::Debug for RequestMetrics {
 }
 
 impl RequestMetrics {
+    /// The `route` label (access logs and spans name the route with it).
+    pub fn route(&self) -> &str {
+        &self.labels[1]
+    }
+
     /// Records one finished request.
     pub fn record(&self, code: http::StatusCode, grpc_status: &str, seconds: f64) {
+        // `observability.metrics.requests: false` (the on/off benchmark).
+        if !crate::observe::request_metrics_enabled() {
+            return;
+        }
         self.duration.observe(seconds);
         let counter = |code: &str| {
             let [d, r, c] = &self.labels;

@@ -24,13 +24,19 @@ use std::time::{Duration, Instant};
 use http::{header, Request, Response, Version};
 use hyper::body::Incoming;
 
+use crate::attempts::{self, Answer};
+use crate::authz::{self, AuthzRequest};
+use crate::breaker::Limit;
 use crate::cluster::{Cluster, UpstreamProtocol};
 use crate::http::body::{Completion, ResponseBody};
 use crate::http::error::ProxyError;
 use crate::http::headers::{prepare_request, strip_hop_by_hop};
 use crate::metrics::RequestMetrics;
+use crate::ratelimit::retry_after_secs;
+use crate::retry::RetryPolicy;
 use crate::route::{normalize_host, RequestInfo};
-use crate::snapshot::{HttpListener, Listener, ListenerKind, SnapshotStore};
+use crate::snapshot::{Direction, HttpListener, Listener, ListenerKind, SnapshotStore};
+use crate::tls::spiffe::SpiffeId;
 use crate::upstream::Wire;
 
 /// The hyper service of one downstream HTTP connection.
@@ -40,6 +46,8 @@ pub struct HttpProxy {
     /// The listener as it was when the connection was accepted: used if a later snapshot no
     /// longer has an HTTP listener at this address (the connection is draining).
     accepted_on: Arc<Listener>,
+    /// The client's verified mesh identity (inbound mTLS connections).
+    peer: Option<Arc<SpiffeId>>,
 }
 
 type ResponseFuture =
@@ -50,6 +58,9 @@ struct Target {
     cluster: Arc<Cluster>,
     metrics: Arc<RequestMetrics>,
     route_timeout: Option<Duration>,
+    retry: Option<Arc<RetryPolicy>>,
+    /// The route's rate limit refused the request: `Retry-After` seconds.
+    rate_limited: Option<u64>,
 }
 
 impl HttpProxy {
@@ -58,7 +69,15 @@ impl HttpProxy {
         Self {
             store,
             accepted_on: listener,
+            peer: None,
         }
+    }
+
+    /// This service for a connection whose client proved `peer` (inbound mTLS).
+    #[must_use]
+    pub fn with_peer(mut self, peer: Option<SpiffeId>) -> Self {
+        self.peer = peer.map(Arc::new);
+        self
     }
 
     /// Routes `req` against the listener's current config: `Err` is a finished 404.
@@ -82,10 +101,18 @@ impl HttpProxy {
         };
         if let Some(route) = http.routes.as_ref().and_then(|t| t.find(&info)) {
             if let Some(dest) = route.destinations.pick() {
+                let rate_limited = route.rate_limit.as_ref().and_then(|(limit, refused)| {
+                    limit.check().err().map(|wait| {
+                        refused.inc();
+                        retry_after_secs(wait)
+                    })
+                });
                 return Ok(Target {
                     cluster: Arc::clone(&dest.cluster),
                     metrics: Arc::clone(dest.metrics()),
                     route_timeout: route.timeout,
+                    retry: route.retry.clone(),
+                    rate_limited,
                 });
             }
         }
@@ -94,6 +121,8 @@ impl HttpProxy {
                 cluster: Arc::clone(&c.cluster),
                 metrics: Arc::clone(&c.metrics),
                 route_timeout: None,
+                retry: None,
+                rate_limited: None,
             }),
             None => Err(ProxyError::NoRoute {
                 host: host.to_string(),
@@ -108,7 +137,26 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
     type Error = Infallible;
     type Future = ResponseFuture;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        // Access log / tracing (`observe`): `None`, at the cost of one atomic load, unless
+        // observability is on; may rewrite `traceparent`. Finished when the response body ends.
+        match crate::observe::start(&self.accepted_on, &mut req) {
+            None => self.proxy(req),
+            Some(observation) => {
+                let response = self.proxy(req);
+                Box::pin(async move {
+                    let mut response = response.await?;
+                    crate::observe::attach(observation, &mut response);
+                    Ok(response)
+                })
+            }
+        }
+    }
+}
+
+impl HttpProxy {
+    /// The request path proper (everything [`HttpProxy::call`] does besides observing).
+    fn proxy(&self, mut req: Request<Incoming>) -> ResponseFuture {
         let start = Instant::now();
         let snapshot = self.store.load();
         let current = snapshot
@@ -120,7 +168,35 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
             // Connections are only served as HTTP when accepted on an HTTP listener.
             return Box::pin(async { Ok(Response::new(ResponseBody::local(Default::default()))) });
         };
-        let target = self.select(http, &req);
+        // Inbound: the app learns the verified caller (never a client-sent value), and the
+        // listener's authorization policy decides before anything else (`crate::authz`).
+        if current.direction == Direction::Inbound {
+            let peer = self.peer.as_deref();
+            authz::set_peer_identity(req.headers_mut(), peer);
+            let request = AuthzRequest {
+                peer,
+                method: Some(req.method().as_str()),
+                path: Some(req.uri().path()),
+            };
+            if let Err(policy) = authz::check(current.authz.as_deref(), &request) {
+                if let Some(denied) = &current.authz_denied {
+                    denied.inc();
+                }
+                tracing::debug!(%policy, peer = ?peer.map(SpiffeId::as_str), "request denied by authorization policy");
+                let resp = ProxyError::Forbidden(policy).to_response();
+                return Box::pin(async move { Ok(resp) });
+            }
+        }
+        let limited = http.rate_limit.as_ref().and_then(|(limit, refused)| {
+            limit.check().err().map(|wait| {
+                refused.inc();
+                ProxyError::RateLimited(retry_after_secs(wait))
+            })
+        });
+        let target = match limited {
+            Some(e) => Err(e),
+            None => self.select(http, &req),
+        };
         let no_route_metrics = target.is_err().then(|| Arc::clone(http.no_route_metrics()));
         drop(snapshot);
         match target {
@@ -131,7 +207,7 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
                 if let Some(m) = no_route_metrics {
                     m.record(e.status(), "", start.elapsed().as_secs_f64());
                 }
-                tracing::debug!(error = %e, "no route");
+                tracing::debug!(error = %e, "refused before routing");
                 let resp = e.to_response();
                 Box::pin(async move { Ok(resp) })
             }
@@ -150,16 +226,30 @@ async fn forward(
         cluster,
         metrics,
         route_timeout,
+        retry,
+        rate_limited,
     } = target;
     let fail = |e: ProxyError| {
         tracing::debug!(cluster = %cluster.name, error = %e, "request failed");
         metrics.record(e.status(), "", start.elapsed().as_secs_f64());
         e.to_response()
     };
-    let Some(endpoint) = cluster.pick() else {
+    if let Some(secs) = rate_limited {
+        return Ok(fail(ProxyError::RateLimited(secs)));
+    }
+    let Some(any_endpoint) = cluster.endpoints.first() else {
         return Ok(fail(ProxyError::NoEndpoints {
             cluster: cluster.name.to_string(),
         }));
+    };
+    // Held until the response body ends (max_requests).
+    let active = match cluster
+        .state()
+        .breaker
+        .try_acquire(Limit::Requests, cluster.breaker.get(Limit::Requests))
+    {
+        Ok(p) => p,
+        Err(l) => return Ok(fail(ProxyError::Overloaded(l))),
     };
     let downstream_version = req.version();
     let wire = match cluster.protocol {
@@ -168,21 +258,27 @@ async fn forward(
         UpstreamProtocol::Preserve if downstream_version == Version::HTTP_2 => Wire::H2,
         UpstreamProtocol::Preserve => Wire::H1,
     };
-    prepare_request(&mut req, wire, endpoint.addr);
+    // Any endpoint's address is the authority of last resort (a request without any host).
+    prepare_request(&mut req, wire, any_endpoint.addr);
+    crate::observe::note_route(&req, metrics.route(), &cluster.name);
+    let hash = cluster.request_hash(req.headers(), None);
 
-    let send = endpoint
-        .pool
-        .send(req, wire, cluster.connect_timeout, &cluster.connect_errors);
-    let result = match route_timeout.or(cluster.request_timeout) {
+    let limit = route_timeout.or(cluster.request_timeout);
+    let deadline = limit.map(|l| tokio::time::Instant::now() + l);
+    let send = attempts::send(req, &cluster, retry.as_deref(), hash, wire, deadline);
+    let result = match limit {
         Some(limit) => match tokio::time::timeout(limit, send).await {
             Ok(r) => r,
             Err(_) => return Ok(fail(ProxyError::RequestTimeout(limit))),
         },
         None => send.await,
     };
-    let (resp, pooled) = match result {
+    let Answer {
+        response: resp,
+        pooled,
+    } = match result {
         Ok(ok) => ok,
-        Err(e) => return Ok(fail(e.into())),
+        Err(e) => return Ok(fail(e)),
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -193,6 +289,7 @@ async fn forward(
         metrics,
         start,
         pooled,
+        active: Some(active),
     };
     Ok(Response::from_parts(
         parts,

@@ -46,6 +46,10 @@ pub struct Route {
     pub destinations: WeightedPick<Destination>,
     /// Route timeout overriding the cluster's default.
     pub timeout: Option<Duration>,
+    /// Retry policy; `None` = no retries.
+    pub retry: Option<Arc<crate::retry::RetryPolicy>>,
+    /// Local rate limit and its `weft_rate_limited_total{scope="route"}` counter.
+    pub rate_limit: Option<(crate::ratelimit::RateLimiter, prometheus::IntCounter)>,
 }
 
 /// A route's destination cluster and the lazily resolved metric handles for the pair.
@@ -320,6 +324,22 @@ impl Route {
             }
         }
 
+        let retry = match r.retry.as_ref().map(crate::retry::RetryPolicy::from_proto) {
+            None => None,
+            Some(Ok(p)) => Some(Arc::new(p)),
+            Some(Err((field, reason))) => {
+                reject(format!("retry.{field}"), reason);
+                None
+            }
+        };
+        let rate_limit = match crate::ratelimit::RateLimiter::from_proto(r.rate_limit.as_ref()) {
+            Ok(l) => l.map(|l| (l, metrics.resilience().rate_limited("route", &label))),
+            Err((field, reason)) => {
+                reject(field.into(), reason);
+                None
+            }
+        };
+
         let mut dests = Vec::new();
         if r.destinations.is_empty() {
             reject(
@@ -356,6 +376,8 @@ impl Route {
             methods: methods.into(),
             destinations: WeightedPick::new(dests),
             timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
+            retry,
+            rate_limit,
         })
     }
 

@@ -13,9 +13,14 @@ use std::sync::{Arc, OnceLock};
 use arc_swap::ArcSwapOption;
 use weft_proto::v1;
 
+use prometheus::IntCounter;
+
+use crate::authz::{build_policies, AuthzPolicy, Policies};
 use crate::cluster::Cluster;
 use crate::metrics::{Metrics, RequestMetrics, TcpMetrics};
 use crate::route::RouteTable;
+use crate::tls::inbound::MtlsMode;
+use crate::tls::trust::TrustBundle;
 
 /// Where the data path finds the current snapshot; empty until the first one is applied.
 pub type SnapshotStore = ArcSwapOption<Snapshot>;
@@ -56,7 +61,7 @@ pub fn nack_reason(rejections: &[Rejection]) -> String {
         .join("; ")
 }
 
-/// The four resource types, with their proto enum and metric label.
+/// The resource types, with their proto enum and metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ResourceKind {
     /// Listener set.
@@ -67,15 +72,21 @@ pub enum ResourceKind {
     Clusters,
     /// Endpoints.
     Endpoints,
+    /// Authorization policies.
+    Policies,
+    /// Trust domain and roots.
+    Trust,
 }
 
 impl ResourceKind {
     /// Every kind, in a stable order.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 6] = [
         Self::Listeners,
         Self::Routes,
         Self::Clusters,
         Self::Endpoints,
+        Self::Policies,
+        Self::Trust,
     ];
 
     /// The name used in metrics and `/config_dump`.
@@ -85,6 +96,8 @@ impl ResourceKind {
             Self::Routes => "routes",
             Self::Clusters => "clusters",
             Self::Endpoints => "endpoints",
+            Self::Policies => "policies",
+            Self::Trust => "trust",
         }
     }
 
@@ -95,6 +108,8 @@ impl ResourceKind {
             Self::Routes => v1::ResourceType::Routes,
             Self::Clusters => v1::ResourceType::Clusters,
             Self::Endpoints => v1::ResourceType::Endpoints,
+            Self::Policies => v1::ResourceType::Policies,
+            Self::Trust => v1::ResourceType::Trust,
         }
     }
 }
@@ -110,6 +125,10 @@ pub struct Resources {
     pub clusters: Option<v1::ClusterSet>,
     /// Endpoints.
     pub endpoints: Option<v1::EndpointSet>,
+    /// Authorization policies.
+    pub policies: Option<v1::PolicySet>,
+    /// Trust domain and roots.
+    pub trust: Option<v1::TrustSet>,
 }
 
 impl Resources {
@@ -120,6 +139,8 @@ impl Resources {
             routes: resp.routes.clone().or_else(|| self.routes.clone()),
             clusters: resp.clusters.clone().or_else(|| self.clusters.clone()),
             endpoints: resp.endpoints.clone().or_else(|| self.endpoints.clone()),
+            policies: resp.policies.clone().or_else(|| self.policies.clone()),
+            trust: resp.trust.clone().or_else(|| self.trust.clone()),
         }
     }
 
@@ -130,6 +151,8 @@ impl Resources {
             ResourceKind::Routes => self.routes.as_ref().map(|s| s.version.as_str()),
             ResourceKind::Clusters => self.clusters.as_ref().map(|s| s.version.as_str()),
             ResourceKind::Endpoints => self.endpoints.as_ref().map(|s| s.version.as_str()),
+            ResourceKind::Policies => self.policies.as_ref().map(|s| s.version.as_str()),
+            ResourceKind::Trust => self.trust.as_ref().map(|s| s.version.as_str()),
         }
     }
 
@@ -161,6 +184,12 @@ pub fn carried(resp: &v1::DiscoveryResponse) -> Vec<(ResourceKind, String)> {
     }
     if let Some(s) = &resp.endpoints {
         out.push((ResourceKind::Endpoints, s.version.clone()));
+    }
+    if let Some(s) = &resp.policies {
+        out.push((ResourceKind::Policies, s.version.clone()));
+    }
+    if let Some(s) = &resp.trust {
+        out.push((ResourceKind::Trust, s.version.clone()));
     }
     out
 }
@@ -195,6 +224,12 @@ pub struct Listener {
     pub direction: Direction,
     /// What it serves.
     pub kind: ListenerKind,
+    /// Inbound listeners: whether peers must use mTLS.
+    pub mtls: MtlsMode,
+    /// Inbound listeners: the authorization policy guarding them (`None` = allow all).
+    pub authz: Option<Arc<AuthzPolicy>>,
+    /// `weft_authz_denied_total{direction,policy,protocol}` of this listener's policy.
+    pub authz_denied: Option<IntCounter>,
 }
 
 /// HTTP routing or opaque TCP forwarding.
@@ -222,6 +257,9 @@ pub struct HttpListener {
     no_route: OnceLock<Arc<RequestMetrics>>,
     metrics: Metrics,
     direction: Direction,
+    /// Local rate limit of every request on this listener and its
+    /// `weft_rate_limited_total{scope="listener"}` counter.
+    pub rate_limit: Option<(crate::ratelimit::RateLimiter, prometheus::IntCounter)>,
 }
 
 /// The catch-all destination of an HTTP listener; its route label is the listener's name.
@@ -254,6 +292,10 @@ pub struct Snapshot {
     pub listeners: HashMap<SocketAddr, Arc<Listener>>,
     /// Clusters by name.
     pub clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    /// Authorization policies by name.
+    pub policies: Policies,
+    /// The `TRUST` resource, parsed (`None` until the control plane sends one).
+    pub trust: Option<Arc<TrustBundle>>,
 }
 
 impl Snapshot {
@@ -265,6 +307,20 @@ impl Snapshot {
     ) -> Result<Self, Vec<Rejection>> {
         let mut errors = Vec::new();
         let clusters = build_clusters(&resources, previous, metrics, &mut errors);
+        let policies = build_policies(resources.policies.as_ref()).unwrap_or_else(|mut e| {
+            errors.append(&mut e);
+            Policies::new()
+        });
+        let trust = match &resources.trust {
+            None => None,
+            Some(t) => match TrustBundle::from_pem(&t.trust_domain, &t.roots_pem) {
+                Ok(b) => Some(Arc::new(b)),
+                Err(e) => {
+                    errors.push(Rejection::new("trust", "trust", e.to_string()));
+                    None
+                }
+            },
+        };
         let tables: HashMap<&str, &v1::RouteTable> = resources
             .routes
             .iter()
@@ -367,12 +423,26 @@ impl Snapshot {
                         )),
                         cluster,
                     });
+                    let rate_limit =
+                        match crate::ratelimit::RateLimiter::from_proto(l.rate_limit.as_ref()) {
+                            Ok(limit) => limit.map(|limit| {
+                                (
+                                    limit,
+                                    metrics.resilience().rate_limited("listener", &l.name),
+                                )
+                            }),
+                            Err((field, reason)) => {
+                                errors.push(Rejection::new(res, field, reason));
+                                continue;
+                            }
+                        };
                     ListenerKind::Http(HttpListener {
                         routes,
                         catch_all,
                         no_route: OnceLock::new(),
                         metrics: metrics.clone(),
                         direction,
+                        rate_limit,
                     })
                 }
                 _ => {
@@ -384,11 +454,41 @@ impl Snapshot {
                     continue;
                 }
             };
+            let Some(mtls) = MtlsMode::from_proto(l.mtls) else {
+                errors.push(Rejection::new(
+                    res,
+                    "mtls",
+                    format!("unknown mTLS mode {}", l.mtls),
+                ));
+                continue;
+            };
+            let authz = if l.authorization.is_empty() {
+                None
+            } else if let Some(p) = policies.get(l.authorization.as_str()) {
+                Some(Arc::clone(p))
+            } else {
+                errors.push(Rejection::new(
+                    res,
+                    "authorization",
+                    format!("unknown authorization policy {:?}", l.authorization),
+                ));
+                continue;
+            };
+            let protocol = match kind {
+                ListenerKind::Http(_) => "http",
+                ListenerKind::Tcp { .. } => "tcp",
+            };
+            let authz_denied = authz
+                .as_ref()
+                .map(|p| metrics.security.authz_denied(direction.as_str(), &p.name, protocol));
             let listener = Listener {
                 name: l.name.as_str().into(),
                 addr,
                 direction,
                 kind,
+                mtls,
+                authz,
+                authz_denied,
             };
             if let Some(other) = listeners.insert(addr, Arc::new(listener)) {
                 errors.push(Rejection::new(
@@ -415,6 +515,8 @@ impl Snapshot {
             resources,
             listeners,
             clusters,
+            policies,
+            trust,
         })
     }
 }
@@ -551,6 +653,8 @@ pub(crate) mod tests {
                     }],
                 }],
             }),
+            policies: None,
+            trust: None,
         }
     }
 

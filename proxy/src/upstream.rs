@@ -21,6 +21,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
+use crate::tls::io::ClientIo;
+use crate::tls::spiffe::SpiffeId;
+use crate::tls::{originate, Alpn};
+
+use crate::breaker::{ConnectionGate, Permit};
+use crate::retry::RequestBody;
+
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 512;
 /// Idle HTTP/1.1 connections older than this are closed instead of reused.
@@ -45,6 +52,15 @@ pub enum UpstreamError {
         /// The cluster's connect timeout.
         after: Duration,
     },
+    /// The mTLS handshake with a mesh endpoint failed (wrong identity, untrusted chain, no
+    /// certificate of our own, ...).
+    #[error("mTLS handshake with {addr} failed: {source}")]
+    Tls {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// rustls' error, as I/O.
+        source: std::io::Error,
+    },
     /// The HTTP handshake (h2 preface/settings) failed.
     #[error("handshake with {addr} failed: {source}")]
     Handshake {
@@ -61,6 +77,12 @@ pub enum UpstreamError {
         addr: SocketAddr,
         /// hyper's error (a user body error).
         source: hyper::Error,
+    },
+    /// The cluster's `max_connections` circuit-breaker limit is reached.
+    #[error("connection limit of the cluster reached; not connecting to {addr}")]
+    Overloaded {
+        /// The endpoint.
+        addr: SocketAddr,
     },
     /// The connection closed or was reset before a response arrived.
     #[error("upstream {addr} reset before responding: {source}")]
@@ -101,23 +123,29 @@ pub enum Wire {
 }
 
 struct IdleH1 {
-    tx: http1::SendRequest<Incoming>,
+    tx: http1::SendRequest<RequestBody>,
     since: Instant,
 }
 
 /// Connections to one endpoint.
 pub struct EndpointPool {
     addr: SocketAddr,
+    /// The identity the endpoint's sidecar must present: connections are mTLS when set (and
+    /// this proxy has a mesh identity). Part of the pool's key: a new identity means a new pool.
+    mesh: Option<SpiffeId>,
     idle_h1: Mutex<VecDeque<IdleH1>>,
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
     /// Serializes establishing the shared h2 connection (single flight).
     h2_connecting: tokio::sync::Mutex<()>,
+    /// The cluster's `max_connections` breaker: every open connection holds a permit.
+    gate: Option<Arc<ConnectionGate>>,
 }
 
 impl std::fmt::Debug for EndpointPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EndpointPool")
             .field("addr", &self.addr)
+            .field("mesh", &self.mesh)
             .finish_non_exhaustive()
     }
 }
@@ -126,7 +154,7 @@ impl std::fmt::Debug for EndpointPool {
 /// response body is complete, or drop it to close the connection.
 #[derive(Debug)]
 pub struct PooledH1 {
-    tx: http1::SendRequest<Incoming>,
+    tx: http1::SendRequest<RequestBody>,
     pool: Arc<EndpointPool>,
 }
 
@@ -148,10 +176,27 @@ impl EndpointPool {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
+            mesh: None,
             idle_h1: Mutex::new(VecDeque::new()),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
+            gate: None,
         }
+    }
+
+    /// An empty pool whose connections count against `gate` (circuit breaker).
+    pub fn with_gate(addr: SocketAddr, gate: Arc<ConnectionGate>) -> Self {
+        Self {
+            gate: Some(gate),
+            ..Self::new(addr)
+        }
+    }
+
+    /// This pool, with connections that are mTLS expecting `mesh` when set.
+    #[must_use]
+    pub fn mesh(mut self, mesh: Option<SpiffeId>) -> Self {
+        self.mesh = mesh;
+        self
     }
 
     /// The endpoint address.
@@ -159,11 +204,16 @@ impl EndpointPool {
         self.addr
     }
 
+    /// The identity the endpoint must present, if connections to it are mTLS.
+    pub fn mesh_identity(&self) -> Option<&SpiffeId> {
+        self.mesh.as_ref()
+    }
+
     /// Sends `req` over `wire`, connecting if needed. For HTTP/1.1 the connection comes back with
     /// the response and must be released after the body ends.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         wire: Wire,
         connect_timeout: Duration,
         connect_errors: &IntCounter,
@@ -186,12 +236,22 @@ impl EndpointPool {
         }
     }
 
+    /// TCP connect, then the mTLS handshake to a mesh endpoint (ALPN per `wire`), each within
+    /// `timeout`.
     async fn connect(
         &self,
         timeout: Duration,
         errors: &IntCounter,
-    ) -> Result<TokioIo<TcpStream>, UpstreamError> {
+        wire: Wire,
+    ) -> Result<(TokioIo<ClientIo>, Option<Permit>), UpstreamError> {
         let addr = self.addr;
+        let permit = match &self.gate {
+            Some(g) => Some(
+                g.try_open()
+                    .map_err(|_| UpstreamError::Overloaded { addr })?,
+            ),
+            None => None,
+        };
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => {
@@ -208,10 +268,31 @@ impl EndpointPool {
         };
         // Best effort: latency matters more than packet count for request/response traffic.
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        let alpn = match wire {
+            Wire::H1 => Alpn::Http1,
+            Wire::H2 => Alpn::H2,
+        };
+        let tls = tokio::time::timeout(
+            timeout,
+            originate(stream, addr.ip(), self.mesh.as_ref(), alpn),
+        );
+        match tls.await {
+            Ok(Ok(io)) => Ok((TokioIo::new(io), permit)),
+            Ok(Err(source)) => {
+                errors.inc();
+                Err(UpstreamError::Tls { addr, source })
+            }
+            Err(_) => {
+                errors.inc();
+                Err(UpstreamError::ConnectTimeout {
+                    addr,
+                    after: timeout,
+                })
+            }
+        }
     }
 
-    fn pop_idle_h1(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn pop_idle_h1(&self) -> Option<http1::SendRequest<RequestBody>> {
         let mut idle = lock(&self.idle_h1);
         while let Some(c) = idle.pop_back() {
             if c.since.elapsed() < IDLE_TIMEOUT && !c.tx.is_closed() {
@@ -221,7 +302,7 @@ impl EndpointPool {
         None
     }
 
-    fn checkin(&self, tx: http1::SendRequest<Incoming>) {
+    fn checkin(&self, tx: http1::SendRequest<RequestBody>) {
         if tx.is_closed() {
             return;
         }
@@ -239,10 +320,10 @@ impl EndpointPool {
 
     async fn send_h1(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         connect_timeout: Duration,
         errors: &IntCounter,
-    ) -> Result<(Response<Incoming>, http1::SendRequest<Incoming>), UpstreamError> {
+    ) -> Result<(Response<Incoming>, http1::SendRequest<RequestBody>), UpstreamError> {
         let addr = self.addr;
         // Try idle connections; each iteration consumes one, so this ends.
         while let Some(mut tx) = self.pop_idle_h1() {
@@ -272,13 +353,15 @@ impl EndpointPool {
         &self,
         connect_timeout: Duration,
         errors: &IntCounter,
-    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let addr = self.addr;
-        let io = self.connect(connect_timeout, errors).await?;
+        let (io, permit) = self.connect(connect_timeout, errors, Wire::H1).await?;
         let (tx, conn) = http1::handshake(io)
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         tokio::spawn(async move {
+            // The breaker slot is held for the connection's lifetime.
+            let _permit = permit;
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "upstream h1 connection ended");
             }
@@ -286,7 +369,7 @@ impl EndpointPool {
         Ok(tx)
     }
 
-    fn shared_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+    fn shared_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
         lock(&self.h2)
             .as_ref()
             .filter(|tx| !tx.is_closed())
@@ -297,7 +380,7 @@ impl EndpointPool {
         &self,
         connect_timeout: Duration,
         errors: &IntCounter,
-    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
         if let Some(tx) = self.shared_h2() {
             return Ok(tx);
         }
@@ -309,13 +392,13 @@ impl EndpointPool {
         &self,
         connect_timeout: Duration,
         errors: &IntCounter,
-    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
         let _single = self.h2_connecting.lock().await;
         if let Some(tx) = self.shared_h2() {
             return Ok(tx);
         }
         let addr = self.addr;
-        let io = self.connect(connect_timeout, errors).await?;
+        let (io, permit) = self.connect(connect_timeout, errors, Wire::H2).await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -324,6 +407,7 @@ impl EndpointPool {
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "upstream h2 connection ended");
             }
@@ -334,7 +418,7 @@ impl EndpointPool {
 
     async fn send_h2(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         connect_timeout: Duration,
         errors: &IntCounter,
     ) -> Result<Response<Incoming>, UpstreamError> {
@@ -366,7 +450,7 @@ impl EndpointPool {
         })
     }
 
-    fn forget_h2(&self, dead: &http2::SendRequest<Incoming>) {
+    fn forget_h2(&self, dead: &http2::SendRequest<RequestBody>) {
         let mut g = lock(&self.h2);
         // Only clear if nobody replaced it meanwhile (a closed sender is the dead one).
         if g.as_ref().is_some_and(|tx| tx.is_closed()) || dead.is_closed() {

@@ -31,6 +31,8 @@ pub struct Completion {
     pub start: Instant,
     /// The HTTP/1.1 connection to return to its pool.
     pub pooled: Option<PooledH1>,
+    /// The cluster's active-requests breaker slot, released when the response ends.
+    pub active: Option<crate::breaker::Permit>,
 }
 
 impl Completion {
@@ -61,6 +63,8 @@ enum Inner {
 pub struct ResponseBody {
     inner: Inner,
     completion: Option<Completion>,
+    /// Access log / span of the request, finished when the body ends (`observe::attach`).
+    observation: Option<crate::observe::Observation>,
 }
 
 impl ResponseBody {
@@ -69,6 +73,7 @@ impl ResponseBody {
         Self {
             inner: Inner::Local(Some(data)),
             completion: None,
+            observation: None,
         }
     }
 
@@ -77,6 +82,23 @@ impl ResponseBody {
         Self {
             inner: Inner::Upstream(body),
             completion: Some(completion),
+            observation: None,
+        }
+    }
+
+    /// Whether the proxy generated this body itself (an error response).
+    pub fn is_local(&self) -> bool {
+        matches!(self.inner, Inner::Local(_))
+    }
+
+    /// Finishes `observation` when this body ends (see [`crate::observe`]).
+    pub fn observe(&mut self, observation: crate::observe::Observation) {
+        self.observation = Some(observation);
+    }
+
+    fn end_observation(&mut self, how: crate::observe::BodyEnd) {
+        if let Some(o) = self.observation.take() {
+            o.end(how);
         }
     }
 
@@ -110,10 +132,12 @@ impl Body for ResponseBody {
                 }
                 Some(Err(e)) => {
                     this.complete(false);
+                    this.end_observation(crate::observe::BodyEnd::UpstreamError);
                     Poll::Ready(Some(Err(e)))
                 }
                 None => {
                     this.complete(true);
+                    this.end_observation(crate::observe::BodyEnd::Complete);
                     Poll::Ready(None)
                 }
             },
@@ -141,5 +165,12 @@ impl Drop for ResponseBody {
         // Bodies hyper never polls (empty ones) or that the client abandoned end here.
         let complete = self.is_end_stream();
         self.complete(complete);
+        if self.observation.is_some() {
+            self.end_observation(if complete {
+                crate::observe::BodyEnd::Complete
+            } else {
+                crate::observe::BodyEnd::Abandoned
+            });
+        }
     }
 }

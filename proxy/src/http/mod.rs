@@ -17,7 +17,7 @@ use futures::task::AtomicWaker;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::drain::DrainWatch;
 use crate::pipeline::HttpProxy;
@@ -42,13 +42,16 @@ pub fn server_builder() -> ServerBuilder {
 
 /// Serves one downstream connection until it closes; on drain, shuts it down gracefully (h1:
 /// close after the in-flight response; h2: GOAWAY) and cuts it after `drain_timeout`.
-pub async fn serve_connection(
-    stream: TcpStream,
+pub async fn serve_connection<S>(
+    stream: S,
     builder: Arc<ServerBuilder>,
     service: HttpProxy,
     mut drain: DrainWatch,
     drain_timeout: Duration,
-) {
+) where
+    // A plain `TcpStream` (outbound) or a maybe-mTLS inbound stream.
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     // Like `select!` on (connection, drain), but the drain future is polled only when its own

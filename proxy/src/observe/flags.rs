@@ -69,7 +69,7 @@ impl ResponseFlags {
         match code {
             "no-route" => Self::NO_ROUTE,
             "no-endpoints" | "no-healthy-endpoints" => Self::NO_HEALTHY_UPSTREAM,
-            "connect-failed" => Self::UPSTREAM_CONNECT_FAILURE,
+            "connect-failed" | "connect-timeout" => Self::UPSTREAM_CONNECT_FAILURE,
             "request-timeout" | "timeout" | "per-try-timeout" => Self::UPSTREAM_TIMEOUT,
             "upstream-reset" => Self::UPSTREAM_RESET,
             "overloaded" | "overflow" | "circuit-open" | "breaker-open" => Self::UPSTREAM_OVERFLOW,

@@ -321,6 +321,7 @@ impl Observability {
             return None;
         }
         let note = UpstreamNote::default();
+        note.data().inbound = direction == Direction::Inbound;
         req.extensions_mut().insert(note.clone());
         let authority = req
             .uri()
@@ -372,13 +373,15 @@ pub fn attach(mut observation: Observation, resp: &mut http::Response<ResponseBo
     resp.body_mut().observe(observation);
 }
 
-/// Where the pipeline notes the upstream attempt of an observed request (request extension,
-/// present only on observed requests).
+/// Where the request path notes what it did with an observed request (route, cluster, each
+/// attempt's endpoint, the peer identity): a request extension present only on observed
+/// requests, so noting an unobserved one costs an empty-extensions check.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamNote(Arc<Mutex<NoteData>>);
 
 #[derive(Debug, Default)]
 struct NoteData {
+    inbound: bool,
     route: Option<Box<str>>,
     cluster: Option<Box<str>>,
     endpoint: Option<SocketAddr>,
@@ -386,28 +389,43 @@ struct NoteData {
     peer_identity: Option<Box<str>>,
 }
 
-/// Notes that `req` is being sent (one call per attempt) through `route` to `endpoint` of
-/// `cluster`. A no-op (one empty-extensions check) unless the request is observed.
-pub fn note_upstream<B>(req: &Request<B>, route: &str, cluster: &str, endpoint: SocketAddr) {
-    let Some(note) = req.extensions().get::<UpstreamNote>() else {
-        return;
-    };
-    let mut n = note.0.lock().unwrap_or_else(PoisonError::into_inner);
-    if n.route.as_deref() != Some(route) {
-        n.route = Some(route.into());
+impl UpstreamNote {
+    fn data(&self) -> std::sync::MutexGuard<'_, NoteData> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
-    if n.cluster.as_deref() != Some(cluster) {
+
+    /// Notes one attempt (the first or a retry) sent to `endpoint`.
+    pub fn attempt(&self, endpoint: SocketAddr) {
+        let mut n = self.data();
+        n.endpoint = Some(endpoint);
+        n.attempts = n.attempts.saturating_add(1);
+    }
+}
+
+/// Notes that `req` was routed by `route` to `cluster` (pipeline).
+pub fn note_route<B>(req: &Request<B>, route: &str, cluster: &str) {
+    if let Some(note) = req.extensions().get::<UpstreamNote>() {
+        let mut n = note.data();
+        n.route = Some(route.into());
         n.cluster = Some(cluster.into());
     }
-    n.endpoint = Some(endpoint);
-    n.attempts = n.attempts.saturating_add(1);
-    if n.peer_identity.is_none() {
+}
+
+/// The note of an observed request about to be sent upstream (`None`: not observed), for the
+/// attempt loop to call [`UpstreamNote::attempt`] on. Inbound, it also takes the verified peer
+/// identity the authorization layer put in `x-weft-peer-identity` by then.
+pub fn note_of<B>(req: &Request<B>) -> Option<UpstreamNote> {
+    let note = req.extensions().get::<UpstreamNote>()?;
+    let mut n = note.data();
+    if n.inbound {
         n.peer_identity = req
             .headers()
             .get(PEER_IDENTITY)
             .and_then(|v| v.to_str().ok())
             .map(Into::into);
     }
+    drop(n);
+    Some(note.clone())
 }
 
 /// The trace context of a span this hop records.
@@ -506,7 +524,7 @@ fn finish(mut p: Pending, how: BodyEnd) {
             .insert(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION),
         BodyEnd::Abandoned => p.flags.insert(ResponseFlags::DOWNSTREAM_DISCONNECT),
     }
-    let note = std::mem::take(&mut *p.note.0.lock().unwrap_or_else(PoisonError::into_inner));
+    let note = std::mem::take(&mut *p.note.data());
     let status = p.status.map_or(0, |s| s.as_u16());
     if p.log {
         if let Some(log) = &p.owner.access_log {

@@ -118,7 +118,8 @@ fn disabled_does_nothing() {
     assert_eq!(req.headers()["traceparent"], TP);
     assert!(req.extensions().get::<UpstreamNote>().is_none());
     // Not observed: noting is a no-op.
-    note_upstream(&req, "r", "c", "127.0.0.1:1".parse().unwrap());
+    note_route(&req, "r", "c");
+    assert!(note_of(&req).is_none());
 }
 
 #[test]
@@ -206,13 +207,14 @@ fn spans_follow_the_sampled_flag() {
     let mut obs = o
         .observe(&name("inbound"), Direction::Inbound, &mut req)
         .expect("sampled request is observed");
-    let sent = sent_traceparent(&req).unwrap();
-    note_upstream(
-        &req,
-        "inbound",
-        "inbound",
-        "127.0.0.9:8080".parse().unwrap(),
+    // Set by the authorization layer before the request is sent upstream.
+    req.headers_mut().insert(
+        PEER_IDENTITY,
+        HeaderValue::from_static("spiffe://cluster.local/ns/default/sa/web"),
     );
+    let sent = sent_traceparent(&req).unwrap();
+    note_route(&req, "inbound", "inbound");
+    note_of(&req).unwrap().attempt("127.0.0.9:8080".parse().unwrap());
     obs.on_response(StatusCode::OK, &HeaderMap::new(), false);
     obs.end(BodyEnd::Complete);
     let span = rx.try_recv().expect("span queued");
@@ -246,6 +248,12 @@ fn spans_follow_the_sampled_flag() {
     assert_eq!(
         attr("weft.upstream.address"),
         Some(AttrValue::Str("127.0.0.9:8080".into()))
+    );
+    assert_eq!(
+        attr("weft.peer.identity"),
+        Some(AttrValue::Str(
+            "spiffe://cluster.local/ns/default/sa/web".into()
+        ))
     );
 
     // A new root started by sampling has no parent.
@@ -285,9 +293,10 @@ fn access_log_line_per_request() {
         .unwrap();
     // Without tracing the header is not touched, but its trace id is logged.
     assert_eq!(req.headers()["traceparent"], TP);
-    let ep = "127.0.0.7:9000".parse().unwrap();
-    note_upstream(&req, "default-backend.default", "backend.default", ep);
-    note_upstream(&req, "default-backend.default", "backend.default", ep);
+    note_route(&req, "default-backend.default", "backend.default");
+    let note = note_of(&req).unwrap();
+    note.attempt("127.0.0.6:9000".parse().unwrap());
+    note.attempt("127.0.0.7:9000".parse().unwrap());
     let err = crate::http::error::ProxyError::RequestTimeout(Duration::from_secs(1)).to_response();
     obs.on_response(err.status(), err.headers(), true);
     obs.end(BodyEnd::Complete);
@@ -302,10 +311,8 @@ fn access_log_line_per_request() {
     assert_eq!(v["route"], "default-backend.default");
     assert_eq!(v["cluster"], "backend.default");
     assert_eq!(v["retries"], 1);
-    assert_eq!(
-        v["peer_identity"],
-        "spiffe://cluster.local/ns/default/sa/web"
-    );
+    // Outbound, `x-weft-peer-identity` is whatever the local app sent: not an identity.
+    assert_eq!(v["peer_identity"], serde_json::Value::Null);
     assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(v["listener"], "outbound");
     assert!(v["duration_ms"].as_f64().unwrap() >= 0.0);

@@ -169,9 +169,9 @@ impl Renewer {
         };
         let client = match &mut self.client {
             Some(c) => c,
-            None => self
-                .client
-                .insert(IdentityClient::new((self.connect)().map_err(RenewError::Channel)?)),
+            None => self.client.insert(IdentityClient::new(
+                (self.connect)().map_err(RenewError::Channel)?,
+            )),
         };
         let resp = match client.certify(req).await {
             Ok(r) => r.into_inner(),
@@ -331,9 +331,11 @@ mod service_tests {
                 .serve_with_incoming(TcpListenerStream::new(l)),
         );
         Box::new(move || {
-            Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect_lazy())
+            Ok(
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect_lazy(),
+            )
         })
     }
 

@@ -1,0 +1,260 @@
+//! One request's attempts against a cluster (the inner part of the request path that
+//! `pipeline.rs` assembles). Named `attempts` for what it produces: one or more tries of a request.
+//!
+//! ```text
+//! breaker: active requests -> buffer the body for replay (only if the route retries this
+//! method) -> per attempt: pick an endpoint (balancer over available endpoints; a retry avoids
+//! the previous one) -> breaker: pending (+ retries for a retry) -> send under the per-try
+//! timeout -> outlier report -> retriable and budget/breaker allow? back off (Retry-After or
+//! jittered exponential) and go again
+//! ```
+//!
+//! When the route has no retry policy, or the method/body cannot be retried, the request body
+//! streams through untouched: nothing is buffered and no header is copied.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request::Parts;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::breaker::{Limit, Permit};
+use crate::cluster::Cluster;
+use crate::http::error::ProxyError;
+use crate::retry::body::{buffer_for_replay, Buffered, Replayable};
+use crate::retry::policy::{grpc_status_of, retry_after, MAX_RETRY_AFTER};
+use crate::retry::{Outcome, RequestBody, RetryPolicy};
+use crate::upstream::{PooledH1, Wire};
+
+/// A response from an endpoint, with what must live until its body ends.
+#[derive(Debug)]
+pub struct Answer {
+    /// Response head and streaming body.
+    pub response: Response<Incoming>,
+    /// The HTTP/1.1 connection to hand back once the body is complete.
+    pub pooled: Option<PooledH1>,
+}
+
+/// The request as it is sent on each attempt.
+enum Sendable {
+    /// Sent once (no retries): the downstream body streams through.
+    Once(Option<Request<RequestBody>>),
+    /// Replayable: head and buffered body copied per attempt.
+    Replay(Parts, Replayable),
+}
+
+impl Sendable {
+    fn next(&mut self) -> Option<Request<RequestBody>> {
+        match self {
+            Self::Once(r) => r.take(),
+            Self::Replay(parts, body) => {
+                let mut r = Request::new(body.body());
+                *r.method_mut() = parts.method.clone();
+                *r.uri_mut() = parts.uri.clone();
+                *r.version_mut() = parts.version;
+                *r.headers_mut() = parts.headers.clone();
+                Some(r)
+            }
+        }
+    }
+}
+
+/// Reports a failure to outlier detection if an attempt is abandoned because the request
+/// deadline passed (the black-holed endpoint case); a downstream cancel reports nothing.
+struct Abandoned<'a> {
+    cluster: &'a Cluster,
+    endpoint: usize,
+    deadline: Option<Instant>,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.cluster.report(self.endpoint, false);
+        }
+    }
+}
+
+/// Sends `req` (already prepared for `wire`) to `cluster`, retrying as `policy` allows.
+/// `deadline` is when the route/cluster request timeout fires (the caller enforces it).
+pub async fn send(
+    req: Request<Incoming>,
+    cluster: &Arc<Cluster>,
+    policy: Option<&RetryPolicy>,
+    hash: Option<u64>,
+    wire: Wire,
+    deadline: Option<Instant>,
+) -> Result<Answer, ProxyError> {
+    // Access log / span: which endpoint each attempt went to (`None` unless observed).
+    let observed = crate::observe::note_of(&req);
+    let state = cluster.state();
+    let retrying = policy.filter(|p| p.max_retries > 0 && p.allows_method(req.method()));
+    let mut sendable = match retrying {
+        None => Sendable::Once(Some(req.map(RequestBody::Stream))),
+        Some(p) => {
+            state.budget.deposit(&p.budget);
+            let (parts, body) = req.into_parts();
+            match buffer_for_replay(body, p.max_body_bytes).await {
+                Ok(Buffered::Replayable(body)) => Sendable::Replay(parts, body),
+                Ok(Buffered::Once(body)) => Sendable::Once(Some(Request::from_parts(parts, body))),
+                Err(e) => return Err(ProxyError::BadRequestBody(e)),
+            }
+        }
+    };
+    let max_retries = match (&sendable, retrying) {
+        (Sendable::Replay(..), Some(p)) => p.max_retries,
+        _ => 0,
+    };
+    let per_try = policy.and_then(|p| p.per_try_timeout);
+    let mut last: Option<usize> = None;
+    let mut attempt = 0u32;
+    loop {
+        let Some(i) = pick(cluster, hash, last) else {
+            return Err(ProxyError::NoEndpoints {
+                cluster: cluster.name.to_string(),
+            });
+        };
+        last = Some(i);
+        let endpoint = &cluster.endpoints[i];
+        let _retry: Option<Permit> = if attempt > 0 {
+            match state
+                .breaker
+                .try_acquire(Limit::Retries, cluster.breaker.get(Limit::Retries))
+            {
+                Ok(p) => Some(p),
+                Err(l) => {
+                    state.metrics.retry_overloaded.inc();
+                    return Err(ProxyError::Overloaded(l));
+                }
+            }
+        } else {
+            None
+        };
+        let pending = state
+            .breaker
+            .try_acquire(Limit::Pending, cluster.breaker.get(Limit::Pending))
+            .map_err(ProxyError::Overloaded)?;
+        let Some(req) = sendable.next() else {
+            // Unreachable: a `Once` request is never retried (max_retries is 0 for it).
+            return Err(ProxyError::NoEndpoints {
+                cluster: cluster.name.to_string(),
+            });
+        };
+        if let Some(note) = &observed {
+            note.attempt(endpoint.addr);
+        }
+        let load = endpoint.load.start();
+        let mut guard = Abandoned {
+            cluster,
+            endpoint: i,
+            deadline,
+        };
+        let sent = endpoint
+            .pool
+            .send(req, wire, cluster.connect_timeout, &cluster.connect_errors);
+        let result: Result<(Response<Incoming>, Option<PooledH1>), ProxyError> = match per_try {
+            Some(t) => match tokio::time::timeout(t, sent).await {
+                Ok(r) => r.map_err(ProxyError::from),
+                Err(_) => Err(ProxyError::PerTryTimeout(t)),
+            },
+            None => sent.await.map_err(ProxyError::from),
+        };
+        // Finished in time: nothing to report on drop.
+        guard.deadline = None;
+        drop(guard);
+        drop(pending);
+        let outcome = match &result {
+            Ok((resp, _)) => {
+                load.observe();
+                Outcome::Response {
+                    status: resp.status(),
+                    grpc_status: grpc_status_of(resp.headers()),
+                }
+            }
+            Err(ProxyError::ConnectFailed(_) | ProxyError::ConnectTimeout(_)) => {
+                Outcome::ConnectFailure
+            }
+            Err(ProxyError::PerTryTimeout(_)) => Outcome::PerTryTimeout,
+            Err(ProxyError::BadRequest(_) | ProxyError::Overloaded(_)) => {
+                // The client's body broke, or the pool refused: not the endpoint's fault.
+                drop(load);
+                return finish(result, attempt, state);
+            }
+            Err(_) => Outcome::Reset,
+        };
+        drop(load);
+        let failed = match outcome {
+            Outcome::Response { status, .. } => status.is_server_error(),
+            _ => true,
+        };
+        cluster.report(i, !failed);
+        let retriable = retrying.is_some_and(|p| p.is_retriable(outcome));
+        if !retriable || attempt >= max_retries {
+            return finish(result, attempt, state);
+        }
+        let Some(p) = retrying else {
+            return finish(result, attempt, state);
+        };
+        // The pause: the upstream's Retry-After if it sent one, else jittered backoff.
+        let hinted = result
+            .as_ref()
+            .ok()
+            .and_then(|(resp, _)| retry_after(resp.headers()));
+        let pause = match hinted {
+            Some(d) if d > MAX_RETRY_AFTER => return finish(result, attempt, state),
+            Some(d) => d,
+            None => p.backoff(attempt + 1),
+        };
+        if deadline.is_some_and(|d| Instant::now() + pause >= d) {
+            // No time left for another attempt: answer with what we have.
+            return finish(result, attempt, state);
+        }
+        if !state.budget.try_withdraw(&p.budget) {
+            state.metrics.budget_exhausted.inc();
+            state.metrics.retry_budget_exhausted.inc();
+            return finish(result, attempt, state);
+        }
+        if attempt > 0 {
+            state.metrics.retry_failure.inc();
+        }
+        drop(result);
+        tokio::time::sleep(pause).await;
+        attempt += 1;
+    }
+}
+
+/// Counts how the last retry ended and returns the attempt's result.
+fn finish(
+    result: Result<(Response<Incoming>, Option<PooledH1>), ProxyError>,
+    attempt: u32,
+    state: &crate::cluster::ClusterState,
+) -> Result<Answer, ProxyError> {
+    let ok = matches!(&result, Ok((r, _)) if !r.status().is_server_error());
+    if attempt > 0 {
+        if ok {
+            state.metrics.retry_success.inc();
+        } else {
+            state.metrics.retry_failure.inc();
+        }
+    }
+    result.map(|(response, pooled)| Answer { response, pooled })
+}
+
+/// Picks an endpoint, avoiding the one the previous attempt used when another is available.
+fn pick(cluster: &Cluster, hash: Option<u64>, previous: Option<usize>) -> Option<usize> {
+    let i = cluster.pick_index(hash)?;
+    match previous {
+        Some(p) if p == i && cluster.endpoints.len() > 1 => {
+            // A ring hash maps the key to the same endpoint again: move on without it.
+            cluster.pick_index(None)
+        }
+        _ => Some(i),
+    }
+}
+
+/// How long until `deadline`, if any.
+pub fn remaining(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+}
