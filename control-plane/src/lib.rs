@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! policy dir (watched) -> policy::PolicySet (validated, versioned)
-//! registry (static endpoints + connected sidecars)
+//! registry (static endpoints + connected sidecars), persisted (persist) across restarts
 //! compile(policy, registry, node) -> listeners, routes, clusters, endpoints
 //! discovery: push only changed types, track ACK/NACK per proxy
 //! diff: what a policy change would do, per proxy   inventory: compiled clusters + endpoints
@@ -20,6 +20,7 @@ pub mod hash;
 pub mod identity;
 pub mod inventory;
 pub mod metrics;
+pub mod persist;
 pub mod policy;
 pub mod registry;
 pub mod server;

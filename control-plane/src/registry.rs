@@ -3,10 +3,16 @@
 //!
 //! Pure state with an explicit clock (`now` arguments) so the grace logic is unit-testable; the
 //! discovery server drives it and the sweeper calls [`Registry::expire`].
+//!
+//! The registry survives a control-plane restart: [`Registry::persisted`] is what the state file
+//! (`registry.json`, see `persist`) holds, and [`Registry::restore`] brings those entries back as
+//! disconnected, each within a restart grace. A proxy that reconnects (same node id) within it
+//! reclaims its entry; the others are dropped by [`Registry::expire`] when it ends.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use weft_proto::v1::Node;
 
 use crate::policy::ServiceKey;
@@ -23,6 +29,73 @@ pub struct RegisteredProxy {
     pub connected_since: SystemTime,
     /// Set once the stream ended: the entry is dropped at this instant unless it reconnects.
     pub remove_at: Option<Instant>,
+    /// Set on an entry restored from the state file and not reclaimed yet: how it was persisted
+    /// (it is persisted the same way again, so a restart during the restart grace does not
+    /// shorten a proxy's chance to reconnect).
+    pub restored: Option<Restored>,
+}
+
+/// How a restored entry was persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// The persisted wall-clock removal deadline; `None`: it was connected.
+    pub remove_at: Option<SystemTime>,
+}
+
+/// One registration as persisted in the state file: the node as announced in its `Hello`, and
+/// when its registration ends (absent while connected).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistedProxy {
+    pub id: String,
+    pub service: String,
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub inbound_address: String,
+    #[serde(default)]
+    pub outbound_address: String,
+    #[serde(default)]
+    pub app_address: String,
+    #[serde(default)]
+    pub tcp_bind_ip: String,
+    #[serde(default)]
+    pub build_version: String,
+    /// Unix milliseconds.
+    #[serde(default)]
+    pub connected_since_unix_ms: u64,
+    /// Unix milliseconds: the end of a disconnected entry's deregistration grace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove_at_unix_ms: Option<u64>,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+impl PersistedProxy {
+    fn node(&self) -> Node {
+        Node {
+            id: self.id.clone(),
+            service: self.service.clone(),
+            namespace: self.namespace.clone(),
+            labels: self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            inbound_address: self.inbound_address.clone(),
+            outbound_address: self.outbound_address.clone(),
+            app_address: self.app_address.clone(),
+            tcp_bind_ip: self.tcp_bind_ip.clone(),
+            build_version: self.build_version.clone(),
+        }
+    }
 }
 
 impl RegisteredProxy {
@@ -65,9 +138,94 @@ impl Registry {
                 session,
                 connected_since,
                 remove_at: None,
+                restored: None,
             },
         );
         session
+    }
+
+    /// Every registration as the state file holds it, sorted by id. A disconnected entry's
+    /// deadline is converted to wall-clock time (`now` and `wall_now` are the same moment).
+    pub fn persisted(&self, now: Instant, wall_now: SystemTime) -> Vec<PersistedProxy> {
+        self.proxies
+            .values()
+            .map(|p| {
+                let remove_at = match p.restored {
+                    Some(r) => r.remove_at,
+                    None => p
+                        .remove_at
+                        .map(|at| wall_now + at.saturating_duration_since(now)),
+                };
+                let n = &p.node;
+                PersistedProxy {
+                    id: n.id.clone(),
+                    service: n.service.clone(),
+                    namespace: n.namespace.clone(),
+                    labels: n
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    inbound_address: n.inbound_address.clone(),
+                    outbound_address: n.outbound_address.clone(),
+                    app_address: n.app_address.clone(),
+                    tcp_bind_ip: n.tcp_bind_ip.clone(),
+                    build_version: n.build_version.clone(),
+                    connected_since_unix_ms: unix_ms(p.connected_since),
+                    remove_at_unix_ms: remove_at.map(unix_ms),
+                }
+            })
+            .collect()
+    }
+
+    /// Brings persisted registrations back after a restart, each as disconnected and removed
+    /// after `restart_grace` unless its node reconnects (an entry that was already in its
+    /// deregistration grace keeps its earlier deadline when that comes first; one already past
+    /// it is skipped). Ids registered meanwhile and entries without id or service are skipped.
+    /// Returns the restored entries' ids.
+    pub fn restore(
+        &mut self,
+        entries: Vec<PersistedProxy>,
+        now: Instant,
+        wall_now: SystemTime,
+        restart_grace: Duration,
+    ) -> Vec<String> {
+        let mut restored = Vec::new();
+        for e in entries {
+            if e.id.is_empty() || e.service.is_empty() || self.proxies.contains_key(&e.id) {
+                continue;
+            }
+            let persisted_deadline = e.remove_at_unix_ms.map(from_unix_ms);
+            let left = match persisted_deadline {
+                None => restart_grace,
+                Some(deadline) => match deadline.duration_since(wall_now) {
+                    Ok(left) if !left.is_zero() => left.min(restart_grace),
+                    _ => continue,
+                },
+            };
+            let mut node = e.node();
+            if node.namespace.is_empty() {
+                node.namespace = "default".to_owned();
+            }
+            let session = self.next_session;
+            self.next_session += 1;
+            let service = ServiceKey::new(&node.service, &node.namespace);
+            restored.push(e.id.clone());
+            self.proxies.insert(
+                e.id,
+                RegisteredProxy {
+                    node,
+                    service,
+                    session,
+                    connected_since: from_unix_ms(e.connected_since_unix_ms),
+                    remove_at: Some(now + left),
+                    restored: Some(Restored {
+                        remove_at: persisted_deadline,
+                    }),
+                },
+            );
+        }
+        restored
     }
 
     /// The stream of `session` ended: schedule the removal after the grace period. A stale
@@ -76,6 +234,7 @@ impl Registry {
         if let Some(p) = self.proxies.get_mut(id) {
             if p.session == session {
                 p.remove_at = Some(now + self.grace);
+                p.restored = None;
             }
         }
     }
@@ -184,5 +343,130 @@ mod tests {
         r.disconnect("a-1", old, t0);
         assert!(r.get("a-1").unwrap().is_connected());
         assert!(!r.expire(t0 + grace * 2));
+    }
+
+    fn restored(r: &Registry, now: Instant, grace: Duration) -> (Registry, Vec<String>) {
+        let mut fresh = Registry::new(Duration::from_secs(5));
+        let wall = SystemTime::now();
+        let ids = fresh.restore(r.persisted(now, wall), now, wall, grace);
+        (fresh, ids)
+    }
+
+    #[test]
+    fn persisted_entries_round_trip_as_disconnected_within_the_restart_grace() {
+        let t0 = Instant::now();
+        let restart_grace = Duration::from_secs(15);
+        let mut r = Registry::new(Duration::from_secs(5));
+        let mut a = node("a-1", "a", "127.0.0.2:15006");
+        a.labels = [("version".to_owned(), "v1".to_owned())].into();
+        a.outbound_address = "127.0.0.2:15001".into();
+        a.build_version = "1.2.3".into();
+        r.register(
+            a,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        );
+        r.register(node("b-1", "b", "127.0.0.3:15006"), SystemTime::now());
+
+        // Through JSON, as the state file holds it.
+        let json = serde_json::to_string(&r.persisted(t0, SystemTime::now())).unwrap();
+        let entries: Vec<PersistedProxy> = serde_json::from_str(&json).unwrap();
+        let mut back = Registry::new(Duration::from_secs(5));
+        let ids = back.restore(entries, t0, SystemTime::now(), restart_grace);
+        assert_eq!(ids, ["a-1", "b-1"]);
+        let p = back.get("a-1").unwrap();
+        assert_eq!(p.node, r.get("a-1").unwrap().node, "the node as announced");
+        assert_eq!(p.service, ServiceKey::new("a", "default"));
+        assert_eq!(
+            p.connected_since,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+        );
+        assert!(!p.is_connected());
+        assert_eq!(p.remove_at, Some(t0 + restart_grace));
+        assert_eq!(addrs(&back, "a"), ["127.0.0.2:15006"]);
+        assert_eq!(addrs(&back, "b"), ["127.0.0.3:15006"]);
+        // Restoring never reuses a session of the old process's streams.
+        assert!(back.get("b-1").unwrap().session != p.session);
+    }
+
+    #[test]
+    fn restart_grace_expiry_and_reclaim() {
+        let t0 = Instant::now();
+        let restart_grace = Duration::from_secs(15);
+        let mut r = Registry::new(Duration::from_secs(5));
+        r.register(node("a-1", "a", "127.0.0.2:15006"), SystemTime::now());
+        r.register(node("a-2", "a", "127.0.0.3:15006"), SystemTime::now());
+        let (mut back, _) = restored(&r, t0, restart_grace);
+        assert_eq!(back.next_expiry(), Some(t0 + restart_grace));
+
+        // a-1 reconnects: its entry is reclaimed, same endpoint, no removal pending.
+        back.register(node("a-1", "a", "127.0.0.2:15006"), SystemTime::now());
+        assert!(back.get("a-1").unwrap().is_connected());
+        assert!(back.get("a-1").unwrap().restored.is_none());
+        assert_eq!(addrs(&back, "a"), ["127.0.0.2:15006", "127.0.0.3:15006"]);
+
+        assert!(!back.expire(t0 + restart_grace - Duration::from_millis(1)));
+        assert!(back.expire(t0 + restart_grace), "a-2 never came back");
+        assert_eq!(addrs(&back, "a"), ["127.0.0.2:15006"]);
+        assert_eq!(back.next_expiry(), None);
+    }
+
+    #[test]
+    fn restored_entries_are_persisted_as_they_were_loaded() {
+        // A restart during the restart grace gives unreclaimed entries a full grace again.
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(5));
+        r.register(node("a-1", "a", "127.0.0.2:15006"), SystemTime::now());
+        let (back, _) = restored(&r, t0, Duration::from_secs(15));
+        let again = back.persisted(t0 + Duration::from_secs(10), SystemTime::now());
+        assert_eq!(again, r.persisted(t0, SystemTime::now()));
+        assert_eq!(again[0].remove_at_unix_ms, None);
+    }
+
+    #[test]
+    fn entries_in_their_deregistration_grace_keep_their_deadline() {
+        let t0 = Instant::now();
+        let wall = SystemTime::now();
+        let mut r = Registry::new(Duration::from_secs(5));
+        let s = r.register(node("a-1", "a", "127.0.0.2:15006"), wall);
+        r.disconnect("a-1", s, t0);
+        let persisted = r.persisted(t0 + Duration::from_secs(2), wall);
+        // 3 s of its deregistration grace were left at the save.
+        assert_eq!(
+            persisted[0].remove_at_unix_ms,
+            Some(unix_ms(wall + Duration::from_secs(3)))
+        );
+        let mut back = Registry::new(Duration::from_secs(5));
+        back.restore(persisted.clone(), t0, wall, Duration::from_secs(15));
+        let left = back.next_expiry().unwrap() - t0;
+        assert!(
+            left > Duration::from_millis(2990) && left <= Duration::from_secs(3),
+            "{left:?}"
+        );
+        // Restored after its deadline passed: gone.
+        let mut late = Registry::new(Duration::from_secs(5));
+        let ids = late.restore(
+            persisted,
+            t0,
+            wall + Duration::from_secs(4),
+            Duration::from_secs(15),
+        );
+        assert!(ids.is_empty());
+        assert!(late.get("a-1").is_none());
+    }
+
+    #[test]
+    fn restore_skips_live_ids_and_incomplete_entries() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(5));
+        r.register(node("a-1", "a", "127.0.0.2:15006"), SystemTime::now());
+        let mut entries = r.persisted(t0, SystemTime::now());
+        let mut nameless = entries[0].clone();
+        nameless.id = String::new();
+        entries.push(nameless);
+        let mut back = Registry::new(Duration::from_secs(5));
+        back.register(node("a-1", "a", "127.0.0.9:15006"), SystemTime::now());
+        let ids = back.restore(entries, t0, SystemTime::now(), Duration::from_secs(15));
+        assert!(ids.is_empty());
+        assert_eq!(addrs(&back, "a"), ["127.0.0.9:15006"]);
     }
 }

@@ -1,6 +1,6 @@
 //! Assembles the control plane: binds the gRPC and admin listeners, loads the policy store,
-//! loads or creates the CA (with `--ca-dir`), starts the watcher and the registry sweeper, and
-//! serves until shutdown: Discovery, Identity, health and reflection on the gRPC port (over TLS
+//! loads or creates the CA (with `--ca-dir`), restores the persisted registry (`--state-dir`),
+//! starts the watcher, the registry sweeper and the registry writer, and serves until shutdown: Discovery, Identity, health and reflection on the gRPC port (over TLS
 //! with `--grpc-tls`), the admin API on the admin port.
 
 use std::future::Future;
@@ -18,12 +18,19 @@ use crate::ca::{Ca, CaConfig, CaError};
 use crate::discovery::DiscoveryService;
 use crate::identity::IdentityService;
 use crate::metrics::{Metrics, MetricsError};
+use crate::persist::StateStore;
 use crate::policy::PolicyStore;
 use crate::state::ControlPlane;
 use crate::tls::{ServerTls, TlsError};
 
 /// How often expired registrations are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Default `--deregister-grace`.
+pub const DEFAULT_DEREGISTER_GRACE: Duration = Duration::from_secs(5);
+
+/// Default `--restart-grace`: longer than the proxies' longest reconnect backoff (5 s).
+pub const DEFAULT_RESTART_GRACE: Duration = Duration::from_secs(15);
 
 /// Settings of one control plane.
 #[derive(Debug, Clone)]
@@ -34,6 +41,35 @@ pub struct Config {
     pub deregister_grace: Duration,
     /// How long a push may stay unanswered before it is considered lost (see `discovery`).
     pub push_timeout: Duration,
+    /// Where the registry is persisted (`registry.json`); `None`:
+    /// [`crate::persist::default_state_dir`] of `policies` (`<policies>/.weft-state`).
+    pub state_dir: Option<PathBuf>,
+    /// How long registrations restored from the state dir are kept for their proxies to
+    /// reconnect after a restart.
+    pub restart_grace: Duration,
+}
+
+impl Config {
+    /// `policies` with the defaults: the binary's default addresses and durations, the state
+    /// dir inside `policies`.
+    pub fn new(policies: impl Into<PathBuf>) -> Self {
+        Self {
+            policies: policies.into(),
+            grpc: SocketAddr::from(([127, 0, 0, 1], 15010)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 15011)),
+            deregister_grace: DEFAULT_DEREGISTER_GRACE,
+            push_timeout: crate::state::DEFAULT_PUSH_TIMEOUT,
+            state_dir: None,
+            restart_grace: DEFAULT_RESTART_GRACE,
+        }
+    }
+
+    /// The state directory in effect.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| crate::persist::default_state_dir(&self.policies))
+    }
 }
 
 /// The CA, Identity and gRPC TLS settings (`--ca-dir` and friends).
@@ -114,14 +150,24 @@ impl Server {
             return Err(ServeError::NoPolicyDir(config.policies));
         }
         let metrics = Metrics::new()?;
+        let state_dir = config.state_dir();
         let cp = Arc::new(
             ControlPlane::new(
                 PolicyStore::new(&config.policies),
                 config.deregister_grace,
                 metrics,
             )
-            .with_push_timeout(config.push_timeout),
+            .with_push_timeout(config.push_timeout)
+            .with_state_store(StateStore::new(&state_dir)),
         );
+        // Before serving: the first proxy to reconnect must see every registration.
+        let restart_grace = config.restart_grace;
+        let restore_cp = Arc::clone(&cp);
+        let restored =
+            tokio::task::spawn_blocking(move || restore_cp.restore_registry(restart_grace))
+                .await
+                .expect("restoring the registry panicked");
+        tracing::debug!(dir = %state_dir.display(), restored, "registry state directory");
         // Watch before the first load so no change in between is missed.
         let watcher = crate::watch::spawn_watcher(Arc::clone(&cp))?;
         if cp.reload().await.is_err() {
@@ -228,6 +274,7 @@ impl Server {
                 sweeper_cp.expire_registrations();
             }
         });
+        let state_writer = tokio::spawn(crate::persist::write_registry_forever(Arc::clone(&cp)));
 
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
@@ -280,8 +327,13 @@ impl Server {
         };
         shutdown.await;
         tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
+        // Persist the registry as it is (proxies connected) before the streams close: their
+        // ends are our shutdown, not the proxies going away.
         sweeper.abort();
+        state_writer.abort();
+        let closing = Arc::clone(&cp);
+        let _ = tokio::task::spawn_blocking(move || closing.close_state()).await;
+        let _ = stop_tx.send(true);
         for task in [expiry_task, rotation_task].into_iter().flatten() {
             task.abort();
         }

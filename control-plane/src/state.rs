@@ -8,6 +8,10 @@
 //!
 //! A proxy's status outlives its stream by the deregistration grace: it is listed as
 //! disconnected (with the time left before removal) until its registration expires.
+//!
+//! With a state store (`--state-dir`) every registry change wakes the writer task
+//! ([`crate::persist::write_registry_forever`]), and [`ControlPlane::restore_registry`] brings the
+//! persisted registrations back at start (disconnected, within the restart grace).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,6 +25,7 @@ use weft_proto::v1::Node;
 use crate::compile::{compile, Resources, TrustBundle};
 use crate::diff::{policy_changes, resource_diff, PolicyDiff, ProxyDiff};
 use crate::metrics::Metrics;
+use crate::persist::StateStore;
 use crate::policy::store::is_valid_file_name;
 use crate::policy::{PolicyErrors, PolicySet, PolicyStore, SourceFile, StoreError};
 use crate::registry::Registry;
@@ -99,6 +104,10 @@ pub struct ControlPlane {
     /// The CA's trust domain and roots, pushed to every proxy as TRUST.
     trust: ArcSwap<TrustBundle>,
     registry: Mutex<Registry>,
+    /// Notified on every registry change (the state writer waits on it).
+    registry_changes: tokio::sync::Notify,
+    /// Where the registry is persisted (`--state-dir`); `None`: not persisted.
+    state: Option<StateStore>,
     statuses: Mutex<BTreeMap<String, ProxyStatus>>,
     generation: watch::Sender<u64>,
     /// Instants of recent generations, oldest first: `(generation, when it was bumped)`.
@@ -125,6 +134,8 @@ impl ControlPlane {
             policy_error: Mutex::new(None),
             trust: ArcSwap::from_pointee(TrustBundle::default()),
             registry: Mutex::new(Registry::new(deregister_grace)),
+            registry_changes: tokio::sync::Notify::new(),
+            state: None,
             statuses: Mutex::new(BTreeMap::new()),
             generation: watch::Sender::new(0),
             changes: Mutex::new(VecDeque::new()),
@@ -144,6 +155,92 @@ impl ControlPlane {
 
     pub fn push_timeout(&self) -> Duration {
         self.push_timeout
+    }
+
+    /// Persists the registry in `store` (see [`crate::persist`]).
+    #[must_use]
+    pub fn with_state_store(mut self, store: StateStore) -> Self {
+        self.state = Some(store);
+        self
+    }
+
+    /// Where the registry is persisted, if it is.
+    pub fn state_store(&self) -> Option<&StateStore> {
+        self.state.as_ref()
+    }
+
+    /// Notified after every registry change.
+    pub fn registry_changes(&self) -> &tokio::sync::Notify {
+        &self.registry_changes
+    }
+
+    fn registry_changed(&self) {
+        self.registry_changes.notify_one();
+    }
+
+    /// Writes the registry to the state store now (blocking file I/O).
+    pub fn persist_registry(&self) {
+        if let Some(state) = &self.state {
+            state.write(|| crate::persist::snapshot(self));
+        }
+    }
+
+    /// Writes the registry a last time and stops persisting it (shutdown).
+    pub fn close_state(&self) {
+        if let Some(state) = &self.state {
+            state.close(|| crate::persist::snapshot(self));
+        }
+    }
+
+    /// Loads the persisted registry (if there is a state store) and restores its entries as
+    /// disconnected proxies whose endpoints stay until `restart_grace` ends, unless the same
+    /// node id reconnects first. Returns how many were restored.
+    pub fn restore_registry(&self, restart_grace: Duration) -> usize {
+        let Some(state) = &self.state else {
+            return 0;
+        };
+        let entries = state.load();
+        let (now, wall_now) = (Instant::now(), SystemTime::now());
+        let disconnected_since = humantime::format_rfc3339_seconds(wall_now).to_string();
+        let mut registry = lock(&self.registry);
+        let ids = registry.restore(entries, now, wall_now, restart_grace);
+        let mut statuses = lock(&self.statuses);
+        for id in &ids {
+            let Some(p) = registry.get(id) else { continue };
+            statuses.insert(
+                id.clone(),
+                ProxyStatus {
+                    id: id.clone(),
+                    service: p.node.service.clone(),
+                    namespace: p.node.namespace.clone(),
+                    inbound_address: p.node.inbound_address.clone(),
+                    build_version: p.node.build_version.clone(),
+                    connected_since: humantime::format_rfc3339_seconds(p.connected_since)
+                        .to_string(),
+                    state: ProxyState::Disconnected,
+                    disconnected_since: Some(disconnected_since.clone()),
+                    removing_in_seconds: None,
+                    versions: BTreeMap::new(),
+                    last_nack: None,
+                    last_nack_at: None,
+                    nacking: false,
+                    session: p.session,
+                    remove_at: p.remove_at,
+                },
+            );
+        }
+        drop(statuses);
+        drop(registry);
+        if !ids.is_empty() {
+            tracing::info!(
+                restored = ids.len(),
+                dir = %state.dir().display(),
+                grace = ?restart_grace,
+                "restored the persisted registry: endpoints are kept until their proxies reconnect or the restart grace ends"
+            );
+            self.bump();
+        }
+        ids.len()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -431,6 +528,7 @@ impl ControlPlane {
             },
         );
         self.metrics.proxies_connected.inc();
+        self.registry_changed();
         self.bump();
         session
     }
@@ -456,6 +554,7 @@ impl ControlPlane {
             }
         }
         self.metrics.proxies_connected.dec();
+        self.registry_changed();
         self.refresh_nacking_gauge();
     }
 
@@ -465,6 +564,7 @@ impl ControlPlane {
         let expired = lock(&self.registry).expire(now);
         lock(&self.statuses).retain(|_, s| s.remove_at.is_none_or(|at| at > now));
         if expired {
+            self.registry_changed();
             self.bump();
         }
     }
@@ -777,5 +877,69 @@ mod tests {
             .diff_many(&[("r.yaml".into(), Some(routes.replace("other", "nope")))])
             .await;
         assert!(matches!(bad, Err(ApplyError::Invalid(_))));
+    }
+
+    #[tokio::test]
+    async fn restored_registrations_are_listed_disconnected_until_reclaimed_or_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("p.yaml"),
+            "services: [{name: web}, {name: a}, {name: b}]\n",
+        )
+        .unwrap();
+        let state = dir.path().join(".weft-state");
+        let with_state =
+            || cp(dir.path()).with_state_store(crate::persist::StateStore::new(&state));
+        let before = with_state();
+        assert_eq!(
+            before.restore_registry(Duration::from_secs(1)),
+            0,
+            "no file yet"
+        );
+        before.connect(&node("a-1", "a", "127.0.0.2:15006"));
+        before.connect(&node("b-1", "b", "127.0.0.3:15006"));
+        before.close_state();
+        // Closed: a stream ending during shutdown does not persist its proxy as disconnected.
+        before.disconnect("a-1", 1);
+        drop(before);
+
+        let after = with_state();
+        after.reload().await.unwrap();
+        let mut rx = after.subscribe();
+        rx.borrow_and_update();
+        assert_eq!(after.restore_registry(Duration::from_millis(300)), 2);
+        assert!(rx.has_changed().unwrap());
+        let statuses = after.proxy_statuses();
+        assert_eq!(statuses.len(), 2);
+        for s in &statuses {
+            assert_eq!(s.state, ProxyState::Disconnected);
+            assert_eq!(s.removing_in_seconds, Some(1));
+        }
+        assert_eq!(statuses[0].inbound_address, "127.0.0.2:15006");
+        assert_eq!(after.metrics().proxies_connected.get(), 0);
+        let web = node("web-1", "web", "127.0.0.4:15006");
+        let endpoints = |cp: &ControlPlane| {
+            let r = cp.compile_for(&web);
+            r.endpoints
+                .clusters
+                .iter()
+                .flat_map(|c| c.endpoints.iter().map(|e| e.address.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(endpoints(&after), ["127.0.0.2:15006", "127.0.0.3:15006"]);
+
+        after.connect(&node("a-1", "a", "127.0.0.2:15006"));
+        std::thread::sleep(Duration::from_millis(350));
+        rx.borrow_and_update();
+        after.expire_registrations();
+        assert!(rx.has_changed().unwrap(), "the removal is pushed");
+        assert_eq!(endpoints(&after), ["127.0.0.2:15006"]);
+        let statuses = after.proxy_statuses();
+        assert_eq!(statuses.len(), 1);
+        assert_eq!(statuses[0].state, ProxyState::Connected);
+        after.persist_registry();
+        let persisted = crate::persist::load_registry(&state).unwrap();
+        assert_eq!(persisted.len(), 1);
+        assert_eq!(persisted[0].id, "a-1");
     }
 }

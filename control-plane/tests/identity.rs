@@ -110,6 +110,8 @@ async fn start(tweak: impl FnOnce(&Path, &mut IdentityConfig)) -> Running {
             admin: "127.0.0.1:0".parse().unwrap(),
             deregister_grace: Duration::from_secs(1),
             push_timeout: Duration::from_secs(30),
+            state_dir: None,
+            restart_grace: weft_control::server::DEFAULT_RESTART_GRACE,
         },
         Some(identity),
     )
@@ -525,6 +527,8 @@ async fn without_a_ca_certify_is_disabled() {
         admin: "127.0.0.1:0".parse().unwrap(),
         deregister_grace: Duration::from_secs(1),
         push_timeout: Duration::from_secs(30),
+        state_dir: None,
+        restart_grace: weft_control::server::DEFAULT_RESTART_GRACE,
     })
     .await
     .unwrap();

@@ -226,7 +226,7 @@ async fn invalid_store_at_start_serves_empty_and_reports() {
 #[tokio::test]
 async fn watcher_reloads_on_file_change() {
     let cp = start(&[("a.yaml", POLICY)], Duration::from_millis(200)).await;
-    let dir = cp._dir.path().to_owned();
+    let dir = cp._dir.as_ref().unwrap().path().to_owned();
     // An editor-style replace: write a temporary file, then rename it over the target.
     std::fs::write(dir.join(".a.yaml.swp"), "services:\n  - name: web\n").unwrap();
     std::fs::rename(dir.join(".a.yaml.swp"), dir.join("a.yaml")).unwrap();

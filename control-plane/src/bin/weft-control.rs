@@ -61,6 +61,17 @@ struct ServeArgs {
     /// counted as weft_control_pushes_total{result="timeout"}, and pushed again on the next change.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     push_timeout: Duration,
+    /// Directory of the control plane's own state: registry.json, the registered proxies,
+    /// rewritten on every registry change and restored at start. Default: <policies>/.weft-state
+    /// (dot-files and dot-directories in the policy directory are not policies).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// After a restart, how long the registrations restored from --state-dir keep their
+    /// endpoints for their proxies to reconnect (a reconnect of the same node id reclaims its
+    /// entry; the others are removed when it ends). Keep it longer than the proxies' longest
+    /// reconnect backoff (5s).
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    restart_grace: Duration,
     /// CA directory (created 0700): root or intermediate and their keys, the join-token secret,
     /// roots.pem. Enables Identity.Certify; without it Certify answers FailedPrecondition.
     /// Production: always set it (e.g. /var/lib/weft/ca) and keep it on persistent storage.
@@ -185,6 +196,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             admin: args.admin,
             deregister_grace: args.deregister_grace,
             push_timeout: args.push_timeout,
+            state_dir: args.state_dir,
+            restart_grace: args.restart_grace,
         },
         identity,
     )

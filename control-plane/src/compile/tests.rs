@@ -334,3 +334,48 @@ fn route_change_leaves_listeners_and_endpoints_alone() {
     assert_eq!(before.clusters.version, after.clusters.version);
     assert_eq!(before.endpoints.version, after.endpoints.version);
 }
+
+/// Versions are content hashes: a registry rebuilt in another process (registered in another
+/// order, other sessions and connect times, or restored from the state file) compiles to the
+/// same versions, so a proxy reconnecting to a restarted control plane is pushed nothing.
+#[test]
+fn versions_do_not_depend_on_process_local_registry_data() {
+    let p = policy(POLICY);
+    let sidecar = |id: &str, addr: &str| {
+        let mut n = node("backend");
+        n.id = id.into();
+        n.inbound_address = addr.into();
+        n.labels = (0..8).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
+        n
+    };
+    let mut first = registry();
+    first.register(sidecar("backend-a", "127.0.0.3:15006"), SystemTime::now());
+    first.register(sidecar("backend-b", "127.0.0.4:15006"), SystemTime::now());
+    let mut other_order = registry();
+    other_order.register(
+        sidecar("backend-b", "127.0.0.4:15006"),
+        SystemTime::UNIX_EPOCH,
+    );
+    other_order.register(
+        sidecar("backend-b", "127.0.0.4:15006"),
+        SystemTime::UNIX_EPOCH,
+    );
+    other_order.register(
+        sidecar("backend-a", "127.0.0.3:15006"),
+        SystemTime::UNIX_EPOCH,
+    );
+    let now = std::time::Instant::now();
+    let mut restored = registry();
+    restored.restore(
+        first.persisted(now, SystemTime::now()),
+        now,
+        SystemTime::now(),
+        Duration::from_secs(15),
+    );
+    let want = compile(&p, &first, &TrustBundle::default(), &node("web"));
+    for reg in [&other_order, &restored] {
+        let got = compile(&policy(POLICY), reg, &TrustBundle::default(), &node("web"));
+        assert_eq!(got.versions(), want.versions());
+        assert_eq!(got.endpoints, want.endpoints);
+    }
+}

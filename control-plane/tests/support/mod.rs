@@ -29,7 +29,20 @@ pub struct Running {
     pub cp: std::sync::Arc<weft_control::state::ControlPlane>,
     pub admin: AdminClient,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    pub _dir: tempfile::TempDir,
+    served: Option<tokio::task::JoinHandle<Result<(), weft_control::ServeError>>>,
+    pub _dir: Option<tempfile::TempDir>,
+}
+
+impl Running {
+    /// Shuts the server down and waits until `serve` returned (streams still open: ~2s).
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.unwrap().unwrap();
+        }
+    }
 }
 
 impl Drop for Running {
@@ -53,20 +66,30 @@ pub async fn start_with(
     for (name, content) in files {
         std::fs::write(dir.path().join(name), content).unwrap();
     }
-    let server = Server::bind(Config {
-        policies: dir.path().to_owned(),
-        grpc: "127.0.0.1:0".parse().unwrap(),
-        admin: "127.0.0.1:0".parse().unwrap(),
-        deregister_grace: grace,
-        push_timeout,
-    })
-    .await
-    .unwrap();
+    let mut config = local_config(dir.path());
+    config.deregister_grace = grace;
+    config.push_timeout = push_timeout;
+    let mut running = serve(config).await;
+    running._dir = Some(dir);
+    running
+}
+
+/// [`Config::new`] on ephemeral loopback ports.
+pub fn local_config(policies: &std::path::Path) -> Config {
+    let mut config = Config::new(policies);
+    config.grpc = "127.0.0.1:0".parse().unwrap();
+    config.admin = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+/// Binds and serves `config` (whose directories the caller keeps).
+pub async fn serve(config: Config) -> Running {
+    let server = Server::bind(config).await.unwrap();
     let grpc = format!("http://{}", server.grpc_addr().unwrap());
     let cp = std::sync::Arc::clone(server.control_plane());
     let admin = AdminClient::new(&format!("http://{}", server.admin_addr().unwrap())).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(server.serve(async {
+    let served = tokio::spawn(server.serve(async {
         let _ = rx.await;
     }));
     Running {
@@ -74,7 +97,8 @@ pub async fn start_with(
         cp,
         admin,
         shutdown: Some(tx),
-        _dir: dir,
+        served: Some(served),
+        _dir: None,
     }
 }
 
