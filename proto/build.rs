@@ -1,5 +1,7 @@
 //! Generates Rust code for `weft/v1/*.proto` with protox (a pure-Rust protobuf
-//! compiler), so a fresh machine needs nothing but cargo.
+//! compiler), so a fresh machine needs nothing but cargo. Also generates the vendored subset of
+//! the OpenTelemetry protos (`opentelemetry/proto/...`) the proxy's OTLP trace exporter uses; they
+//! are compiled separately so the Weft descriptor set (server reflection) stays Weft's own.
 
 use std::path::PathBuf;
 
@@ -18,5 +20,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+
+    let otlp = [
+        "opentelemetry/proto/common/v1/common.proto",
+        "opentelemetry/proto/resource/v1/resource.proto",
+        "opentelemetry/proto/trace/v1/trace.proto",
+        "opentelemetry/proto/collector/trace/v1/trace_service.proto",
+    ];
+    for p in &otlp {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let otlp_fds = protox::compile(otlp, ["."])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(otlp_fds)?;
     Ok(())
 }

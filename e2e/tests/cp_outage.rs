@@ -225,6 +225,9 @@ async fn proxy_started_during_an_outage_waits_for_the_control_plane() {
     let mut cp_config = ControlPlaneConfig::new(policies.path());
     // Nothing is deregistered while the control plane is away.
     cp_config.deregister_grace = Duration::from_secs(5);
+    // The fake control plane below reads node ids from the proxies' gRPC bytes: plaintext gRPC
+    // (the mesh itself still runs mTLS with certificates from the CA).
+    cp_config.grpc_tls = false;
     // The stand-in listener below reads node ids out of the proxies' gRPC bytes: plaintext.
     cp_config.grpc_tls = false;
     let mut cp = ControlPlane::start_with(cp_config).await;

@@ -238,10 +238,8 @@ async fn control_plane_serves_grpc_health() {
 
     let policies = PolicyDir::with_file("mesh.yaml", &http_services_yaml(&["web"]));
     let cp = ControlPlane::start(policies.path()).await;
-    let mut health = HealthClient::new(weft_testkit::grpc_channel(
-        cp.grpc_addr,
-        &cp.grpc_addr.to_string(),
-    ));
+    // TLS verified with the CA's roots.pem, as proxies connect.
+    let mut health = HealthClient::new(weft_testkit::security::control_channel(cp.grpc_addr).await);
     let resp = wait_until(
         DEFAULT_WAIT,
         "grpc.health.v1.Health/Check on weft-control answers",

@@ -458,6 +458,8 @@ async fn prometheus_scrapes_the_mesh() {
                 ("routes", &dump.routes),
                 ("clusters", &dump.clusters),
                 ("endpoints", &dump.endpoints),
+                ("policies", &dump.policies),
+                ("trust", &dump.trust),
             ]
             .into_iter()
             .map(|(t, v)| (t.to_string(), v.clone()))

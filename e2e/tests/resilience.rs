@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use weft_e2e::{caller_proxy, instance_of, tally, wait_for_instance, Instance};
-use weft_testkit::{next_loopback_ip, wait_until, ControlPlane, PolicyDir, DEFAULT_WAIT};
+use weft_testkit::{
+    free_addr, free_port, next_loopback_ip, wait_until, ControlPlane, PolicyDir, Proxy,
+    ProxyConfig, DEFAULT_WAIT,
+};
 
 /// What a [`FakeUpstream`] does with requests (health checks to `/healthz` follow `health`).
 const ANSWER: u8 = 0;
@@ -26,7 +29,25 @@ struct FakeUpstream {
     mode: Arc<AtomicU8>,
     healthy: Arc<AtomicU8>,
     requests: Arc<AtomicUsize>,
+    /// Connections currently open to it.
+    open: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Decrements a connection count when a connection task ends.
+struct OpenConn(Arc<AtomicUsize>);
+
+impl OpenConn {
+    fn new(open: &Arc<AtomicUsize>) -> OpenConn {
+        open.fetch_add(1, Ordering::SeqCst);
+        OpenConn(open.clone())
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl FakeUpstream {
@@ -39,11 +60,19 @@ impl FakeUpstream {
         let mode = Arc::new(AtomicU8::new(mode));
         let healthy = Arc::new(AtomicU8::new(1));
         let requests = Arc::new(AtomicUsize::new(0));
-        let (m, h, r) = (mode.clone(), healthy.clone(), requests.clone());
+        let open = Arc::new(AtomicUsize::new(0));
+        let (m, h, r, o) = (
+            mode.clone(),
+            healthy.clone(),
+            requests.clone(),
+            open.clone(),
+        );
         let task = tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 let (m, h, r) = (m.clone(), h.clone(), r.clone());
+                let conn = OpenConn::new(&o);
                 tokio::spawn(async move {
+                    let _conn = conn;
                     let mut buf = Vec::with_capacity(4096);
                     // One request head per iteration; ends when the peer closes.
                     loop {
@@ -97,8 +126,13 @@ impl FakeUpstream {
             mode,
             healthy,
             requests,
+            open,
             task,
         }
+    }
+
+    fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     fn set_mode(&self, mode: u8) {
@@ -179,14 +213,15 @@ async fn killed_endpoint_under_load_keeps_success_rate() {
     let p = progress.clone();
     let killer = tokio::spawn(async move {
         // Kill api-3 (sidecar and app, SIGKILL) once a third of the load is through.
-        wait_until(DEFAULT_WAIT, "a third of the load was sent", async || {
-            if p.load(Ordering::SeqCst) >= 500 {
-                Ok(())
-            } else {
-                Err("not yet")
-            }
-        })
-        .await;
+        // A plain polling loop: `wait_until`'s async closure is not `Send` inside a spawned task.
+        let deadline = Instant::now() + DEFAULT_WAIT;
+        while p.load(Ordering::SeqCst) < 500 {
+            assert!(
+                Instant::now() < deadline,
+                "a third of the load was not sent within {DEFAULT_WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         c.proxy.process.kill();
         c.app.process.kill();
         c
@@ -389,7 +424,7 @@ async fn failing_upstream_retries_stay_within_budget_and_breaker_opens() {
     let (mut ok, mut overloaded) = (0, 0);
     for h in handles {
         let r = h.await.expect("task").expect("response");
-        match (r.status, r.header("x-weft-overloaded")) {
+        match (r.status.as_u16(), r.header("x-weft-overloaded")) {
             (200, _) => ok += 1,
             (503, Some("requests")) => overloaded += 1,
             _ => panic!("unexpected {}", r.summary()),
@@ -538,5 +573,251 @@ routes:
         Some("per-try"),
         "{}",
         r.summary()
+    );
+}
+
+/// A TCP echo server in the test process; counts open connections.
+async fn echo_server() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind((next_loopback_ip(), 0))
+        .await
+        .expect("bind echo server");
+    let addr = listener.local_addr().expect("local addr");
+    let open = Arc::new(AtomicUsize::new(0));
+    let o = open.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let conn = OpenConn::new(&o);
+            tokio::spawn(async move {
+                let _conn = conn;
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, open, task)
+}
+
+/// Reads until EOF (or a reset) within `limit`; returns when that happened, or panics with `what`.
+async fn wait_closed(s: &mut tokio::net::TcpStream, limit: Duration, what: &str) -> Instant {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return Instant::now(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: still open after {limit:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_downstream_upstream_and_tcp() {
+    let one = FakeUpstream::start("one", ANSWER, Duration::ZERO).await;
+    let (echo, echo_open, _echo_task) = echo_server().await;
+    let web_ip = next_loopback_ip();
+    let port = free_port(web_ip);
+    let policy = format!(
+        "services:
+  - name: web
+    idle_timeout: 1s
+  - name: api
+    idle_timeout: 1s
+    endpoints:
+      - address: {one}
+  - name: store
+    protocol: tcp
+    port: {port}
+    idle_timeout: 1s
+    endpoints:
+      - address: {echo}
+",
+        one = one.addr,
+    );
+    let policies = PolicyDir::with_file("svc.yaml", &policy);
+    let cp = ControlPlane::start(policies.path()).await;
+    let web = Proxy::start_with(ProxyConfig::on_ip(
+        web_ip,
+        &cp.grpc_url(),
+        "web",
+        "web-1",
+        free_addr(web_ip),
+    ))
+    .await;
+    let client = web.http1();
+    wait_for_instance(&client, "api", "/", "one").await;
+
+    // Upstream: the pooled keep-alive connection to "one" is closed once idle for 1s.
+    assert!(one.open_connections() >= 1, "a pooled upstream connection");
+    wait_until(
+        Duration::from_secs(5),
+        "the idle pooled upstream connection is closed",
+        async || match one.open_connections() {
+            0 => Ok(()),
+            n => Err(format!("{n} open")),
+        },
+    )
+    .await;
+
+    // Downstream HTTP/1.1 keep-alive: served, kept open, then closed after 1s without requests.
+    let mut s = tokio::net::TcpStream::connect(web.outbound_addr())
+        .await
+        .expect("connect outbound");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
+        .await
+        .expect("write request");
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&head).contains("\"instance\":\"one\"") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("response in time")
+            .expect("read response");
+        assert!(
+            n > 0,
+            "closed before the response: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.extend_from_slice(&buf[..n]);
+    }
+    let answered = Instant::now();
+    let closed = wait_closed(&mut s, Duration::from_secs(5), "idle keep-alive connection").await;
+    assert!(
+        closed - answered >= Duration::from_millis(500),
+        "kept alive for a while before the idle close, not closed at once ({:?})",
+        closed - answered
+    );
+    // A connection that never sends a byte is closed too.
+    let mut silent = tokio::net::TcpStream::connect(web.outbound_addr())
+        .await
+        .expect("connect outbound");
+    wait_closed(&mut silent, Duration::from_secs(5), "silent connection").await;
+
+    // TCP: bytes flow, then 1s with none either way closes both sides.
+    let mut t = tokio::net::TcpStream::connect((web_ip, port))
+        .await
+        .expect("connect tcp listener");
+    t.write_all(b"ping").await.expect("write");
+    let mut got = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), t.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&got, b"ping");
+    assert_eq!(echo_open.load(Ordering::SeqCst), 1);
+    wait_closed(&mut t, Duration::from_secs(5), "idle TCP connection").await;
+    wait_until(
+        Duration::from_secs(5),
+        "the upstream side of the idle TCP connection is closed",
+        async || match echo_open.load(Ordering::SeqCst) {
+            0 => Ok(()),
+            n => Err(format!("{n} open")),
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_ip_ring_hash_sticks_to_one_endpoint() {
+    let a = FakeUpstream::start("a", ANSWER, Duration::ZERO).await;
+    let b = FakeUpstream::start("b", ANSWER, Duration::ZERO).await;
+    let policy = format!(
+        "services:
+  - name: web
+  - name: sticky
+    lb: ring_hash
+    hash: {{source_ip: true}}
+    endpoints:
+      - address: {a}
+      - address: {b}
+",
+        a = a.addr,
+        b = b.addr,
+    );
+    let policies = PolicyDir::with_file("svc.yaml", &policy);
+    let cp = ControlPlane::start(policies.path()).await;
+    let web = caller_proxy(&cp, "web", "web-1").await;
+    let client = web.http1();
+    wait_until(DEFAULT_WAIT, "sticky is routed", async || {
+        let r = client.get("sticky", "/").await?;
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!("{}", r.summary()))
+        }
+    })
+    .await;
+    // Every request comes from the same source IP: one endpoint gets them all (without the
+    // peer address the hash is missing and requests spread over both).
+    let t = tally(&client, "sticky", "/", 30).await;
+    assert!(t.errors.is_empty(), "{t:?}");
+    assert!(t.count("a") == 30 || t.count("b") == 30, "{t:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_listener_rate_limit_closes_excess_connections() {
+    let web_ip = next_loopback_ip();
+    let port = free_port(web_ip);
+    let policies = PolicyDir::with_file(
+        "svc.yaml",
+        &format!(
+            "services:
+  - name: web
+  - name: store
+    protocol: tcp
+    port: {port}
+    rate_limit: {{requests_per_second: 1, burst: 2}}
+"
+        ),
+    );
+    let cp = ControlPlane::start(policies.path()).await;
+    let store = Instance::tcp(&cp, "store", "store-1").await;
+    let web = Proxy::start_with(ProxyConfig::on_ip(
+        web_ip,
+        &cp.grpc_url(),
+        "web",
+        "web-1",
+        free_addr(web_ip),
+    ))
+    .await;
+    web.wait_endpoint(store.endpoint(), true).await;
+    // 6 connections at once against 1/s with a burst of 2 at store's inbound listener.
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..6 {
+        let mut t = tokio::net::TcpStream::connect((web_ip, port))
+            .await
+            .expect("connect tcp listener");
+        let echoed = tokio::time::timeout(Duration::from_secs(5), async {
+            t.write_all(b"ping").await?;
+            let mut got = [0u8; 4];
+            t.read_exact(&mut got).await?;
+            anyhow::Ok(got)
+        })
+        .await;
+        match echoed {
+            Ok(Ok(got)) if &got == b"ping" => ok += 1,
+            Ok(_) => refused += 1,
+            Err(_) => panic!("neither echoed nor closed within 5s"),
+        }
+    }
+    assert!(
+        (1..=3).contains(&ok) && refused >= 3,
+        "ok {ok}, refused {refused}"
+    );
+    let m = store.proxy.metrics().await;
+    assert!(
+        m.sum("weft_rate_limited_total", &[("scope", "listener")]) >= 3.0,
+        "{}",
+        m.lines_for("weft_rate_limited_total")
     );
 }

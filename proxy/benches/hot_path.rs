@@ -1,6 +1,7 @@
 //! Per-request costs of the proxy's hot path, in isolation: route match (10 and 1000 routes),
 //! the balancer pick of every LB policy over 10 endpoints, header rewriting, metrics recording,
-//! and the resilience checks every request passes (retry budget, breaker, rate limit).
+//! and the resilience checks every request passes (retry budget, breaker, rate limit, the
+//! downstream idle-timeout bookkeeping).
 //!
 //! `cargo bench -p weft-proxy --bench hot_path` (criterion reports ns/op as "time").
 
@@ -15,6 +16,7 @@ use weft_proto::v1;
 use weft_proxy::breaker::{BreakerState, Limit};
 use weft_proxy::cluster::Cluster;
 use weft_proxy::http::headers::{prepare_request, strip_hop_by_hop};
+use weft_proxy::http::idle::Activity;
 use weft_proxy::lb::{Avail, Balancer, EndpointLoad, HashOn, Policy};
 use weft_proxy::metrics::Metrics;
 use weft_proxy::ratelimit::RateLimiter;
@@ -192,6 +194,11 @@ fn metrics_and_checks(c: &mut Criterion) {
     let limiter = RateLimiter::new(u32::MAX, u32::MAX);
     c.bench_function("rate_limit/check", |b| {
         b.iter(|| black_box(limiter.check()))
+    });
+    // The downstream idle-timeout bookkeeping every request does (begin + end of in-flight).
+    let activity = Activity::new();
+    c.bench_function("idle/in_flight_begin_end", |b| {
+        b.iter(|| drop(black_box(activity.begin())))
     });
 }
 

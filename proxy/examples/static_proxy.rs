@@ -33,6 +33,12 @@ fn main() -> anyhow::Result<()> {
             store: store.clone(),
             drain_timeout: Duration::from_secs(1),
             http: Arc::new(weft_proxy::http::server_builder()),
+            tls: Arc::new(
+                weft_proxy::tls::MeshTls::new(
+                    weft_proxy::tls::metrics::SecurityMetrics::unregistered(),
+                )
+                .expect("TLS 1.3 config"),
+            ),
         };
         let manager = ListenerManager::new(tokio::runtime::Handle::current(), plane);
         let applier = ConfigApplier::new(store, Arc::new(Mutex::new(manager)), Metrics::new()?);

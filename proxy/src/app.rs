@@ -13,10 +13,12 @@ use weft_proto::v1;
 
 use crate::admin::{self, AdminState};
 use crate::config::Bootstrap;
-use crate::discovery::{ConfigApplier, Discovery};
+use crate::discovery::{control_endpoint_from_file, ConfigApplier, Discovery};
 use crate::listen::{self, DataPlane, ListenerManager};
 use crate::metrics::{Metrics, MetricsError};
 use crate::snapshot::SnapshotStore;
+use crate::tls::renew::{CertifyParams, ChannelFactory, Renewer, TokenSource};
+use crate::tls::{self, MeshTls};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,9 @@ pub enum StartError {
     /// Spawning the control thread failed.
     #[error("spawning the control thread: {0}")]
     Thread(std::io::Error),
+    /// The mTLS configuration could not be built.
+    #[error("TLS setup: {0}")]
+    Tls(rustls::Error),
 }
 
 /// The node identity announced to the control plane.
@@ -103,10 +108,23 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
     )?;
     crate::observe::install(observability);
     let store: Arc<SnapshotStore> = Arc::new(SnapshotStore::empty());
+    let mesh_tls = Arc::new(MeshTls::new(metrics.security.clone()).map_err(StartError::Tls)?);
+    let token = bootstrap
+        .join_token
+        .clone()
+        .map(TokenSource::Inline)
+        .or_else(|| bootstrap.join_token_file.clone().map(TokenSource::File));
+    if token.is_some() {
+        // This proxy has a mesh identity: mesh endpoints are dialled with mTLS.
+        tls::install_origination(Arc::clone(&mesh_tls));
+    } else {
+        tracing::warn!("no join_token: running without a mesh identity (plaintext to every peer, no mTLS inbound)");
+    }
     let plane = DataPlane {
         store: Arc::clone(&store),
         drain_timeout: bootstrap.drain_timeout,
         http: Arc::new(crate::http::server_builder()),
+        tls: Arc::clone(&mesh_tls),
     };
     let listeners = Arc::new(Mutex::new(ListenerManager::new(
         data_rt.handle().clone(),
@@ -126,8 +144,34 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         node: Arc::new(node.clone()),
         draining: Arc::clone(&draining),
     };
-    let applier = ConfigApplier::new(Arc::clone(&store), Arc::clone(&listeners), metrics);
-    let discovery = Discovery::new(bootstrap.control_plane.clone(), node, applier);
+    let applier = ConfigApplier::new(Arc::clone(&store), Arc::clone(&listeners), metrics)
+        .with_trust(Arc::clone(mesh_tls.trust()));
+    let mut discovery = Discovery::new(bootstrap.control_plane.clone(), node.clone(), applier)
+        .with_control_plane_ca(bootstrap.control_plane_ca.clone());
+    if token.is_some() {
+        discovery = discovery.wait_for_certificate(Arc::clone(mesh_tls.certs()));
+    }
+    let renewer = token.map(|token| {
+        let (url, ca) = (
+            bootstrap.control_plane.clone(),
+            bootstrap.control_plane_ca.clone(),
+        );
+        let connect: ChannelFactory = Box::new(move || {
+            control_endpoint_from_file(&url, ca.as_deref())
+                .map(|e| e.connect_lazy())
+                .map_err(|e| e.to_string())
+        });
+        Renewer::new(
+            Arc::clone(&mesh_tls),
+            connect,
+            CertifyParams {
+                token,
+                service: node.service.clone(),
+                namespace: node.namespace.clone(),
+                ttl: bootstrap.cert_ttl,
+            },
+        )
+    });
     let control_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -146,6 +190,9 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
                         tokio::spawn(admin::serve(sock, admin_state));
                     }
                     Err(e) => tracing::error!(error = %e, "admin listener unusable"),
+                }
+                if let Some(renewer) = renewer {
+                    tokio::spawn(renewer.run());
                 }
                 discovery.run().await;
             });

@@ -295,6 +295,11 @@ impl Cluster {
         if !errors.is_empty() {
             return Err(errors);
         }
+        let idle_timeout =
+            (proto.idle_timeout_ms > 0).then(|| Duration::from_millis(proto.idle_timeout_ms));
+        for e in &eps {
+            e.pool.set_idle_timeout(idle_timeout);
+        }
         let weights: Vec<u32> = eps.iter().map(|e| e.weight).collect();
         let keys: Vec<String> = eps.iter().map(|e| e.addr.to_string()).collect();
         let loads = eps.iter().map(|e| Arc::clone(&e.load)).collect();
@@ -319,7 +324,7 @@ impl Cluster {
                 ms(proto.connect_timeout_ms)
             },
             request_timeout: (proto.request_timeout_ms > 0).then(|| ms(proto.request_timeout_ms)),
-            idle_timeout: (proto.idle_timeout_ms > 0).then(|| ms(proto.idle_timeout_ms)),
+            idle_timeout,
             protocol,
             balancer: Balancer::new(policy, hash_on, &keys, &weights, loads),
             min_healthy_percent: outlier.as_ref().map_or(0, |o| o.min_healthy_percent),

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -68,6 +68,19 @@ pub struct Bootstrap {
     /// (applied by [`Bootstrap::load`]); see [`Bootstrap::worker_threads`].
     #[serde(default)]
     pub worker_threads: Option<usize>,
+    /// PEM file of the CA(s) that verify the control plane's gRPC certificate (required for an
+    /// `https://` control plane; read at every connect attempt, so it may appear later).
+    #[serde(default)]
+    pub control_plane_ca: Option<PathBuf>,
+    /// This service's join token: enables the mesh identity (mTLS).
+    #[serde(default)]
+    pub join_token: Option<String>,
+    /// A file holding the join token (read before every certificate request).
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
+    /// Certificate lifetime to ask for; absent = the control plane's default.
+    #[serde(default, with = "humantime_serde")]
+    pub cert_ttl: Option<Duration>,
 }
 
 /// Environment variable overriding the bootstrap's `worker_threads`.
@@ -237,6 +250,24 @@ impl Bootstrap {
                 ))
             }
         }
+        if b.control_plane.starts_with("https://") && b.control_plane_ca.is_none() {
+            return Err(invalid(
+                "control_plane_ca",
+                "required with an https:// control_plane (the control plane's roots.pem)".into(),
+            ));
+        }
+        if b.join_token.is_some() && b.join_token_file.is_some() {
+            return Err(invalid(
+                "join_token",
+                "set join_token or join_token_file, not both".into(),
+            ));
+        }
+        if b.join_token.as_deref() == Some("") {
+            return Err(invalid(
+                "join_token",
+                "must not be empty (omit it to run without identity)".into(),
+            ));
+        }
         Ok(b)
     }
 
@@ -326,6 +357,33 @@ worker_threads: 3
         assert!(msg.contains("servce") && msg.contains("node"), "{msg}");
         let e = Bootstrap::parse("node: {service: web}\nadmn: 1.2.3.4:5", "b.yaml").unwrap_err();
         assert!(e.to_string().contains("admn"), "{e}");
+    }
+
+    #[test]
+    fn security_fields() {
+        let b = Bootstrap::parse(
+            "node: {service: web}\ncontrol_plane: https://127.0.0.1:15010\n\
+             control_plane_ca: /ca/roots.pem\njoin_token: abc\ncert_ttl: 10m",
+            "b.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            b.control_plane_ca.as_deref(),
+            Some(Path::new("/ca/roots.pem"))
+        );
+        assert_eq!(b.join_token.as_deref(), Some("abc"));
+        assert_eq!(b.cert_ttl, Some(Duration::from_secs(600)));
+        let e = Bootstrap::parse("node: {service: web}\ncontrol_plane: https://h:1", "b.yaml")
+            .unwrap_err();
+        assert!(e.to_string().contains("control_plane_ca"), "{e}");
+        let e = Bootstrap::parse(
+            "node: {service: web}\njoin_token: a\njoin_token_file: /t",
+            "b.yaml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("join_token"), "{e}");
+        let b = Bootstrap::parse("node: {service: web}\njoin_token_file: /t", "b.yaml").unwrap();
+        assert_eq!(b.join_token_file.as_deref(), Some(Path::new("/t")));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! it in, and answer `Ack{nonce, versions held}`; any failure answers `Nack{nonce, reason,
 //! rejected versions}` and leaves the running config untouched ([`ConfigApplier`]).
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -19,18 +20,13 @@ use weft_proto::v1::discovery_request::Kind;
 use crate::listen::ListenerManager;
 use crate::metrics::Metrics;
 use crate::snapshot::{carried, nack_reason, Resources, Snapshot, SnapshotStore};
+use crate::tls::certs::CertStore;
+use crate::tls::control::control_endpoint;
+use crate::tls::trust::TrustStore;
 
 /// Why a discovery stream ended.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    /// The `control_plane` URL is unusable.
-    #[error("control_plane {url:?}: {source}")]
-    Url {
-        /// The configured URL.
-        url: String,
-        /// tonic's error.
-        source: tonic::transport::Error,
-    },
     /// Could not connect to the control plane.
     #[error("connecting to control plane {url}: {source}")]
     Connect {
@@ -45,6 +41,9 @@ pub enum DiscoveryError {
     /// Our request channel closed (the stream's sender task ended).
     #[error("discovery stream closed while sending an ack/nack")]
     SendClosed,
+    /// The control-plane CA file or TLS settings are unusable.
+    #[error("control-plane TLS: {0}")]
+    Tls(String),
 }
 
 /// Displays an error with its `source()` chain (tonic's transport errors hide the cause).
@@ -65,6 +64,8 @@ impl std::fmt::Display for ErrorChain<'_> {
 /// Applies discovery responses: build, validate, bind, swap, account.
 pub struct ConfigApplier {
     store: Arc<SnapshotStore>,
+    /// Receives the `TRUST` resource when it changes.
+    trust: Option<Arc<TrustStore>>,
     listeners: Arc<Mutex<ListenerManager>>,
     metrics: Metrics,
 }
@@ -78,9 +79,17 @@ impl ConfigApplier {
     ) -> Self {
         Self {
             store,
+            trust: None,
             listeners,
             metrics,
         }
+    }
+
+    /// Also installs applied `TRUST` resources into `trust` (mTLS verification).
+    #[must_use]
+    pub fn with_trust(mut self, trust: Arc<TrustStore>) -> Self {
+        self.trust = Some(trust);
+        self
     }
 
     /// The versions currently held (for Hello after a reconnect).
@@ -156,8 +165,26 @@ impl ConfigApplier {
         let snapshot = Arc::new(snapshot);
         self.store.store(Some(Arc::clone(&snapshot)));
         listeners.commit(prepared, &snapshot);
+        if let (Some(store), Some(bundle), Some(_)) = (&self.trust, &snapshot.trust, &resp.trust) {
+            store.set_discovery(bundle);
+        }
         Ok(snapshot.resources.type_versions())
     }
+}
+
+/// The control-plane endpoint for `url`, reading the CA PEM from `ca` when given.
+pub fn control_endpoint_from_file(
+    url: &str,
+    ca: Option<&Path>,
+) -> Result<tonic::transport::Endpoint, DiscoveryError> {
+    let pem =
+        match ca {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+                DiscoveryError::Tls(format!("control_plane_ca {}: {e}", p.display()))
+            })?),
+            None => None,
+        };
+    control_endpoint(url, pem.as_deref()).map_err(|e| DiscoveryError::Tls(e.to_string()))
 }
 
 /// Full-jitter exponential backoff.
@@ -198,6 +225,10 @@ impl Backoff {
 /// The discovery client.
 pub struct Discovery {
     url: String,
+    /// Bootstrap `control_plane_ca`, read at every connect attempt.
+    control_plane_ca: Option<PathBuf>,
+    /// When set, the first response is applied only once this store holds a certificate.
+    wait_for_cert: Option<Arc<CertStore>>,
     node: v1::Node,
     applier: ConfigApplier,
 }
@@ -205,7 +236,28 @@ pub struct Discovery {
 impl Discovery {
     /// A client for the control plane at `url`, announcing `node`.
     pub fn new(url: String, node: v1::Node, applier: ConfigApplier) -> Self {
-        Self { url, node, applier }
+        Self {
+            url,
+            control_plane_ca: None,
+            wait_for_cert: None,
+            node,
+            applier,
+        }
+    }
+
+    /// Verifies an `https://` control plane with the CA(s) in `path`.
+    #[must_use]
+    pub fn with_control_plane_ca(mut self, path: Option<PathBuf>) -> Self {
+        self.control_plane_ca = path;
+        self
+    }
+
+    /// Applies no configuration (binds no listener, stays unready) before `certs` has this
+    /// proxy's first certificate: a proxy with an identity never serves without it.
+    #[must_use]
+    pub fn wait_for_certificate(mut self, certs: Arc<CertStore>) -> Self {
+        self.wait_for_cert = Some(certs);
+        self
     }
 
     /// Runs streams forever, reconnecting with backoff.
@@ -229,17 +281,7 @@ impl Discovery {
     }
 
     async fn stream(&self, got_response: &mut bool) -> Result<(), DiscoveryError> {
-        let url_err = |source| DiscoveryError::Url {
-            url: self.url.clone(),
-            source,
-        };
-        let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
-            .map_err(url_err)?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(15))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
+        let endpoint = control_endpoint_from_file(&self.url, self.control_plane_ca.as_deref())?;
         let channel = endpoint
             .connect()
             .await
@@ -262,6 +304,12 @@ impl Discovery {
         tracing::info!(url = %self.url, "discovery stream open");
         while let Some(resp) = responses.message().await? {
             *got_response = true;
+            if let Some(certs) = &self.wait_for_cert {
+                if certs.load().is_none() {
+                    tracing::info!("waiting for this proxy's certificate before applying config");
+                    certs.wait_ready().await;
+                }
+            }
             let reply = self.applier.apply(&resp);
             tx.send(reply)
                 .await

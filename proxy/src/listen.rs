@@ -177,7 +177,7 @@ async fn accept_loop(sock: TcpListener, addr: SocketAddr, plane: DataPlane, mut 
             a = sock.accept() => a,
         };
         match accepted {
-            Ok((stream, _peer)) => dispatch(stream, addr, &plane, &drain),
+            Ok((stream, peer)) => dispatch(stream, peer, addr, &plane, &drain),
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(%addr, error = %e, "accept failed");
@@ -187,7 +187,13 @@ async fn accept_loop(sock: TcpListener, addr: SocketAddr, plane: DataPlane, mut 
     }
 }
 
-fn dispatch(stream: TcpStream, addr: SocketAddr, plane: &DataPlane, drain: &DrainWatch) {
+fn dispatch(
+    stream: TcpStream,
+    peer: SocketAddr,
+    addr: SocketAddr,
+    plane: &DataPlane,
+    drain: &DrainWatch,
+) {
     let listener = plane
         .store
         .load()
@@ -209,14 +215,16 @@ fn dispatch(stream: TcpStream, addr: SocketAddr, plane: &DataPlane, drain: &Drai
                 ListenerKind::Http(_) => inbound::DETECT_TIMEOUT_HTTP,
                 ListenerKind::Tcp { .. } => inbound::DETECT_TIMEOUT_TCP,
             };
-            let Some(conn) = inbound::accept(stream, listener.mtls, &plane.tls, detect_timeout).await
+            let Some(conn) =
+                inbound::accept(stream, listener.mtls, &plane.tls, detect_timeout).await
             else {
                 return;
             };
             match &listener.kind {
                 ListenerKind::Http(_) => {
                     let service = HttpProxy::new(Arc::clone(&plane.store), Arc::clone(&listener))
-                        .with_peer(conn.peer);
+                        .with_peer(conn.peer)
+                        .with_source(peer);
                     let builder = Arc::clone(&plane.http);
                     http::serve_connection(conn.io, builder, service, drain, timeout).await;
                 }
@@ -230,7 +238,8 @@ fn dispatch(stream: TcpStream, addr: SocketAddr, plane: &DataPlane, drain: &Drai
     // Outbound: the local app, always plaintext.
     match &listener.kind {
         ListenerKind::Http(_) => {
-            let service = HttpProxy::new(Arc::clone(&plane.store), Arc::clone(&listener));
+            let service =
+                HttpProxy::new(Arc::clone(&plane.store), Arc::clone(&listener)).with_source(peer);
             let builder = Arc::clone(&plane.http);
             tokio::spawn(http::serve_connection(
                 stream, builder, service, drain, timeout,

@@ -401,11 +401,10 @@ mod tests {
         }))
         .unwrap();
         s.maybe_sweep(&c, get, 5, 1, &m); // starts the clock
-        for ep in 0..5 {
+        for (ep, h) in hs.iter().enumerate() {
             for k in 0..100 {
                 // Endpoint 4 fails half its requests, the others 1%.
                 let ok = if ep == 4 { k % 2 == 0 } else { k != 0 };
-                let h = &hs[ep];
                 h.requests.fetch_add(1, Ordering::Relaxed);
                 if ok {
                     h.successes.fetch_add(1, Ordering::Relaxed);

@@ -17,6 +17,7 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +32,7 @@ use crate::cluster::{Cluster, UpstreamProtocol};
 use crate::http::body::{Completion, ResponseBody};
 use crate::http::error::ProxyError;
 use crate::http::headers::{prepare_request, strip_hop_by_hop};
+use crate::http::idle::{Activity, InFlight};
 use crate::metrics::RequestMetrics;
 use crate::ratelimit::retry_after_secs;
 use crate::retry::RetryPolicy;
@@ -48,6 +50,10 @@ pub struct HttpProxy {
     accepted_on: Arc<Listener>,
     /// The client's verified mesh identity (inbound mTLS connections).
     peer: Option<Arc<SpiffeId>>,
+    /// The downstream peer's IP address (ring hash on `source_ip`).
+    source: Option<IpAddr>,
+    /// Requests in flight on this connection (the listener's idle timeout).
+    activity: Arc<Activity>,
 }
 
 type ResponseFuture =
@@ -61,6 +67,10 @@ struct Target {
     retry: Option<Arc<RetryPolicy>>,
     /// The route's rate limit refused the request: `Retry-After` seconds.
     rate_limited: Option<u64>,
+    /// The downstream peer's IP address.
+    source: Option<IpAddr>,
+    /// Held until the response ends (the connection is not idle meanwhile).
+    in_flight: InFlight,
 }
 
 impl HttpProxy {
@@ -70,7 +80,21 @@ impl HttpProxy {
             store,
             accepted_on: listener,
             peer: None,
+            source: None,
+            activity: Activity::new(),
         }
+    }
+
+    /// This service for a connection from `addr` (the source IP a `source_ip` ring hash uses).
+    #[must_use]
+    pub fn with_source(mut self, addr: SocketAddr) -> Self {
+        self.source = Some(addr.ip());
+        self
+    }
+
+    /// The connection's request activity and the listener's idle timeout (as accepted).
+    pub fn idle(&self) -> (Arc<Activity>, Duration) {
+        (Arc::clone(&self.activity), self.accepted_on.idle_timeout)
     }
 
     /// This service for a connection whose client proved `peer` (inbound mTLS).
@@ -81,7 +105,12 @@ impl HttpProxy {
     }
 
     /// Routes `req` against the listener's current config: `Err` is a finished 404.
-    fn select(&self, http: &HttpListener, req: &Request<Incoming>) -> Result<Target, ProxyError> {
+    fn select(
+        &self,
+        http: &HttpListener,
+        req: &Request<Incoming>,
+        in_flight: InFlight,
+    ) -> Result<Target, ProxyError> {
         let raw_host = req
             .uri()
             .authority()
@@ -113,6 +142,8 @@ impl HttpProxy {
                     route_timeout: route.timeout,
                     retry: route.retry.clone(),
                     rate_limited,
+                    source: self.source,
+                    in_flight,
                 });
             }
         }
@@ -123,6 +154,8 @@ impl HttpProxy {
                 route_timeout: None,
                 retry: None,
                 rate_limited: None,
+                source: self.source,
+                in_flight,
             }),
             None => Err(ProxyError::NoRoute {
                 host: host.to_string(),
@@ -158,6 +191,8 @@ impl HttpProxy {
     /// The request path proper (everything [`HttpProxy::call`] does besides observing).
     fn proxy(&self, mut req: Request<Incoming>) -> ResponseFuture {
         let start = Instant::now();
+        // Dropped with the target, or when the response body ends.
+        let in_flight = self.activity.begin();
         let snapshot = self.store.load();
         let current = snapshot
             .as_ref()
@@ -187,7 +222,7 @@ impl HttpProxy {
                 return Box::pin(async move { Ok(resp) });
             }
         }
-        let limited = http.rate_limit.as_ref().and_then(|(limit, refused)| {
+        let limited = current.rate_limit.as_ref().and_then(|(limit, refused)| {
             limit.check().err().map(|wait| {
                 refused.inc();
                 ProxyError::RateLimited(retry_after_secs(wait))
@@ -195,7 +230,7 @@ impl HttpProxy {
         });
         let target = match limited {
             Some(e) => Err(e),
-            None => self.select(http, &req),
+            None => self.select(http, &req, in_flight),
         };
         let no_route_metrics = target.is_err().then(|| Arc::clone(http.no_route_metrics()));
         drop(snapshot);
@@ -228,6 +263,8 @@ async fn forward(
         route_timeout,
         retry,
         rate_limited,
+        source,
+        in_flight,
     } = target;
     let fail = |e: ProxyError| {
         tracing::debug!(cluster = %cluster.name, error = %e, "request failed");
@@ -261,7 +298,7 @@ async fn forward(
     // Any endpoint's address is the authority of last resort (a request without any host).
     prepare_request(&mut req, wire, any_endpoint.addr);
     crate::observe::note_route(&req, metrics.route(), &cluster.name);
-    let hash = cluster.request_hash(req.headers(), None);
+    let hash = cluster.request_hash(req.headers(), source);
 
     let limit = route_timeout.or(cluster.request_timeout);
     let deadline = limit.map(|l| tokio::time::Instant::now() + l);
@@ -290,6 +327,7 @@ async fn forward(
         start,
         pooled,
         active: Some(active),
+        in_flight: Some(in_flight),
     };
     Ok(Response::from_parts(
         parts,

@@ -2,8 +2,14 @@
 //! burst}`), implemented as GCRA (the generic cell rate algorithm) on one atomic: the bucket is
 //! the "theoretical arrival time" of the next request, so a check is one load and one CAS, no
 //! lock. A request over the limit is answered 429 with `Retry-After` (whole seconds, at least 1).
+//!
+//! The bucket state (that one atomic) outlives snapshots like other per-route/per-listener
+//! state: [`BucketRegistry`] hands every snapshot's limiter of the same scope and name (route or
+//! listener name) the same atomic, so a config push does not refill the buckets.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use weft_proto::v1;
@@ -17,7 +23,8 @@ pub struct RateLimiter {
     interval: u64,
     /// Bucket size x interval: how far ahead of now the arrival time may run.
     tolerance: u64,
-    tat: AtomicU64,
+    /// Theoretical arrival time (ns); shared by every snapshot's limiter of one route/listener.
+    tat: Arc<AtomicU64>,
     /// Configured values (for `/config_dump` and tests).
     pub requests_per_second: u32,
     /// Bucket size.
@@ -43,10 +50,17 @@ impl RateLimiter {
         Self {
             interval,
             tolerance: interval * u64::from(burst),
-            tat: AtomicU64::new(0),
+            tat: Arc::default(),
             requests_per_second: rps,
             burst,
         }
+    }
+
+    /// This limiter, keeping its bucket in `tat` (see [`BucketRegistry`]).
+    #[must_use]
+    pub fn with_bucket(mut self, tat: Arc<AtomicU64>) -> Self {
+        self.tat = tat;
+        self
     }
 
     /// Takes a token; `Err(retry_after)` when the bucket is empty.
@@ -72,6 +86,27 @@ impl RateLimiter {
             }
         }
         Ok(())
+    }
+}
+
+/// (scope, name) of a rate limit.
+type BucketKey = (Box<str>, Box<str>);
+
+/// Bucket state by (scope, name), shared across snapshots. Entries of removed routes/listeners
+/// stay (one atomic each) so that a route that comes back does not get a fresh burst either.
+#[derive(Debug, Default)]
+pub struct BucketRegistry {
+    buckets: Mutex<HashMap<BucketKey, Arc<AtomicU64>>>,
+}
+
+impl BucketRegistry {
+    /// The bucket of `scope` (`route`/`listener`) `name`.
+    pub fn bucket(&self, scope: &str, name: &str) -> Arc<AtomicU64> {
+        let mut map = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(map.entry((scope.into(), name.into())).or_default())
     }
 }
 
@@ -101,6 +136,20 @@ mod tests {
             ok += usize::from(l.check_at(t + 2 * S + k * 10_000_000).is_ok());
         }
         assert!((10..=16).contains(&ok), "{ok}");
+    }
+
+    #[test]
+    fn bucket_survives_a_rebuild() {
+        let reg = BucketRegistry::default();
+        let t = 100 * S;
+        let a = RateLimiter::new(10, 3).with_bucket(reg.bucket("route", "r"));
+        assert_eq!((0..10).filter(|_| a.check_at(t).is_ok()).count(), 3);
+        // A new snapshot's limiter of the same route: still empty.
+        let b = RateLimiter::new(10, 3).with_bucket(reg.bucket("route", "r"));
+        assert!(b.check_at(t).is_err());
+        // Another route (or a listener of the same name) has its own bucket.
+        let c = RateLimiter::new(10, 3).with_bucket(reg.bucket("listener", "r"));
+        assert!(c.check_at(t).is_ok());
     }
 
     #[test]

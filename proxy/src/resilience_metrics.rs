@@ -2,9 +2,13 @@
 //! detection, health checks, rate limiting), registered in the proxy's registry, and the
 //! per-cluster handles resolved once when a cluster's long-lived state is created.
 
+use std::sync::Arc;
+
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use weft_proto::v1;
 
 use crate::metrics::MetricsError;
+use crate::ratelimit::{BucketRegistry, RateLimiter};
 
 /// Every resilience family.
 #[derive(Clone)]
@@ -20,6 +24,8 @@ pub struct ResilienceMetrics {
     health_check_failures_total: IntCounterVec,
     endpoint_healthy: IntGaugeVec,
     rate_limited_total: IntCounterVec,
+    /// Rate-limit buckets by (scope, name): they outlive snapshots.
+    buckets: Arc<BucketRegistry>,
 }
 
 impl std::fmt::Debug for ResilienceMetrics {
@@ -131,6 +137,7 @@ impl ResilienceMetrics {
                 "Requests/connections refused by a local rate limit",
                 &["scope", "name"],
             )?,
+            buckets: Arc::default(),
         })
     }
 
@@ -174,6 +181,23 @@ impl ResilienceMetrics {
     /// Counter of requests refused by the rate limit of `scope` (`route`/`listener`) `name`.
     pub fn rate_limited(&self, scope: &str, name: &str) -> IntCounter {
         self.rate_limited_total.with_label_values(&[scope, name])
+    }
+
+    /// The rate limit of `scope` (`route`/`listener`) `name` from its proto (`None` when
+    /// absent), with its bucket carried over from earlier snapshots and its refusal counter.
+    /// `Err` names the bad field.
+    pub fn rate_limiter(
+        &self,
+        scope: &str,
+        name: &str,
+        proto: Option<&v1::RateLimit>,
+    ) -> Result<Option<(RateLimiter, IntCounter)>, (&'static str, String)> {
+        Ok(RateLimiter::from_proto(proto)?.map(|l| {
+            (
+                l.with_bucket(self.buckets.bucket(scope, name)),
+                self.rate_limited(scope, name),
+            )
+        }))
     }
 }
 

@@ -332,13 +332,17 @@ impl Route {
                 None
             }
         };
-        let rate_limit = match crate::ratelimit::RateLimiter::from_proto(r.rate_limit.as_ref()) {
-            Ok(l) => l.map(|l| (l, metrics.resilience().rate_limited("route", &label))),
-            Err((field, reason)) => {
-                reject(field.into(), reason);
-                None
-            }
-        };
+        let rate_limit =
+            match metrics
+                .resilience()
+                .rate_limiter("route", &label, r.rate_limit.as_ref())
+            {
+                Ok(l) => l,
+                Err((field, reason)) => {
+                    reject(field.into(), reason);
+                    None
+                }
+            };
 
         let mut dests = Vec::new();
         if r.destinations.is_empty() {

@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use weft_proto::v1;
@@ -230,13 +231,22 @@ pub struct Listener {
     pub authz: Option<Arc<AuthzPolicy>>,
     /// `weft_authz_denied_total{direction,policy,protocol}` of this listener's policy.
     pub authz_denied: Option<IntCounter>,
+    /// Local rate limit of every request (HTTP) or connection (TCP) on this listener, and its
+    /// `weft_rate_limited_total{scope="listener"}` counter. The bucket outlives snapshots.
+    pub rate_limit: Option<(crate::ratelimit::RateLimiter, IntCounter)>,
+    /// Downstream connections with nothing in flight this long are closed (HTTP keep-alive,
+    /// TCP with no bytes either way). 0 in the proto = [`DEFAULT_IDLE_TIMEOUT`].
+    pub idle_timeout: Duration,
 }
+
+/// Idle timeout of listeners whose proto leaves it at 0.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// HTTP routing or opaque TCP forwarding.
 #[derive(Debug)]
 pub enum ListenerKind {
-    /// HTTP/1.1 + h2c.
-    Http(HttpListener),
+    /// HTTP/1.1 + h2c (boxed: the routing config is much larger than the TCP variant).
+    Http(Box<HttpListener>),
     /// Bytes to one cluster.
     Tcp {
         /// The destination cluster.
@@ -257,9 +267,6 @@ pub struct HttpListener {
     no_route: OnceLock<Arc<RequestMetrics>>,
     metrics: Metrics,
     direction: Direction,
-    /// Local rate limit of every request on this listener and its
-    /// `weft_rate_limited_total{scope="listener"}` counter.
-    pub rate_limit: Option<(crate::ratelimit::RateLimiter, prometheus::IntCounter)>,
 }
 
 /// The catch-all destination of an HTTP listener; its route label is the listener's name.
@@ -423,27 +430,13 @@ impl Snapshot {
                         )),
                         cluster,
                     });
-                    let rate_limit =
-                        match crate::ratelimit::RateLimiter::from_proto(l.rate_limit.as_ref()) {
-                            Ok(limit) => limit.map(|limit| {
-                                (
-                                    limit,
-                                    metrics.resilience().rate_limited("listener", &l.name),
-                                )
-                            }),
-                            Err((field, reason)) => {
-                                errors.push(Rejection::new(res, field, reason));
-                                continue;
-                            }
-                        };
-                    ListenerKind::Http(HttpListener {
+                    ListenerKind::Http(Box::new(HttpListener {
                         routes,
                         catch_all,
                         no_route: OnceLock::new(),
                         metrics: metrics.clone(),
                         direction,
-                        rate_limit,
-                    })
+                    }))
                 }
                 _ => {
                     errors.push(Rejection::new(
@@ -453,6 +446,21 @@ impl Snapshot {
                     ));
                     continue;
                 }
+            };
+            let rate_limit =
+                match metrics
+                    .resilience()
+                    .rate_limiter("listener", &l.name, l.rate_limit.as_ref())
+                {
+                    Ok(limit) => limit,
+                    Err((field, reason)) => {
+                        errors.push(Rejection::new(res, field, reason));
+                        continue;
+                    }
+                };
+            let idle_timeout = match l.idle_timeout_ms {
+                0 => DEFAULT_IDLE_TIMEOUT,
+                ms => Duration::from_millis(ms),
             };
             let Some(mtls) = MtlsMode::from_proto(l.mtls) else {
                 errors.push(Rejection::new(
@@ -478,9 +486,11 @@ impl Snapshot {
                 ListenerKind::Http(_) => "http",
                 ListenerKind::Tcp { .. } => "tcp",
             };
-            let authz_denied = authz
-                .as_ref()
-                .map(|p| metrics.security.authz_denied(direction.as_str(), &p.name, protocol));
+            let authz_denied = authz.as_ref().map(|p| {
+                metrics
+                    .security
+                    .authz_denied(direction.as_str(), &p.name, protocol)
+            });
             let listener = Listener {
                 name: l.name.as_str().into(),
                 addr,
@@ -489,6 +499,8 @@ impl Snapshot {
                 mtls,
                 authz,
                 authz_denied,
+                rate_limit,
+                idle_timeout,
             };
             if let Some(other) = listeners.insert(addr, Arc::new(listener)) {
                 errors.push(Rejection::new(
@@ -678,6 +690,72 @@ pub(crate) mod tests {
         let inb = &s.listeners[&"127.0.0.1:15006".parse().unwrap()];
         assert!(
             matches!(&inb.kind, ListenerKind::Http(h) if h.routes.is_none() && h.catch_all.is_some())
+        );
+    }
+
+    #[test]
+    fn rate_limit_buckets_survive_a_rebuild_and_idle_timeouts_apply() {
+        let m = Metrics::new().unwrap();
+        let limited = || {
+            let mut r = resources();
+            let limit = v1::RateLimit {
+                requests_per_second: 1,
+                burst: 2,
+            };
+            let ls = &mut r.listeners.as_mut().unwrap().listeners;
+            ls[1].rate_limit = Some(limit);
+            ls[2].rate_limit = Some(limit);
+            ls[2].idle_timeout_ms = 1500;
+            let routes = &mut r.routes.as_mut().unwrap().tables[0].routes;
+            routes[0].rate_limit = Some(limit);
+            r
+        };
+        let first = Snapshot::build(limited(), None, &m).unwrap();
+        let second = Snapshot::build(limited(), None, &m).unwrap();
+        let listener = |s: &Snapshot, addr: &str| Arc::clone(&s.listeners[&addr.parse().unwrap()]);
+        let route_limit = |s: &Snapshot| {
+            let l = listener(s, "127.0.0.1:15001");
+            let ListenerKind::Http(h) = &l.kind else {
+                panic!("http")
+            };
+            let headers = http::HeaderMap::new();
+            let info = crate::route::RequestInfo {
+                host: "backend",
+                path: "/",
+                method: &http::Method::GET,
+                headers: &headers,
+            };
+            h.routes
+                .as_ref()
+                .unwrap()
+                .find(&info)
+                .unwrap()
+                .rate_limit
+                .as_ref()
+                .unwrap()
+                .0
+                .check()
+        };
+        for addr in ["127.0.0.1:15006", "127.0.0.1:7000"] {
+            let check = |s: &Snapshot| listener(s, addr).rate_limit.as_ref().unwrap().0.check();
+            assert!(check(&first).is_ok() && check(&first).is_ok());
+            assert!(
+                check(&second).is_err(),
+                "{addr}: the push did not refill the bucket"
+            );
+        }
+        assert!(route_limit(&first).is_ok() && route_limit(&first).is_ok());
+        assert!(
+            route_limit(&second).is_err(),
+            "route bucket refilled by the push"
+        );
+        assert_eq!(
+            listener(&second, "127.0.0.1:7000").idle_timeout,
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            listener(&second, "127.0.0.1:15001").idle_timeout,
+            DEFAULT_IDLE_TIMEOUT
         );
     }
 

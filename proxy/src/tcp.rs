@@ -2,8 +2,11 @@
 //! listener's cluster -> round-robin endpoint -> connect with the cluster's connect timeout ->
 //! (mesh endpoint: mTLS, expecting its identity) -> copy both ways. Each direction's EOF is
 //! forwarded as a half-close (`shutdown(Write)`, a TLS close_notify) while the other direction
-//! keeps flowing. Bytes are counted per direction as they pass.
+//! keeps flowing. Bytes are counted per direction as they pass. A connection that moves no byte
+//! in either direction for the listener's `idle_timeout` is closed, and the listener's rate
+//! limit (connections per second) closes connections over it right after accept.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +16,7 @@ use tokio::net::TcpStream;
 
 use crate::authz::{self, AuthzRequest};
 use crate::drain::DrainWatch;
+use crate::lb::load::now_nanos;
 use crate::snapshot::{Listener, ListenerKind};
 use crate::tls::io::{ClientIo, ServerIo};
 use crate::tls::spiffe::SpiffeId;
@@ -45,6 +49,13 @@ pub async fn proxy_connection(
     metrics.accepted.inc();
     metrics.open.inc();
     let _open = OpenGuard(metrics.open.clone());
+    if let Some((limit, refused)) = &listener.rate_limit {
+        if limit.check().is_err() {
+            refused.inc();
+            tracing::debug!(listener = %listener.name, "tcp: over the listener's rate limit; closing");
+            return;
+        }
+    }
     let request = AuthzRequest {
         peer: peer.as_ref(),
         method: None,
@@ -87,7 +98,7 @@ pub async fn proxy_connection(
         tokio::time::sleep(drain_timeout).await;
     };
     tokio::select! {
-        res = copy_both_ways(&mut client, &mut upstream, &metrics.rx, &metrics.tx) => {
+        res = copy_both_ways_idle(&mut client, &mut upstream, &metrics.rx, &metrics.tx, Some(listener.idle_timeout)) => {
             if let Err(e) = res {
                 tracing::debug!(%addr, error = %e, "tcp: connection ended with error");
             }
@@ -108,22 +119,56 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    copy_both_ways_idle(client, upstream, rx, tx, None).await
+}
+
+/// [`copy_both_ways`], ending with a `TimedOut` error when no byte moved in either direction for
+/// `idle`.
+pub async fn copy_both_ways_idle<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    rx: &IntCounter,
+    tx: &IntCounter,
+    idle: Option<Duration>,
+) -> std::io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let last = AtomicU64::new(now_nanos());
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let to_upstream = copy_half(&mut cr, &mut uw, rx);
-    let to_client = copy_half(&mut ur, &mut cw, tx);
-    tokio::pin!(to_upstream, to_client);
+    let to_upstream = copy_half(&mut cr, &mut uw, rx, &last);
+    let to_client = copy_half(&mut ur, &mut cw, tx, &last);
+    let period = idle.unwrap_or(Duration::MAX);
+    let timer = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400 * 365)));
+    tokio::pin!(to_upstream, to_client, timer);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         tokio::select! {
             r = &mut to_upstream, if !up_done => { r?; up_done = true; }
             r = &mut to_client, if !down_done => { r?; down_done = true; }
+            () = &mut timer, if idle.is_some() => {
+                let since = Duration::from_nanos(now_nanos().saturating_sub(last.load(Ordering::Relaxed)));
+                if since >= period {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no bytes either way for {period:?} (idle timeout)"),
+                    ));
+                }
+                timer.as_mut().reset(tokio::time::Instant::now() + (period - since));
+            }
         }
     }
     Ok(())
 }
 
-async fn copy_half<R, W>(r: &mut R, w: &mut W, count: &IntCounter) -> std::io::Result<()>
+async fn copy_half<R, W>(
+    r: &mut R,
+    w: &mut W,
+    count: &IntCounter,
+    last: &AtomicU64,
+) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -141,6 +186,7 @@ where
             w.shutdown().await?;
             return Ok(());
         }
+        last.store(now_nanos(), Ordering::Relaxed);
         w.write_all(&buf[..n]).await?;
         w.flush().await?;
         count.inc_by(n as u64);

@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,8 @@ use crate::retry::RequestBody;
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 512;
-/// Idle HTTP/1.1 connections older than this are closed instead of reused.
+/// Idle HTTP/1.1 connections older than this are closed, unless the cluster sets its own
+/// `idle_timeout` ([`EndpointPool::set_idle_timeout`]).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why an upstream request failed.
@@ -139,6 +141,11 @@ pub struct EndpointPool {
     h2_connecting: tokio::sync::Mutex<()>,
     /// The cluster's `max_connections` breaker: every open connection holds a permit.
     gate: Option<Arc<ConnectionGate>>,
+    /// Idle HTTP/1.1 connections are closed after this many milliseconds (the cluster's
+    /// `idle_timeout`; updated by every snapshot that has the endpoint).
+    idle_ms: AtomicU64,
+    /// Whether a task is closing expired idle connections (one per pool while any are idle).
+    reaping: AtomicBool,
 }
 
 impl std::fmt::Debug for EndpointPool {
@@ -165,6 +172,25 @@ impl PooledH1 {
     }
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Closes a pool's idle HTTP/1.1 connections as they expire; ends when none is idle or the pool
+/// is gone.
+async fn reap_idle(pool: std::sync::Weak<EndpointPool>) {
+    loop {
+        let next = match pool.upgrade() {
+            Some(p) => p.expire_idle(),
+            None => return,
+        };
+        match next {
+            Some(when) => tokio::time::sleep_until(when.into()).await,
+            None => return,
+        }
+    }
+}
+
 /// Locks ignoring poisoning: the guarded data (a queue / an optional sender) stays consistent
 /// even if a holder panicked, because every critical section is a single push/pop/replace.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,6 +207,8 @@ impl EndpointPool {
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
             gate: None,
+            idle_ms: AtomicU64::new(millis(IDLE_TIMEOUT)),
+            reaping: AtomicBool::new(false),
         }
     }
 
@@ -197,6 +225,22 @@ impl EndpointPool {
     pub fn mesh(mut self, mesh: Option<SpiffeId>) -> Self {
         self.mesh = mesh;
         self
+    }
+
+    /// Closes idle HTTP/1.1 connections after `idle` (`None`: the proxy default, 30s).
+    pub fn set_idle_timeout(&self, idle: Option<Duration>) {
+        self.idle_ms
+            .store(millis(idle.unwrap_or(IDLE_TIMEOUT)), Ordering::Relaxed);
+    }
+
+    /// How long an HTTP/1.1 connection may stay idle in the pool.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_ms.load(Ordering::Relaxed))
+    }
+
+    /// Idle HTTP/1.1 connections in the pool (tests, `/config_dump`).
+    pub fn idle_connections(&self) -> usize {
+        lock(&self.idle_h1).len()
     }
 
     /// The endpoint address.
@@ -293,29 +337,64 @@ impl EndpointPool {
     }
 
     fn pop_idle_h1(&self) -> Option<http1::SendRequest<RequestBody>> {
+        let timeout = self.idle_timeout();
         let mut idle = lock(&self.idle_h1);
         while let Some(c) = idle.pop_back() {
-            if c.since.elapsed() < IDLE_TIMEOUT && !c.tx.is_closed() {
+            if c.since.elapsed() < timeout && !c.tx.is_closed() {
                 return Some(c.tx);
             }
         }
         None
     }
 
-    fn checkin(&self, tx: http1::SendRequest<RequestBody>) {
+    fn checkin(self: &Arc<Self>, tx: http1::SendRequest<RequestBody>) {
         if tx.is_closed() {
             return;
         }
         let now = Instant::now();
+        let timeout = self.idle_timeout();
+        {
+            let mut idle = lock(&self.idle_h1);
+            // Oldest first: drop the expired and anything over the bound (dropping the sender
+            // closes the connection).
+            while idle.front().is_some_and(|c| {
+                now.saturating_duration_since(c.since) >= timeout || idle.len() >= MAX_IDLE_H1
+            }) {
+                idle.pop_front();
+            }
+            idle.push_back(IdleH1 { tx, since: now });
+        }
+        // Close connections when they expire, not only when the pool is next used.
+        if !self.reaping.swap(true, Ordering::AcqRel) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(reap_idle(Arc::downgrade(self)));
+                }
+                Err(_) => self.reaping.store(false, Ordering::Release),
+            }
+        }
+    }
+
+    /// Drops expired idle connections; `Some(when)` the next one expires, `None` (and no longer
+    /// reaping) when none is left.
+    fn expire_idle(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let timeout = self.idle_timeout();
         let mut idle = lock(&self.idle_h1);
-        // Oldest first: drop the expired and anything over the bound (dropping the sender
-        // closes the connection).
-        while idle.front().is_some_and(|c| {
-            now.saturating_duration_since(c.since) >= IDLE_TIMEOUT || idle.len() >= MAX_IDLE_H1
-        }) {
+        while idle
+            .front()
+            .is_some_and(|c| now.saturating_duration_since(c.since) >= timeout || c.tx.is_closed())
+        {
             idle.pop_front();
         }
-        idle.push_back(IdleH1 { tx, since: now });
+        match idle.front() {
+            Some(c) => Some(c.since + timeout),
+            None => {
+                // Under the lock: a checkin after this sees `false` and starts a new reaper.
+                self.reaping.store(false, Ordering::Release);
+                None
+            }
+        }
     }
 
     async fn send_h1(

@@ -111,6 +111,13 @@ async fn hello_ack_nack_and_reconnect() {
         store: store.clone(),
         drain_timeout: Duration::from_millis(200),
         http: Arc::new(weft_proxy::http::server_builder()),
+        tls:
+            Arc::new(
+                weft_proxy::tls::MeshTls::new(
+                    weft_proxy::tls::metrics::SecurityMetrics::unregistered(),
+                )
+                .expect("TLS 1.3 config"),
+            ),
     };
     let manager = ListenerManager::new(tokio::runtime::Handle::current(), plane);
     let applier = ConfigApplier::new(

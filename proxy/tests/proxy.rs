@@ -101,6 +101,12 @@ impl Proxy {
             store: store.clone(),
             drain_timeout: Duration::from_millis(500),
             http: Arc::new(weft_proxy::http::server_builder()),
+            tls: Arc::new(
+                weft_proxy::tls::MeshTls::new(
+                    weft_proxy::tls::metrics::SecurityMetrics::unregistered(),
+                )
+                .expect("TLS 1.3 config"),
+            ),
         };
         let manager = ListenerManager::new(tokio::runtime::Handle::current(), plane);
         let applier = ConfigApplier::new(

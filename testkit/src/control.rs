@@ -8,8 +8,9 @@ use std::time::Duration;
 use crate::bin_path;
 use crate::http::{http_get, HttpResponse};
 use crate::metrics::Metrics;
-use crate::net::{free_addr, next_loopback_ip};
+use crate::net::{free_addrs, next_loopback_ip};
 use crate::process::ProcessGuard;
+use crate::security::{self, default_ca_dir, ensure_token_secret, CpSecurity};
 use crate::wait::{wait_until, DEFAULT_WAIT};
 
 /// How to start a control plane. Addresses left `None` get a fresh loopback IP and free ports.
@@ -23,6 +24,14 @@ pub struct ControlPlaneConfig {
     pub deregister_grace: Duration,
     /// More arguments, appended as given.
     pub extra_args: Vec<String>,
+    /// Run a CA (`--ca-dir`): proxies pointed at this control plane certify with their join
+    /// token and speak mTLS to each other. Default true.
+    pub ca: bool,
+    /// `--ca-dir`; `None` = [`crate::security::default_ca_dir`] of the gRPC address.
+    pub ca_dir: Option<PathBuf>,
+    /// Serve gRPC over TLS (`--grpc-tls`; needs `ca`). Default true. Tests that read the
+    /// proxies' plaintext gRPC bytes turn it off.
+    pub grpc_tls: bool,
 }
 
 impl ControlPlaneConfig {
@@ -34,6 +43,9 @@ impl ControlPlaneConfig {
             admin: None,
             deregister_grace: Duration::from_secs(1),
             extra_args: Vec::new(),
+            ca: crate::security::SECURE_BY_DEFAULT,
+            ca_dir: None,
+            grpc_tls: crate::security::SECURE_BY_DEFAULT,
         }
     }
 }
@@ -62,8 +74,10 @@ impl ControlPlane {
     /// Starts `weft-control` as `config` says and waits for `/healthz`.
     pub async fn start_with(mut config: ControlPlaneConfig) -> ControlPlane {
         let ip = next_loopback_ip();
-        let grpc_addr = *config.grpc.get_or_insert_with(|| free_addr(ip));
-        let admin_addr = *config.admin.get_or_insert_with(|| free_addr(ip));
+        // One batch, so the two ports can never be the same.
+        let spare = free_addrs(ip, 2);
+        let grpc_addr = *config.grpc.get_or_insert(spare[0]);
+        let admin_addr = *config.admin.get_or_insert(spare[1]);
         let mut cmd = Command::new(bin_path("weft-control"));
         cmd.arg("--policies")
             .arg(&config.policy_dir)
@@ -72,8 +86,29 @@ impl ControlPlane {
             .arg("--admin")
             .arg(admin_addr.to_string())
             .arg("--deregister-grace")
-            .arg(duration_arg(config.deregister_grace))
-            .args(&config.extra_args);
+            .arg(duration_arg(config.deregister_grace));
+        let ca_dir = config.ca.then(|| {
+            config
+                .ca_dir
+                .clone()
+                .unwrap_or_else(|| default_ca_dir(grpc_addr))
+        });
+        if let Some(dir) = &ca_dir {
+            // Written ahead so proxies spawned before this control plane get valid tokens.
+            ensure_token_secret(dir);
+            cmd.arg("--ca-dir").arg(dir);
+            if config.grpc_tls {
+                cmd.arg("--grpc-tls");
+            }
+        }
+        security::register(
+            grpc_addr,
+            CpSecurity {
+                ca_dir,
+                grpc_tls: config.ca && config.grpc_tls,
+            },
+        );
+        cmd.args(&config.extra_args);
         let process = ProcessGuard::spawn("weft-control", cmd);
         let mut cp = ControlPlane {
             grpc_addr,
@@ -118,9 +153,40 @@ impl ControlPlane {
         ControlPlane::start_with(config).await
     }
 
-    /// `http://<grpc addr>`, the `control_plane` of a proxy bootstrap.
+    /// `https://<grpc addr>` (`http://` when gRPC is plaintext), the `control_plane` of a proxy
+    /// bootstrap.
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        if self.grpc_tls() {
+            format!("https://{}", self.grpc_addr)
+        } else {
+            format!("http://{}", self.grpc_addr)
+        }
+    }
+
+    /// Whether the gRPC port is TLS.
+    pub fn grpc_tls(&self) -> bool {
+        self.config.ca && self.config.grpc_tls
+    }
+
+    /// The CA directory (`None` when started without a CA).
+    pub fn ca_dir(&self) -> Option<PathBuf> {
+        security::security_of(self.grpc_addr).ca_dir
+    }
+
+    /// `<ca-dir>/roots.pem`: the trust bundle (panics without a CA).
+    pub fn roots_pem(&self) -> PathBuf {
+        let dir = self
+            .ca_dir()
+            .unwrap_or_else(|| panic!("this control plane runs without a CA"));
+        security::roots_pem(&dir)
+    }
+
+    /// The join token of `namespace/service` (panics without a CA).
+    pub fn join_token(&self, service: &str, namespace: &str) -> String {
+        let dir = self
+            .ca_dir()
+            .unwrap_or_else(|| panic!("this control plane runs without a CA"));
+        security::join_token(&dir, service, namespace)
     }
 
     /// `http://<admin addr><path>`.

@@ -17,6 +17,7 @@ pub mod net;
 pub mod policy;
 pub mod process;
 pub mod proxy;
+pub mod security;
 pub mod wait;
 
 pub use bins::bin_path;
@@ -27,7 +28,7 @@ pub use http::{
     http_delete, http_get, http_post, http_put, raw_exchange, HttpClient, HttpResponse, RawOutcome,
 };
 pub use metrics::{Metrics, Sample};
-pub use net::{free_addr, free_port, loopback_ips, next_loopback_ip};
+pub use net::{free_addr, free_addrs, free_port, loopback_ips, next_loopback_ip};
 pub use policy::{write_file_atomic, PolicyDir};
 pub use process::ProcessGuard;
 pub use proxy::{ConfigVersions, Proxy, ProxyConfig};

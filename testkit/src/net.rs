@@ -37,6 +37,24 @@ pub fn free_port(ip: IpAddr) -> u16 {
         .port()
 }
 
+/// `n` distinct addresses on `ip` whose ports were free a moment ago: the sockets are held until
+/// all are chosen, so two of them can never be the same port (which separate [`free_addr`] calls
+/// may return).
+pub fn free_addrs(ip: IpAddr, n: usize) -> Vec<SocketAddr> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| {
+            TcpListener::bind((ip, 0))
+                .unwrap_or_else(|e| panic!("cannot bind {ip}:0 to find a free port: {e}"))
+        })
+        .collect();
+    held.iter()
+        .map(|l| {
+            l.local_addr()
+                .unwrap_or_else(|e| panic!("no local address for a socket bound on {ip}: {e}"))
+        })
+        .collect()
+}
+
 /// `ip` with a port that was free a moment ago.
 pub fn free_addr(ip: IpAddr) -> SocketAddr {
     SocketAddr::new(ip, free_port(ip))

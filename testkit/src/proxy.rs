@@ -13,8 +13,9 @@ use crate::control::duration_arg;
 use crate::grpc::grpc_channel;
 use crate::http::{http_get, HttpClient, HttpResponse};
 use crate::metrics::Metrics;
-use crate::net::{free_addr, next_loopback_ip};
+use crate::net::{free_addrs, next_loopback_ip};
 use crate::process::ProcessGuard;
+use crate::security;
 use crate::wait::{wait_until, DEFAULT_WAIT};
 
 /// A proxy's bootstrap: everything its YAML file says.
@@ -35,6 +36,15 @@ pub struct ProxyConfig {
     pub control_plane: String,
     /// Short by default so a stopped proxy with open client connections exits quickly.
     pub drain_timeout: Duration,
+    /// `control_plane_ca:` (filled in at spawn from the control plane's CA when `secure`).
+    pub control_plane_ca: Option<PathBuf>,
+    /// `join_token:` (filled in at spawn from the control plane's CA when `secure`).
+    pub join_token: Option<String>,
+    /// `cert_ttl:` the certificate lifetime to ask for (`None` = the control plane's default).
+    pub cert_ttl: Option<Duration>,
+    /// At spawn, point the proxy at its control plane's secure path (https URL, CA, token) as
+    /// that control plane runs (see [`crate::security`]). Default true.
+    pub secure: bool,
 }
 
 impl ProxyConfig {
@@ -52,18 +62,55 @@ impl ProxyConfig {
         id: &str,
         app: SocketAddr,
     ) -> Self {
+        // One batch, so admin, inbound and outbound never get the same port.
+        let [admin, inbound, outbound] = <[SocketAddr; 3]>::try_from(free_addrs(ip, 3))
+            .unwrap_or_else(|_| unreachable!("free_addrs returns exactly n addresses"));
         ProxyConfig {
             service: service.to_string(),
             namespace: "default".to_string(),
             id: id.to_string(),
             labels: Vec::new(),
             ip,
-            admin: free_addr(ip),
-            inbound: free_addr(ip),
-            outbound: free_addr(ip),
+            admin,
+            inbound,
+            outbound,
             app,
             control_plane: control_plane.to_string(),
             drain_timeout: Duration::from_secs(1),
+            control_plane_ca: None,
+            join_token: None,
+            cert_ttl: None,
+            secure: true,
+        }
+    }
+
+    /// Fills in the secure path of the control plane this config points at: `https://` when its
+    /// gRPC is TLS, `control_plane_ca`, and this service's join token when it runs a CA.
+    pub fn resolve_security(&mut self) {
+        if !self.secure {
+            return;
+        }
+        let Some(addr) = security::url_addr(&self.control_plane) else {
+            return;
+        };
+        let sec = security::security_of(addr);
+        let Some(ca_dir) = sec.ca_dir else {
+            return;
+        };
+        if sec.grpc_tls {
+            if let Some(rest) = self.control_plane.strip_prefix("http://") {
+                self.control_plane = format!("https://{rest}");
+            }
+            if self.control_plane_ca.is_none() {
+                self.control_plane_ca = Some(security::roots_pem(&ca_dir));
+            }
+        }
+        if self.join_token.is_none() {
+            self.join_token = Some(security::join_token(
+                &ca_dir,
+                &self.service,
+                &self.namespace,
+            ));
         }
     }
 
@@ -83,7 +130,7 @@ impl ProxyConfig {
              control_plane: {cp}\n\
              inbound:\n  address: {inbound}\n  app: {app}\n\
              outbound:\n  address: {outbound}\n  tcp_bind_ip: {ip}\n\
-             drain_timeout: {drain}\n",
+             drain_timeout: {drain}\n{security}",
             service = q(&self.service),
             namespace = q(&self.namespace),
             id = q(&self.id),
@@ -94,7 +141,26 @@ impl ProxyConfig {
             outbound = q(&self.outbound.to_string()),
             ip = q(&self.ip.to_string()),
             drain = duration_arg(self.drain_timeout),
+            security = self.security_yaml(),
         )
+    }
+
+    fn security_yaml(&self) -> String {
+        let q = |s: &str| serde_json::Value::from(s).to_string();
+        let mut out = String::new();
+        if let Some(ca) = &self.control_plane_ca {
+            out.push_str(&format!(
+                "control_plane_ca: {}\n",
+                q(&ca.display().to_string())
+            ));
+        }
+        if let Some(token) = &self.join_token {
+            out.push_str(&format!("join_token: {}\n", q(token)));
+        }
+        if let Some(ttl) = self.cert_ttl {
+            out.push_str(&format!("cert_ttl: {}\n", duration_arg(ttl)));
+        }
+        out
     }
 }
 
@@ -105,6 +171,8 @@ pub struct ConfigVersions {
     pub routes: String,
     pub clusters: String,
     pub endpoints: String,
+    pub policies: String,
+    pub trust: String,
 }
 
 impl ConfigVersions {
@@ -120,6 +188,8 @@ impl ConfigVersions {
             routes: v("routes"),
             clusters: v("clusters"),
             endpoints: v("endpoints"),
+            policies: v("policies"),
+            trust: v("trust"),
         }
     }
 }
@@ -147,7 +217,8 @@ impl Proxy {
     }
 
     /// Writes the bootstrap and starts the proxy without waiting for anything.
-    pub fn spawn(config: ProxyConfig) -> Proxy {
+    pub fn spawn(mut config: ProxyConfig) -> Proxy {
+        config.resolve_security();
         let yaml = config.to_yaml();
         Proxy::spawn_yaml(config, &yaml)
     }

@@ -33,6 +33,8 @@ pub struct Completion {
     pub pooled: Option<PooledH1>,
     /// The cluster's active-requests breaker slot, released when the response ends.
     pub active: Option<crate::breaker::Permit>,
+    /// The request counts as in flight on its downstream connection until the response ends.
+    pub in_flight: Option<crate::http::idle::InFlight>,
 }
 
 impl Completion {

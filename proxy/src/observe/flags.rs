@@ -80,6 +80,13 @@ impl ResponseFlags {
         }
     }
 
+    /// The flag of a request the pipeline failed with `e`.
+    pub fn from_error(e: &crate::http::error::ProxyError) -> Self {
+        e.code()
+            .map(|c| Self::from_error_code(c, e.status().as_u16()))
+            .unwrap_or_default()
+    }
+
     /// The flags of a response the proxy generated itself, from its headers: `x-weft-error`,
     /// and `x-weft-overloaded` (a breaker limit) which the resilience layer may send alone.
     pub fn from_local_response(status: http::StatusCode, headers: &http::HeaderMap) -> Self {
@@ -131,6 +138,8 @@ mod tests {
 
     #[test]
     fn every_proxy_error_maps_to_a_flag() {
+        use crate::breaker::Limit;
+        use std::time::Duration;
         let cases = [
             (
                 ProxyError::NoRoute {
@@ -145,12 +154,22 @@ mod tests {
                 },
                 "UH",
             ),
+            (ProxyError::RequestTimeout(Duration::from_secs(1)), "UT"),
+            (ProxyError::PerTryTimeout(Duration::from_secs(1)), "UT"),
             (
-                ProxyError::RequestTimeout(std::time::Duration::from_secs(1)),
-                "UT",
+                ProxyError::ConnectTimeout(crate::upstream::UpstreamError::ConnectTimeout {
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                    after: Duration::from_secs(1),
+                }),
+                "UF",
             ),
+            (ProxyError::Overloaded(Limit::Pending), "UO"),
+            (ProxyError::RateLimited(1), "RL"),
+            (ProxyError::Forbidden("deny-all".into()), "DI"),
         ];
         for (e, want) in cases {
+            assert_eq!(ResponseFlags::from_error(&e).to_string(), want, "{e}");
+            // The response carries the same facts.
             let resp = e.to_response();
             let flags = ResponseFlags::from_local_response(resp.status(), resp.headers());
             assert_eq!(flags.to_string(), want, "{e}");

@@ -1,7 +1,7 @@
 //! Span export over OTLP/gRPC (`opentelemetry.proto.collector.trace.v1.TraceService/Export`,
 //! protos vendored in `weft-proto`). The request path hands finished spans to a bounded queue
 //! (`try_send`, never blocking; a full queue drops and counts); a background thread with its own
-//! small runtime batches them (up to [`BATCH_SPANS`] or every [`BATCH_INTERVAL`]) and exports.
+//! small runtime exports what was queued every [`BATCH_INTERVAL`], [`BATCH_SPANS`] per call.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,10 +16,11 @@ use weft_proto::otlp::trace::v1::{span, status, ResourceSpans, ScopeSpans, Span,
 use super::trace_context::{SpanId, TraceId};
 
 /// Spans that may wait for export before new ones are dropped.
-pub const QUEUE_SPANS: usize = 4096;
+pub const QUEUE_SPANS: usize = 8192;
 /// The most spans in one Export call.
 pub const BATCH_SPANS: usize = 512;
-/// How long a span may wait for its batch to fill.
+/// How often queued spans are exported (up to [`BATCH_SPANS`] per call, one call after another
+/// while more are queued).
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(200);
 /// Deadline of one Export call (and of connecting to the collector).
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -265,14 +266,35 @@ async fn export_loop(
     url: String,
 ) {
     let mut failures_logged = 0u32;
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + BATCH_INTERVAL;
-        while batch.len() < BATCH_SPANS {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(s)) => batch.push(s),
-                Ok(None) | Err(_) => break,
+    // Polls instead of awaiting `recv`: a span queued while this task waits would wake it (a
+    // cross-thread wakeup per request under load).
+    let mut tick = tokio::time::interval(BATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closed = false;
+    while !closed {
+        tick.tick().await;
+        let mut batch = Vec::new();
+        loop {
+            match rx.try_recv() {
+                Ok(s) => {
+                    batch.push(s);
+                    if batch.len() == BATCH_SPANS {
+                        break;
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
             }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if batch.len() == BATCH_SPANS {
+            // More may be queued: export the next batch right after this one.
+            tick.reset_immediately();
         }
         let n = batch.len() as u64;
         match client.export(export_request(resource.clone(), batch)).await {

@@ -214,7 +214,9 @@ fn spans_follow_the_sampled_flag() {
     );
     let sent = sent_traceparent(&req).unwrap();
     note_route(&req, "inbound", "inbound");
-    note_of(&req).unwrap().attempt("127.0.0.9:8080".parse().unwrap());
+    note_of(&req)
+        .unwrap()
+        .attempt("127.0.0.9:8080".parse().unwrap());
     obs.on_response(StatusCode::OK, &HeaderMap::new(), false);
     obs.end(BodyEnd::Complete);
     let span = rx.try_recv().expect("span queued");

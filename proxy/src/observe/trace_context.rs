@@ -4,7 +4,7 @@
 //! Only `traceparent` is interpreted. `tracestate` and B3 headers (`b3`, `x-b3-*`) are forwarded
 //! untouched: the proxy never removes them, so they reach the next hop as the client sent them.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 
 /// `traceparent`.
 pub const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
@@ -157,15 +157,21 @@ impl TraceParent {
 
     /// The version-00 header value (55 characters).
     pub fn to_header(&self) -> http::HeaderValue {
-        let mut s = String::with_capacity(55);
-        // Writing to a String cannot fail.
-        let _ = write!(
-            s,
-            "00-{}-{}-{:02x}",
-            self.trace_id, self.parent_id, self.flags
-        );
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [b'-'; 55];
+        out[0] = b'0';
+        out[1] = b'0';
+        let mut put = |at: usize, bytes: &[u8]| {
+            for (i, b) in bytes.iter().enumerate() {
+                out[at + 2 * i] = HEX[usize::from(b >> 4)];
+                out[at + 2 * i + 1] = HEX[usize::from(b & 0xf)];
+            }
+        };
+        put(3, &self.trace_id.0);
+        put(36, &self.parent_id.0);
+        put(53, &[self.flags]);
         // Only hex digits and '-': always a valid header value.
-        http::HeaderValue::from_str(&s).unwrap_or_else(|_| http::HeaderValue::from_static(""))
+        http::HeaderValue::from_bytes(&out).unwrap_or_else(|_| http::HeaderValue::from_static(""))
     }
 }
 

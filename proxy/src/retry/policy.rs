@@ -209,7 +209,7 @@ mod tests {
         assert!(p.allows_method(&Method::PUT));
         assert!(!p.allows_method(&Method::POST));
         assert!(!p.allows_method(&Method::PATCH));
-        let mut q = p.clone();
+        let mut q = p;
         q.non_idempotent = true;
         assert!(q.allows_method(&Method::POST));
     }

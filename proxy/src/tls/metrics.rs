@@ -10,6 +10,8 @@ pub struct SecurityMetrics {
     handshakes: IntCounterVec,
     /// `weft_cert_expiry_timestamp_seconds`: notAfter of the certificate in force.
     pub cert_expiry: Gauge,
+    /// `weft_cert_issued_timestamp_seconds`: when the certificate in force was received.
+    pub cert_issued: Gauge,
     renewals: IntCounterVec,
     inbound_connections: IntCounterVec,
     authz_denied: IntCounterVec,
@@ -43,6 +45,13 @@ impl SecurityMetrics {
                 Gauge::new(
                     "weft_cert_expiry_timestamp_seconds",
                     "notAfter (Unix seconds) of this proxy's certificate in force; 0 = none yet",
+                ),
+            )?,
+            cert_issued: reg(
+                r,
+                Gauge::new(
+                    "weft_cert_issued_timestamp_seconds",
+                    "When (Unix seconds) the certificate in force was received; renewal is due at 2/3 of issued..expiry",
                 ),
             )?,
             renewals: reg(

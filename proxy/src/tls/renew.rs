@@ -213,6 +213,11 @@ impl Renewer {
         );
         #[allow(clippy::cast_precision_loss)]
         self.tls.metrics().cert_expiry.set(issued.not_after as f64);
+        #[allow(clippy::cast_precision_loss)]
+        self.tls
+            .metrics()
+            .cert_issued
+            .set(validity.0 as f64 / 1000.0);
         self.tls.certs().install(issued);
         Ok(validity)
     }
