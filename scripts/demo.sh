@@ -39,7 +39,7 @@ stop_all() {
   fi
 }
 stop_all
-rm -rf "$STATE/policies" "$STATE/logs"
+rm -rf "$STATE/policies" "$STATE/logs" "$STATE/ca" "$STATE/tokens"
 mkdir -p "$STATE/logs"
 cp -r "$ROOT/config-examples/policies" "$STATE/policies"
 trap 'echo; echo "==> stopping the mesh"; stop_all' EXIT
@@ -60,10 +60,16 @@ wait_ok() { # url, what
   exit 1
 }
 
-echo "==> starting the control plane (policies: $STATE/policies)"
-start control "$BIN/weft-control" --policies "$STATE/policies" \
+echo "==> starting the control plane (policies: $STATE/policies, CA: $STATE/ca)"
+start control "$BIN/weft-control" --policies "$STATE/policies" --ca-dir "$STATE/ca" \
   --grpc 127.0.0.1:15010 --admin 127.0.0.1:15011
 wait_ok http://127.0.0.1:15011/healthz "weft-control"
+# Each sidecar proves which service it runs with a join token; the CA signs its
+# key (which never leaves the sidecar) into a short-lived SPIFFE certificate.
+mkdir -p "$STATE/tokens"
+for name in web api api-v2; do
+  "$BIN/weft-control" token --ca-dir "$STATE/ca" --service "$name" --namespace demo >"$STATE/tokens/$name.token"
+done
 
 echo "==> starting demo services and their sidecars"
 start echo-app "$BIN/weft-demo-app" --name echo --instance echo-0 --http 127.0.0.9:8080 --tcp 127.0.0.9:7007
@@ -96,6 +102,10 @@ if [[ $CHECK == 1 ]]; then
   curl -fsS -H 'host: api' -H 'x-canary: true' http://127.0.0.2:15001/hello | grep -q '"service":"api-v2"' || { echo "check: canary route broken" >&2; fail=1; }
   curl -fsS http://127.0.0.2:15000/metrics | grep -q '^weft_requests_total' || { echo "check: no request metrics" >&2; fail=1; }
   "$BIN/weftctl" --server http://127.0.0.1:15011 status >/dev/null || { echo "check: weftctl status failed" >&2; fail=1; }
+  curl -fsS http://127.0.0.3:15000/metrics | grep -q 'weft_inbound_connections_total{tls="mtls"} [1-9]' || { echo "check: web -> api was not mTLS" >&2; fail=1; }
+  echo hi | nc -N 127.0.0.2 7000 | grep -q '^hi$' || { echo "check: TCP through the sidecar failed" >&2; fail=1; }
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H 'host: api' http://127.0.0.3:15006/)
+  [[ $code == 403 ]] || { echo "check: a caller without identity got $code from api, not 403" >&2; fail=1; }
   [[ $fail == 0 ]] && echo "demo check: OK"
   exit $fail
 fi
@@ -108,6 +118,7 @@ Weft is running. Try:
   curl -H 'host: api' http://127.0.0.2:15001/v2/items             # 80/20 split api / api-v2
   curl 'http://127.0.0.2:8080/call?url=http://api/hello'          # the web app calling api itself
   echo hi | nc -N 127.0.0.2 7000                                  # TCP through web's sidecar to echo
+  curl -i http://127.0.0.3:15006/                                   # no mesh identity: 403 (authorization)
 Metrics:       curl http://127.0.0.2:15000/metrics   (sidecars: 127.0.0.2-4:15000)
 Config:        curl http://127.0.0.2:15000/config_dump
 Mesh status:   $BIN/weftctl status

@@ -97,9 +97,11 @@ impl ControlPlane {
             // Written ahead so proxies spawned before this control plane get valid tokens.
             ensure_token_secret(dir);
             cmd.arg("--ca-dir").arg(dir);
-            if config.grpc_tls {
-                cmd.arg("--grpc-tls");
-            }
+        }
+        if config.ca && config.grpc_tls {
+            cmd.arg("--grpc-tls");
+        } else {
+            cmd.arg("--insecure-grpc");
         }
         security::register(
             grpc_addr,

@@ -73,8 +73,8 @@ struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     restart_grace: Duration,
     /// CA directory (created 0700): root or intermediate and their keys, the join-token secret,
-    /// roots.pem. Enables Identity.Certify; without it Certify answers FailedPrecondition.
-    /// Production: always set it (e.g. /var/lib/weft/ca) and keep it on persistent storage.
+    /// roots.pem (what proxies trust the control plane with). Default: <policies>/.weft-ca.
+    /// Production: set it (e.g. /var/lib/weft/ca) on persistent storage with tight permissions.
     #[arg(long, value_name = "DIR", env = "WEFT_CA_DIR")]
     ca_dir: Option<PathBuf>,
     /// SPIFFE trust domain: identities are spiffe://<trust-domain>/ns/<namespace>/sa/<service>.
@@ -85,7 +85,7 @@ struct ServeArgs {
     cert_ttl: Duration,
     /// A user-supplied root certificate (PEM): the control plane signs with an intermediate
     /// generated from it (kept in --ca-dir) instead of its own self-signed root.
-    #[arg(long, value_name = "PEM", requires_all = ["root_key", "ca_dir"])]
+    #[arg(long, value_name = "PEM", requires = "root_key")]
     root_cert: Option<PathBuf>,
     /// The private key of --root-cert: PEM PKCS#8 ("BEGIN PRIVATE KEY"; convert an "EC PRIVATE
     /// KEY" with `openssl pkcs8 -topk8 -nocrypt`).
@@ -96,18 +96,18 @@ struct ServeArgs {
     intermediate_ttl: Duration,
     /// Another trusted root (PEM file, may hold several), repeatable: root rotation adds the new
     /// root here first, so every proxy trusts it before it signs. Re-read on SIGHUP.
-    #[arg(long = "extra-root", value_name = "PEM", requires = "ca_dir")]
+    #[arg(long = "extra-root", value_name = "PEM")]
     extra_roots: Vec<PathBuf>,
     /// Serve the gRPC port over TLS with a certificate from the CA (clients trust
-    /// <ca-dir>/roots.pem). Will become the default once the proxies speak TLS.
-    #[arg(long, requires = "ca_dir", conflicts_with = "insecure_grpc")]
+    /// <ca-dir>/roots.pem). This is the default; the flag is accepted for explicitness.
+    #[arg(long, conflicts_with = "insecure_grpc")]
     grpc_tls: bool,
-    /// Plaintext gRPC (development only; currently the default).
+    /// Plaintext gRPC instead of TLS (development and debugging only).
     #[arg(long)]
     insecure_grpc: bool,
     /// Another DNS name or IP for the gRPC server certificate (repeatable; `localhost` and the
     /// listen IP are always included).
-    #[arg(long = "tls-san", value_name = "NAME", requires = "grpc_tls")]
+    #[arg(long = "tls-san", value_name = "NAME", conflicts_with = "insecure_grpc")]
     tls_sans: Vec<String>,
 }
 
@@ -173,21 +173,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let identity = args.ca_dir.map(|dir| IdentityConfig {
+    let ca_dir = args
+        .ca_dir
+        .unwrap_or_else(|| args.policies.join(".weft-ca"));
+    let identity = Some(IdentityConfig {
         ca: CaConfig {
-            dir,
+            dir: ca_dir,
             trust_domain: args.trust_domain,
             cert_ttl: args.cert_ttl,
             root: args.root_cert.zip(args.root_key),
             extra_roots: args.extra_roots,
             intermediate_ttl: args.intermediate_ttl,
         },
-        grpc_tls: args.grpc_tls,
+        grpc_tls: args.grpc_tls || !args.insecure_grpc,
         tls_sans: args.tls_sans,
     });
-    if identity.is_none() {
-        tracing::warn!("no --ca-dir: Identity.Certify is disabled and gRPC is plaintext");
+    if args.insecure_grpc {
+        tracing::warn!("--insecure-grpc: the gRPC port (discovery, identity) is plaintext");
     }
     let server = Server::bind_with(
         Config {
