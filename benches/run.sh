@@ -538,7 +538,7 @@ if ! on weft; then
 elif [[ $WEFT_OK == 1 ]]; then
   log "starting weft-control (CPU $CLIENT_CPUS) and 4 weft-proxy sidecars (CPU $SERVER_CPUS, 1 worker thread)"
   start control cli "$BIN/weft-control" --policies "$WORK/weft/policies" \
-    --grpc $CP:15010 --admin $CP:15011
+    --grpc $CP:15010 --admin $CP:15011 --insecure-grpc  # control channel only: the data path is what is measured
   if wait_url "http://$CP:15011/healthz"; then
     start w_client srv "$BIN/weft-proxy" --config "$WORK/weft/client.yaml"
     start w_mesh srv "$BIN/weft-proxy" --config "$WORK/weft/mesh.yaml"
