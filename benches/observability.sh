@@ -14,7 +14,8 @@
 #
 #   benches/observability.sh            3 rounds x 10 s per case
 #   benches/observability.sh --quick    1 round x 4 s per case
-#   options: --skip-build (use target/release/weft-proxy as is)
+#   options: --skip-build (use target/release/weft-proxy as is); env WEFT_CONTROL_BIN (another
+#            weft-control binary), BENCH_SERVER_CPUS / BENCH_CLIENT_CPUS (0 / 1), BENCH_SAT_CONNS
 #
 # Needs wrk, nginx, taskset, curl (benches/run.sh installs them). Writes the table to stdout and
 # benches/results/observability.md.
@@ -28,7 +29,7 @@ for arg in "$@"; do
   case $arg in
     --quick) ROUNDS=1; DURATION=4; WARM=1 ;;
     --skip-build) BUILD=0 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "observability.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -109,8 +110,14 @@ services:
     namespace: bench
     endpoints: [{address: "$UP:8080"}]
 EOF
-taskset -c "$CLIENT_CPUS" "$BIN/weft-control" --policies "$WORK/policies" \
-  --grpc "$CP:15010" --admin "$CP:15011" >"$WORK/control.log" 2>&1 &
+# The control channel stays plaintext (`--insecure-grpc` where TLS is the default): the data
+# path is what is measured, and the sidecar needs no mesh identity to reach a static endpoint.
+CONTROL=${WEFT_CONTROL_BIN:-$BIN/weft-control}
+insecure=()
+{ "$CONTROL" serve --help 2>/dev/null || "$CONTROL" --help 2>/dev/null; } | grep -q -- --insecure-grpc \
+  && insecure=(--insecure-grpc)
+taskset -c "$CLIENT_CPUS" "$CONTROL" --policies "$WORK/policies" \
+  --grpc "$CP:15010" --admin "$CP:15011" "${insecure[@]}" >"$WORK/control.log" 2>&1 &
 PIDS+=($!)
 wait_url "http://$CP:15011/healthz" || { cat "$WORK/control.log" >&2; echo "observability.sh: weft-control did not start" >&2; exit 1; }
 
