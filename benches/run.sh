@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Weft load benchmark: direct (no proxy) vs Weft (outbound sidecar; sidecar-to-sidecar) vs
-# HAProxy vs nginx, in one run on this machine, loopback only. See benches/README.md.
+# Weft load benchmark: direct (no proxy) vs Weft (outbound sidecar; sidecar-to-sidecar, plaintext
+# and mTLS) vs HAProxy vs nginx, in one run on this machine, loopback only. See benches/README.md.
 #
 #   benches/run.sh            full mode (bounded, ~6 minutes of measurement)
 #   benches/run.sh --quick    a few seconds per case (smoke run, ~2 minutes)
 #   options: --skip-build (use the release binaries already in target/release)
 #            --skip-install (don't apt-get / cargo install the load tools)
-#            --only=direct,haproxy,nginx,weft (a subset; `weft` includes weft-mesh)
+#            --only=direct,haproxy,nginx,weft,mtls (a subset; `weft` = weft + weft-mesh,
+#              `mtls` = weft-mesh-mtls)
 #
 # Writes the table to stdout and benches/results/latest.md.
 set -euo pipefail
@@ -17,7 +18,7 @@ BENCH=$ROOT/benches
 HELPER="python3 $BENCH/lib/bench.py"
 
 MODE=full
-ONLY=direct,haproxy,nginx,weft
+ONLY=direct,haproxy,nginx,weft,mtls
 BUILD=1
 INSTALL=1
 for arg in "$@"; do
@@ -26,7 +27,7 @@ for arg in "$@"; do
     --skip-build) BUILD=0 ;;
     --skip-install) INSTALL=0 ;;
     --only=*) ONLY=${arg#--only=} ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -63,6 +64,13 @@ W_CLIENT=127.0.3.21   # the caller's sidecar (outbound :15001, tcp :5301 / :5302
 W_MESH=127.0.3.22     # sidecar of service `mesh` (app = upstream :8080)
 W_MESH_H2=127.0.3.23  # sidecar of service `mesh-h2` (app = upstream :8082)
 W_MESH_TCP=127.0.3.24 # sidecar of service `tcp-mesh` (app = iperf3 :5201)
+# weft-mesh-mtls: the same four sidecars and control plane, with a CA, TLS gRPC, join tokens,
+# and `mtls: strict` for the callees (a separate phase, after the plaintext sidecars stopped).
+CP_M=127.0.3.30       # weft-control --ca-dir (TLS gRPC) :15010, admin :15011
+M_CLIENT=127.0.3.31   # the caller's sidecar (identity bench-client)
+M_MESH=127.0.3.32     # sidecar of `mesh` (strict mTLS inbound; app = upstream :8080)
+M_MESH_H2=127.0.3.33  # sidecar of `mesh-h2` (strict; app = upstream :8082)
+M_MESH_TCP=127.0.3.34 # sidecar of `tcp-mesh` (strict; app = iperf3 :5201)
 
 need() { command -v "$1" >/dev/null 2>&1; }
 log() { printf '==> %s\n' "$*" >&2; }
@@ -204,7 +212,7 @@ wait_port() { # host, port
 }
 
 # ---------------------------------------------------------------- upstream (nginx) + iperf3
-mkdir -p "$WORK/up" "$WORK/hap" "$WORK/ngx" "$WORK/weft/policies"
+mkdir -p "$WORK/up" "$WORK/hap" "$WORK/ngx" "$WORK/weft/policies" "$WORK/weft-mtls/policies" "$WORK/weft-mtls/tokens"
 cat >"$WORK/up/nginx.conf" <<EOF
 daemon off;
 master_process off;
@@ -299,7 +307,8 @@ EOF
 # One control plane, four sidecars. `weft` = the caller's sidecar only (outbound listener ->
 # upstream nginx as a static endpoint). `weft-mesh` = caller's sidecar -> callee's sidecar
 # (inbound) -> upstream: the full mesh path, with the callee registered by the control plane.
-cat >"$WORK/weft/policies/bench.yaml" <<EOF
+weft_policy() { # file, mtls mode of the callees (mesh, mesh-h2, tcp-mesh)
+  cat >"$1" <<EOF
 services:
   - {name: bench-client, namespace: bench}
   - name: upstream          # outbound-only: static endpoint = the upstream nginx (h1)
@@ -308,29 +317,45 @@ services:
   - name: upstream-h2       # outbound-only, h2c: the upstream nginx's h2c port (Weft preserves h2)
     namespace: bench
     endpoints: [{address: "$UP:8082"}]
-  - {name: mesh, namespace: bench}      # endpoints: the registered sidecar $W_MESH
-  - {name: mesh-h2, namespace: bench}   # endpoints: the registered sidecar $W_MESH_H2
+  - {name: mesh, namespace: bench, mtls: $2}      # endpoints: the registered sidecar
+  - {name: mesh-h2, namespace: bench, mtls: $2}   # endpoints: the registered sidecar
   - name: tcp-direct
     namespace: bench
     protocol: tcp
     port: 5301
     endpoints: [{address: "$UP:5201"}]
-  - {name: tcp-mesh, namespace: bench, protocol: tcp, port: 5302}
+  - {name: tcp-mesh, namespace: bench, protocol: tcp, port: 5302, mtls: $2}
 EOF
-weft_bootstrap() { # file, service, ip, app
+}
+# Plaintext mesh: the control channel is plaintext (--insecure-grpc) and the sidecars have no
+# join token, so no identity: sidecar-to-sidecar is plaintext (the callees stay `permissive`).
+weft_policy "$WORK/weft/policies/bench.yaml" permissive
+# mTLS mesh: `strict` callees accept mTLS only (a plaintext connection is closed and counted as
+# weft_inbound_connections_total{tls="refused"}), so plaintext can't sneak into the numbers.
+weft_policy "$WORK/weft-mtls/policies/bench.yaml" strict
+weft_bootstrap() { # file, service, ip, app, [mtls: control plane ip, CA roots, token file]
   cat >"$1" <<EOF
 node: {service: $2, namespace: bench, id: $2-0}
 admin: $3:15000
-control_plane: http://$CP:15010
 inbound: {address: "$3:15006", app: "$4"}
 outbound: {address: "$3:15001", tcp_bind_ip: $3}
 drain_timeout: 1s
 EOF
+  if [[ -n ${5:-} ]]; then
+    printf 'control_plane: https://%s:15010\ncontrol_plane_ca: %s\njoin_token_file: %s\n' "$5" "$6" "$7" >>"$1"
+  else
+    echo "control_plane: http://$CP:15010" >>"$1"
+  fi
 }
 weft_bootstrap "$WORK/weft/client.yaml" bench-client $W_CLIENT "$UP:9"
 weft_bootstrap "$WORK/weft/mesh.yaml" mesh $W_MESH "$UP:8080"
 weft_bootstrap "$WORK/weft/mesh-h2.yaml" mesh-h2 $W_MESH_H2 "$UP:8082"
 weft_bootstrap "$WORK/weft/tcp-mesh.yaml" tcp-mesh $W_MESH_TCP "$UP:5201"
+MCA=$WORK/weft-mtls/ca
+for spec in "bench-client $M_CLIENT $UP:9" "mesh $M_MESH $UP:8080" "mesh-h2 $M_MESH_H2 $UP:8082" "tcp-mesh $M_MESH_TCP $UP:5201"; do
+  read -r svc ip app <<<"$spec"
+  weft_bootstrap "$WORK/weft-mtls/$svc.yaml" "$svc" "$ip" "$app" $CP_M "$MCA/roots.pem" "$WORK/weft-mtls/tokens/$svc.token"
+done
 
 # Does weft-proxy have a worker-thread setting? It builds its data runtime with tokio's
 # default, which reads TOKIO_WORKER_THREADS (else the CPUs it may run on: 1 under taskset).
@@ -343,15 +368,33 @@ export WEFT_WORKER_THREADS=1   # harmless if unsupported; used if/when weft-prox
 export RUST_LOG=${BENCH_RUST_LOG:-warn}
 
 # ---------------------------------------------------------------- measurement helpers
-TARGETS=(direct weft weft-mesh haproxy nginx)
+TARGETS=(direct weft weft-mesh weft-mesh-mtls haproxy nginx)
 CLK=$($HELPER clk-tck)
 
 # h1/h2/tcp addresses and Host header per target.
-h1_addr() { case $1 in direct) echo $UP:8080 ;; haproxy) echo $HAP:8080 ;; nginx) echo $NGX:8080 ;; weft|weft-mesh) echo $W_CLIENT:15001 ;; esac; }
-h2_addr() { case $1 in direct) echo $UP:8082 ;; haproxy) echo $HAP:8082 ;; nginx) echo $NGX:8082 ;; weft|weft-mesh) echo $W_CLIENT:15001 ;; esac; }
-tcp_addr() { case $1 in direct) echo "$UP 5201" ;; haproxy) echo "$HAP 5201" ;; nginx) echo "$NGX 5201" ;; weft) echo "$W_CLIENT 5301" ;; weft-mesh) echo "$W_CLIENT 5302" ;; esac; }
-h1_host() { case $1 in weft) echo upstream.bench ;; weft-mesh) echo mesh.bench ;; *) echo "" ;; esac; }
-h2_host() { case $1 in weft) echo upstream-h2.bench ;; weft-mesh) echo mesh-h2.bench ;; *) echo "" ;; esac; }
+h1_addr() { case $1 in direct) echo $UP:8080 ;; haproxy) echo $HAP:8080 ;; nginx) echo $NGX:8080 ;; weft|weft-mesh) echo $W_CLIENT:15001 ;; weft-mesh-mtls) echo $M_CLIENT:15001 ;; esac; }
+h2_addr() { case $1 in direct) echo $UP:8082 ;; haproxy) echo $HAP:8082 ;; nginx) echo $NGX:8082 ;; weft|weft-mesh) echo $W_CLIENT:15001 ;; weft-mesh-mtls) echo $M_CLIENT:15001 ;; esac; }
+tcp_addr() { case $1 in direct) echo "$UP 5201" ;; haproxy) echo "$HAP 5201" ;; nginx) echo "$NGX 5201" ;; weft) echo "$W_CLIENT 5301" ;; weft-mesh) echo "$W_CLIENT 5302" ;; weft-mesh-mtls) echo "$M_CLIENT 5302" ;; esac; }
+h1_host() { case $1 in weft) echo upstream.bench ;; weft-mesh|weft-mesh-mtls) echo mesh.bench ;; *) echo "" ;; esac; }
+h2_host() { case $1 in weft) echo upstream-h2.bench ;; weft-mesh|weft-mesh-mtls) echo mesh-h2.bench ;; *) echo "" ;; esac; }
+# The callees' sidecars (inbound listeners) of a mesh target: their admin IPs.
+inbound_ips() { case $1 in weft-mesh) echo "$W_MESH $W_MESH_H2 $W_MESH_TCP" ;; weft-mesh-mtls) echo "$M_MESH $M_MESH_H2 $M_MESH_TCP" ;; esac; }
+# weft_inbound_connections_total{tls=LABEL}, summed over the sidecars at the given IPs.
+inbound_conns() { # label, ip...
+  local label=$1 ip total=0 v
+  shift
+  for ip in "$@"; do
+    v=$(curl -fsS -m 2 "http://$ip:15000/metrics" 2>/dev/null |
+      awk -v m="weft_inbound_connections_total{tls=\"$label\"}" '$1 == m {print $2; exit}')
+    total=$((total + ${v:-0}))
+  done
+  echo "$total"
+}
+tls_snapshot() { # target: "mtls plaintext refused" inbound connection counts of its callees
+  local ips
+  ips=$(inbound_ips "$1")
+  echo "$(inbound_conns mtls $ips) $(inbound_conns plaintext $ips) $(inbound_conns refused $ips)"
+}
 
 # PIDs whose CPU and memory count for a target, by case (h1 | h2 | tcp).
 proxy_pids() {
@@ -365,6 +408,12 @@ proxy_pids() {
         h1) echo "${PID_w_client:-} ${PID_w_mesh:-}" ;;
         h2) echo "${PID_w_client:-} ${PID_w_mesh_h2:-}" ;;
         tcp) echo "${PID_w_client:-} ${PID_w_mesh_tcp:-}" ;;
+      esac ;;
+    weft-mesh-mtls)
+      case ${2:-h1} in
+        h1) echo "${PID_m_client:-} ${PID_m_mesh:-}" ;;
+        h2) echo "${PID_m_client:-} ${PID_m_mesh_h2:-}" ;;
+        tcp) echo "${PID_m_client:-} ${PID_m_mesh_tcp:-}" ;;
       esac ;;
   esac
 }
@@ -427,11 +476,18 @@ case_h2() {
 
 # new connections per second: HTTP/1.1 with Connection: close, one request per connection
 case_conn() {
-  local t=$1 addr host out=$WORK/$1.conn.out
+  local t=$1 addr host out=$WORK/$1.conn.out s0="" s1
   addr=$(h1_addr "$t"); host=$(h1_host "$t")
+  [[ $t == weft-mesh* ]] && s0=$(tls_snapshot "$t")
   WRK_CLOSE=1 WRK_HOST=$host cli wrk -t 1 -c $CONN_CONNS -d "${D_CONN}s" --timeout 5s \
     -s "$BENCH/lib/wrk_json.lua" "http://$addr/" >"$out" 2>&1 || true
   $HELPER wrk "$RES" "$t" conn "$out"
+  if [[ -n $s0 ]]; then
+    # Sidecar-to-sidecar connections opened during this case (the caller's sidecar pools them:
+    # a closed downstream connection does not close the upstream one).
+    s1=$(tls_snapshot "$t")
+    $HELPER put "$RES" "$t" conn.inbound "$(($(echo "$s1" | cut -d' ' -f1) + $(echo "$s1" | cut -d' ' -f2) - $(echo "$s0" | cut -d' ' -f1) - $(echo "$s0" | cut -d' ' -f2)))"
+  fi
 }
 
 # TCP throughput (iperf3, one stream, client -> server)
@@ -472,12 +528,22 @@ case_idle() {
 }
 
 run_target() { # target
-  local t=$1
+  local t=$1 s0="" s1 m0 p0 r0 m1 p1 r1
+  [[ $t == weft-mesh* ]] && s0=$(tls_snapshot "$t")
   log "[$t] fixed rate ($FIX_RATE req/s, $FIX_TOOL, ${D_FIX}s)"; case_fix "$t"
   log "[$t] HTTP/1.1 saturation (wrk -c $SAT_CONNS, ${D_SAT}s)"; case_sat "$t"
   log "[$t] HTTP/2 (h2load -c $H2_CONNS -m $H2_STREAMS, ${D_H2}s)"; case_h2 "$t"
   log "[$t] new connections (wrk Connection: close, ${D_CONN}s)"; case_conn "$t"
   log "[$t] TCP throughput (iperf3, ${D_TCP}s)"; case_tcp "$t"
+  if [[ -n $s0 ]]; then
+    # What the callees' inbound listeners accepted during this target's cases, by transport.
+    s1=$(tls_snapshot "$t")
+    read -r m0 p0 r0 <<<"$s0"; read -r m1 p1 r1 <<<"$s1"
+    $HELPER put "$RES" "$t" tls.inbound "mtls +$((m1 - m0)), plaintext +$((p1 - p0)), refused +$((r1 - r0))"
+    $HELPER put "$RES" "$t" tls.mtls "$((m1 - m0))"
+    $HELPER put "$RES" "$t" tls.plaintext "$((p1 - p0))"
+    log "[$t] callees' inbound connections: $($HELPER get "$RES" "$t" tls.inbound)"
+  fi
 }
 
 fail_all() { # target, reason
@@ -532,13 +598,31 @@ fi
 stop nginx
 fi
 
-# Weft
+# Did any sidecar die during the run? Errors the sidecars logged (at warn and above)?
+check_sidecars() { # log-name prefix (w | m), label, name...
+  local prefix=$1 label=$2 p var nerr
+  shift 2
+  for p in "$@"; do
+    var="PID_$p"
+    if ! kill -0 "${!var}" 2>/dev/null; then
+      WEFT_NOTE+="$label: weft-proxy $p exited during the run: $(tail -1 "$WORK/$p.log" | cut -c1-160); "
+    fi
+  done
+  # (The plaintext sidecars' start-up warning "no join_token: running without a mesh identity"
+  # is what that phase asks for: not counted.)
+  nerr=$(cat "$WORK"/"$prefix"_*.log 2>/dev/null | grep -E ' (WARN|ERROR) ' | grep -c -v 'no join_token' || true)
+  if [[ $nerr -gt 0 ]]; then
+    WEFT_NOTE+="$label: the sidecars logged $nerr WARN/ERROR lines, e.g.: $(cat "$WORK"/"$prefix"_*.log | grep -E ' (WARN|ERROR) ' | grep -v -m1 'no join_token' | cut -c1-200 | sed 's/\x1b\[[0-9;]*m//g'); "
+  fi
+}
+
+# Weft, plaintext mesh
 if ! on weft; then
   :
 elif [[ $WEFT_OK == 1 ]]; then
-  log "starting weft-control (CPU $CLIENT_CPUS) and 4 weft-proxy sidecars (CPU $SERVER_CPUS, 1 worker thread)"
+  log "starting weft-control (--insecure-grpc, CPU $CLIENT_CPUS) and 4 weft-proxy sidecars without identities (CPU $SERVER_CPUS, 1 worker thread)"
   start control cli "$BIN/weft-control" --policies "$WORK/weft/policies" \
-    --grpc $CP:15010 --admin $CP:15011 --insecure-grpc  # control channel only: the data path is what is measured
+    --grpc $CP:15010 --admin $CP:15011 --insecure-grpc  # no CA in use: the plaintext mesh
   if wait_url "http://$CP:15011/healthz"; then
     start w_client srv "$BIN/weft-proxy" --config "$WORK/weft/client.yaml"
     start w_mesh srv "$BIN/weft-proxy" --config "$WORK/weft/mesh.yaml"
@@ -561,24 +645,67 @@ elif [[ $WEFT_OK == 1 ]]; then
       why="sidecars not ready / no route (logs: control, w_client); first error: $(grep -h -m1 -i 'error' "$WORK"/w_client.log "$WORK"/control.log 2>/dev/null | head -1 | cut -c1-100)"
       fail_all weft "$why"; fail_all weft-mesh "$why"
     fi
-    # Did any sidecar die during the run?
-    for p in w_client w_mesh w_mesh_h2 w_mesh_tcp; do
-      var="PID_$p"
-      if ! kill -0 "${!var}" 2>/dev/null; then
-        WEFT_NOTE+="weft-proxy $p exited during the run: $(tail -1 "$WORK/$p.log" | cut -c1-160); "
-      fi
-    done
-    # Errors the sidecars logged (at warn and above) during the run.
-    nerr=$(cat "$WORK"/w_*.log 2>/dev/null | grep -c -E ' (WARN|ERROR) ' || true)
-    if [[ $nerr -gt 0 ]]; then
-      WEFT_NOTE+="the sidecars logged $nerr WARN/ERROR lines, e.g.: $(grep -h -m1 -E ' (WARN|ERROR) ' "$WORK"/w_*.log | cut -c1-200 | sed 's/\x1b\[[0-9;]*m//g'); "
-    fi
+    check_sidecars w plaintext w_client w_mesh w_mesh_h2 w_mesh_tcp
   else
     fail_all weft "weft-control did not start: $(tail -1 "$WORK/control.log")"
     fail_all weft-mesh "weft-control did not start"
   fi
+  # Free CPU $SERVER_CPUS (and the memory) before the mTLS phase.
+  for p in w_mesh_tcp w_mesh_h2 w_mesh w_client control; do stop "$p"; done
 else
   fail_all weft "not built: $WEFT_NOTE"; fail_all weft-mesh "not built"
+fi
+
+# Weft, mTLS mesh: the same path; the control plane runs its CA (TLS gRPC), every sidecar joins
+# with its service's token and gets a SPIFFE certificate, the callees are `mtls: strict`.
+if ! on mtls; then
+  :
+elif [[ $WEFT_OK == 1 ]]; then
+  log "starting weft-control (--ca-dir, TLS gRPC, CPU $CLIENT_CPUS) and 4 weft-proxy sidecars with join tokens (CPU $SERVER_CPUS)"
+  start control_m cli "$BIN/weft-control" --policies "$WORK/weft-mtls/policies" --ca-dir "$MCA" \
+    --grpc $CP_M:15010 --admin $CP_M:15011
+  if wait_url "http://$CP_M:15011/healthz" && [[ -s $MCA/roots.pem ]]; then
+    tok_ok=1
+    for svc in bench-client mesh mesh-h2 tcp-mesh; do
+      "$BIN/weft-control" token --ca-dir "$MCA" --service "$svc" --namespace bench \
+        >"$WORK/weft-mtls/tokens/$svc.token" 2>>"$WORK/control_m.log" || tok_ok=0
+    done
+    start m_client srv "$BIN/weft-proxy" --config "$WORK/weft-mtls/bench-client.yaml"
+    start m_mesh srv "$BIN/weft-proxy" --config "$WORK/weft-mtls/mesh.yaml"
+    start m_mesh_h2 srv "$BIN/weft-proxy" --config "$WORK/weft-mtls/mesh-h2.yaml"
+    start m_mesh_tcp srv "$BIN/weft-proxy" --config "$WORK/weft-mtls/tcp-mesh.yaml"
+    ready=$tok_ok
+    for ip in $M_CLIENT $M_MESH $M_MESH_H2 $M_MESH_TCP; do
+      wait_url "http://$ip:15000/ready" "" 150 || { ready=0; log "sidecar $ip not ready"; }
+    done
+    # Registration and certificates are asynchronous: wait until a request goes through
+    # (a strict callee refuses the caller until both have their certificates).
+    wait_url "http://$M_CLIENT:15001/" mesh.bench 150 || ready=0
+    wait_url "http://$M_CLIENT:15001/" mesh-h2.bench 100 || ready=0
+    if [[ $ready == 1 ]]; then
+      $HELPER put "$RES" weft-mesh-mtls rss.idle "$(python3 -c "print($($HELPER rss $(proxy_pids weft-mesh-mtls h1))/1024)")"
+      run_target weft-mesh-mtls
+      # Strict means strict: a plaintext request straight to a callee's inbound listener must fail.
+      code=$(curl -s -o /dev/null -m 2 -w '%{http_code}' -H 'host: mesh.bench' "http://$M_MESH:15006/" || true)
+      if [[ $code == 000 ]]; then
+        WEFT_NOTE+="weft-mesh-mtls: a plaintext request straight to the strict callee's inbound listener ($M_MESH:15006) was refused (connection closed); "
+      else
+        WEFT_NOTE+="weft-mesh-mtls: a plaintext request to the strict callee's inbound listener got HTTP $code (expected a refusal); "
+      fi
+      if [[ $($HELPER get "$RES" weft-mesh-mtls tls.mtls) == 0 || -z $($HELPER get "$RES" weft-mesh-mtls tls.mtls) ]]; then
+        WEFT_NOTE+="weft-mesh-mtls: the callees counted no mTLS connections: the column is NOT an mTLS measurement; "
+      fi
+    else
+      why="mTLS sidecars not ready / no route (tokens ok: $tok_ok; logs: control_m, m_client); first error: $(grep -h -m1 -E 'ERROR|WARN' "$WORK"/m_client.log "$WORK"/m_mesh.log "$WORK"/control_m.log 2>/dev/null | head -1 | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-120)"
+      fail_all weft-mesh-mtls "$why"
+    fi
+    check_sidecars m mTLS m_client m_mesh m_mesh_h2 m_mesh_tcp
+  else
+    fail_all weft-mesh-mtls "weft-control --ca-dir did not start: $(tail -1 "$WORK/control_m.log")"
+  fi
+  for p in m_mesh_tcp m_mesh_h2 m_mesh m_client control_m; do stop "$p"; done
+else
+  fail_all weft-mesh-mtls "not built: $WEFT_NOTE"
 fi
 
 # ---------------------------------------------------------------- report

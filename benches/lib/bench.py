@@ -295,7 +295,7 @@ def parse_iperf(res, target, prefix, path):
 
 # ----------------------------------------------------------------------------- report
 
-TARGETS = ["direct", "weft", "weft-mesh", "haproxy", "nginx"]
+TARGETS = ["direct", "weft", "weft-mesh", "weft-mesh-mtls", "haproxy", "nginx"]
 
 # (metric key, label, unit format, higher_is_better, proxies_only)
 ROWS = [
@@ -317,6 +317,8 @@ ROWS = [
     ("rss.load", "RSS under load, max (MB)", "mb", False, True),
     ("rss.10k", "RSS with 10k idle keep-alive conns (MB)", "mb", False, True),
     ("idle.ok", "idle conns held / opened ok", "str", True, True),
+    ("tls.inbound", "callees' inbound conns accepted during the cases, by transport", "str", True, True),
+    ("conn.inbound", "sidecar-to-sidecar conns opened in the new-conn case", "int", False, True),
     ("errors", "errors (fixed/sat/h2/conn)", "str", False, False),
 ]
 
@@ -378,7 +380,8 @@ def report(res_path, meta_path, out_path):
     lines.append(
         "Cells: value, then in brackets the ratio to direct (`d`) and to HAProxy (`h`). "
         "For req/s and MB/s higher is better; for latency, CPU and RSS lower is better. "
-        "`FAIL` = the case ran but produced no usable result (reason given); `–` = not applicable."
+        "`FAIL` = the case ran but produced no usable result (reason given); `–` = not applicable. "
+        "weft-mesh-mtls also shows its ratio to the plaintext weft-mesh (`m`)."
     )
     lines.append("")
     lines.append("| metric | " + " | ".join(TARGETS) + " |")
@@ -392,7 +395,7 @@ def report(res_path, meta_path, out_path):
                 cells.append("–")
                 continue
             s = fmt(v, unit)
-            if unit not in ("str",) and key != "fix.added_p50" and num(v) is not None:
+            if unit not in ("str",) and key not in ("fix.added_p50", "conn.inbound") and num(v) is not None:
                 rs = []
                 if tname != "direct":
                     r = ratio(v, data.get("direct", {}).get(key))
@@ -402,6 +405,10 @@ def report(res_path, meta_path, out_path):
                     r = ratio(v, data.get("haproxy", {}).get(key))
                     if r is not None:
                         rs.append(f"{r:.2f}h")
+                if tname == "weft-mesh-mtls":
+                    r = ratio(v, data.get("weft-mesh", {}).get(key))
+                    if r is not None:
+                        rs.append(f"{r:.2f}m")
                 if rs:
                     s += " (" + " ".join(rs) + ")"
             cells.append(s)
@@ -437,12 +444,51 @@ def report(res_path, meta_path, out_path):
     goal("idle RSS ≤ 10 MB", None if ri is None else ri <= 10, f"{fmt(ri, 'mb')} MB")
     r10 = num(w.get("rss.10k"))
     goal(f"RSS with {idle_n or 10000:,} idle conns ≤ 40 MB", None if r10 is None else r10 <= 40, f"{fmt(r10, 'mb')} MB")
-    lines.append("Goals for Weft (outbound sidecar), from the benchmarks issue — goals, not assertions:")
+    pm, mm = data.get("weft-mesh", {}), data.get("weft-mesh-mtls", {})
+    pr, mr = num(pm.get("sat.rps")), num(mm.get("sat.rps"))
+    goal(
+        "mTLS mesh h1 req/s ≥ 0.7 × plaintext mesh",
+        None if pr is None or mr is None else mr >= 0.7 * pr,
+        f"weft-mesh-mtls {fmt(mr, 'int')} vs 0.7 × {fmt(pr, 'int')}"
+        + (f" ({mr / pr:.2f}×)" if pr and mr else ""),
+    )
+    lines.append(
+        "Goals for Weft, from the benchmarks issue (the `weft` column = the outbound sidecar; "
+        "the last one compares weft-mesh-mtls with weft-mesh) — goals, not assertions:"
+    )
     lines.append("")
     lines.append("| goal | status | measured |")
     lines.append("|---|---|---|")
     lines.extend(goals)
     lines.append("")
+
+    # The cost of mTLS: weft-mesh-mtls / weft-mesh, metric by metric.
+    mt = []
+    for key, label, unit, hib in (
+        ("sat.rps", "HTTP/1.1 keep-alive saturation req/s", "int", True),
+        ("fix.p50", "HTTP/1.1 fixed rate p50 (ms)", "ms", False),
+        ("fix.p99", "HTTP/1.1 fixed rate p99 (ms)", "ms", False),
+        ("h2.rps", "HTTP/2 req/s", "int", True),
+        ("conn.rps", "new connections/s", "int", True),
+        ("tcp.mbps", "TCP throughput (MB/s)", "int", True),
+        ("cpu.sat", "CPU per request, h1 (µs, both sidecars)", "us", False),
+        ("cpu.h2", "CPU per request, h2 (µs, both sidecars)", "us", False),
+        ("rss.idle", "RSS idle (MB, both sidecars)", "mb", False),
+        ("rss.load", "RSS under load (MB, both sidecars)", "mb", False),
+    ):
+        a, b = num(pm.get(key)), num(mm.get(key))
+        r = ratio(b, a)
+        rs = "–" if r is None else f"{r:.2f}×"
+        if r is not None and key in ("sat.rps", "h2.rps", "tcp.mbps"):
+            rs += " (≥ 0.7: " + ("met" if r >= 0.7 else "MISSED") + ")"
+        mt.append(f"| {label} | {fmt(pm.get(key), unit)} | {fmt(mm.get(key), unit)} | {rs} |")
+    if any(num(mm.get(k)) is not None for k in ("sat.rps", "h2.rps", "tcp.mbps")):
+        lines.append("mTLS cost, sidecar to sidecar (weft-mesh-mtls / weft-mesh; target ≥ 0.7× for throughput):")
+        lines.append("")
+        lines.append("| metric | weft-mesh (plaintext) | weft-mesh-mtls | mTLS / plaintext |")
+        lines.append("|---|---|---|---|")
+        lines.extend(mt)
+        lines.append("")
 
     notes = []
     for tname in TARGETS:

@@ -218,7 +218,15 @@ impl HttpProxy {
                     denied.inc();
                 }
                 tracing::debug!(%policy, peer = ?peer.map(SpiffeId::as_str), "request denied by authorization policy");
-                let resp = ProxyError::Forbidden(policy).to_response();
+                let e = ProxyError::Forbidden(policy);
+                // Counted like a response of the catch-all (`route` = listener name), else as
+                // unrouted.
+                let metrics = http
+                    .catch_all
+                    .as_ref()
+                    .map_or_else(|| http.no_route_metrics(), |c| &c.metrics);
+                metrics.record(e.status(), "", start.elapsed().as_secs_f64());
+                let resp = e.to_response();
                 return Box::pin(async move { Ok(resp) });
             }
         }

@@ -39,11 +39,7 @@ pub struct Completion {
 
 impl Completion {
     fn finish(self, body_complete: bool) {
-        let grpc = self
-            .grpc_status
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        let grpc = grpc_status_label(self.grpc_status.as_ref());
         self.metrics
             .record(self.status, grpc, self.start.elapsed().as_secs_f64());
         if body_complete {
@@ -51,6 +47,20 @@ impl Completion {
                 conn.release();
             }
         }
+    }
+}
+
+/// The `grpc_status` metric label for an upstream's `grpc-status` value: the code itself when
+/// it is one of gRPC's 0..=16 (canonical decimal), `""` when there is none and `"other"` for
+/// anything else, so that a misbehaving upstream cannot grow the label set without bound.
+fn grpc_status_label(value: Option<&HeaderValue>) -> &str {
+    let Some(value) = value else {
+        return "";
+    };
+    match value.as_bytes() {
+        [d] if d.is_ascii_digit() => value.to_str().unwrap_or("other"),
+        [b'1', d] if (b'0'..=b'6').contains(d) => value.to_str().unwrap_or("other"),
+        _ => "other",
     }
 }
 
@@ -174,5 +184,25 @@ impl Drop for ResponseBody {
                 crate::observe::BodyEnd::Abandoned
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_status_label_is_bounded() {
+        assert_eq!(grpc_status_label(None), "");
+        for code in 0..=16 {
+            let v = HeaderValue::from(code);
+            assert_eq!(grpc_status_label(Some(&v)), code.to_string());
+        }
+        for odd in ["17", "99", "-1", "007", "00", "1 ", "", "abc", "123456789"] {
+            let v = HeaderValue::from_static(odd);
+            assert_eq!(grpc_status_label(Some(&v)), "other", "{odd:?}");
+        }
+        let opaque = HeaderValue::from_bytes(b"\xff").unwrap();
+        assert_eq!(grpc_status_label(Some(&opaque)), "other");
     }
 }
