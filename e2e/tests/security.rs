@@ -296,6 +296,13 @@ authorization:
     .await;
     assert!(m.sum("weft_inbound_connections_total", &[("tls", "plaintext")]) >= 1.0);
     assert!(m.sum("weft_inbound_connections_total", &[("tls", "mtls")]) >= 2.0);
+    // Denied requests are counted like any other response.
+    assert!(
+        m.sum(
+            "weft_requests_total",
+            &[("direction", "inbound"), ("code", "403")]
+        ) >= 2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

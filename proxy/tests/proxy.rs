@@ -534,3 +534,114 @@ async fn tcp_half_close_and_byte_counts() {
         assert_eq!(answer, "got 100000 bytes");
     }
 }
+
+/// A client stream whose first `skip` written bytes were already sent by hand.
+struct SkipFirst {
+    inner: TcpStream,
+    skip: usize,
+}
+
+impl tokio::io::AsyncRead for SkipFirst {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SkipFirst {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.skip > 0 {
+            let n = self.skip.min(buf.len());
+            self.skip -= n;
+            return std::task::Poll::Ready(Ok(n));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The downstream protocol is told from the first bytes, also when they arrive piecemeal: a
+/// first chunk that is a prefix of the h2 preface leaves the choice to the bytes that follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_detection_with_split_first_bytes() {
+    let (up, _) = upstream().await;
+    let (listen, inbound) = (free_port(), free_port());
+    let proxy = Proxy::new();
+    proxy.push(config(listen, inbound, up)).unwrap();
+
+    // HTTP/1.1 starting with `P` (a prefix of `PRI * HTTP/2.0`), then the rest.
+    let mut s = TcpStream::connect(listen).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(
+        b"OST /echo HTTP/1.1\r\nhost: backend\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("hi"), "{out}");
+
+    // HTTP/1.1 arriving a byte at a time, not a prefix of the preface.
+    let mut s = TcpStream::connect(listen).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"G").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"ET /echo HTTP/1.1\r\nhost: backend\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+
+    // h2c prior knowledge whose preface arrives in two pieces.
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut s = TcpStream::connect(listen).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(&PREFACE[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let io = SkipFirst { inner: s, skip: 5 };
+    let (mut c, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("http://backend/echo")
+        .version(Version::HTTP_2)
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    c.ready().await.unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-upstream-host"], "backend");
+
+    // A client that closes before sending anything.
+    let s = TcpStream::connect(listen).await.unwrap();
+    drop(s);
+    let mut c = h1_client(listen).await;
+    let resp = send(&mut c, get("backend", "/after")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}

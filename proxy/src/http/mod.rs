@@ -369,3 +369,27 @@ impl Wake for BranchWake {
         self.task.wake();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_pick_the_protocol() {
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Protocol::Http1);
+        assert_eq!(sniff(b"G"), Protocol::Http1);
+        assert_eq!(sniff(b"PROPFIND / HTTP/1.1"), Protocol::Http1);
+        assert_eq!(sniff(b"P"), Protocol::Auto);
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), Protocol::Auto);
+        assert_eq!(sniff(H2_PREFACE), Protocol::H2);
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"), Protocol::H2);
+    }
+
+    #[test]
+    fn alpn_picks_the_protocol() {
+        assert_eq!(from_alpn(Some(b"h2")), Protocol::H2);
+        assert_eq!(from_alpn(Some(b"http/1.1")), Protocol::Http1);
+        assert_eq!(from_alpn(Some(b"spdy/3")), Protocol::Auto);
+        assert_eq!(from_alpn(None), Protocol::Auto);
+    }
+}
