@@ -2,7 +2,7 @@
 # Weft load benchmark: direct (no proxy) vs Weft (outbound sidecar; sidecar-to-sidecar, plaintext
 # and mTLS) vs HAProxy vs nginx, in one run on this machine, loopback only. See benches/README.md.
 #
-#   benches/run.sh            full mode (bounded, ~6 minutes of measurement)
+#   benches/run.sh            full mode (bounded, ~7 minutes of measurement)
 #   benches/run.sh --quick    a few seconds per case (smoke run, ~2 minutes)
 #   options: --skip-build (use the release binaries already in target/release)
 #            --skip-install (don't apt-get / cargo install the load tools)
@@ -385,7 +385,7 @@ inbound_conns() { # label, ip...
   shift
   for ip in "$@"; do
     v=$(curl -fsS -m 2 "http://$ip:15000/metrics" 2>/dev/null |
-      awk -v m="weft_inbound_connections_total{tls=\"$label\"}" '$1 == m {print $2; exit}')
+      awk -v m="weft_inbound_connections_total{tls=\"$label\"}" '$1 == m && !done {print $2; done = 1}' || true)
     total=$((total + ${v:-0}))
   done
   echo "$total"
@@ -642,7 +642,7 @@ elif [[ $WEFT_OK == 1 ]]; then
       run_target weft-mesh
       case_idle weft
     else
-      why="sidecars not ready / no route (logs: control, w_client); first error: $(grep -h -m1 -i 'error' "$WORK"/w_client.log "$WORK"/control.log 2>/dev/null | head -1 | cut -c1-100)"
+      why="sidecars not ready / no route (logs: control, w_client); first error: $({ grep -h -m1 -i 'error' "$WORK"/w_client.log "$WORK"/control.log 2>/dev/null || true; } | head -1 | cut -c1-100)"
       fail_all weft "$why"; fail_all weft-mesh "$why"
     fi
     check_sidecars w plaintext w_client w_mesh w_mesh_h2 w_mesh_tcp
@@ -681,7 +681,12 @@ elif [[ $WEFT_OK == 1 ]]; then
     # Registration and certificates are asynchronous: wait until a request goes through
     # (a strict callee refuses the caller until both have their certificates).
     wait_url "http://$M_CLIENT:15001/" mesh.bench 150 || ready=0
-    wait_url "http://$M_CLIENT:15001/" mesh-h2.bench 100 || ready=0
+    h2ok=0
+    for _ in $(seq 1 100); do
+      if curl -fsS -o /dev/null -m 1 --http2-prior-knowledge -H 'host: mesh-h2.bench' "http://$M_CLIENT:15001/" 2>/dev/null; then h2ok=1; break; fi
+      sleep 0.1
+    done
+    [[ $h2ok == 1 ]] || { ready=0; log "no h2 route to mesh-h2.bench through $M_CLIENT"; }
     if [[ $ready == 1 ]]; then
       $HELPER put "$RES" weft-mesh-mtls rss.idle "$(python3 -c "print($($HELPER rss $(proxy_pids weft-mesh-mtls h1))/1024)")"
       run_target weft-mesh-mtls
@@ -696,7 +701,7 @@ elif [[ $WEFT_OK == 1 ]]; then
         WEFT_NOTE+="weft-mesh-mtls: the callees counted no mTLS connections: the column is NOT an mTLS measurement; "
       fi
     else
-      why="mTLS sidecars not ready / no route (tokens ok: $tok_ok; logs: control_m, m_client); first error: $(grep -h -m1 -E 'ERROR|WARN' "$WORK"/m_client.log "$WORK"/m_mesh.log "$WORK"/control_m.log 2>/dev/null | head -1 | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-120)"
+      why="mTLS sidecars not ready / no route (tokens ok: $tok_ok; logs: control_m, m_client); first error: $({ grep -h -m1 -E 'ERROR|WARN' "$WORK"/m_client.log "$WORK"/m_mesh.log "$WORK"/control_m.log 2>/dev/null || true; } | head -1 | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-120)"
       fail_all weft-mesh-mtls "$why"
     fi
     check_sidecars m mTLS m_client m_mesh m_mesh_h2 m_mesh_tcp
