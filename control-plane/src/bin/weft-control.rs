@@ -107,7 +107,11 @@ struct ServeArgs {
     insecure_grpc: bool,
     /// Another DNS name or IP for the gRPC server certificate (repeatable; `localhost` and the
     /// listen IP are always included).
-    #[arg(long = "tls-san", value_name = "NAME", conflicts_with = "insecure_grpc")]
+    #[arg(
+        long = "tls-san",
+        value_name = "NAME",
+        conflicts_with = "insecure_grpc"
+    )]
     tls_sans: Vec<String>,
 }
 
