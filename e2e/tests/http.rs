@@ -105,6 +105,26 @@ async fn http1_request_crosses_both_sidecars() {
         async || api.proxy.metrics().await,
     )
     .await;
+    wait_metric_at_least(
+        "the code class rides along the code",
+        "weft_requests_total",
+        &[
+            ("direction", "inbound"),
+            ("code", "418"),
+            ("code_class", "4xx"),
+        ],
+        1.0,
+        async || api.proxy.metrics().await,
+    )
+    .await;
+    wait_metric_at_least(
+        "web's sidecar times response headers of the outbound requests",
+        "weft_response_headers_duration_seconds_count",
+        &[("direction", "outbound"), ("cluster", "api.default")],
+        6.0,
+        async || web.metrics().await,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,7 +80,7 @@ impl Drop for Abandoned<'_> {
 /// Sends `req` (already prepared for `wire`) to `cluster`, retrying as `policy` allows.
 /// `deadline` is when the route/cluster request timeout fires (the caller enforces it).
 pub async fn send(
-    req: Request<Incoming>,
+    req: Request<crate::http::body::CountedBody>,
     cluster: &Arc<Cluster>,
     policy: Option<&RetryPolicy>,
     hash: Option<u64>,

@@ -3,8 +3,9 @@
 //! path uses so that recording a request never builds a label `String`.
 //!
 //! Label resolution (`with_label_values`) happens when a snapshot is built; the hot path only
-//! touches atomics. `weft_requests_total` has two dynamic labels (`code`, `grpc_status`); the
-//! common combinations are cached lazily per destination in [`RequestMetrics`].
+//! touches atomics. `weft_requests_total` has three dynamic labels (`code`, `code_class` — a
+//! function of `code` — and `grpc_status`); the common combinations are cached lazily per
+//! destination in [`RequestMetrics`].
 
 use std::sync::OnceLock;
 
@@ -39,7 +40,11 @@ pub struct Metrics {
     registry: Registry,
     requests_total: IntCounterVec,
     request_duration: HistogramVec,
+    response_headers_duration: HistogramVec,
+    request_body_bytes_total: IntCounterVec,
+    response_body_bytes_total: IntCounterVec,
     tcp_connections_total: IntCounterVec,
+    tcp_connections_closed_total: IntCounterVec,
     tcp_connections: IntGaugeVec,
     tcp_bytes_total: IntCounterVec,
     config_version_info: IntGaugeVec,
@@ -81,7 +86,14 @@ impl Metrics {
                         "weft_requests_total",
                         "HTTP requests proxied, by response code",
                     ),
-                    &["direction", "route", "cluster", "code", "grpc_status"],
+                    &[
+                        "direction",
+                        "route",
+                        "cluster",
+                        "code",
+                        "code_class",
+                        "grpc_status",
+                    ],
                 ),
             )?,
             request_duration: register(
@@ -96,11 +108,56 @@ impl Metrics {
                     &["direction", "route", "cluster"],
                 ),
             )?,
+            response_headers_duration: register(
+                &r,
+                "weft_response_headers_duration_seconds",
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "weft_response_headers_duration_seconds",
+                        "Time from request received to response headers ready to send downstream",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["direction", "route", "cluster"],
+                ),
+            )?,
+            request_body_bytes_total: register(
+                &r,
+                "weft_request_body_bytes_total",
+                IntCounterVec::new(
+                    Opts::new(
+                        "weft_request_body_bytes_total",
+                        "Request body bytes read from the downstream",
+                    ),
+                    &["direction", "route", "cluster"],
+                ),
+            )?,
+            response_body_bytes_total: register(
+                &r,
+                "weft_response_body_bytes_total",
+                IntCounterVec::new(
+                    Opts::new(
+                        "weft_response_body_bytes_total",
+                        "Response body bytes streamed from the upstream to the downstream",
+                    ),
+                    &["direction", "route", "cluster"],
+                ),
+            )?,
             tcp_connections_total: register(
                 &r,
                 "weft_tcp_connections_total",
                 IntCounterVec::new(
                     Opts::new("weft_tcp_connections_total", "TCP connections accepted"),
+                    &["direction", "cluster"],
+                ),
+            )?,
+            tcp_connections_closed_total: register(
+                &r,
+                "weft_tcp_connections_closed_total",
+                IntCounterVec::new(
+                    Opts::new(
+                        "weft_tcp_connections_closed_total",
+                        "TCP connections closed",
+                    ),
                     &["direction", "cluster"],
                 ),
             )?,
@@ -188,6 +245,15 @@ impl Metrics {
             duration: self
                 .request_duration
                 .with_label_values(&[direction, route, cluster]),
+            headers_duration: self
+                .response_headers_duration
+                .with_label_values(&[direction, route, cluster]),
+            request_bytes: self
+                .request_body_bytes_total
+                .with_label_values(&[direction, route, cluster]),
+            response_bytes: self
+                .response_body_bytes_total
+                .with_label_values(&[direction, route, cluster]),
             fast: std::array::from_fn(|_| OnceLock::new()),
         }
     }
@@ -197,6 +263,9 @@ impl Metrics {
         TcpMetrics {
             accepted: self
                 .tcp_connections_total
+                .with_label_values(&[direction, cluster]),
+            closed: self
+                .tcp_connections_closed_total
                 .with_label_values(&[direction, cluster]),
             open: self
                 .tcp_connections
@@ -287,6 +356,9 @@ pub struct RequestMetrics {
     vec: IntCounterVec,
     labels: [Box<str>; 3],
     duration: Histogram,
+    headers_duration: Histogram,
+    request_bytes: IntCounter,
+    response_bytes: IntCounter,
     fast: [OnceLock<IntCounter>; FAST_SLOTS],
 }
 
@@ -304,17 +376,53 @@ impl RequestMetrics {
         &self.labels[1]
     }
 
-    /// Records one finished request.
+    /// Records one request answered by the proxy itself (an error response): its headers and
+    /// its (small, local) body are ready at the same time, so both histograms get `seconds`.
     pub fn record(&self, code: http::StatusCode, grpc_status: &str, seconds: f64) {
+        if !crate::observe::request_metrics_enabled() {
+            return;
+        }
+        self.headers_duration.observe(seconds);
+        self.record_finished(code, grpc_status, seconds);
+    }
+
+    /// Records that the upstream's response headers are ready, `seconds` after the request
+    /// arrived (`weft_response_headers_duration_seconds`).
+    pub fn record_response_headers(&self, seconds: f64) {
+        if !crate::observe::request_metrics_enabled() {
+            return;
+        }
+        self.headers_duration.observe(seconds);
+    }
+
+    /// Counts request body bytes read from the downstream.
+    #[inline]
+    pub fn add_request_bytes(&self, n: usize) {
+        if n > 0 && crate::observe::request_metrics_enabled() {
+            self.request_bytes.inc_by(n as u64);
+        }
+    }
+
+    /// Counts response body bytes streamed downstream.
+    #[inline]
+    pub fn add_response_bytes(&self, n: usize) {
+        if n > 0 && crate::observe::request_metrics_enabled() {
+            self.response_bytes.inc_by(n as u64);
+        }
+    }
+
+    /// Records one finished request (its response body ended), `seconds` after it arrived.
+    pub fn record_finished(&self, code: http::StatusCode, grpc_status: &str, seconds: f64) {
         // `observability.metrics.requests: false` (the on/off benchmark).
         if !crate::observe::request_metrics_enabled() {
             return;
         }
         self.duration.observe(seconds);
+        let class = code_class(code.as_u16());
         let counter = |code: &str| {
             let [d, r, c] = &self.labels;
             self.vec
-                .with_label_values(&[&**d, &**r, &**c, code, grpc_status])
+                .with_label_values(&[&**d, &**r, &**c, code, class, grpc_status])
         };
         match fast_slot(code.as_u16(), grpc_status) {
             Some(slot) => self.fast[slot].get_or_init(|| counter(code.as_str())).inc(),
@@ -324,11 +432,26 @@ impl RequestMetrics {
     }
 }
 
+/// The `code_class` label of an HTTP status: `1xx`..`5xx`, else `other` (static strings, no allocation).
+fn code_class(code: u16) -> &'static str {
+    match code / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        // 600..=999: valid for the `http` crate, never standard; kept to one series.
+        _ => "other",
+    }
+}
+
 /// Per (direction, cluster) TCP metrics, resolved when the snapshot is built.
 #[derive(Debug, Clone)]
 pub struct TcpMetrics {
     /// `weft_tcp_connections_total`.
     pub accepted: IntCounter,
+    /// `weft_tcp_connections_closed_total`.
+    pub closed: IntCounter,
     /// `weft_tcp_connections` (open now).
     pub open: IntGauge,
     /// Bytes read from the downstream.
@@ -366,9 +489,48 @@ mod tests {
         r.record(http::StatusCode::IM_A_TEAPOT, "", 0.001);
         r.record(http::StatusCode::OK, "14", 0.001);
         let text = String::from_utf8(m.encode()).unwrap();
-        assert!(text.contains(r#"weft_requests_total{cluster="backend.default",code="200",direction="outbound",grpc_status="",route="default-backend.default"} 1"#), "{text}");
+        assert!(text.contains(r#"weft_requests_total{cluster="backend.default",code="200",code_class="2xx",direction="outbound",grpc_status="",route="default-backend.default"} 1"#), "{text}");
+        assert!(text.contains(r#"code="418",code_class="4xx""#));
         assert!(text.contains(r#"code="418""#));
         assert!(text.contains(r#"grpc_status="14""#));
         assert!(text.contains("weft_request_duration_seconds_bucket"));
+        assert!(text.contains(r#"weft_response_headers_duration_seconds_count{cluster="backend.default",direction="outbound",route="default-backend.default"} 3"#), "{text}");
+    }
+
+    #[test]
+    fn streamed_requests_split_headers_and_total_and_count_bytes() {
+        let m = Metrics::new().unwrap();
+        let r = m.request_metrics("inbound", "r", "c");
+        r.record_response_headers(0.001);
+        r.add_request_bytes(5);
+        r.add_response_bytes(7);
+        r.add_response_bytes(0);
+        r.record_finished(http::StatusCode::SERVICE_UNAVAILABLE, "", 0.5);
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(
+            text.contains(
+                r#"weft_request_body_bytes_total{cluster="c",direction="inbound",route="r"} 5"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"weft_response_body_bytes_total{cluster="c",direction="inbound",route="r"} 7"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"weft_response_headers_duration_seconds_count{cluster="c",direction="inbound",route="r"} 1"#), "{text}");
+        assert!(text.contains(r#"weft_request_duration_seconds_count{cluster="c",direction="inbound",route="r"} 1"#), "{text}");
+        assert!(text.contains(r#"code="503",code_class="5xx""#), "{text}");
+    }
+
+    #[test]
+    fn code_classes() {
+        assert_eq!(code_class(101), "1xx");
+        assert_eq!(code_class(204), "2xx");
+        assert_eq!(code_class(308), "3xx");
+        assert_eq!(code_class(499), "4xx");
+        assert_eq!(code_class(599), "5xx");
+        assert_eq!(code_class(600), "other");
     }
 }

@@ -29,7 +29,7 @@ use crate::attempts::{self, Answer};
 use crate::authz::{self, AuthzRequest};
 use crate::breaker::Limit;
 use crate::cluster::{Cluster, UpstreamProtocol};
-use crate::http::body::{Completion, ResponseBody};
+use crate::http::body::{Completion, CountedBody, ResponseBody};
 use crate::http::error::ProxyError;
 use crate::http::headers::{prepare_request, strip_hop_by_hop};
 use crate::http::idle::{Activity, InFlight};
@@ -310,6 +310,7 @@ async fn forward(
 
     let limit = route_timeout.or(cluster.request_timeout);
     let deadline = limit.map(|l| tokio::time::Instant::now() + l);
+    let req = req.map(|b| CountedBody::new(b, Arc::clone(&metrics)));
     let send = attempts::send(req, &cluster, retry.as_deref(), hash, wire, deadline);
     let result = match limit {
         Some(limit) => match tokio::time::timeout(limit, send).await {
@@ -325,6 +326,7 @@ async fn forward(
         Ok(ok) => ok,
         Err(e) => return Ok(fail(e)),
     };
+    metrics.record_response_headers(start.elapsed().as_secs_f64());
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.version = downstream_version;

@@ -24,12 +24,13 @@ use crate::tls::{originate, Alpn};
 
 const BUF_SIZE: usize = 16 * 1024;
 
-/// Decrements the open-connections gauge however the connection ends.
-struct OpenGuard(prometheus::IntGauge);
+/// Decrements the open-connections gauge and counts the connection closed however it ends.
+struct OpenGuard<'a>(&'a crate::metrics::TcpMetrics);
 
-impl Drop for OpenGuard {
+impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.open.dec();
+        self.0.closed.inc();
     }
 }
 
@@ -48,7 +49,7 @@ pub async fn proxy_connection(
     };
     metrics.accepted.inc();
     metrics.open.inc();
-    let _open = OpenGuard(metrics.open.clone());
+    let _open = OpenGuard(metrics);
     if let Some((limit, refused)) = &listener.rate_limit {
         if limit.check().is_err() {
             refused.inc();

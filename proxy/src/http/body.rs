@@ -3,7 +3,10 @@
 //! - record the request's metrics exactly once, when the body ends or is dropped, with the
 //!   `grpc-status` seen in headers or trailers, and
 //! - hand the HTTP/1.1 upstream connection back to its pool, but only if the body was read to
-//!   the end (otherwise the connection is in an unknown state and is closed).
+//!   the end (otherwise the connection is in an unknown state and is closed), and
+//! - count the response body bytes as data frames pass.
+//!
+//! [`CountedBody`] counts the downstream request body's bytes the same way.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -41,7 +44,7 @@ impl Completion {
     fn finish(self, body_complete: bool) {
         let grpc = grpc_status_label(self.grpc_status.as_ref());
         self.metrics
-            .record(self.status, grpc, self.start.elapsed().as_secs_f64());
+            .record_finished(self.status, grpc, self.start.elapsed().as_secs_f64());
         if body_complete {
             if let Some(conn) = self.pooled {
                 conn.release();
@@ -134,9 +137,12 @@ impl Body for ResponseBody {
             Inner::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Inner::Upstream(body) => match ready!(Pin::new(body).poll_frame(cx)) {
                 Some(Ok(frame)) => {
-                    if let (Some(trailers), Some(c)) = (frame.trailers_ref(), &mut this.completion)
-                    {
-                        if let Some(v) = trailers.get("grpc-status") {
+                    if let Some(c) = &mut this.completion {
+                        if let Some(data) = frame.data_ref() {
+                            c.metrics.add_response_bytes(data.len());
+                        } else if let Some(v) =
+                            frame.trailers_ref().and_then(|t| t.get("grpc-status"))
+                        {
                             c.grpc_status = Some(v.clone());
                         }
                     }
@@ -184,6 +190,49 @@ impl Drop for ResponseBody {
                 crate::observe::BodyEnd::Abandoned
             });
         }
+    }
+}
+
+/// The downstream request body on its way upstream: passed through untouched, its data bytes
+/// counted in `weft_request_body_bytes_total` as frames are read (retries buffer the body once,
+/// so each downstream byte counts once).
+#[derive(Debug)]
+pub struct CountedBody {
+    inner: Incoming,
+    metrics: Arc<RequestMetrics>,
+}
+
+impl CountedBody {
+    /// Counts `inner`'s bytes in `metrics`.
+    pub fn new(inner: Incoming, metrics: Arc<RequestMetrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+impl Body for CountedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &frame {
+            if let Some(data) = f.data_ref() {
+                this.metrics.add_request_bytes(data.len());
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

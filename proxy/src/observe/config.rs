@@ -63,7 +63,7 @@ pub struct TracingConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Per-request metrics (`weft_requests_total`, `weft_request_duration_seconds`).
+    /// Per-request metrics (`weft_requests_total`, the duration histograms, body bytes).
     #[serde(default = "yes")]
     pub requests: bool,
 }

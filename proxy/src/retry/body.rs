@@ -13,7 +13,6 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 /// A buffered request body that can be replayed.
 #[derive(Debug, Clone, Default)]
@@ -44,7 +43,7 @@ impl Replayable {
 
 /// The body sent upstream.
 #[derive(Debug)]
-pub enum RequestBody<B = Incoming> {
+pub enum RequestBody<B = crate::http::body::CountedBody> {
     /// The downstream body, streamed through.
     Stream(B),
     /// Data already read from the downstream body, then the rest of it.
