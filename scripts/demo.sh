@@ -127,4 +127,4 @@ Policies:      $BIN/weftctl get routes ; edit $STATE/policies/*.yaml and it is p
 Logs:          $STATE/logs/
 Ctrl-C stops everything.
 MSG
-while true; do sleep 3600; done
+while true; do sleep 3600 & wait $!; done  # wait: a signal runs the trap at once
