@@ -85,36 +85,18 @@ pub enum Command {
     },
     /// Validate and store policy files (a file, or every *.yaml/*.yml in a directory).
     Apply {
-        /// A policy file, or a directory of *.yaml/*.yml files (repeatable).
-        #[arg(
-            short = 'f',
-            long = "filename",
-            value_name = "FILE|DIR",
-            required = true
-        )]
-        files: Vec<PathBuf>,
+        #[command(flatten)]
+        files: PolicyFiles,
     },
     /// Check policy files against the server's current set without storing them.
     Validate {
-        /// A policy file, or a directory of *.yaml/*.yml files (repeatable).
-        #[arg(
-            short = 'f',
-            long = "filename",
-            value_name = "FILE|DIR",
-            required = true
-        )]
-        files: Vec<PathBuf>,
+        #[command(flatten)]
+        files: PolicyFiles,
     },
     /// Show what applying policy files would change, per connected proxy, without storing them.
     Diff {
-        /// A policy file, or a directory of *.yaml/*.yml files (repeatable).
-        #[arg(
-            short = 'f',
-            long = "filename",
-            value_name = "FILE|DIR",
-            required = true
-        )]
-        files: Vec<PathBuf>,
+        #[command(flatten)]
+        files: PolicyFiles,
         /// Output format (table = human-readable summary).
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
@@ -128,6 +110,19 @@ pub enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+}
+
+/// The `-f FILE|DIR` policy files shared by `apply`, `validate` and `diff`.
+#[derive(Debug, clap::Args)]
+pub struct PolicyFiles {
+    /// A policy file, or a directory of *.yaml/*.yml files (repeatable).
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE|DIR",
+        required = true
+    )]
+    paths: Vec<PathBuf>,
 }
 
 /// A failure with its exit code; the message goes to stderr.
@@ -173,9 +168,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match cli.command {
         Command::Get { kind, output } => get(&client, kind, output).await,
         Command::Status { output } => status(&client, output).await,
-        Command::Apply { files } => apply(&client, &files, false).await,
-        Command::Validate { files } => apply(&client, &files, true).await,
-        Command::Diff { files, output } => diff(&client, &files, output).await,
+        Command::Apply { files } => apply(&client, &files.paths, false).await,
+        Command::Validate { files } => apply(&client, &files.paths, true).await,
+        Command::Diff { files, output } => diff(&client, &files.paths, output).await,
         Command::Delete { name } => delete(&client, &name).await,
     }
 }
