@@ -648,3 +648,238 @@ authorization:
     .await;
     assert!(m.sum("weft_inbound_connections_total", &[("tls", "refused")]) >= 1.0);
 }
+
+const BACKEND_ID: &str = "spiffe://cluster.local/ns/default/sa/backend";
+const OTHER_ID: &str = "spiffe://cluster.local/ns/default/sa/other";
+
+/// `promtool check metrics` on one `/metrics` page: `Err` with the problems unless it exits 0
+/// without a line of output.
+fn promtool_check_metrics(what: &str, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run `promtool` (scripts/install-test-deps.sh installs it): {e}")
+        });
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(text.as_bytes())
+        .unwrap_or_else(|e| panic!("writing to promtool: {e}"));
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for promtool: {e}"));
+    let problems = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && problems.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "promtool check metrics on {what}: {}:\n{problems}",
+            out.status
+        ))
+    }
+}
+
+/// Waits until `name{labels}` on `proxy` reaches `want`, then checks it is exactly `want`.
+async fn assert_metric_eq(proxy: &Proxy, name: &str, labels: &[(&str, &str)], want: f64) {
+    let m = wait_metric(proxy, name, labels, want).await;
+    assert_eq!(
+        m.sum(name, labels),
+        want,
+        "{} {name}{labels:?}:\n{}",
+        proxy.id(),
+        m.lines_for(name)
+    );
+}
+
+/// Golden request metrics name the hop's transport and peer: the callee's sidecar attributes
+/// inbound requests to the verified caller (`tls="mtls"`, `peer=<caller's SPIFFE ID>`, denied
+/// ones included), plaintext ones to nobody (`tls="none"`, `peer=""`); the caller's sidecar labels
+/// its outbound requests with the callee's expected identity. `promtool` accepts both pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_metrics_carry_peer_identity_and_tls() {
+    let policies = PolicyDir::with_file(
+        "mesh.yaml",
+        "services:
+  - name: web
+  - name: other
+  - name: backend
+authorization:
+  - name: backend-callers
+    service: backend
+    default: deny
+    rules:
+      - name: from-web
+        from: {services: [web]}
+      - name: public
+        to: {paths: [{prefix: /public}]}
+",
+    );
+    let cp = secure_cp(&policies, &[]).await;
+    let backend = Instance::http(&cp, "backend", "backend-1").await;
+    let web = caller_proxy(&cp, "web", "web-1").await;
+    let other = caller_proxy(&cp, "other", "other-1").await;
+    // Exactly one 200 from backend-1 (earlier answers come from web's sidecar: no route or no
+    // endpoint yet, never from backend's).
+    wait_for_instance(&web.http1(), "backend", "/", "backend-1").await;
+    let mut ok = 1;
+    for (client, n) in [(web.http1(), 5), (web.h2c(), 3)] {
+        for i in 0..n {
+            let r = client
+                .get("backend", &format!("/peer/{i}"))
+                .await
+                .expect("GET http://backend/peer/..");
+            assert_eq!(r.status, 200, "{}", r.summary());
+            ok += 1;
+        }
+    }
+
+    // `other` is denied by backend's policy: count the 403s that came from backend's sidecar.
+    let mut denied = 0;
+    wait_until(
+        DEFAULT_WAIT,
+        "other's request to backend is denied",
+        async || {
+            let r = other.http1().get("backend", "/").await?;
+            if r.status == 403 {
+                denied += 1;
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("{}", r.summary()))
+            }
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        let r = other.http1().get("backend", "/").await.expect("GET");
+        assert_eq!(r.status, 403, "{}", r.summary());
+        denied += 1;
+    }
+
+    // Plaintext straight to backend's (permissive) inbound port: no identity.
+    let direct = HttpClient::h1(backend.endpoint());
+    let r = direct
+        .get("backend", "/public/x")
+        .await
+        .expect("GET /public");
+    assert_eq!(r.status, 200, "{}", r.summary());
+    let r = direct.get("backend", "/").await.expect("GET /");
+    assert_eq!(r.status, 403, "{}", r.summary());
+
+    let inbound = |tls, peer, code| {
+        [
+            ("direction", "inbound"),
+            ("route", "inbound"),
+            ("tls", tls),
+            ("peer", peer),
+            ("code", code),
+        ]
+    };
+    let requests = "weft_requests_total";
+    assert_metric_eq(
+        &backend.proxy,
+        requests,
+        &inbound("mtls", WEB_ID, "200"),
+        ok as f64,
+    )
+    .await;
+    assert_metric_eq(
+        &backend.proxy,
+        requests,
+        &inbound("mtls", OTHER_ID, "403"),
+        denied as f64,
+    )
+    .await;
+    assert_metric_eq(&backend.proxy, requests, &inbound("none", "", "200"), 1.0).await;
+    assert_metric_eq(&backend.proxy, requests, &inbound("none", "", "403"), 1.0).await;
+    let m = backend.proxy.metrics().await;
+    // Every inbound request is in exactly one of those series; the other families agree.
+    assert_eq!(
+        m.sum(requests, &[("direction", "inbound")]),
+        (ok + denied + 2) as f64,
+        "{}",
+        m.lines_for(requests)
+    );
+    for family in [
+        "weft_request_duration_seconds_count",
+        "weft_response_headers_duration_seconds_count",
+    ] {
+        let labels = [("direction", "inbound"), ("tls", "mtls"), ("peer", WEB_ID)];
+        assert_eq!(m.sum(family, &labels), ok as f64, "{}", m.lines_for(family));
+    }
+    assert!(
+        m.sum(
+            "weft_response_body_bytes_total",
+            &[("direction", "inbound"), ("tls", "mtls"), ("peer", WEB_ID)]
+        ) > 0.0,
+        "{}",
+        m.lines_for("weft_response_body_bytes_total")
+    );
+
+    // The caller's side: requests to backend went over mTLS to backend's identity.
+    let outbound = [
+        ("direction", "outbound"),
+        ("cluster", "backend.default"),
+        ("code", "200"),
+    ];
+    let mtls_to_backend = [
+        ("direction", "outbound"),
+        ("cluster", "backend.default"),
+        ("tls", "mtls"),
+        ("peer", BACKEND_ID),
+        ("code", "200"),
+    ];
+    assert_metric_eq(&web, requests, &mtls_to_backend, ok as f64).await;
+    let wm = web.metrics().await;
+    assert_eq!(
+        wm.sum(requests, &outbound),
+        ok as f64,
+        "no 200 to backend outside the mTLS series:\n{}",
+        wm.lines_for(requests)
+    );
+    assert!(
+        wm.sum(
+            "weft_request_duration_seconds_count",
+            &[
+                ("direction", "outbound"),
+                ("tls", "mtls"),
+                ("peer", BACKEND_ID)
+            ]
+        ) >= ok as f64,
+        "{}",
+        wm.lines_for("weft_request_duration_seconds_count")
+    );
+    let om = other.metrics().await;
+    assert_eq!(
+        om.sum(
+            requests,
+            &[
+                ("direction", "outbound"),
+                ("tls", "mtls"),
+                ("peer", BACKEND_ID),
+                ("code", "403")
+            ]
+        ),
+        denied as f64,
+        "{}",
+        om.lines_for(requests)
+    );
+
+    let mut failures = Vec::new();
+    for (what, text) in [("backend's sidecar", m.text), ("web's sidecar", wm.text)] {
+        if let Err(e) = promtool_check_metrics(what, &text) {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

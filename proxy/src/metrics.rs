@@ -6,8 +6,19 @@
 //! touches atomics. `weft_requests_total` has three dynamic labels (`code`, `code_class` — a
 //! function of `code` — and `grpc_status`); the common combinations are cached lazily per
 //! destination in [`RequestMetrics`].
+//!
+//! The request families also carry the transport of the hop, `tls` (`mtls` | `none`) and `peer`
+//! (the other side's SPIFFE ID, `""` when unknown, [`PEER_OTHER`] past the bound):
+//! - outbound, the destination cluster's expected identity, known when the snapshot is built
+//!   ([`Metrics::for_clusters`], [`PeerLabels::outbound`]): no cost per request;
+//! - inbound, the verified client of the connection: a base handle (`tls="none"`, `peer=""`, what
+//!   plaintext connections use) derives one variant per peer ([`RequestMetrics::for_peer`]), and
+//!   each mTLS connection resolves its variant once per base handle ([`PeerHandles`]). At most
+//!   [`MAX_PEERS_PER_HANDLE`] peers get their own series per (direction, route, cluster); later
+//!   ones share `peer="other"`.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -34,15 +45,101 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
-/// Every metric family of the proxy.
+/// Label names of the request families besides `weft_requests_total`'s response labels.
+const REQUEST_LABELS: [&str; 5] = ["direction", "route", "cluster", "tls", "peer"];
+
+/// `tls` of a hop over mesh mTLS.
+pub const TLS_MTLS: &str = "mtls";
+/// `tls` of a plaintext hop.
+pub const TLS_NONE: &str = "none";
+/// `peer` of inbound requests from callers past [`MAX_PEERS_PER_HANDLE`].
+pub const PEER_OTHER: &str = "other";
+/// The most distinct `peer` values (caller identities) one inbound (direction, route, cluster)
+/// gets series for, for the life of the process; requests of further callers are counted with
+/// `peer="other"`. Bounds the inbound request series at 66 per (route, cluster) and
+/// response code: `peer=""` (plaintext), 64 identities, `other`.
+pub const MAX_PEERS_PER_HANDLE: usize = 64;
+/// Base handles one connection remembers its variants for (routes x config generations in use).
+const CONNECTION_SLOTS: usize = 4;
+
+/// The transport labels of a request handle: `tls` and `peer`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerLabels {
+    /// `tls="mtls"` when set, else `tls="none"`.
+    pub mtls: bool,
+    /// `peer`: the SPIFFE ID of the other side, `""` when unknown.
+    pub peer: Box<str>,
+}
+
+impl PeerLabels {
+    /// The labels of requests to a cluster whose endpoints expect `identities` (per endpoint,
+    /// `None` = plaintext), from a proxy that has (`has_identity`) or lacks a mesh identity.
+    ///
+    /// The same rule as the upstream connect (`tls::originate`): a connection is mTLS when the
+    /// endpoint expects an identity and this proxy has one. `tls="mtls"` needs every endpoint to
+    /// be mTLS (a cluster with no endpoints, or with a plaintext one, is `none`); `peer` is the
+    /// identity they all expect, or `""` if they expect different ones.
+    pub fn outbound<'a>(
+        identities: impl IntoIterator<Item = Option<&'a str>>,
+        has_identity: bool,
+    ) -> Self {
+        if !has_identity {
+            return Self::default();
+        }
+        let mut common: Option<Option<&str>> = None;
+        for id in identities {
+            let Some(id) = id else {
+                return Self::default();
+            };
+            common = match common {
+                None => Some(Some(id)),
+                Some(Some(c)) if c == id => Some(Some(c)),
+                Some(_) => Some(None),
+            };
+        }
+        match common {
+            None => Self::default(),
+            Some(peer) => Self {
+                mtls: true,
+                peer: peer.unwrap_or("").into(),
+            },
+        }
+    }
+
+    fn tls(&self) -> &'static str {
+        if self.mtls {
+            TLS_MTLS
+        } else {
+            TLS_NONE
+        }
+    }
+}
+
+/// The five request families, cloned into every [`RequestMetrics`] so that a handle can derive
+/// its per-peer variants.
 #[derive(Clone)]
-pub struct Metrics {
-    registry: Registry,
+struct RequestFamilies {
     requests_total: IntCounterVec,
     request_duration: HistogramVec,
     response_headers_duration: HistogramVec,
     request_body_bytes_total: IntCounterVec,
     response_body_bytes_total: IntCounterVec,
+}
+
+/// Per-peer variants of the handles with given labels, shared by every snapshot's handle with
+/// those labels so that [`MAX_PEERS_PER_HANDLE`] bounds series, not one snapshot's handles.
+type PeerRegistry = Mutex<HashMap<[Box<str>; 5], Arc<PeerVariants>>>;
+
+/// Every metric family of the proxy.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    request: RequestFamilies,
+    /// `tls` / `peer` of outbound requests per destination cluster, bound to one snapshot's
+    /// clusters ([`Metrics::for_clusters`]); empty = every cluster `none`.
+    cluster_peers: Arc<HashMap<Arc<str>, PeerLabels>>,
+    /// Per-peer variants by base labels (process-wide).
+    peer_variants: Arc<PeerRegistry>,
     tcp_connections_total: IntCounterVec,
     tcp_connections_closed_total: IntCounterVec,
     tcp_connections: IntGaugeVec,
@@ -77,7 +174,7 @@ impl Metrics {
     /// Creates and registers every family in a fresh registry.
     pub fn new() -> Result<Self, MetricsError> {
         let r = Registry::new();
-        Ok(Self {
+        let request = RequestFamilies {
             requests_total: register(
                 &r,
                 "weft_requests_total",
@@ -90,6 +187,8 @@ impl Metrics {
                         "direction",
                         "route",
                         "cluster",
+                        "tls",
+                        "peer",
                         "code",
                         "code_class",
                         "grpc_status",
@@ -105,7 +204,7 @@ impl Metrics {
                         "Time from request received to response body finished",
                     )
                     .buckets(LATENCY_BUCKETS.to_vec()),
-                    &["direction", "route", "cluster"],
+                    &REQUEST_LABELS,
                 ),
             )?,
             response_headers_duration: register(
@@ -117,7 +216,7 @@ impl Metrics {
                         "Time from request received to response headers ready to send downstream",
                     )
                     .buckets(LATENCY_BUCKETS.to_vec()),
-                    &["direction", "route", "cluster"],
+                    &REQUEST_LABELS,
                 ),
             )?,
             request_body_bytes_total: register(
@@ -128,7 +227,7 @@ impl Metrics {
                         "weft_request_body_bytes_total",
                         "Request body bytes read from the downstream",
                     ),
-                    &["direction", "route", "cluster"],
+                    &REQUEST_LABELS,
                 ),
             )?,
             response_body_bytes_total: register(
@@ -139,9 +238,14 @@ impl Metrics {
                         "weft_response_body_bytes_total",
                         "Response body bytes streamed from the upstream to the downstream",
                     ),
-                    &["direction", "route", "cluster"],
+                    &REQUEST_LABELS,
                 ),
             )?,
+        };
+        Ok(Self {
+            request,
+            cluster_peers: Arc::default(),
+            peer_variants: Arc::default(),
             tcp_connections_total: register(
                 &r,
                 "weft_tcp_connections_total",
@@ -237,25 +341,50 @@ impl Metrics {
         out
     }
 
-    /// Handles for requests through `route` (on a listener of `direction`) to `cluster`.
-    pub fn request_metrics(&self, direction: &str, route: &str, cluster: &str) -> RequestMetrics {
-        RequestMetrics {
-            vec: self.requests_total.clone(),
-            labels: [direction.into(), route.into(), cluster.into()],
-            duration: self
-                .request_duration
-                .with_label_values(&[direction, route, cluster]),
-            headers_duration: self
-                .response_headers_duration
-                .with_label_values(&[direction, route, cluster]),
-            request_bytes: self
-                .request_body_bytes_total
-                .with_label_values(&[direction, route, cluster]),
-            response_bytes: self
-                .response_body_bytes_total
-                .with_label_values(&[direction, route, cluster]),
-            fast: std::array::from_fn(|_| OnceLock::new()),
+    /// These families, with the outbound `tls` / `peer` labels of `clusters` (name, labels):
+    /// what a snapshot builds its handles with, so that outbound handles carry their destination's
+    /// transport without any work per request.
+    #[must_use]
+    pub fn for_clusters(&self, clusters: impl IntoIterator<Item = (Arc<str>, PeerLabels)>) -> Self {
+        Self {
+            cluster_peers: Arc::new(clusters.into_iter().collect()),
+            ..self.clone()
         }
+    }
+
+    /// Handles for requests through `route` (on a listener of `direction`) to `cluster`.
+    ///
+    /// Outbound: `tls` / `peer` of `cluster` as given to [`Metrics::for_clusters`] (`none`, `""`
+    /// for a cluster not given). Inbound: `none`, `""`: the caller is known per connection
+    /// ([`RequestMetrics::for_peer`]).
+    pub fn request_metrics(&self, direction: &str, route: &str, cluster: &str) -> RequestMetrics {
+        let peer = match direction {
+            "outbound" => self.cluster_peers.get(cluster).cloned().unwrap_or_default(),
+            _ => PeerLabels::default(),
+        };
+        self.request_metrics_with(direction, route, cluster, &peer)
+    }
+
+    /// Handles for requests through `route` (on a listener of `direction`) to `cluster`, with the
+    /// transport labels `peer`.
+    pub fn request_metrics_with(
+        &self,
+        direction: &str,
+        route: &str,
+        cluster: &str,
+        peer: &PeerLabels,
+    ) -> RequestMetrics {
+        RequestMetrics::new(
+            &self.request,
+            [
+                direction.into(),
+                route.into(),
+                cluster.into(),
+                peer.tls().into(),
+                peer.peer.clone(),
+            ],
+            &Arc::downgrade(&self.peer_variants),
+        )
     }
 
     /// Handles for TCP connections from a listener of `direction` to `cluster`.
@@ -351,15 +480,29 @@ fn fast_slot(code: u16, grpc_status: &str) -> Option<usize> {
     }
 }
 
-/// Per (direction, route, cluster) request metrics, resolved when the snapshot is built.
+/// Per (direction, route, cluster, tls, peer) request metrics, resolved when the snapshot is
+/// built (inbound per-peer variants: once per connection, [`PeerHandles`]).
 pub struct RequestMetrics {
-    vec: IntCounterVec,
-    labels: [Box<str>; 3],
+    families: RequestFamilies,
+    /// direction, route, cluster, tls, peer.
+    labels: [Box<str>; 5],
     duration: Histogram,
     headers_duration: Histogram,
     request_bytes: IntCounter,
     response_bytes: IntCounter,
     fast: [OnceLock<IntCounter>; FAST_SLOTS],
+    /// The variants of this handle per caller, from `registry` on first use.
+    peers: OnceLock<Arc<PeerVariants>>,
+    /// Weak: the registry holds variants, which hold this (no cycle). Owned by [`Metrics`].
+    registry: Weak<PeerRegistry>,
+}
+
+/// The per-peer variants of one base label set, at most [`MAX_PEERS_PER_HANDLE`] by identity,
+/// and the shared `peer="other"` one.
+#[derive(Default)]
+struct PeerVariants {
+    by_peer: Mutex<HashMap<Box<str>, Arc<RequestMetrics>>>,
+    other: OnceLock<Arc<RequestMetrics>>,
 }
 
 impl std::fmt::Debug for RequestMetrics {
@@ -371,9 +514,83 @@ impl std::fmt::Debug for RequestMetrics {
 }
 
 impl RequestMetrics {
+    fn new(
+        families: &RequestFamilies,
+        labels: [Box<str>; 5],
+        registry: &Weak<PeerRegistry>,
+    ) -> Self {
+        let values: [&str; 5] = std::array::from_fn(|i| &*labels[i]);
+        Self {
+            duration: families.request_duration.with_label_values(&values),
+            headers_duration: families
+                .response_headers_duration
+                .with_label_values(&values),
+            request_bytes: families.request_body_bytes_total.with_label_values(&values),
+            response_bytes: families
+                .response_body_bytes_total
+                .with_label_values(&values),
+            families: families.clone(),
+            labels,
+            fast: std::array::from_fn(|_| OnceLock::new()),
+            peers: OnceLock::new(),
+            registry: Weak::clone(registry),
+        }
+    }
+
     /// The `route` label (access logs and spans name the route with it).
     pub fn route(&self) -> &str {
         &self.labels[1]
+    }
+
+    /// The `tls` label (`mtls` or `none`).
+    pub fn tls(&self) -> &str {
+        &self.labels[3]
+    }
+
+    /// The `peer` label (a SPIFFE ID, `""` or `other`).
+    pub fn peer(&self) -> &str {
+        &self.labels[4]
+    }
+
+    /// The variant of these handles for requests from the verified mesh identity `peer` (an
+    /// inbound mTLS connection): `tls="mtls"`, `peer=<peer>`, or `peer="other"` once
+    /// [`MAX_PEERS_PER_HANDLE`] other identities have their own. Takes locks and may resolve
+    /// labels: call it once per connection ([`PeerHandles`]), never per request.
+    pub fn for_peer(&self, peer: &str) -> Arc<RequestMetrics> {
+        let variants = self.peers.get_or_init(|| match self.registry.upgrade() {
+            Some(registry) => {
+                let mut registry = registry.lock().unwrap_or_else(PoisonError::into_inner);
+                Arc::clone(registry.entry(self.labels.clone()).or_default())
+            }
+            // The families' owner is gone (never while the proxy runs): this handle's own set.
+            None => Arc::default(),
+        });
+        let variant = |peer: &str| {
+            let [d, r, c, _, _] = &self.labels;
+            let labels = [
+                d.clone(),
+                r.clone(),
+                c.clone(),
+                TLS_MTLS.into(),
+                peer.into(),
+            ];
+            Arc::new(RequestMetrics::new(&self.families, labels, &self.registry))
+        };
+        {
+            let mut by_peer = variants
+                .by_peer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(m) = by_peer.get(peer) {
+                return Arc::clone(m);
+            }
+            if by_peer.len() < MAX_PEERS_PER_HANDLE {
+                let m = variant(peer);
+                by_peer.insert(peer.into(), Arc::clone(&m));
+                return m;
+            }
+        }
+        Arc::clone(variants.other.get_or_init(|| variant(PEER_OTHER)))
     }
 
     /// Records one request answered by the proxy itself (an error response): its headers and
@@ -420,15 +637,66 @@ impl RequestMetrics {
         self.duration.observe(seconds);
         let class = code_class(code.as_u16());
         let counter = |code: &str| {
-            let [d, r, c] = &self.labels;
-            self.vec
-                .with_label_values(&[&**d, &**r, &**c, code, class, grpc_status])
+            let [d, r, c, t, p] = &self.labels;
+            self.families.requests_total.with_label_values(&[
+                &**d,
+                &**r,
+                &**c,
+                &**t,
+                &**p,
+                code,
+                class,
+                grpc_status,
+            ])
         };
         match fast_slot(code.as_u16(), grpc_status) {
             Some(slot) => self.fast[slot].get_or_init(|| counter(code.as_str())).inc(),
             // Rare combinations: a read-locked lookup in the family, still no allocation.
             None => counter(code.as_str()).inc(),
         }
+    }
+}
+
+/// The request handles of one downstream connection whose client is a verified mesh identity
+/// (inbound mTLS): its variant of each base handle it uses is resolved once
+/// ([`RequestMetrics::for_peer`]) and then reused by every request of the connection (a lookup by
+/// pointer among at most a few entries, under a lock only this connection takes).
+pub struct PeerHandles {
+    peer: Box<str>,
+    /// (base, variant), most recently resolved last.
+    resolved: Mutex<Vec<(Arc<RequestMetrics>, Arc<RequestMetrics>)>>,
+}
+
+impl std::fmt::Debug for PeerHandles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerHandles")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerHandles {
+    /// The handles of a connection from `peer` (its SPIFFE ID).
+    pub fn new(peer: &str) -> Self {
+        Self {
+            peer: peer.into(),
+            resolved: Mutex::new(Vec::with_capacity(1)),
+        }
+    }
+
+    /// This connection's variant of `base`.
+    pub fn resolve(&self, base: &Arc<RequestMetrics>) -> Arc<RequestMetrics> {
+        let mut resolved = self.resolved.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, v)) = resolved.iter().find(|(b, _)| Arc::ptr_eq(b, base)) {
+            return Arc::clone(v);
+        }
+        let variant = base.for_peer(&self.peer);
+        // Bases of older snapshots (or other routes) make room, oldest first.
+        if resolved.len() == CONNECTION_SLOTS {
+            resolved.remove(0);
+        }
+        resolved.push((Arc::clone(base), Arc::clone(&variant)));
+        variant
     }
 }
 
@@ -489,12 +757,12 @@ mod tests {
         r.record(http::StatusCode::IM_A_TEAPOT, "", 0.001);
         r.record(http::StatusCode::OK, "14", 0.001);
         let text = String::from_utf8(m.encode()).unwrap();
-        assert!(text.contains(r#"weft_requests_total{cluster="backend.default",code="200",code_class="2xx",direction="outbound",grpc_status="",route="default-backend.default"} 1"#), "{text}");
+        assert!(text.contains(r#"weft_requests_total{cluster="backend.default",code="200",code_class="2xx",direction="outbound",grpc_status="",peer="",route="default-backend.default",tls="none"} 1"#), "{text}");
         assert!(text.contains(r#"code="418",code_class="4xx""#));
         assert!(text.contains(r#"code="418""#));
         assert!(text.contains(r#"grpc_status="14""#));
         assert!(text.contains("weft_request_duration_seconds_bucket"));
-        assert!(text.contains(r#"weft_response_headers_duration_seconds_count{cluster="backend.default",direction="outbound",route="default-backend.default"} 3"#), "{text}");
+        assert!(text.contains(r#"weft_response_headers_duration_seconds_count{cluster="backend.default",direction="outbound",peer="",route="default-backend.default",tls="none"} 3"#), "{text}");
     }
 
     #[test]
@@ -509,18 +777,18 @@ mod tests {
         let text = String::from_utf8(m.encode()).unwrap();
         assert!(
             text.contains(
-                r#"weft_request_body_bytes_total{cluster="c",direction="inbound",route="r"} 5"#
+                r#"weft_request_body_bytes_total{cluster="c",direction="inbound",peer="",route="r",tls="none"} 5"#
             ),
             "{text}"
         );
         assert!(
             text.contains(
-                r#"weft_response_body_bytes_total{cluster="c",direction="inbound",route="r"} 7"#
+                r#"weft_response_body_bytes_total{cluster="c",direction="inbound",peer="",route="r",tls="none"} 7"#
             ),
             "{text}"
         );
-        assert!(text.contains(r#"weft_response_headers_duration_seconds_count{cluster="c",direction="inbound",route="r"} 1"#), "{text}");
-        assert!(text.contains(r#"weft_request_duration_seconds_count{cluster="c",direction="inbound",route="r"} 1"#), "{text}");
+        assert!(text.contains(r#"weft_response_headers_duration_seconds_count{cluster="c",direction="inbound",peer="",route="r",tls="none"} 1"#), "{text}");
+        assert!(text.contains(r#"weft_request_duration_seconds_count{cluster="c",direction="inbound",peer="",route="r",tls="none"} 1"#), "{text}");
         assert!(text.contains(r#"code="503",code_class="5xx""#), "{text}");
     }
 
@@ -532,5 +800,119 @@ mod tests {
         assert_eq!(code_class(499), "4xx");
         assert_eq!(code_class(599), "5xx");
         assert_eq!(code_class(600), "other");
+    }
+
+    fn id(n: usize) -> String {
+        format!("spiffe://cluster.local/ns/default/sa/caller-{n}")
+    }
+
+    #[test]
+    fn outbound_labels_follow_the_endpoints_and_own_identity() {
+        let backend = "spiffe://cluster.local/ns/default/sa/backend";
+        let mtls = PeerLabels {
+            mtls: true,
+            peer: backend.into(),
+        };
+        assert_eq!(
+            PeerLabels::outbound([Some(backend), Some(backend)], true),
+            mtls
+        );
+        // Without its own identity the proxy dials mesh endpoints in plaintext.
+        assert_eq!(
+            PeerLabels::outbound([Some(backend)], false),
+            PeerLabels::default()
+        );
+        // A plaintext (static) endpoint, or no endpoint at all: not mTLS.
+        assert_eq!(
+            PeerLabels::outbound([Some(backend), None], true),
+            PeerLabels::default()
+        );
+        assert_eq!(PeerLabels::outbound([], true), PeerLabels::default());
+        // mTLS to endpoints expecting different identities: no single peer.
+        let other = "spiffe://cluster.local/ns/default/sa/other";
+        assert_eq!(
+            PeerLabels::outbound([Some(backend), Some(other)], true),
+            PeerLabels {
+                mtls: true,
+                peer: "".into()
+            }
+        );
+
+        let m = Metrics::new()
+            .unwrap()
+            .for_clusters([("backend.default".into(), mtls)]);
+        let out = m.request_metrics("outbound", "default-backend.default", "backend.default");
+        assert_eq!((out.tls(), out.peer()), ("mtls", backend));
+        let plain = m.request_metrics("outbound", "db", "db.default");
+        assert_eq!((plain.tls(), plain.peer()), ("none", ""));
+        // Inbound handles describe the caller, known per connection: the base is `none`.
+        let inbound = m.request_metrics("inbound", "inbound", "backend.default");
+        assert_eq!((inbound.tls(), inbound.peer()), ("none", ""));
+        out.record(http::StatusCode::OK, "", 0.001);
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(text.contains(&format!(r#"weft_requests_total{{cluster="backend.default",code="200",code_class="2xx",direction="outbound",grpc_status="",peer="{backend}",route="default-backend.default",tls="mtls"}} 1"#)), "{text}");
+    }
+
+    #[test]
+    fn peers_past_the_bound_are_other_and_variants_are_shared() {
+        let m = Metrics::new().unwrap();
+        let base = Arc::new(m.request_metrics("inbound", "inbound", "inbound"));
+        let first = base.for_peer(&id(0));
+        assert_eq!((first.tls(), first.peer()), ("mtls", id(0).as_str()));
+        assert!(Arc::ptr_eq(&first, &base.for_peer(&id(0))));
+        for n in 1..MAX_PEERS_PER_HANDLE {
+            assert_eq!(base.for_peer(&id(n)).peer(), id(n));
+        }
+        let over = base.for_peer(&id(MAX_PEERS_PER_HANDLE));
+        assert_eq!((over.tls(), over.peer()), ("mtls", PEER_OTHER));
+        assert!(Arc::ptr_eq(
+            &over,
+            &base.for_peer(&id(MAX_PEERS_PER_HANDLE + 1))
+        ));
+        // Admitted identities keep their series.
+        assert_eq!(base.for_peer(&id(3)).peer(), id(3));
+        // A later snapshot's handle with the same labels shares the admitted set: the bound is
+        // on series, not per snapshot.
+        let rebuilt = Arc::new(m.request_metrics("inbound", "inbound", "inbound"));
+        assert!(Arc::ptr_eq(&first, &rebuilt.for_peer(&id(0))));
+        assert_eq!(rebuilt.for_peer(&id(1000)).peer(), PEER_OTHER);
+        // Another route has its own bound.
+        let other_route = Arc::new(m.request_metrics("inbound", "r2", "inbound"));
+        assert_eq!(other_route.for_peer(&id(1000)).peer(), id(1000));
+
+        over.record(http::StatusCode::OK, "", 0.001);
+        base.for_peer(&id(MAX_PEERS_PER_HANDLE + 7))
+            .record(http::StatusCode::OK, "", 0.001);
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(text.contains(r#"weft_requests_total{cluster="inbound",code="200",code_class="2xx",direction="inbound",grpc_status="",peer="other",route="inbound",tls="mtls"} 2"#), "{text}");
+        let peers: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("weft_request_duration_seconds_count{")
+                    && l.contains(r#"route="inbound""#)
+            })
+            .filter_map(|l| l.split("peer=\"").nth(1)?.split('"').next())
+            .collect();
+        assert!(peers.len() <= MAX_PEERS_PER_HANDLE + 2, "{peers:?}");
+    }
+
+    #[test]
+    fn a_connection_resolves_its_variant_once_per_base() {
+        let m = Metrics::new().unwrap();
+        let base = Arc::new(m.request_metrics("inbound", "inbound", "inbound"));
+        let conn = PeerHandles::new(&id(1));
+        let v = conn.resolve(&base);
+        assert_eq!(v.peer(), id(1));
+        assert!(Arc::ptr_eq(&v, &conn.resolve(&base)));
+        // Another connection of the same caller records on the same series (same variant).
+        assert!(Arc::ptr_eq(&v, &PeerHandles::new(&id(1)).resolve(&base)));
+        // A new snapshot's base: resolved again, to the shared variant; old bases age out.
+        let bases: Vec<_> = (0..CONNECTION_SLOTS + 2)
+            .map(|_| Arc::new(m.request_metrics("inbound", "inbound", "inbound")))
+            .collect();
+        for b in &bases {
+            assert!(Arc::ptr_eq(&v, &conn.resolve(b)));
+        }
+        assert_eq!(conn.resolved.lock().unwrap().len(), CONNECTION_SLOTS);
     }
 }

@@ -33,7 +33,7 @@ use crate::http::body::{Completion, CountedBody, ResponseBody};
 use crate::http::error::ProxyError;
 use crate::http::headers::{prepare_request, strip_hop_by_hop};
 use crate::http::idle::{Activity, InFlight};
-use crate::metrics::RequestMetrics;
+use crate::metrics::{PeerHandles, RequestMetrics};
 use crate::ratelimit::retry_after_secs;
 use crate::retry::RetryPolicy;
 use crate::route::{normalize_host, RequestInfo};
@@ -50,6 +50,9 @@ pub struct HttpProxy {
     accepted_on: Arc<Listener>,
     /// The client's verified mesh identity (inbound mTLS connections).
     peer: Option<Arc<SpiffeId>>,
+    /// The request metric handles of `peer` (`tls="mtls"`, `peer=<id>`), resolved once per
+    /// base handle for the whole connection ([`HttpProxy::request_metrics`]).
+    peer_metrics: Option<Arc<PeerHandles>>,
     /// The downstream peer's IP address (ring hash on `source_ip`).
     source: Option<IpAddr>,
     /// Requests in flight on this connection (the listener's idle timeout).
@@ -80,6 +83,7 @@ impl HttpProxy {
             store,
             accepted_on: listener,
             peer: None,
+            peer_metrics: None,
             source: None,
             activity: Activity::new(),
         }
@@ -100,8 +104,24 @@ impl HttpProxy {
     /// This service for a connection whose client proved `peer` (inbound mTLS).
     #[must_use]
     pub fn with_peer(mut self, peer: Option<SpiffeId>) -> Self {
+        self.peer_metrics = peer
+            .as_ref()
+            .map(|p| Arc::new(PeerHandles::new(p.as_str())));
         self.peer = peer.map(Arc::new);
         self
+    }
+
+    /// The handles this connection's requests are counted with, for the snapshot's `base`
+    /// (direction, route, cluster): with a verified peer (inbound mTLS), its variant labelled
+    /// `tls="mtls"`, `peer=<SPIFFE ID>` (or `peer="other"` past
+    /// [`crate::metrics::MAX_PEERS_PER_HANDLE`] callers), resolved on the connection's first
+    /// request through `base` and reused; otherwise `base` itself (outbound handles carry their
+    /// cluster's transport already, plaintext inbound ones `tls="none"`, `peer=""`).
+    pub fn request_metrics(&self, base: &Arc<RequestMetrics>) -> Arc<RequestMetrics> {
+        match &self.peer_metrics {
+            Some(handles) => handles.resolve(base),
+            None => Arc::clone(base),
+        }
     }
 
     /// Routes `req` against the listener's current config: `Err` is a finished 404.
@@ -138,7 +158,7 @@ impl HttpProxy {
                 });
                 return Ok(Target {
                     cluster: Arc::clone(&dest.cluster),
-                    metrics: Arc::clone(dest.metrics()),
+                    metrics: self.request_metrics(dest.metrics()),
                     route_timeout: route.timeout,
                     retry: route.retry.clone(),
                     rate_limited,
@@ -150,7 +170,7 @@ impl HttpProxy {
         match &http.catch_all {
             Some(c) => Ok(Target {
                 cluster: Arc::clone(&c.cluster),
-                metrics: Arc::clone(&c.metrics),
+                metrics: self.request_metrics(&c.metrics),
                 route_timeout: None,
                 retry: None,
                 rate_limited: None,
@@ -220,11 +240,12 @@ impl HttpProxy {
                 tracing::debug!(%policy, peer = ?peer.map(SpiffeId::as_str), "request denied by authorization policy");
                 let e = ProxyError::Forbidden(policy);
                 // Counted like a response of the catch-all (`route` = listener name), else as
-                // unrouted.
-                let metrics = http
-                    .catch_all
-                    .as_ref()
-                    .map_or_else(|| http.no_route_metrics(), |c| &c.metrics);
+                // unrouted; attributed to the caller.
+                let metrics = self.request_metrics(
+                    http.catch_all
+                        .as_ref()
+                        .map_or_else(|| http.no_route_metrics(), |c| &c.metrics),
+                );
                 metrics.record(e.status(), "", start.elapsed().as_secs_f64());
                 let resp = e.to_response();
                 return Box::pin(async move { Ok(resp) });
@@ -240,7 +261,9 @@ impl HttpProxy {
             Some(e) => Err(e),
             None => self.select(http, &req, in_flight),
         };
-        let no_route_metrics = target.is_err().then(|| Arc::clone(http.no_route_metrics()));
+        let no_route_metrics = target
+            .is_err()
+            .then(|| self.request_metrics(http.no_route_metrics()));
         drop(snapshot);
         match target {
             // No wrapping `async` block: it would store the request and target a second time

@@ -18,7 +18,7 @@ use prometheus::IntCounter;
 
 use crate::authz::{build_policies, AuthzPolicy, Policies};
 use crate::cluster::Cluster;
-use crate::metrics::{Metrics, RequestMetrics, TcpMetrics};
+use crate::metrics::{Metrics, PeerLabels, RequestMetrics, TcpMetrics};
 use crate::route::RouteTable;
 use crate::tls::inbound::MtlsMode;
 use crate::tls::trust::TrustBundle;
@@ -307,13 +307,39 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Compiles and validates `resources`, reusing long-lived cluster state of `previous`.
+    ///
+    /// Outbound request metrics carry their cluster's `tls` / `peer` ([`outbound_peer_labels`]),
+    /// mTLS only if this proxy has a mesh identity (`tls::origination`, installed at start
+    /// before any snapshot is built).
     pub fn build(
         resources: Resources,
         previous: Option<&Snapshot>,
         metrics: &Metrics,
     ) -> Result<Self, Vec<Rejection>> {
+        Self::build_with_identity(
+            resources,
+            previous,
+            metrics,
+            crate::tls::origination().is_some(),
+        )
+    }
+
+    /// [`Snapshot::build`] for a proxy that has (`has_identity`) or lacks a mesh identity.
+    fn build_with_identity(
+        resources: Resources,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+        has_identity: bool,
+    ) -> Result<Self, Vec<Rejection>> {
         let mut errors = Vec::new();
         let clusters = build_clusters(&resources, previous, metrics, &mut errors);
+        // Every request handle of this snapshot (route destinations resolve theirs lazily) knows
+        // the transport of its destination cluster.
+        let metrics = &metrics.for_clusters(
+            clusters
+                .values()
+                .map(|c| (Arc::clone(&c.name), outbound_peer_labels(c, has_identity))),
+        );
         let policies = build_policies(resources.policies.as_ref()).unwrap_or_else(|mut e| {
             errors.append(&mut e);
             Policies::new()
@@ -531,6 +557,20 @@ impl Snapshot {
             trust,
         })
     }
+}
+
+/// The `tls` / `peer` labels of outbound requests to `cluster`: what its endpoints' pools
+/// expect (`EndpointPool::mesh_identity`, the identity the upstream connect checks), mTLS only
+/// if this proxy `has_identity`; see [`PeerLabels::outbound`].
+pub fn outbound_peer_labels(cluster: &Cluster, has_identity: bool) -> PeerLabels {
+    PeerLabels::outbound(
+        cluster.endpoints.iter().map(|e| {
+            e.pool
+                .mesh_identity()
+                .map(crate::tls::spiffe::SpiffeId::as_str)
+        }),
+        has_identity,
+    )
 }
 
 fn build_clusters(
@@ -757,6 +797,84 @@ pub(crate) mod tests {
             listener(&second, "127.0.0.1:15001").idle_timeout,
             DEFAULT_IDLE_TIMEOUT
         );
+    }
+
+    /// The request metric handles a request to `host` on listener `addr` is counted with.
+    fn destination_metrics(s: &Snapshot, addr: &str, host: &str) -> Arc<RequestMetrics> {
+        let l = &s.listeners[&addr.parse().unwrap()];
+        let ListenerKind::Http(h) = &l.kind else {
+            panic!("http")
+        };
+        let headers = http::HeaderMap::new();
+        let info = crate::route::RequestInfo {
+            host,
+            path: "/",
+            method: &http::Method::GET,
+            headers: &headers,
+        };
+        match h.routes.as_ref().and_then(|t| t.find(&info)) {
+            Some(route) => Arc::clone(route.destinations.pick().unwrap().metrics()),
+            None => Arc::clone(&h.catch_all.as_ref().unwrap().metrics),
+        }
+    }
+
+    #[test]
+    fn outbound_request_metrics_carry_the_clusters_mtls_identity() {
+        const BACKEND: &str = "spiffe://cluster.local/ns/default/sa/backend";
+        let mut r = resources();
+        r.endpoints.as_mut().unwrap().clusters[0].endpoints[0].identity = BACKEND.into();
+        let labels = |m: &RequestMetrics| (m.tls().to_owned(), m.peer().to_owned());
+        let mtls = || ("mtls".to_owned(), BACKEND.to_owned());
+        let none = || ("none".to_owned(), String::new());
+
+        let m = Metrics::new().unwrap();
+        let s = Snapshot::build_with_identity(r.clone(), None, &m, true).unwrap();
+        let out = destination_metrics(&s, "127.0.0.1:15001", "backend");
+        assert_eq!(labels(&out), mtls());
+        // Inbound: the caller is per connection; the base handle is plaintext's.
+        let mut inbound = resources();
+        inbound.listeners.as_mut().unwrap().listeners[1].direction = v1::Direction::Inbound.into();
+        let si = Snapshot::build_with_identity(inbound, None, &m, true).unwrap();
+        assert_eq!(
+            labels(&destination_metrics(&si, "127.0.0.1:15006", "x")),
+            none()
+        );
+
+        // Without an identity of its own the proxy dials in plaintext.
+        let s = Snapshot::build_with_identity(r.clone(), None, &m, false).unwrap();
+        assert_eq!(
+            labels(&destination_metrics(&s, "127.0.0.1:15001", "backend")),
+            none()
+        );
+        // A cluster whose mode is DISABLED is plaintext whatever its endpoints' identities.
+        let mut disabled = r.clone();
+        for c in &mut disabled.clusters.as_mut().unwrap().clusters {
+            c.mtls = v1::MtlsMode::Disabled.into();
+        }
+        let s = Snapshot::build_with_identity(disabled, None, &m, true).unwrap();
+        assert_eq!(
+            labels(&destination_metrics(&s, "127.0.0.1:15001", "backend")),
+            none()
+        );
+        // A plaintext (static) endpoint joins the cluster: no longer all mTLS.
+        let mut mixed = r;
+        mixed.endpoints.as_mut().unwrap().clusters[0]
+            .endpoints
+            .push(v1::Endpoint {
+                address: "127.0.0.1:9002".into(),
+                weight: 1,
+                ..Default::default()
+            });
+        let s = Snapshot::build_with_identity(mixed, None, &m, true).unwrap();
+        assert_eq!(
+            labels(&destination_metrics(&s, "127.0.0.1:15001", "backend")),
+            none()
+        );
+        // Unrouted requests have no destination.
+        let ListenerKind::Http(h) = &s.listeners[&"127.0.0.1:15001".parse().unwrap()].kind else {
+            panic!("http")
+        };
+        assert_eq!(labels(h.no_route_metrics()), none());
     }
 
     #[test]
