@@ -244,3 +244,111 @@ async fn concurrent_clients_get_no_errors() {
     }
     assert_eq!(total, CLIENTS * PER_CLIENT);
 }
+
+/// Writes `req` on `conn` and reads one response (head + `Content-Length` body); `None` if the
+/// connection closed first.
+async fn exchange(conn: &mut tokio::net::TcpStream, req: &[u8]) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(req).await.ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("a response within 10 s")
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return Some(text);
+            }
+        }
+    }
+}
+
+/// An idle HTTP/1.1 keep-alive connection hibernates (hyper's buffers released, the socket
+/// kept) and serves its next request as if nothing happened; a connection that stalls in the
+/// middle of a request head is not hibernated under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_hibernate_and_wake() {
+    let policies = PolicyDir::with_file("mesh.yaml", &http_services_yaml(&["web", "api"]));
+    let cp = ControlPlane::start(policies.path()).await;
+    let _api = Instance::http(&cp, "api", "api-1").await;
+    let web = caller_proxy(&cp, "web", "web-1").await;
+    wait_for_instance(&web.http1(), "api", "/", "api-1").await;
+    let hibernated = async || {
+        web.metrics()
+            .await
+            .sum("weft_http_connections_hibernated_total", &[])
+    };
+    let before = hibernated().await;
+
+    let get = b"GET /hello HTTP/1.1\r\nhost: api\r\n\r\n";
+    let mut conn = tokio::net::TcpStream::connect(web.outbound_addr())
+        .await
+        .expect("connect to web's outbound listener");
+    let r = exchange(&mut conn, get).await.expect("first response");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+
+    // Idle: the connection hibernates (after about a second)...
+    wait_metric_at_least(
+        "the idle keep-alive connection hibernates",
+        "weft_http_connections_hibernated_total",
+        &[],
+        before + 1.0,
+        async || web.metrics().await,
+    )
+    .await;
+    // ...and the same connection serves the next requests.
+    for i in 0..3 {
+        let r = exchange(&mut conn, get)
+            .await
+            .unwrap_or_else(|| panic!("request {i} after hibernation: connection closed"));
+        assert!(r.starts_with("HTTP/1.1 200"), "request {i}: {r}");
+        assert!(r.contains("api-1"), "request {i}: {r}");
+    }
+    // Pipelined: two requests in one write, two responses.
+    let two = [&get[..], &get[..]].concat();
+    let r = exchange(&mut conn, &two)
+        .await
+        .expect("pipelined responses");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+
+    // A request head that stalls half-way for longer than the hibernation delay: the bytes
+    // already read must not be dropped by a hibernation.
+    wait_metric_at_least(
+        "the connection hibernates again",
+        "weft_http_connections_hibernated_total",
+        &[],
+        before + 2.0,
+        async || web.metrics().await,
+    )
+    .await;
+    use tokio::io::AsyncWriteExt;
+    conn.write_all(b"GET /hello HTTP/1.1\r\nho")
+        .await
+        .expect("first half of a head");
+    let at_stall = hibernated().await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(
+        hibernated().await,
+        at_stall,
+        "no hibernation in the middle of a request head"
+    );
+    let r = exchange(&mut conn, b"st: api\r\n\r\n")
+        .await
+        .expect("response to the completed head");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}

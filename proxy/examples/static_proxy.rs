@@ -4,6 +4,9 @@
 //! the same runtime the proxy uses.
 
 use std::sync::{Arc, Mutex};
+
+#[global_allocator]
+static ALLOC: weft_proxy::alloc::Allocator = weft_proxy::alloc::ALLOCATOR;
 use std::time::Duration;
 
 use weft_proto::v1;

@@ -29,6 +29,7 @@
 //! - [`resilience_metrics`]: the metric families of the above.
 
 pub mod admin;
+pub mod alloc;
 pub mod app;
 pub mod attempts;
 pub mod authz;

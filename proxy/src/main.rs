@@ -4,6 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+
+#[global_allocator]
+static ALLOC: weft_proxy::alloc::Allocator = weft_proxy::alloc::ALLOCATOR;
 use tracing_subscriber::EnvFilter;
 
 /// Weft sidecar proxy: receives listeners, routes, clusters and endpoints from the control plane

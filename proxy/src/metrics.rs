@@ -147,6 +147,8 @@ pub struct Metrics {
     config_version_info: IntGaugeVec,
     config_updates_total: IntCounterVec,
     upstream_connect_errors_total: IntCounterVec,
+    /// Mirrors `crate::http::hibernate`'s count, refreshed at each scrape.
+    http_hibernated_total: IntCounter,
     resilience: crate::resilience_metrics::ResilienceMetrics,
     /// Security families (mTLS, certificates, authorization): `crate::tls::metrics`.
     pub security: crate::tls::metrics::SecurityMetrics,
@@ -314,6 +316,14 @@ impl Metrics {
                     &["cluster"],
                 ),
             )?,
+            http_hibernated_total: register(
+                &r,
+                "weft_http_connections_hibernated_total",
+                IntCounter::new(
+                    "weft_http_connections_hibernated_total",
+                    "Idle HTTP/1.1 downstream connections that released their buffers (hibernated)",
+                ),
+            )?,
             resilience: crate::resilience_metrics::ResilienceMetrics::new(&r)?,
             security: crate::tls::metrics::SecurityMetrics::register(&r).map_err(|source| {
                 MetricsError::Register {
@@ -332,6 +342,9 @@ impl Metrics {
 
     /// The Prometheus text exposition of every family.
     pub fn encode(&self) -> Vec<u8> {
+        let hibernated = crate::http::hibernate::hibernated_total();
+        self.http_hibernated_total
+            .inc_by(hibernated.saturating_sub(self.http_hibernated_total.get()));
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail on I/O; a failure would be a malformed family, which
         // the registry already rejected at registration.

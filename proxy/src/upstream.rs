@@ -30,7 +30,7 @@ use crate::breaker::{ConnectionGate, Permit};
 use crate::retry::RequestBody;
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
-const MAX_IDLE_H1: usize = 512;
+const MAX_IDLE_H1: usize = 128;
 /// Idle HTTP/1.1 connections older than this are closed, unless the cluster sets its own
 /// `idle_timeout` ([`EndpointPool::set_idle_timeout`]).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -6,7 +6,7 @@
 //! Cost per request: one `Arc` clone and three atomic operations ([`Activity::begin`] and the
 //! guard's drop); the connection's timer is only polled when it fires.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,11 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// [`now_nanos`] of the last time a request ended (or of the accept).
     last: AtomicU64,
+    /// The connection's watchdog asks its HTTP/1 server to hibernate ([`super::hibernate`]).
+    hibernate: AtomicBool,
+    /// Bytes were read since the last request ended: they may be the start of the next request
+    /// head, sitting in the server's buffer, so the connection must not hibernate.
+    dirty: AtomicBool,
 }
 
 impl Activity {
@@ -26,7 +31,34 @@ impl Activity {
         Arc::new(Self {
             in_flight: AtomicUsize::new(0),
             last: AtomicU64::new(now_nanos()),
+            hibernate: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
         })
+    }
+
+    /// Asks the connection's HTTP/1 server to hibernate at its next read that would block
+    /// (see [`super::hibernate`]); `false` cancels.
+    pub fn request_hibernation(&self, on: bool) {
+        self.hibernate.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the server may hibernate now: asked to, nothing in flight, and no byte read since
+    /// the last request ended.
+    pub fn may_hibernate(&self) -> bool {
+        self.hibernate.load(Ordering::Relaxed)
+            && !self.dirty.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Bytes were read from the connection (see `dirty`): cancels a hibernation request.
+    pub fn note_read(&self) {
+        // Load first: under load this is a read of a line the thread already owns.
+        if !self.dirty.load(Ordering::Relaxed) {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        if self.hibernate.load(Ordering::Relaxed) {
+            self.hibernate.store(false, Ordering::Relaxed);
+        }
     }
 
     /// A request arrived: in flight until the returned guard drops.
@@ -55,6 +87,8 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         // The timestamp first: a watchdog that sees nothing in flight sees this end too.
         self.0.last.store(now_nanos(), Ordering::Release);
+        // What was read so far belonged to this request (its head and body).
+        self.0.dirty.store(false, Ordering::Relaxed);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -6,10 +6,11 @@
 pub mod body;
 pub mod error;
 pub mod headers;
+pub mod hibernate;
 pub mod idle;
 
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
@@ -20,7 +21,7 @@ use futures::task::AtomicWaker;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::drain::DrainWatch;
@@ -28,6 +29,7 @@ use crate::pipeline::HttpProxy;
 use crate::tls::io::{MaybeTls, ServerIo};
 use crate::tls::{ALPN_H2, ALPN_HTTP1};
 
+use self::hibernate::{Hibernating, HIBERNATE_AFTER};
 use self::idle::Activity;
 
 /// HTTP/1.1 header read timeout of [`server_builder`]. hyper starts it whenever the connection
@@ -82,6 +84,9 @@ pub fn server_builder() -> ServerBuilder {
 pub trait ServerStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// How the stream's protocol can be told before any of it is read.
     fn protocol_hint(&self) -> ProtocolHint<'_>;
+
+    /// The TCP socket underneath (readiness of a hibernated connection).
+    fn tcp(&self) -> &TcpStream;
 }
 
 /// See [`ServerStream::protocol_hint`].
@@ -97,6 +102,10 @@ impl ServerStream for TcpStream {
     fn protocol_hint(&self) -> ProtocolHint<'_> {
         ProtocolHint::Peek(self)
     }
+
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
 }
 
 impl ServerStream for ServerIo {
@@ -104,6 +113,13 @@ impl ServerStream for ServerIo {
         match self {
             MaybeTls::Plain(s) => ProtocolHint::Peek(s),
             MaybeTls::Tls(s) => ProtocolHint::Alpn(s.get_ref().1.alpn_protocol()),
+        }
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(s) => s.get_ref().0,
         }
     }
 }
@@ -180,13 +196,10 @@ pub async fn serve_connection<S>(
             }
         }
     };
-    let io = TokioIo::new(stream);
     // hyper's HTTP/1.1 keep-alive idle limit is its header read timeout: follow the listener's.
     let custom_idle = idle != HEADER_READ_TIMEOUT;
     match protocol {
         Protocol::Http1 => {
-            // The common case stays inline in this task; the others are boxed so that they
-            // don't size every connection's task.
             let own;
             let h1 = if custom_idle {
                 let mut b = builder.h1.clone();
@@ -196,12 +209,15 @@ pub async fn serve_connection<S>(
             } else {
                 &builder.h1
             };
-            let conn = h1.serve_connection(io, service);
-            drive(conn, &activity, idle, drain, drain_timeout).await;
+            serve_h1(stream, h1, service, activity, idle, drain, drain_timeout).await;
         }
         Protocol::H2 => {
-            let conn = builder.h2.serve_connection(io, service);
-            Box::pin(drive(conn, &activity, idle, drain, drain_timeout)).await;
+            // Boxed: an h2 connection state would otherwise size every connection's task.
+            Box::pin(async {
+                let conn = builder.h2.serve_connection(TokioIo::new(stream), service);
+                drive(pin!(conn), &activity, idle, None, &mut drain, drain_timeout).await
+            })
+            .await;
         }
         Protocol::Auto => {
             let own;
@@ -213,10 +229,76 @@ pub async fn serve_connection<S>(
             } else {
                 &builder.auto
             };
-            let conn = auto.serve_connection(io, service);
-            Box::pin(drive(conn, &activity, idle, drain, drain_timeout)).await;
+            Box::pin(async {
+                let conn = auto.serve_connection(TokioIo::new(stream), service);
+                drive(pin!(conn), &activity, idle, None, &mut drain, drain_timeout).await
+            })
+            .await;
         }
     }
+}
+
+/// Serves an HTTP/1.1 connection with hyper's `http1`, hibernating it whenever it has been idle
+/// for [`HIBERNATE_AFTER`] ([`hibernate`]): hyper's connection (and its buffers) is dropped and
+/// the socket waits for its next bytes alone.
+async fn serve_h1<S: ServerStream>(
+    mut stream: S,
+    h1: &http1::Builder,
+    mut service: HttpProxy,
+    activity: Arc<Activity>,
+    idle: Duration,
+    mut drain: DrainWatch,
+    drain_timeout: Duration,
+) {
+    loop {
+        let io = TokioIo::new(Hibernating::new(stream, Arc::clone(&activity)));
+        // Boxed: freed while the connection hibernates (this task keeps only the socket).
+        let mut conn = Box::pin(h1.serve_connection(io, service));
+        // Boxed too: its timers and drain watch would otherwise size this task for good.
+        let ended = Box::pin(drive(
+            conn.as_mut(),
+            &activity,
+            idle,
+            Some(HIBERNATE_AFTER),
+            &mut drain,
+            drain_timeout,
+        ))
+        .await;
+        let parts = Pin::into_inner(conn).into_parts();
+        let io = parts.io.into_inner();
+        let unread = parts.read_buf.len();
+        // Even empty, it may still own hyper's read buffer: free it before sleeping.
+        drop(parts.read_buf);
+        if !(ended == Ended::Closed && io.is_asleep() && unread == 0) {
+            // hyper was polled without its own shutdown: close the stream as it would have
+            // (FIN; TLS close_notify), boundedly.
+            close(io.into_inner(), drain_timeout).await;
+            return;
+        }
+        stream = io.into_inner();
+        service = parts.service;
+        tracing::trace!("downstream connection hibernating");
+        hibernate::note_hibernated();
+        let woke = tokio::select! {
+            biased;
+            () = drain.signaled() => false,
+            () = idle_out(&activity, idle) => {
+                tracing::debug!(?idle, "downstream connection idle; closing");
+                false
+            }
+            r = stream.tcp().readable() => r.is_ok(),
+        };
+        if !woke {
+            close(stream, drain_timeout).await;
+            return;
+        }
+        activity.request_hibernation(false);
+    }
+}
+
+/// Shuts a downstream stream down (FIN, or TLS close_notify then FIN), giving up after `limit`.
+async fn close<S: AsyncWrite + Unpin>(mut stream: S, limit: Duration) {
+    let _ = tokio::time::timeout(limit, stream.shutdown()).await;
 }
 
 /// Completes once a connection (with nothing in flight) has been idle for `idle`.
@@ -227,13 +309,20 @@ async fn idle_out(activity: &Activity, idle: Duration) {
 }
 
 /// A server connection that can be shut down gracefully.
-trait GracefulConnection: Future<Output = Result<(), Self::Error>> {
+trait GracefulConnection {
     type Error: std::fmt::Display;
+    /// Serves until the connection ends.
+    fn poll_serve(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>>;
     fn shutdown(self: Pin<&mut Self>);
 }
 
-impl<S: ServerStream> GracefulConnection for http1::Connection<TokioIo<S>, HttpProxy> {
+impl<S: ServerStream> GracefulConnection for http1::Connection<TokioIo<Hibernating<S>>, HttpProxy> {
     type Error = hyper::Error;
+    fn poll_serve(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Without hyper's shutdown of the stream: a hibernating connection stays open
+        // (`serve_h1` shuts it down otherwise).
+        self.get_mut().poll_without_shutdown(cx)
+    }
     fn shutdown(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
@@ -243,24 +332,38 @@ impl<S: ServerStream> GracefulConnection
     for auto::Connection<'_, TokioIo<S>, HttpProxy, TokioExecutor>
 {
     type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_serve(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.poll(cx)
+    }
     fn shutdown(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
 }
 
-/// Drives a served connection: see [`serve_connection`].
+/// Completes when `conn` ends.
+fn served<C: GracefulConnection>(
+    mut conn: Pin<&mut C>,
+) -> impl Future<Output = Result<(), C::Error>> + '_ {
+    std::future::poll_fn(move |cx| conn.as_mut().poll_serve(cx))
+}
+
+/// Drives a served connection: see [`serve_connection`]. With `hibernate_after`, an idle
+/// connection is asked to hibernate ([`hibernate`]) after that long without a request; it then
+/// ends as [`Ended::Closed`].
 async fn drive<C: GracefulConnection>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     activity: &Activity,
     idle: Duration,
-    mut drain: DrainWatch,
+    hibernate_after: Option<Duration>,
+    drain: &mut DrainWatch,
     drain_timeout: Duration,
-) {
-    tokio::pin!(conn);
-    // Idle watchdog: polled only when its timer fires (same trick as the drain branch).
+) -> Ended {
+    // Idle watchdog: polled only when its timer fires (same trick as the drain branch). It
+    // fires at the idle timeout, and before it at the hibernation delay.
+    let first = hibernate_after.map_or(idle, |h| h.min(idle));
     let idle_wake = Arc::new(BranchWake::default());
     let idle_waker = Waker::from(Arc::clone(&idle_wake));
-    let mut idle_timer = std::pin::pin!(tokio::time::sleep(idle));
+    let mut idle_timer = std::pin::pin!(tokio::time::sleep(first));
     // Like `select!` on (connection, drain), but the drain future is polled only when its own
     // waker fired: the connection is woken several times per request and re-polling the drain
     // watch (a lock and a notifier registration) each time is pure overhead on the hot path.
@@ -285,25 +388,36 @@ async fn drive<C: GracefulConnection>(
                     .poll(&mut Context::from_waker(&idle_waker))
                     .is_ready()
             {
-                match idle::check(activity, idle) {
+                let mut wait = match idle::check(activity, idle) {
                     Ok(()) => return Poll::Ready(Ok(Ended::Idle)),
-                    Err(wait) => {
-                        idle_timer
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + wait);
-                        // Poll the reset timer once so that it registers its waker.
-                        idle_wake.woken.store(true, Ordering::Release);
+                    Err(wait) => wait,
+                };
+                if let Some(after) = hibernate_after {
+                    match idle::check(activity, after) {
+                        // Idle long enough: hibernate at hyper's next read that would block
+                        // (polled just below). If that does not happen (bytes arrived), look
+                        // again a delay later.
+                        Ok(()) => {
+                            activity.request_hibernation(true);
+                            wait = wait.min(after);
+                        }
+                        Err(w) => wait = wait.min(w),
                     }
                 }
+                idle_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + wait);
+                // Poll the reset timer once so that it registers its waker.
+                idle_wake.woken.store(true, Ordering::Release);
             }
             conn.as_mut()
-                .poll(cx)
+                .poll_serve(cx)
                 .map(|res| res.map(|()| Ended::Closed))
         })
         .await
     };
     match drained {
-        Ok(Ended::Closed) => {}
+        Ok(Ended::Closed) => Ended::Closed,
         Ok(Ended::Idle) => {
             tracing::debug!(?idle, "downstream connection idle; closing");
             conn.as_mut().shutdown();
@@ -314,26 +428,34 @@ async fn drive<C: GracefulConnection>(
                 tokio::time::sleep(drain_timeout).await;
             };
             tokio::select! {
-                _ = conn.as_mut() => {}
+                _ = served(conn.as_mut()) => {}
                 () = cut_after_drain => {
                     tracing::debug!("downstream connection cut after drain timeout");
                 }
             }
+            Ended::Idle
         }
         Err(e) => {
             // Garbage bytes, resets, header timeouts: the client's problem, not ours.
             tracing::debug!(error = %e, "downstream connection ended with error");
+            Ended::Failed
         }
         Ok(Ended::Drain) => {
             conn.as_mut().shutdown();
-            if tokio::time::timeout(drain_timeout, conn).await.is_err() {
+            if tokio::time::timeout(drain_timeout, served(conn.as_mut()))
+                .await
+                .is_err()
+            {
                 tracing::debug!("downstream connection cut after drain timeout");
             }
+            Ended::Drain
         }
+        Ok(Ended::Failed) => Ended::Failed,
     }
 }
 
 /// Why [`serve_connection`]'s main loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ended {
     /// The connection finished on its own.
     Closed,
@@ -341,6 +463,8 @@ enum Ended {
     Drain,
     /// Nothing was in flight for the idle timeout.
     Idle,
+    /// The connection failed (garbage bytes, a reset, a header read timeout).
+    Failed,
 }
 
 /// The waker of one branch of a two-way select: records that the branch was woken and wakes the
