@@ -16,9 +16,11 @@ CHECK=0
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need cargo; then echo "demo: cargo is required (https://rustup.rs)" >&2; exit 1; fi
-if ! need curl; then
-  echo "demo: installing curl" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+# curl for the tour; make (with the C compiler cargo already needs) builds jemalloc, the
+# sidecar's allocator.
+if ! need curl || ! need make; then
+  echo "demo: installing curl and make" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl make >/dev/null
 fi
 
 echo "==> building (cargo build --bins)"

@@ -3,12 +3,13 @@
 #   curl             admin API checks in scripts/demo.sh --check
 #   netcat-openbsd   `nc -N` for the TCP demo check
 #   prometheus       a real scraper and `promtool` (e2e/tests/prometheus.rs)
+#   make, gcc        building jemalloc, weft-proxy's allocator (tikv-jemalloc-sys)
 # Idempotent: does nothing (no `apt-get update`) when everything is installed.
 # Runs `apt-get update` at most once, then installs only what is missing, without
 # recommended packages. Prints what it installed.
 set -euo pipefail
 
-PACKAGES=(curl netcat-openbsd prometheus)
+PACKAGES=(curl netcat-openbsd prometheus make gcc)
 
 installed() { # package
   [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
