@@ -883,3 +883,51 @@ authorization:
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+/// The callee's sidecar hibernates an idle mTLS connection from the caller's sidecar (the caller
+/// keeps it pooled): the TLS session survives, and the next request reuses it without a new
+/// handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_mtls_connection_hibernates_and_is_reused() {
+    let policies = PolicyDir::with_file(
+        "mesh.yaml",
+        "services:\n  - name: web\n  - name: backend\n    mtls: strict\n",
+    );
+    let cp = secure_cp(&policies, &[]).await;
+    let backend = Instance::http(&cp, "backend", "backend-1").await;
+    let web = caller_proxy(&cp, "web", "web-1").await;
+    let client = web.http1();
+    wait_for_instance(&client, "backend", "/", "backend-1").await;
+    assert_eq!(peer_identity_seen(&client, "backend", &[]).await, WEB_ID);
+
+    let m = backend.proxy.metrics().await;
+    let mtls_conns = m.sum("weft_inbound_connections_total", &[("tls", "mtls")]);
+    let hibernated = m.sum("weft_http_connections_hibernated_total", &[]);
+    assert!(
+        mtls_conns >= 1.0,
+        "{}",
+        m.lines_for("weft_inbound_connections_total")
+    );
+    wait_metric(
+        &backend.proxy,
+        "weft_http_connections_hibernated_total",
+        &[],
+        hibernated + 1.0,
+    )
+    .await;
+
+    for i in 0..3 {
+        assert_eq!(
+            peer_identity_seen(&client, "backend", &[]).await,
+            WEB_ID,
+            "request {i} after the inbound mTLS connection hibernated"
+        );
+    }
+    let m = backend.proxy.metrics().await;
+    assert_eq!(
+        m.sum("weft_inbound_connections_total", &[("tls", "mtls")]),
+        mtls_conns,
+        "the pooled mTLS connection is reused after hibernating, no new handshake: {}",
+        m.lines_for("weft_inbound_connections_total")
+    );
+}
