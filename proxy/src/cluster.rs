@@ -19,7 +19,7 @@ use weft_proto::v1;
 use crate::breaker::{BreakerLimits, BreakerState, ConnectionGate, Limit};
 use crate::health::{HealthCheckConfig, HealthChecker, Target};
 use crate::lb::{Balancer, EndpointLoad, HashOn, Policy};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SeriesLease};
 use crate::outlier::{EndpointHealth, OutlierConfig, OutlierState};
 use crate::resilience_metrics::ClusterResilienceMetrics;
 use crate::retry::RetryBudget;
@@ -117,6 +117,9 @@ pub struct Cluster {
     state: Arc<ClusterState>,
     /// `weft_upstream_connect_errors_total{cluster}`.
     pub connect_errors: IntCounter,
+    /// Keeps `connect_errors`' series exported while this cluster (of any snapshot, or held by a
+    /// request or connection) lives; the last cluster of that name to go removes it.
+    _connect_errors_series: SeriesLease,
 }
 
 fn reject(proto: &v1::Cluster, field: impl Into<String>, reason: impl Into<String>) -> Rejection {
@@ -316,6 +319,7 @@ impl Cluster {
                 .collect(),
         );
         let ms = |v: u64| Duration::from_millis(v);
+        let (connect_errors, connect_errors_series) = metrics.connect_errors(&proto.name);
         Ok(Self {
             name: proto.name.as_str().into(),
             connect_timeout: if proto.connect_timeout_ms == 0 {
@@ -333,7 +337,8 @@ impl Cluster {
             breaker,
             endpoints: eps.into(),
             state,
-            connect_errors: metrics.connect_errors(&proto.name),
+            connect_errors,
+            _connect_errors_series: connect_errors_series,
         })
     }
 }

@@ -16,9 +16,25 @@
 //!   each mTLS connection resolves its variant once per base handle ([`PeerHandles`]). At most
 //!   [`MAX_PEERS_PER_HANDLE`] peers get their own series per (direction, route, cluster); later
 //!   ones share `peer="other"`.
+//!
+//! Series lifetime: a series with route or cluster labels is exported exactly while something can
+//! still record into it, so that config churn (routes and services added and removed over a
+//! sidecar's life) does not grow memory or the scrape:
+//! - request handles are shared by label set ([`RequestSeries`]: one live `Arc<RequestMetrics>`
+//!   per labels, so consecutive snapshots, in-flight requests and connections share it); when the
+//!   last `Arc` of a label set goes, its `Drop` removes its series from the five families,
+//!   `weft_requests_total` for every `(code, grpc_status)` recorded on those labels included;
+//! - an inbound base handle owns its per-peer variants, so they go with it (unless a connection
+//!   still holds one: then with that connection);
+//! - TCP and connect-error series are held by a [`SeriesLease`] in the [`TcpMetrics`] of a TCP
+//!   listener and in the `Cluster`, shared the same way and removed when the last one goes.
+//!
+//! Creating a handle (or lease) and removing its series happen under one lock per kind, see
+//! [`RequestSeries::handle_in`] and `Drop for RequestMetrics`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -55,11 +71,12 @@ pub const TLS_NONE: &str = "none";
 /// `peer` of inbound requests from callers past [`MAX_PEERS_PER_HANDLE`].
 pub const PEER_OTHER: &str = "other";
 /// The most distinct `peer` values (caller identities) one inbound (direction, route, cluster)
-/// gets series for, for the life of the process; requests of further callers are counted with
+/// gets series for, for as long as its base handle lives (while the route stays configured:
+/// config pushes that keep it share the handle); requests of further callers are counted with
 /// `peer="other"`. Bounds the inbound request series at 66 per (route, cluster) and
 /// response code: `peer=""` (plaintext), 64 identities, `other`.
 pub const MAX_PEERS_PER_HANDLE: usize = 64;
-/// Base handles one connection remembers its variants for (routes x config generations in use).
+/// Base handles one connection remembers its variants for (routes in use).
 const CONNECTION_SLOTS: usize = 4;
 
 /// The transport labels of a request handle: `tls` and `peer`.
@@ -115,9 +132,7 @@ impl PeerLabels {
     }
 }
 
-/// The five request families, cloned into every [`RequestMetrics`] so that a handle can derive
-/// its per-peer variants.
-#[derive(Clone)]
+/// The five request families.
 struct RequestFamilies {
     requests_total: IntCounterVec,
     request_duration: HistogramVec,
@@ -126,27 +141,52 @@ struct RequestFamilies {
     response_body_bytes_total: IntCounterVec,
 }
 
-/// Per-peer variants of the handles with given labels, shared by every snapshot's handle with
-/// those labels so that [`MAX_PEERS_PER_HANDLE`] bounds series, not one snapshot's handles.
-type PeerRegistry = Mutex<HashMap<[Box<str>; 5], Arc<PeerVariants>>>;
+/// The request families and the live request handles by label set (direction, route, cluster,
+/// tls, peer): at most one live handle per labels, whose last `Arc` removes the labels' series.
+struct RequestSeries {
+    families: RequestFamilies,
+    live: Mutex<LiveRequests>,
+}
+
+/// Handles by labels; an entry whose handle is dead is about to be removed by its `Drop` (or
+/// replaced by a new handle for the same labels first).
+type LiveRequests = HashMap<[Box<str>; 5], LiveRequest>;
+
+struct LiveRequest {
+    handle: Weak<RequestMetrics>,
+    /// Shared with the next handle of the same labels if it is created before this entry's
+    /// handle finished dropping (see `Drop for RequestMetrics`).
+    recorded: Arc<Recorded>,
+}
+
+const _: () = assert!(
+    FAST_SLOTS <= u32::BITS as usize,
+    "Recorded::fast is one bit per slot"
+);
+
+/// The `(code, grpc_status)` combinations of `weft_requests_total` recorded on one label set:
+/// what removing its series must remove.
+#[derive(Default)]
+struct Recorded {
+    /// Bit `i`: fast slot `i` was resolved by a handle of these labels (set once per handle and
+    /// slot, in the slot's `get_or_init`: nothing on the per-request path).
+    fast: AtomicU32,
+    /// The rare combinations (the slow path): `grpc_status` -> codes.
+    rare: Mutex<HashMap<Box<str>, HashSet<u16>>>,
+}
 
 /// Every metric family of the proxy.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    request: RequestFamilies,
+    request: Arc<RequestSeries>,
     /// `tls` / `peer` of outbound requests per destination cluster, bound to one snapshot's
     /// clusters ([`Metrics::for_clusters`]); empty = every cluster `none`.
     cluster_peers: Arc<HashMap<Arc<str>, PeerLabels>>,
-    /// Per-peer variants by base labels (process-wide).
-    peer_variants: Arc<PeerRegistry>,
-    tcp_connections_total: IntCounterVec,
-    tcp_connections_closed_total: IntCounterVec,
-    tcp_connections: IntGaugeVec,
-    tcp_bytes_total: IntCounterVec,
+    /// The TCP and connect-error families and their live leases.
+    leased: Arc<LeasedSeries>,
     config_version_info: IntGaugeVec,
     config_updates_total: IntCounterVec,
-    upstream_connect_errors_total: IntCounterVec,
     /// Mirrors `crate::http::hibernate`'s count, refreshed at each scrape.
     http_hibernated_total: IntCounter,
     resilience: crate::resilience_metrics::ResilienceMetrics,
@@ -244,10 +284,7 @@ impl Metrics {
                 ),
             )?,
         };
-        Ok(Self {
-            request,
-            cluster_peers: Arc::default(),
-            peer_variants: Arc::default(),
+        let leased = LeasedSeries {
             tcp_connections_total: register(
                 &r,
                 "weft_tcp_connections_total",
@@ -286,6 +323,26 @@ impl Metrics {
                     &["direction", "cluster", "flow"],
                 ),
             )?,
+            upstream_connect_errors_total: register(
+                &r,
+                "weft_upstream_connect_errors_total",
+                IntCounterVec::new(
+                    Opts::new(
+                        "weft_upstream_connect_errors_total",
+                        "Failed connection attempts to upstream endpoints",
+                    ),
+                    &["cluster"],
+                ),
+            )?,
+            live: Mutex::default(),
+        };
+        Ok(Self {
+            request: Arc::new(RequestSeries {
+                families: request,
+                live: Mutex::default(),
+            }),
+            cluster_peers: Arc::default(),
+            leased: Arc::new(leased),
             config_version_info: register(
                 &r,
                 "weft_config_version_info",
@@ -303,17 +360,6 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new("weft_config_updates_total", "Config updates ACKed / NACKed"),
                     &["type", "result"],
-                ),
-            )?,
-            upstream_connect_errors_total: register(
-                &r,
-                "weft_upstream_connect_errors_total",
-                IntCounterVec::new(
-                    Opts::new(
-                        "weft_upstream_connect_errors_total",
-                        "Failed connection attempts to upstream endpoints",
-                    ),
-                    &["cluster"],
                 ),
             )?,
             http_hibernated_total: register(
@@ -365,59 +411,90 @@ impl Metrics {
         }
     }
 
-    /// Handles for requests through `route` (on a listener of `direction`) to `cluster`.
+    /// The transport labels of requests through a listener of `direction` to `cluster`.
+    fn peer_labels(&self, direction: &str, cluster: &str) -> PeerLabels {
+        match direction {
+            "outbound" => self.cluster_peers.get(cluster).cloned().unwrap_or_default(),
+            _ => PeerLabels::default(),
+        }
+    }
+
+    /// Handles for requests through `route` (on a listener of `direction`) to `cluster`: the
+    /// live handle with these labels if there is one (consecutive snapshots share it), else a new
+    /// one. Its series are exported until the last `Arc` of it is dropped.
     ///
     /// Outbound: `tls` / `peer` of `cluster` as given to [`Metrics::for_clusters`] (`none`, `""`
     /// for a cluster not given). Inbound: `none`, `""`: the caller is known per connection
     /// ([`RequestMetrics::for_peer`]).
-    pub fn request_metrics(&self, direction: &str, route: &str, cluster: &str) -> RequestMetrics {
-        let peer = match direction {
-            "outbound" => self.cluster_peers.get(cluster).cloned().unwrap_or_default(),
-            _ => PeerLabels::default(),
-        };
+    pub fn request_metrics(
+        &self,
+        direction: &str,
+        route: &str,
+        cluster: &str,
+    ) -> Arc<RequestMetrics> {
+        let peer = self.peer_labels(direction, cluster);
         self.request_metrics_with(direction, route, cluster, &peer)
     }
 
+    /// The live handle [`Metrics::request_metrics`] would return, without creating one: what a
+    /// new snapshot pre-resolves its lazily resolved handles with, so that a route that stays
+    /// keeps its series (and counts) across config pushes while an unused one still gets no
+    /// series. (A route's very first request, resolving the handle in the old snapshot after the
+    /// new one looked here, leaves the new snapshot unresolved: that first count goes with the
+    /// old snapshot and the series restarts at its next request, a counter reset.)
+    pub fn live_request_metrics(
+        &self,
+        direction: &str,
+        route: &str,
+        cluster: &str,
+    ) -> Option<Arc<RequestMetrics>> {
+        let peer = self.peer_labels(direction, cluster);
+        let labels = request_labels(direction, route, cluster, &peer);
+        let live = self.request.lock_live();
+        live.get(&labels).and_then(|e| e.handle.upgrade())
+    }
+
     /// Handles for requests through `route` (on a listener of `direction`) to `cluster`, with the
-    /// transport labels `peer`.
+    /// transport labels `peer` (shared like [`Metrics::request_metrics`]'s).
     pub fn request_metrics_with(
         &self,
         direction: &str,
         route: &str,
         cluster: &str,
         peer: &PeerLabels,
-    ) -> RequestMetrics {
-        RequestMetrics::new(
-            &self.request,
-            [
-                direction.into(),
-                route.into(),
-                cluster.into(),
-                peer.tls().into(),
-                peer.peer.clone(),
-            ],
-            &Arc::downgrade(&self.peer_variants),
-        )
+    ) -> Arc<RequestMetrics> {
+        self.request
+            .handle(request_labels(direction, route, cluster, peer))
     }
 
-    /// Handles for TCP connections from a listener of `direction` to `cluster`.
+    /// Handles for TCP connections from a listener of `direction` to `cluster`; the series are
+    /// exported while any `TcpMetrics` for (direction, cluster) lives.
     pub fn tcp_metrics(&self, direction: &str, cluster: &str) -> TcpMetrics {
+        let key = LeaseKey::Tcp {
+            direction: direction.into(),
+            cluster: cluster.into(),
+        };
+        let f = &self.leased;
+        let (lease, (accepted, closed, open, rx, tx)) = f.lease(key, || {
+            (
+                f.tcp_connections_total
+                    .with_label_values(&[direction, cluster]),
+                f.tcp_connections_closed_total
+                    .with_label_values(&[direction, cluster]),
+                f.tcp_connections.with_label_values(&[direction, cluster]),
+                f.tcp_bytes_total
+                    .with_label_values(&[direction, cluster, "rx"]),
+                f.tcp_bytes_total
+                    .with_label_values(&[direction, cluster, "tx"]),
+            )
+        });
         TcpMetrics {
-            accepted: self
-                .tcp_connections_total
-                .with_label_values(&[direction, cluster]),
-            closed: self
-                .tcp_connections_closed_total
-                .with_label_values(&[direction, cluster]),
-            open: self
-                .tcp_connections
-                .with_label_values(&[direction, cluster]),
-            rx: self
-                .tcp_bytes_total
-                .with_label_values(&[direction, cluster, "rx"]),
-            tx: self
-                .tcp_bytes_total
-                .with_label_values(&[direction, cluster, "tx"]),
+            accepted,
+            closed,
+            open,
+            rx,
+            tx,
+            _lease: lease,
         }
     }
 
@@ -426,10 +503,20 @@ impl Metrics {
         &self.resilience
     }
 
-    /// Counter of failed connects to endpoints of `cluster`.
-    pub fn connect_errors(&self, cluster: &str) -> IntCounter {
-        self.upstream_connect_errors_total
-            .with_label_values(&[cluster])
+    /// Counter of failed connects to endpoints of `cluster`, exported while the returned lease
+    /// (or another for the same cluster) lives: keep it next to the counter.
+    pub fn connect_errors(&self, cluster: &str) -> (IntCounter, SeriesLease) {
+        let f = &self.leased;
+        let (lease, counter) = f.lease(
+            LeaseKey::ConnectErrors {
+                cluster: cluster.into(),
+            },
+            || {
+                f.upstream_connect_errors_total
+                    .with_label_values(&[cluster])
+            },
+        );
+        (counter, lease)
     }
 
     /// Records an ACK or NACK of a config update carrying `type_name`.
@@ -493,10 +580,128 @@ fn fast_slot(code: u16, grpc_status: &str) -> Option<usize> {
     }
 }
 
+/// The HTTP codes of fast slots `0..15` (without `grpc_status`), in slot order.
+const FAST_CODES: [u16; 15] = [
+    200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 429, 500, 502, 503, 504,
+];
+/// The gRPC statuses of fast slots `15..32` (on HTTP 200), in slot order.
+const FAST_GRPC: [&str; 17] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+];
+
+/// The `(code, grpc_status)` of fast slot `slot`: the inverse of [`fast_slot`].
+fn fast_slot_labels(slot: usize) -> (u16, &'static str) {
+    match slot.checked_sub(FAST_CODES.len()) {
+        None => (FAST_CODES[slot], ""),
+        Some(g) => (200, FAST_GRPC[g]),
+    }
+}
+
+/// The label values of a request handle.
+fn request_labels(direction: &str, route: &str, cluster: &str, peer: &PeerLabels) -> [Box<str>; 5] {
+    [
+        direction.into(),
+        route.into(),
+        cluster.into(),
+        peer.tls().into(),
+        peer.peer.clone(),
+    ]
+}
+
+impl RequestSeries {
+    fn lock_live(&self) -> MutexGuard<'_, LiveRequests> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The live handle with `labels`, or a new one.
+    fn handle(self: &Arc<Self>, labels: [Box<str>; 5]) -> Arc<RequestMetrics> {
+        let mut live = self.lock_live();
+        self.handle_in(&mut live, labels)
+    }
+
+    /// [`RequestSeries::handle`] with the live-handle lock held (`live`).
+    ///
+    /// Why one lock for creating handles and removing series: a handle's series are removed by
+    /// its `Drop`, which runs after its last `Arc` is gone, so a new handle for the same labels
+    /// can be created in between (the old entry no longer upgrades). That new handle resolves
+    /// the families' existing children (the series are still there). If the old handle's `Drop`
+    /// then removed the series, the new handle would count into children no longer exported:
+    /// live series gone from `/metrics`. So `Drop` removes them only if, under this lock, the
+    /// entry for its labels is still itself; a handle created in between replaced the entry (and
+    /// took over its [`Recorded`], so the codes the old one recorded are removed with the new
+    /// one). Creation either happens before the `Drop` takes the lock (replaces the entry: the
+    /// series stay, owned by the new handle) or after it (the series are gone: new children).
+    fn handle_in(
+        self: &Arc<Self>,
+        live: &mut LiveRequests,
+        labels: [Box<str>; 5],
+    ) -> Arc<RequestMetrics> {
+        let recorded = match live.get(&labels) {
+            Some(entry) => match entry.handle.upgrade() {
+                Some(handle) => return handle,
+                // Dying, its `Drop` waiting for the lock: continue its series.
+                None => Arc::clone(&entry.recorded),
+            },
+            None => Arc::default(),
+        };
+        let handle = Arc::new(RequestMetrics::new(
+            Arc::clone(self),
+            labels.clone(),
+            Arc::clone(&recorded),
+        ));
+        live.insert(
+            labels,
+            LiveRequest {
+                handle: Arc::downgrade(&handle),
+                recorded,
+            },
+        );
+        handle
+    }
+
+    /// Removes every series of `labels` (with the live-handle lock held: see
+    /// [`RequestSeries::handle_in`]).
+    fn remove_series(&self, labels: &[Box<str>; 5], recorded: &Recorded) {
+        let values: [&str; 5] = std::array::from_fn(|i| &*labels[i]);
+        let f = &self.families;
+        // An error means the series is not there (already removed): nothing to do.
+        let _ = f.request_duration.remove_label_values(&values);
+        let _ = f.response_headers_duration.remove_label_values(&values);
+        let _ = f.request_body_bytes_total.remove_label_values(&values);
+        let _ = f.response_body_bytes_total.remove_label_values(&values);
+        let remove_code = |code: u16, grpc: &str| {
+            let code_str = code.to_string();
+            let [d, r, c, t, p] = values;
+            let _ = f.requests_total.remove_label_values(&[
+                d,
+                r,
+                c,
+                t,
+                p,
+                &code_str,
+                code_class(code),
+                grpc,
+            ]);
+        };
+        let fast = recorded.fast.load(Ordering::Acquire);
+        for slot in (0..FAST_SLOTS).filter(|s| fast & (1 << s) != 0) {
+            let (code, grpc) = fast_slot_labels(slot);
+            remove_code(code, grpc);
+        }
+        let rare = recorded.rare.lock().unwrap_or_else(PoisonError::into_inner);
+        for (grpc, codes) in rare.iter() {
+            for &code in codes {
+                remove_code(code, grpc);
+            }
+        }
+    }
+}
+
 /// Per (direction, route, cluster, tls, peer) request metrics, resolved when the snapshot is
-/// built (inbound per-peer variants: once per connection, [`PeerHandles`]).
+/// built (inbound per-peer variants: once per connection, [`PeerHandles`]). One live handle per
+/// label set ([`Metrics::request_metrics`]); dropping the last `Arc` removes its series.
 pub struct RequestMetrics {
-    families: RequestFamilies,
+    series: Arc<RequestSeries>,
     /// direction, route, cluster, tls, peer.
     labels: [Box<str>; 5],
     duration: Histogram,
@@ -504,14 +709,16 @@ pub struct RequestMetrics {
     request_bytes: IntCounter,
     response_bytes: IntCounter,
     fast: [OnceLock<IntCounter>; FAST_SLOTS],
-    /// The variants of this handle per caller, from `registry` on first use.
-    peers: OnceLock<Arc<PeerVariants>>,
-    /// Weak: the registry holds variants, which hold this (no cycle). Owned by [`Metrics`].
-    registry: Weak<PeerRegistry>,
+    /// The codes recorded on these labels, shared with a handle that replaced this one early.
+    recorded: Arc<Recorded>,
+    /// The variants of this handle per caller, created on first use; they live as long as
+    /// this handle (and the connections holding one).
+    peers: OnceLock<PeerVariants>,
 }
 
-/// The per-peer variants of one base label set, at most [`MAX_PEERS_PER_HANDLE`] by identity,
-/// and the shared `peer="other"` one.
+/// The per-peer variants of one base handle, at most [`MAX_PEERS_PER_HANDLE`] by identity, and
+/// the shared `peer="other"` one. The base is shared by every snapshot that keeps its route, so
+/// the admitted callers are not reset by config pushes.
 #[derive(Default)]
 struct PeerVariants {
     by_peer: Mutex<HashMap<Box<str>, Arc<RequestMetrics>>>,
@@ -526,13 +733,27 @@ impl std::fmt::Debug for RequestMetrics {
     }
 }
 
+impl Drop for RequestMetrics {
+    /// Removes this handle's series, unless a newer handle of the same labels took them over
+    /// (see [`RequestSeries::handle_in`]). The variants (`peers`) drop after this, each with
+    /// its own `Drop` (the lock is released by then).
+    fn drop(&mut self) {
+        let this: *const Self = self;
+        let mut live = self.series.lock_live();
+        let ours = live
+            .get(&self.labels)
+            .is_some_and(|e| std::ptr::eq(e.handle.as_ptr(), this));
+        if ours {
+            live.remove(&self.labels);
+            self.series.remove_series(&self.labels, &self.recorded);
+        }
+    }
+}
+
 impl RequestMetrics {
-    fn new(
-        families: &RequestFamilies,
-        labels: [Box<str>; 5],
-        registry: &Weak<PeerRegistry>,
-    ) -> Self {
+    fn new(series: Arc<RequestSeries>, labels: [Box<str>; 5], recorded: Arc<Recorded>) -> Self {
         let values: [&str; 5] = std::array::from_fn(|i| &*labels[i]);
+        let families = &series.families;
         Self {
             duration: families.request_duration.with_label_values(&values),
             headers_duration: families
@@ -542,11 +763,11 @@ impl RequestMetrics {
             response_bytes: families
                 .response_body_bytes_total
                 .with_label_values(&values),
-            families: families.clone(),
+            series,
             labels,
             fast: std::array::from_fn(|_| OnceLock::new()),
+            recorded,
             peers: OnceLock::new(),
-            registry: Weak::clone(registry),
         }
     }
 
@@ -570,24 +791,16 @@ impl RequestMetrics {
     /// [`MAX_PEERS_PER_HANDLE`] other identities have their own. Takes locks and may resolve
     /// labels: call it once per connection ([`PeerHandles`]), never per request.
     pub fn for_peer(&self, peer: &str) -> Arc<RequestMetrics> {
-        let variants = self.peers.get_or_init(|| match self.registry.upgrade() {
-            Some(registry) => {
-                let mut registry = registry.lock().unwrap_or_else(PoisonError::into_inner);
-                Arc::clone(registry.entry(self.labels.clone()).or_default())
-            }
-            // The families' owner is gone (never while the proxy runs): this handle's own set.
-            None => Arc::default(),
-        });
+        let variants = self.peers.get_or_init(PeerVariants::default);
         let variant = |peer: &str| {
             let [d, r, c, _, _] = &self.labels;
-            let labels = [
+            self.series.handle([
                 d.clone(),
                 r.clone(),
                 c.clone(),
                 TLS_MTLS.into(),
                 peer.into(),
-            ];
-            Arc::new(RequestMetrics::new(&self.families, labels, &self.registry))
+            ])
         };
         {
             let mut by_peer = variants
@@ -651,7 +864,7 @@ impl RequestMetrics {
         let class = code_class(code.as_u16());
         let counter = |code: &str| {
             let [d, r, c, t, p] = &self.labels;
-            self.families.requests_total.with_label_values(&[
+            self.series.families.requests_total.with_label_values(&[
                 &**d,
                 &**r,
                 &**c,
@@ -663,9 +876,36 @@ impl RequestMetrics {
             ])
         };
         match fast_slot(code.as_u16(), grpc_status) {
-            Some(slot) => self.fast[slot].get_or_init(|| counter(code.as_str())).inc(),
-            // Rare combinations: a read-locked lookup in the family, still no allocation.
-            None => counter(code.as_str()).inc(),
+            Some(slot) => self.fast[slot]
+                .get_or_init(|| {
+                    // Once per handle and slot: the series to remove with these labels.
+                    self.recorded.fast.fetch_or(1 << slot, Ordering::Release);
+                    counter(code.as_str())
+                })
+                .inc(),
+            // Rare combinations: a read-locked lookup in the family, and one in the set of
+            // combinations to remove with the handle (allocates only the first time).
+            None => {
+                counter(code.as_str()).inc();
+                self.note_rare(code.as_u16(), grpc_status);
+            }
+        }
+    }
+
+    /// Remembers that `(code, grpc_status)` (not a fast slot) was recorded on these labels.
+    fn note_rare(&self, code: u16, grpc_status: &str) {
+        let mut rare = self
+            .recorded
+            .rare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match rare.get_mut(grpc_status) {
+            Some(codes) => {
+                codes.insert(code);
+            }
+            None => {
+                rare.insert(grpc_status.into(), HashSet::from([code]));
+            }
         }
     }
 }
@@ -674,10 +914,14 @@ impl RequestMetrics {
 /// (inbound mTLS): its variant of each base handle it uses is resolved once
 /// ([`RequestMetrics::for_peer`]) and then reused by every request of the connection (a lookup by
 /// pointer among at most a few entries, under a lock only this connection takes).
+///
+/// The bases are held weakly (only to be found by pointer: a `Weak` keeps the allocation, so the
+/// address is not reused while it is here): a connection does not keep the series of a route
+/// that went away, only the variant it resolved, until the slot is reused or the connection ends.
 pub struct PeerHandles {
     peer: Box<str>,
     /// (base, variant), most recently resolved last.
-    resolved: Mutex<Vec<(Arc<RequestMetrics>, Arc<RequestMetrics>)>>,
+    resolved: Mutex<Vec<(Weak<RequestMetrics>, Arc<RequestMetrics>)>>,
 }
 
 impl std::fmt::Debug for PeerHandles {
@@ -700,15 +944,19 @@ impl PeerHandles {
     /// This connection's variant of `base`.
     pub fn resolve(&self, base: &Arc<RequestMetrics>) -> Arc<RequestMetrics> {
         let mut resolved = self.resolved.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, v)) = resolved.iter().find(|(b, _)| Arc::ptr_eq(b, base)) {
+        if let Some((_, v)) = resolved
+            .iter()
+            .find(|(b, _)| std::ptr::eq(b.as_ptr(), Arc::as_ptr(base)))
+        {
             return Arc::clone(v);
         }
         let variant = base.for_peer(&self.peer);
-        // Bases of older snapshots (or other routes) make room, oldest first.
+        // Variants of bases gone (routes removed) go first, then the oldest.
+        resolved.retain(|(b, _)| b.strong_count() > 0);
         if resolved.len() == CONNECTION_SLOTS {
             resolved.remove(0);
         }
-        resolved.push((Arc::clone(base), Arc::clone(&variant)));
+        resolved.push((Arc::downgrade(base), Arc::clone(&variant)));
         variant
     }
 }
@@ -726,7 +974,12 @@ fn code_class(code: u16) -> &'static str {
     }
 }
 
-/// Per (direction, cluster) TCP metrics, resolved when the snapshot is built.
+/// Per (direction, cluster) TCP metrics, resolved when the snapshot is built. The series are
+/// exported while a `TcpMetrics` for (direction, cluster) lives: the listener holding it is held
+/// by its snapshots and by every connection accepted on it, so a draining connection keeps
+/// counting into exported series. A counter cloned out of it and kept past the last
+/// `TcpMetrics` would count into a removed child: lost counts, never a new series (only
+/// `with_label_values`, under the lease lock, creates series).
 #[derive(Debug, Clone)]
 pub struct TcpMetrics {
     /// `weft_tcp_connections_total`.
@@ -739,6 +992,108 @@ pub struct TcpMetrics {
     pub rx: IntCounter,
     /// Bytes written to the downstream.
     pub tx: IntCounter,
+    _lease: SeriesLease,
+}
+
+/// The families whose series are held by [`SeriesLease`]s, and the live leases.
+struct LeasedSeries {
+    tcp_connections_total: IntCounterVec,
+    tcp_connections_closed_total: IntCounterVec,
+    tcp_connections: IntGaugeVec,
+    tcp_bytes_total: IntCounterVec,
+    upstream_connect_errors_total: IntCounterVec,
+    live: Mutex<HashMap<LeaseKey, Weak<Lease>>>,
+}
+
+/// The series one lease keeps exported.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LeaseKey {
+    /// The four `weft_tcp_*` series (five with both flows) of (direction, cluster).
+    Tcp {
+        direction: Box<str>,
+        cluster: Box<str>,
+    },
+    /// `weft_upstream_connect_errors_total{cluster}`.
+    ConnectErrors { cluster: Box<str> },
+}
+
+/// Keeps some series exported while held (cloned with what records into them); the last one
+/// for the same series removes them. Shared by label set like [`RequestMetrics`], with the same
+/// one-lock rule (see [`RequestSeries::handle_in`]).
+#[derive(Clone)]
+pub struct SeriesLease(Arc<Lease>);
+
+struct Lease {
+    key: LeaseKey,
+    families: Arc<LeasedSeries>,
+}
+
+impl std::fmt::Debug for SeriesLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SeriesLease").field(&self.0.key).finish()
+    }
+}
+
+impl LeasedSeries {
+    fn lock_live(&self) -> MutexGuard<'_, HashMap<LeaseKey, Weak<Lease>>> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The live lease on `key` or a new one, and `resolve()`'s handles, resolved under the lock
+    /// (so a dying lease cannot remove the series between the two).
+    fn lease<T>(self: &Arc<Self>, key: LeaseKey, resolve: impl FnOnce() -> T) -> (SeriesLease, T) {
+        let mut live = self.lock_live();
+        let lease = match live.get(&key).and_then(Weak::upgrade) {
+            Some(lease) => lease,
+            None => {
+                let lease = Arc::new(Lease {
+                    key: key.clone(),
+                    families: Arc::clone(self),
+                });
+                live.insert(key, Arc::downgrade(&lease));
+                lease
+            }
+        };
+        (SeriesLease(lease), resolve())
+    }
+
+    fn remove_series(&self, key: &LeaseKey) {
+        // Errors: the series is already gone (nothing to remove).
+        match key {
+            LeaseKey::Tcp { direction, cluster } => {
+                let labels = [&**direction, &**cluster];
+                let _ = self.tcp_connections_total.remove_label_values(&labels);
+                let _ = self
+                    .tcp_connections_closed_total
+                    .remove_label_values(&labels);
+                let _ = self.tcp_connections.remove_label_values(&labels);
+                for flow in ["rx", "tx"] {
+                    let _ = self
+                        .tcp_bytes_total
+                        .remove_label_values(&[direction, cluster, flow]);
+                }
+            }
+            LeaseKey::ConnectErrors { cluster } => {
+                let _ = self
+                    .upstream_connect_errors_total
+                    .remove_label_values(&[cluster]);
+            }
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let this: *const Self = self;
+        let mut live = self.families.lock_live();
+        if live
+            .get(&self.key)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), this))
+        {
+            live.remove(&self.key);
+            self.families.remove_series(&self.key);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -869,7 +1224,7 @@ mod tests {
     #[test]
     fn peers_past_the_bound_are_other_and_variants_are_shared() {
         let m = Metrics::new().unwrap();
-        let base = Arc::new(m.request_metrics("inbound", "inbound", "inbound"));
+        let base = m.request_metrics("inbound", "inbound", "inbound");
         let first = base.for_peer(&id(0));
         assert_eq!((first.tls(), first.peer()), ("mtls", id(0).as_str()));
         assert!(Arc::ptr_eq(&first, &base.for_peer(&id(0))));
@@ -884,13 +1239,14 @@ mod tests {
         ));
         // Admitted identities keep their series.
         assert_eq!(base.for_peer(&id(3)).peer(), id(3));
-        // A later snapshot's handle with the same labels shares the admitted set: the bound is
-        // on series, not per snapshot.
-        let rebuilt = Arc::new(m.request_metrics("inbound", "inbound", "inbound"));
+        // A later snapshot's handle with the same labels is the same handle, with the same
+        // admitted set: the bound is on series, not per snapshot.
+        let rebuilt = m.request_metrics("inbound", "inbound", "inbound");
+        assert!(Arc::ptr_eq(&base, &rebuilt));
         assert!(Arc::ptr_eq(&first, &rebuilt.for_peer(&id(0))));
         assert_eq!(rebuilt.for_peer(&id(1000)).peer(), PEER_OTHER);
         // Another route has its own bound.
-        let other_route = Arc::new(m.request_metrics("inbound", "r2", "inbound"));
+        let other_route = m.request_metrics("inbound", "r2", "inbound");
         assert_eq!(other_route.for_peer(&id(1000)).peer(), id(1000));
 
         over.record(http::StatusCode::OK, "", 0.001);
@@ -912,20 +1268,273 @@ mod tests {
     #[test]
     fn a_connection_resolves_its_variant_once_per_base() {
         let m = Metrics::new().unwrap();
-        let base = Arc::new(m.request_metrics("inbound", "inbound", "inbound"));
+        let base = m.request_metrics("inbound", "inbound", "inbound");
         let conn = PeerHandles::new(&id(1));
         let v = conn.resolve(&base);
         assert_eq!(v.peer(), id(1));
         assert!(Arc::ptr_eq(&v, &conn.resolve(&base)));
         // Another connection of the same caller records on the same series (same variant).
         assert!(Arc::ptr_eq(&v, &PeerHandles::new(&id(1)).resolve(&base)));
-        // A new snapshot's base: resolved again, to the shared variant; old bases age out.
+        // A new snapshot's handle for the same labels is the same base: found again.
+        let rebuilt = m.request_metrics("inbound", "inbound", "inbound");
+        assert!(Arc::ptr_eq(&v, &conn.resolve(&rebuilt)));
+        assert_eq!(conn.resolved.lock().unwrap().len(), 1);
+        // Other routes' bases: at most CONNECTION_SLOTS remembered, oldest out first.
         let bases: Vec<_> = (0..CONNECTION_SLOTS + 2)
-            .map(|_| Arc::new(m.request_metrics("inbound", "inbound", "inbound")))
+            .map(|n| m.request_metrics("inbound", &format!("r{n}"), "inbound"))
             .collect();
         for b in &bases {
-            assert!(Arc::ptr_eq(&v, &conn.resolve(b)));
+            assert_eq!(conn.resolve(b).route(), b.route());
         }
         assert_eq!(conn.resolved.lock().unwrap().len(), CONNECTION_SLOTS);
+        // A base that went away (its route was removed) makes room first, and the connection
+        // does not keep it alive.
+        let weak = Arc::downgrade(&bases[CONNECTION_SLOTS]);
+        drop(bases);
+        assert_eq!(weak.strong_count(), 0);
+        conn.resolve(&base);
+        let resolved = conn.resolved.lock().unwrap();
+        assert_eq!(resolved.len(), 1, "only the live base is left");
+        assert!(std::ptr::eq(resolved[0].0.as_ptr(), Arc::as_ptr(&base)));
+    }
+
+    /// The lines of `m`'s scrape that are samples of route `route`.
+    fn series_of(m: &Metrics, route: &str) -> Vec<String> {
+        let text = String::from_utf8(m.encode()).unwrap();
+        let label = format!(r#"route="{route}""#);
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&label))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn sample(lines: &[String], prefix: &str, contains: &[&str]) -> Option<f64> {
+        lines
+            .iter()
+            .find(|l| l.starts_with(prefix) && contains.iter().all(|c| l.contains(c)))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn fast_slot_labels_invert_fast_slot() {
+        for slot in 0..FAST_SLOTS {
+            let (code, grpc) = fast_slot_labels(slot);
+            assert_eq!(fast_slot(code, grpc), Some(slot), "{code} {grpc:?}");
+        }
+    }
+
+    #[test]
+    fn handles_are_shared_by_labels() {
+        let m = Metrics::new().unwrap();
+        let a = m.request_metrics("outbound", "r", "c");
+        // A later snapshot (its own `for_clusters` view) gets the same handle.
+        let b = m
+            .for_clusters([("other".into(), PeerLabels::default())])
+            .request_metrics("outbound", "r", "c");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(
+            &a,
+            &m.live_request_metrics("outbound", "r", "c").unwrap()
+        ));
+        // Other labels, other handles.
+        assert!(!Arc::ptr_eq(&a, &m.request_metrics("inbound", "r", "c")));
+        assert!(!Arc::ptr_eq(&a, &m.request_metrics("outbound", "r2", "c")));
+        let mtls = PeerLabels {
+            mtls: true,
+            peer: "spiffe://x/y".into(),
+        };
+        assert!(!Arc::ptr_eq(
+            &a,
+            &m.request_metrics_with("outbound", "r", "c", &mtls)
+        ));
+        // `live_request_metrics` never creates one.
+        assert!(m.live_request_metrics("outbound", "unused", "c").is_none());
+        assert!(series_of(&m, "unused").is_empty());
+        // Gone with the last Arc: a new one starts from zero.
+        a.record(http::StatusCode::OK, "", 0.001);
+        drop((a, b));
+        assert!(m.live_request_metrics("outbound", "r", "c").is_none());
+        let fresh = m.request_metrics("outbound", "r", "c");
+        fresh.record(http::StatusCode::OK, "", 0.001);
+        let lines = series_of(&m, "r");
+        assert_eq!(
+            sample(&lines, "weft_requests_total{", &[r#"code="200""#]),
+            Some(1.0),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn dropping_the_last_handle_removes_every_series_of_its_labels() {
+        let m = Metrics::new().unwrap();
+        let keep = m.request_metrics("outbound", "kept", "c");
+        keep.record(http::StatusCode::OK, "", 0.001);
+        let h = m.request_metrics("outbound", "gone", "c");
+        let snapshot_two = Arc::clone(&h);
+        // Fast slots (200, 503, gRPC 14) and rare combinations (418, gRPC "other", 599).
+        h.record(http::StatusCode::OK, "", 0.001);
+        h.record(http::StatusCode::SERVICE_UNAVAILABLE, "", 0.001);
+        h.record(http::StatusCode::OK, "14", 0.001);
+        h.record(http::StatusCode::IM_A_TEAPOT, "", 0.001);
+        h.record(http::StatusCode::OK, "other", 0.001);
+        h.record(http::StatusCode::from_u16(599).unwrap(), "", 0.001);
+        h.record(http::StatusCode::from_u16(599).unwrap(), "", 0.001);
+        h.add_request_bytes(3);
+        h.add_response_bytes(4);
+        let lines = series_of(&m, "gone");
+        let codes = lines
+            .iter()
+            .filter(|l| l.starts_with("weft_requests_total{"))
+            .count();
+        assert_eq!(codes, 6, "{lines:#?}");
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("weft_request_body_bytes_total{")));
+        drop(h);
+        assert_eq!(series_of(&m, "gone"), lines, "another holder keeps them");
+        drop(snapshot_two);
+        assert_eq!(series_of(&m, "gone"), Vec::<String>::new());
+        // Other labels are untouched.
+        let kept = series_of(&m, "kept");
+        assert_eq!(
+            sample(&kept, "weft_requests_total{", &[r#"code="200""#]),
+            Some(1.0),
+            "{kept:#?}"
+        );
+        assert!(m.request.lock_live().len() == 1, "only `kept` is live");
+    }
+
+    /// The interleaving one lock guards against: an old handle's last `Arc` goes, a new handle
+    /// for the same labels is created before the old one's `Drop` ran, then that `Drop` runs.
+    #[test]
+    fn a_late_drop_of_an_old_handle_keeps_the_new_handles_series() {
+        let m = Metrics::new().unwrap();
+        let old = m.request_metrics("outbound", "r", "c");
+        old.record(http::StatusCode::OK, "", 0.001);
+        // Recorded by the old handle only (rare and fast): removed with the new one later.
+        old.record(http::StatusCode::IM_A_TEAPOT, "", 0.001);
+        old.record(http::StatusCode::NOT_FOUND, "", 0.001);
+        let weak = Arc::downgrade(&old);
+        let series = Arc::clone(&m.request);
+        let mut live = series.lock_live();
+        // The old handle's last Arc goes on another thread: its `Drop` waits for the lock.
+        let dropper = std::thread::spawn(move || drop(old));
+        while weak.strong_count() > 0 {
+            std::thread::yield_now();
+        }
+        // Meanwhile a new snapshot creates the handle for the same labels.
+        let labels = request_labels("outbound", "r", "c", &PeerLabels::default());
+        let new = series.handle_in(&mut live, labels);
+        assert!(!std::ptr::eq(Arc::as_ptr(&new), weak.as_ptr()));
+        drop(live);
+        dropper.join().unwrap();
+        // The late drop left the series to the new handle: exported, and the counts go on.
+        new.record(http::StatusCode::OK, "", 0.001);
+        let lines = series_of(&m, "r");
+        let total = |code: &str| {
+            sample(
+                &lines,
+                "weft_requests_total{",
+                &[&format!(r#"code="{code}""#)],
+            )
+        };
+        assert_eq!(total("200"), Some(2.0), "{lines:#?}");
+        assert_eq!(total("418"), Some(1.0), "{lines:#?}");
+        assert_eq!(total("404"), Some(1.0), "{lines:#?}");
+        assert_eq!(
+            sample(&lines, "weft_request_duration_seconds_count{", &[]),
+            Some(4.0),
+            "{lines:#?}"
+        );
+        assert!(Arc::ptr_eq(
+            &new,
+            &m.live_request_metrics("outbound", "r", "c").unwrap()
+        ));
+        // The new handle's drop removes every series of the labels, the old one's codes too.
+        drop(new);
+        assert_eq!(series_of(&m, "r"), Vec::<String>::new());
+        assert!(series.lock_live().is_empty());
+    }
+
+    #[test]
+    fn peer_variants_go_with_their_base() {
+        let m = Metrics::new().unwrap();
+        let base = m.request_metrics("inbound", "inbound", "inbound");
+        for n in 0..MAX_PEERS_PER_HANDLE + 3 {
+            base.for_peer(&id(n))
+                .record(http::StatusCode::OK, "", 0.001);
+        }
+        base.record(http::StatusCode::OK, "", 0.001);
+        let peers = |m: &Metrics| {
+            series_of(m, "inbound")
+                .iter()
+                .filter(|l| l.starts_with("weft_requests_total{"))
+                .filter_map(|l| Some(l.split("peer=\"").nth(1)?.split('"').next()?.to_owned()))
+                .collect::<HashSet<_>>()
+        };
+        assert_eq!(
+            peers(&m).len(),
+            MAX_PEERS_PER_HANDLE + 2,
+            "64 ids, other, \"\""
+        );
+        // A connection still holds its variant: that series alone stays after the base goes.
+        let conn = PeerHandles::new(&id(5));
+        let held = conn.resolve(&base);
+        drop(base);
+        assert_eq!(peers(&m), HashSet::from([id(5)]));
+        drop(held);
+        assert_eq!(peers(&m), HashSet::from([id(5)]), "the connection holds it");
+        drop(conn);
+        assert!(series_of(&m, "inbound").is_empty());
+        assert!(m.request.lock_live().is_empty());
+    }
+
+    #[test]
+    fn tcp_and_connect_error_series_live_with_their_holders() {
+        let m = Metrics::new().unwrap();
+        let text = || String::from_utf8(m.encode()).unwrap();
+        let first = m.tcp_metrics("outbound", "db.default");
+        first.accepted.inc();
+        first.rx.inc_by(10);
+        // The next snapshot's listener: the same series (counts go on).
+        let second = m.tcp_metrics("outbound", "db.default");
+        second.accepted.inc();
+        let (errors, lease) = m.connect_errors("db.default");
+        errors.inc();
+        let (errors_next, lease_next) = m.connect_errors("db.default");
+        errors_next.inc();
+        let t = text();
+        assert!(
+            t.contains(
+                r#"weft_tcp_connections_total{cluster="db.default",direction="outbound"} 2"#
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                r#"weft_tcp_bytes_total{cluster="db.default",direction="outbound",flow="rx"} 10"#
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"weft_upstream_connect_errors_total{cluster="db.default"} 2"#),
+            "{t}"
+        );
+        drop(first);
+        drop(lease);
+        let t = text();
+        assert!(
+            t.contains(r#"weft_tcp_connections{cluster="db.default",direction="outbound"} 0"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"weft_upstream_connect_errors_total{cluster="db.default"} 2"#),
+            "{t}"
+        );
+        drop(second);
+        drop(lease_next);
+        let t = text();
+        assert!(!t.contains("db.default"), "{t}");
+        assert!(m.leased.lock_live().is_empty());
     }
 }

@@ -64,13 +64,12 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// Metric handles for (direction, route, cluster); resolved on first use, then lock-free.
+    /// Metric handles for (direction, route, cluster); resolved on first use (or when the
+    /// snapshot is built, if a live snapshot already uses them), then lock-free.
     pub fn metrics(&self) -> &Arc<RequestMetrics> {
         self.metrics.get_or_init(|| {
-            Arc::new(
-                self.family
-                    .request_metrics(self.direction, &self.route, &self.cluster.name),
-            )
+            self.family
+                .request_metrics(self.direction, &self.route, &self.cluster.name)
         })
     }
 }
@@ -356,7 +355,12 @@ impl Route {
                 Some(c) => dests.push((
                     Destination {
                         cluster: c.clone(),
-                        metrics: OnceLock::new(),
+                        // The handles the previous snapshot resolved, if any: a route that stays
+                        // keeps its series (the previous snapshot is live while this one is
+                        // built; the series go with the last handle).
+                        metrics: metrics
+                            .live_request_metrics(direction, &name, &c.name)
+                            .map_or_else(OnceLock::new, OnceLock::from),
                         family: metrics.clone(),
                         direction,
                         route: name.clone(),

@@ -282,10 +282,8 @@ impl HttpListener {
     /// Metric handles for requests that matched no route.
     pub fn no_route_metrics(&self) -> &Arc<RequestMetrics> {
         self.no_route.get_or_init(|| {
-            Arc::new(
-                self.metrics
-                    .request_metrics(self.direction.as_str(), "", ""),
-            )
+            self.metrics
+                .request_metrics(self.direction.as_str(), "", "")
         })
     }
 }
@@ -449,17 +447,20 @@ impl Snapshot {
                         }
                     };
                     let catch_all = cluster.map(|cluster| CatchAll {
-                        metrics: Arc::new(metrics.request_metrics(
+                        metrics: metrics.request_metrics(
                             direction.as_str(),
                             &l.name,
                             &cluster.name,
-                        )),
+                        ),
                         cluster,
                     });
                     ListenerKind::Http(Box::new(HttpListener {
                         routes,
                         catch_all,
-                        no_route: OnceLock::new(),
+                        // Pre-resolved if a live snapshot has them (see `Destination`).
+                        no_route: metrics
+                            .live_request_metrics(direction.as_str(), "", "")
+                            .map_or_else(OnceLock::new, OnceLock::from),
                         metrics: metrics.clone(),
                         direction,
                     }))
