@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use weft_e2e::{caller_proxy, caller_proxy_config, instance_of, wait_for_instance, Instance};
+use weft_e2e::{
+    caller_proxy, caller_proxy_config, instance_of, tally, wait_for_instance, Instance,
+};
 use weft_testkit::security::{
     certify_with_openssl, foreign_cert, register_fake_node, s_client_get, server_leaf,
 };
@@ -930,4 +932,87 @@ async fn idle_mtls_connection_hibernates_and_is_reused() {
         "the pooled mTLS connection is reused after hibernating, no new handshake: {}",
         m.lines_for("weft_inbound_connections_total")
     );
+}
+
+/// Active health checks of a `mtls: strict` service go over mesh mTLS like its traffic: healthy
+/// instances stay in rotation, and an instance whose app died (its sidecar answers 503) leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_reach_strict_mtls_sidecars() {
+    let policies = PolicyDir::with_file(
+        "mesh.yaml",
+        "services:
+  - name: web
+  - name: backend
+    mtls: strict
+    lb: round_robin
+    health_check:
+      http: {path: /}
+      interval: 100ms
+      timeout: 1s
+      healthy_threshold: 1
+      unhealthy_threshold: 2
+",
+    );
+    let cp = secure_cp(&policies, &[]).await;
+    let one = Instance::http(&cp, "backend", "backend-1").await;
+    let mut two = Instance::http(&cp, "backend", "backend-2").await;
+    let web = caller_proxy(&cp, "web", "web-1").await;
+    let client = web.http1();
+    wait_for_instance(&client, "backend", "/", "backend-1").await;
+    wait_for_instance(&client, "backend", "/", "backend-2").await;
+
+    // Several check rounds over mTLS: both healthy, no failure.
+    let checks = wait_metric(
+        &one.proxy,
+        "weft_inbound_connections_total",
+        &[("tls", "mtls")],
+        5.0,
+    )
+    .await;
+    assert_eq!(
+        checks.sum("weft_inbound_connections_total", &[("tls", "refused")]),
+        0.0,
+        "no plaintext check reached the strict sidecar: {}",
+        checks.lines_for("weft_inbound_connections_total")
+    );
+    let m = web.metrics().await;
+    for instance in [&one, &two] {
+        assert_eq!(
+            m.get(
+                "weft_endpoint_healthy",
+                &[
+                    ("cluster", "backend.default"),
+                    ("endpoint", &instance.endpoint().to_string())
+                ]
+            ),
+            Some(1.0),
+            "{}",
+            m.lines_for("weft_endpoint_healthy")
+        );
+    }
+    assert_eq!(
+        m.sum(
+            "weft_health_check_failures_total",
+            &[("cluster", "backend.default")]
+        ),
+        0.0,
+        "{}",
+        m.lines_for("weft_health_check_failures_total")
+    );
+
+    // backend-2's app dies: its sidecar answers the checks 503, and it leaves rotation.
+    two.app.process.kill();
+    wait_until(
+        DEFAULT_WAIT,
+        "the instance without an app leaves rotation",
+        async || {
+            let t = tally(&client, "backend", "/", 10).await;
+            if t.count("backend-1") == 10 {
+                Ok(())
+            } else {
+                Err(format!("{t:?}"))
+            }
+        },
+    )
+    .await;
 }

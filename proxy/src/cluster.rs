@@ -315,6 +315,7 @@ impl Cluster {
                 .map(|e| Target {
                     addr: e.addr,
                     health: Arc::clone(&e.health),
+                    mesh: e.pool.mesh_identity().cloned(),
                 })
                 .collect(),
         );

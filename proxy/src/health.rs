@@ -1,5 +1,7 @@
 //! Active health checks: per cluster, optionally, an HTTP GET (path, expected statuses) or a TCP
-//! connect to every endpoint each interval. `unhealthy_threshold` failures in a row take an
+//! connect to every endpoint each interval, over mesh mTLS when the endpoint is a mesh endpoint
+//! (expects an identity) and this proxy has one, exactly like the data path's connections (a
+//! `mtls: strict` sidecar refuses plaintext). `unhealthy_threshold` failures in a row take an
 //! endpoint out of load balancing; `healthy_threshold` successes in a row bring it back.
 //!
 //! One task per checked cluster, started when a snapshot first gives the cluster a health check
@@ -14,7 +16,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weft_proto::v1;
 
@@ -117,6 +119,9 @@ pub struct Target {
     pub addr: SocketAddr,
     /// Where the verdict goes.
     pub health: Arc<EndpointHealth>,
+    /// The identity the endpoint's sidecar must present (checked over mTLS), as for the data
+    /// path's connections to it.
+    pub mesh: Option<crate::tls::spiffe::SpiffeId>,
 }
 
 /// A cluster's health checker (part of its long-lived state).
@@ -173,8 +178,7 @@ async fn run(checker: Weak<HealthChecker>) {
                 return;
             };
             let targets = c.targets.load_full();
-            let results =
-                futures::future::join_all(targets.iter().map(|t| check(&cfg, t.addr))).await;
+            let results = futures::future::join_all(targets.iter().map(|t| check(&cfg, t))).await;
             streaks.retain(|a, _| targets.iter().any(|t| t.addr == *a));
             for (t, ok) in targets.iter().zip(results) {
                 let s = streaks.entry(t.addr).or_default();
@@ -208,17 +212,42 @@ async fn run(checker: Weak<HealthChecker>) {
     }
 }
 
-/// One check of `addr`; `true` = healthy.
-pub async fn check(cfg: &HealthCheckConfig, addr: SocketAddr) -> bool {
-    tokio::time::timeout(cfg.timeout, check_inner(&cfg.kind, addr))
+/// One check of `target`; `true` = healthy.
+pub async fn check(cfg: &HealthCheckConfig, target: &Target) -> bool {
+    tokio::time::timeout(cfg.timeout, check_inner(&cfg.kind, target))
         .await
         .unwrap_or(false)
 }
 
-async fn check_inner(kind: &CheckKind, addr: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr).await else {
+async fn check_inner(kind: &CheckKind, target: &Target) -> bool {
+    let addr = target.addr;
+    let Ok(tcp) = TcpStream::connect(addr).await else {
         return false;
     };
+    // A mesh endpoint: the mTLS handshake (verifying its identity) is part of the check.
+    let io = match crate::tls::originate(
+        tcp,
+        addr.ip(),
+        target.mesh.as_ref(),
+        crate::tls::Alpn::Http1,
+    )
+    .await
+    {
+        Ok(io) => io,
+        Err(e) => {
+            tracing::debug!(endpoint = %addr, error = %e, "health check: mTLS handshake failed");
+            return false;
+        }
+    };
+    exchange(kind, addr, io).await
+}
+
+/// The HTTP part of a check on an established connection (TCP checks: nothing more to do).
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    kind: &CheckKind,
+    addr: SocketAddr,
+    mut s: S,
+) -> bool {
     let CheckKind::Http {
         path,
         host,
@@ -309,6 +338,15 @@ mod tests {
         .unwrap()
     }
 
+    /// A plaintext (non-mesh) target at `addr`.
+    fn plain(addr: SocketAddr) -> Target {
+        Target {
+            addr,
+            health: Arc::new(EndpointHealth::default()),
+            mesh: None,
+        }
+    }
+
     #[tokio::test]
     async fn http_and_tcp_checks() {
         let ok = http_server("200 OK").await;
@@ -318,16 +356,16 @@ mod tests {
             l.local_addr().unwrap()
         };
         let c = http_cfg(vec![]);
-        assert!(check(&c, ok).await);
-        assert!(!check(&c, bad).await);
-        assert!(!check(&c, closed).await);
-        assert!(check(&http_cfg(vec![503]), bad).await);
+        assert!(check(&c, &plain(ok)).await);
+        assert!(!check(&c, &plain(bad)).await);
+        assert!(!check(&c, &plain(closed)).await);
+        assert!(check(&http_cfg(vec![503]), &plain(bad)).await);
         let tcp = HealthCheckConfig {
             kind: CheckKind::Tcp,
             ..c
         };
-        assert!(check(&tcp, bad).await);
-        assert!(!check(&tcp, closed).await);
+        assert!(check(&tcp, &plain(bad)).await);
+        assert!(!check(&tcp, &plain(closed)).await);
     }
 
     #[tokio::test]
@@ -341,7 +379,7 @@ mod tests {
             }
         });
         let c = http_cfg(vec![]);
-        assert!(!check(&c, addr).await);
+        assert!(!check(&c, &plain(addr)).await);
     }
 
     #[tokio::test]
@@ -362,10 +400,12 @@ mod tests {
                 Target {
                     addr: ok,
                     health: Arc::clone(&good),
+                    mesh: None,
                 },
                 Target {
                     addr: closed,
                     health: Arc::clone(&dead),
+                    mesh: None,
                 },
             ],
         );
