@@ -256,7 +256,7 @@ impl Cluster {
         let outlier = OutlierConfig::from_proto(proto.outlier.as_ref());
         let state = match previous {
             Some(p) => Arc::clone(&p.state),
-            None => Arc::new(ClusterState::new(metrics.resilience().cluster(&proto.name))),
+            None => Arc::new(ClusterState::new(metrics.cluster_resilience(&proto.name))),
         };
         let old: HashMap<SocketAddr, &Endpoint> = previous
             .map(|p| p.endpoints.iter().map(|e| (e.addr, e)).collect())

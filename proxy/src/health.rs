@@ -154,6 +154,13 @@ impl HealthChecker {
                 t.health.set_checked_healthy(true);
             }
         }
+        // `weft_endpoint_healthy` exists for checked endpoints only (endpoints come and go with
+        // every rollout: their series must not pile up).
+        for t in self.targets.load().iter() {
+            if config.is_none() || !targets.iter().any(|n| n.addr == t.addr) {
+                self.metrics.remove_endpoint_healthy(&t.addr.to_string());
+            }
+        }
         let enabled = config.is_some();
         self.config.store(config.map(Arc::new));
         self.targets.store(Arc::new(targets));
@@ -164,6 +171,15 @@ impl HealthChecker {
                 }
                 Err(_) => self.running.store(false, Ordering::Release),
             }
+        }
+    }
+}
+
+impl Drop for HealthChecker {
+    fn drop(&mut self) {
+        // The cluster is gone: so are its endpoints' verdicts.
+        for t in self.targets.load().iter() {
+            self.metrics.remove_endpoint_healthy(&t.addr.to_string());
         }
     }
 }
@@ -180,7 +196,13 @@ async fn run(checker: Weak<HealthChecker>) {
             let targets = c.targets.load_full();
             let results = futures::future::join_all(targets.iter().map(|t| check(&cfg, t))).await;
             streaks.retain(|a, _| targets.iter().any(|t| t.addr == *a));
+            // Endpoints removed while the checks ran get no verdict (nor a series back). This
+            // and `update` run on the same single-threaded runtime: no interleaving here.
+            let current = c.targets.load_full();
             for (t, ok) in targets.iter().zip(results) {
+                if !current.iter().any(|n| n.addr == t.addr) {
+                    continue;
+                }
                 let s = streaks.entry(t.addr).or_default();
                 if ok {
                     *s = (s.0 + 1, 0);

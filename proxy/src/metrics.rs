@@ -284,6 +284,7 @@ impl Metrics {
                 ),
             )?,
         };
+        let resilience = crate::resilience_metrics::ResilienceMetrics::new(&r)?;
         let leased = LeasedSeries {
             tcp_connections_total: register(
                 &r,
@@ -334,6 +335,7 @@ impl Metrics {
                     &["cluster"],
                 ),
             )?,
+            resilience: resilience.clone(),
             live: Mutex::default(),
         };
         Ok(Self {
@@ -370,7 +372,7 @@ impl Metrics {
                     "Idle HTTP/1.1 downstream connections that released their buffers (hibernated)",
                 ),
             )?,
-            resilience: crate::resilience_metrics::ResilienceMetrics::new(&r)?,
+            resilience,
             security: crate::tls::metrics::SecurityMetrics::register(&r).map_err(|source| {
                 MetricsError::Register {
                     name: "weft security metrics",
@@ -496,6 +498,22 @@ impl Metrics {
             tx,
             _lease: lease,
         }
+    }
+
+    /// Retry / breaker / outlier / health handles of `cluster` (for its long-lived state), whose
+    /// series are exported while these handles (or others for the same cluster) live.
+    pub fn cluster_resilience(
+        &self,
+        cluster: &str,
+    ) -> crate::resilience_metrics::ClusterResilienceMetrics {
+        let f = &self.leased;
+        let (lease, handles) = f.lease(
+            LeaseKey::Resilience {
+                cluster: cluster.into(),
+            },
+            || f.resilience.cluster(cluster),
+        );
+        handles.leased(lease)
     }
 
     /// The retry / breaker / outlier / health-check / rate-limit families.
@@ -1002,6 +1020,8 @@ struct LeasedSeries {
     tcp_connections: IntGaugeVec,
     tcp_bytes_total: IntCounterVec,
     upstream_connect_errors_total: IntCounterVec,
+    /// The per-cluster retry / breaker / outlier / health families.
+    resilience: crate::resilience_metrics::ResilienceMetrics,
     live: Mutex<HashMap<LeaseKey, Weak<Lease>>>,
 }
 
@@ -1015,6 +1035,8 @@ enum LeaseKey {
     },
     /// `weft_upstream_connect_errors_total{cluster}`.
     ConnectErrors { cluster: Box<str> },
+    /// Every per-cluster resilience series of `cluster` (retries, breaker, outlier, health).
+    Resilience { cluster: Box<str> },
 }
 
 /// Keeps some series exported while held (cloned with what records into them); the last one
@@ -1078,6 +1100,7 @@ impl LeasedSeries {
                     .upstream_connect_errors_total
                     .remove_label_values(&[cluster]);
             }
+            LeaseKey::Resilience { cluster } => self.resilience.remove_cluster(cluster),
         }
     }
 }

@@ -175,7 +175,39 @@ impl ResilienceMetrics {
                 .with_label_values(&[cluster]),
             endpoint_healthy: self.endpoint_healthy.clone(),
             cluster: cluster.into(),
+            _lease: None,
         }
+    }
+
+    /// Removes every series of `cluster` from the per-cluster families (its state is gone).
+    /// `weft_endpoint_healthy` series go with their health checker (`crate::health`).
+    pub fn remove_cluster(&self, cluster: &str) {
+        // Errors: the series does not exist (never resolved): nothing to remove.
+        for result in ["success", "failure", "budget_exhausted", "overloaded"] {
+            let _ = self.retries_total.remove_label_values(&[cluster, result]);
+        }
+        let _ = self
+            .retry_budget_exhausted_total
+            .remove_label_values(&[cluster]);
+        for l in LIMITS {
+            let _ = self.breaker_usage.remove_label_values(&[cluster, l]);
+            let _ = self.breaker_limit.remove_label_values(&[cluster, l]);
+            let _ = self.circuit_open.remove_label_values(&[cluster, l]);
+            let _ = self
+                .breaker_rejections_total
+                .remove_label_values(&[cluster, l]);
+        }
+        for reason in ["consecutive_failures", "success_rate"] {
+            let _ = self
+                .outlier_ejections_total
+                .remove_label_values(&[cluster, reason]);
+        }
+        let _ = self
+            .outlier_ejected_endpoints
+            .remove_label_values(&[cluster]);
+        let _ = self
+            .health_check_failures_total
+            .remove_label_values(&[cluster]);
     }
 
     /// Counter of requests refused by the rate limit of `scope` (`route`/`listener`) `name`.
@@ -232,9 +264,25 @@ pub struct ClusterResilienceMetrics {
     pub health_check_failures: IntCounter,
     endpoint_healthy: IntGaugeVec,
     cluster: Box<str>,
+    /// Keeps this cluster's series exported ([`crate::metrics::Metrics::cluster_resilience`]).
+    _lease: Option<crate::metrics::SeriesLease>,
 }
 
 impl ClusterResilienceMetrics {
+    /// These handles, keeping their series exported through `lease`.
+    #[must_use]
+    pub fn leased(mut self, lease: crate::metrics::SeriesLease) -> Self {
+        self._lease = Some(lease);
+        self
+    }
+
+    /// Removes `weft_endpoint_healthy{endpoint}` (the endpoint is no longer checked).
+    pub fn remove_endpoint_healthy(&self, endpoint: &str) {
+        let _ = self
+            .endpoint_healthy
+            .remove_label_values(&[&*self.cluster, endpoint]);
+    }
+
     /// Sets `weft_endpoint_healthy{endpoint}`.
     pub fn set_endpoint_healthy(&self, endpoint: &str, healthy: bool) {
         self.endpoint_healthy

@@ -137,8 +137,8 @@ fn samples(m: &Metrics, name: &str, labels: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// The families this change scopes (request, TCP, connect errors) with a series mentioning
-/// `label`. (The per-cluster resilience families are not covered yet.)
+/// The per-route / per-cluster families (request, TCP, connect errors, and the retry / breaker /
+/// outlier / health-check families) with a series mentioning `label`.
 fn series_families(m: &Metrics, label: &str) -> Vec<String> {
     let text = String::from_utf8(m.encode()).unwrap();
     text.lines()
@@ -149,6 +149,13 @@ fn series_families(m: &Metrics, label: &str) -> Vec<String> {
                 "weft_response_",
                 "weft_tcp_",
                 "weft_upstream_connect_errors_total",
+                "weft_retries_total",
+                "weft_retry_budget_exhausted_total",
+                "weft_breaker_",
+                "weft_circuit_open",
+                "weft_outlier_",
+                "weft_health_check_failures_total",
+                "weft_endpoint_healthy",
             ]
             .iter()
             .any(|p| l.starts_with(p))
@@ -366,4 +373,99 @@ fn the_peer_bound_holds_across_config_pushes_and_variants_go_with_their_route() 
         Vec::<String>::new()
     );
     drop(next);
+}
+
+/// `resources` with a TCP-connect health check every 20ms on `checked`, whose endpoints are
+/// `ports` (127.0.0.1; nothing listens there).
+fn with_health_check(mut r: Resources, checked: &str, ports: &[u16]) -> Resources {
+    for c in &mut r.clusters.as_mut().unwrap().clusters {
+        if c.name == checked {
+            c.health_check = Some(v1::HealthCheck {
+                kind: Some(v1::health_check::Kind::Tcp(true)),
+                interval_ms: 20,
+                timeout_ms: 100,
+                healthy_threshold: 1,
+                unhealthy_threshold: 1,
+            });
+        }
+    }
+    for ce in &mut r.endpoints.as_mut().unwrap().clusters {
+        if ce.cluster == checked {
+            ce.endpoints = ports
+                .iter()
+                .map(|p| v1::Endpoint {
+                    address: format!("127.0.0.1:{p}"),
+                    weight: 1,
+                    ..Default::default()
+                })
+                .collect();
+        }
+    }
+    r
+}
+
+/// Waits (bounded) until `cond` holds on scrapes of `m`.
+async fn eventually(m: &Metrics, what: &str, cond: impl Fn(&Metrics) -> bool) {
+    for _ in 0..200 {
+        if cond(m) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("{what}: {}", String::from_utf8(m.encode()).unwrap());
+}
+
+#[tokio::test]
+async fn endpoint_health_series_follow_the_checked_endpoints() {
+    let m = Metrics::new().unwrap();
+    let routes = [("to-a", "a.default")];
+    let healthy = |m: &Metrics| samples(m, "weft_endpoint_healthy", &[r#"cluster="a.default""#]);
+    let s1 = Snapshot::build(
+        with_health_check(
+            resources(&routes, &["a.default"], false),
+            "a.default",
+            &[9401, 9402],
+        ),
+        None,
+        &m,
+    )
+    .unwrap();
+    eventually(&m, "both endpoints checked", |m| healthy(m).len() == 2).await;
+
+    // A rollout replaces endpoint 9402 by 9403: the gone endpoint's series goes.
+    let s2 = Snapshot::build(
+        with_health_check(
+            resources(&routes, &["a.default"], false),
+            "a.default",
+            &[9401, 9403],
+        ),
+        Some(&s1),
+        &m,
+    )
+    .unwrap();
+    drop(s1);
+    eventually(&m, "9403 checked, 9402 gone", |m| {
+        let h = healthy(m);
+        h.len() == 2
+            && h.iter().any(|l| l.contains(":9403"))
+            && !h.iter().any(|l| l.contains(":9402"))
+    })
+    .await;
+    // A few more check rounds: 9402 does not come back.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        !healthy(&m).iter().any(|l| l.contains(":9402")),
+        "{:?}",
+        healthy(&m)
+    );
+
+    // The service is removed: every per-cluster series of it goes with its state.
+    let s3 = Snapshot::build(resources(&[], &[], false), Some(&s2), &m).unwrap();
+    drop(s2);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(
+        series_families(&m, r#"cluster="a.default""#),
+        Vec::<String>::new()
+    );
+    drop(s3);
 }
