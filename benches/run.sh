@@ -8,6 +8,7 @@
 #            --skip-install (don't apt-get / cargo install the load tools)
 #            --only=direct,haproxy,nginx,weft,mtls (a subset; `weft` = weft + weft-mesh,
 #              `mtls` = weft-mesh-mtls)
+#            --cases=fix,sat,h2,conn,tcp,tcpconn,idle (a subset of the cases; default all)
 #
 # Writes the table to stdout and benches/results/latest.md.
 set -euo pipefail
@@ -19,6 +20,7 @@ HELPER="python3 $BENCH/lib/bench.py"
 
 MODE=full
 ONLY=direct,haproxy,nginx,weft,mtls
+CASES=fix,sat,h2,conn,tcp,tcpconn,idle
 BUILD=1
 INSTALL=1
 for arg in "$@"; do
@@ -27,22 +29,25 @@ for arg in "$@"; do
     --skip-build) BUILD=0 ;;
     --skip-install) INSTALL=0 ;;
     --only=*) ONLY=${arg#--only=} ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --cases=*) CASES=${arg#--cases=} ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
 
 # ---------------------------------------------------------------- durations (seconds)
 if [[ $MODE == quick ]]; then
-  D_FIX=3; D_SAT=3; D_H2=3; D_TCP=2; D_CONN=2; WARM=1; IDLE_HOLD=3
+  D_FIX=3; D_SAT=3; D_H2=3; D_TCP=2; D_CONN=2; D_TCPCONN=2; WARM=1; IDLE_HOLD=3
 else
-  D_FIX=15; D_SAT=15; D_H2=10; D_TCP=10; D_CONN=5; WARM=2; IDLE_HOLD=5
+  D_FIX=15; D_SAT=15; D_H2=10; D_TCP=10; D_CONN=5; D_TCPCONN=5; WARM=2; IDLE_HOLD=5
 fi
 FIX_RATE=${BENCH_FIX_RATE:-2000}      # req/s of the fixed-rate latency case
 FIX_CONNS=10                          # connections of the fixed-rate case (FIX_RATE/10 each)
 SAT_CONNS=${BENCH_SAT_CONNS:-64}      # keep-alive connections at saturation
 H2_CONNS=4; H2_STREAMS=16             # h2load: connections x concurrent streams each
 CONN_CONNS=16                         # concurrent clients of the new-connection case
+TCPCONN_CONNS=${BENCH_TCPCONN_CONNS:-32}  # connections in flight in the TCP new-connection case
+TCPCONN_SIZE=16                       # bytes each TCP connection sends (and gets echoed)
 IDLE_N=${BENCH_IDLE_CONNS:-10000}     # idle keep-alive connections
 
 # ---------------------------------------------------------------- pinning (2 cores)
@@ -56,21 +61,23 @@ cli() { taskset -c "$CLIENT_CPUS" "$@"; }
 
 # ---------------------------------------------------------------- addresses (loopback only)
 # 127.0.3.x: never used by the tests (127.{1..250}.x.y) nor the demo (127.0.0.x).
-UP=127.0.3.1          # upstream nginx :8080 (h1) :8082 (h2c); iperf3 server :5201
-HAP=127.0.3.10        # HAProxy :8080 h1, :8082 h2c, :5201 tcp
-NGX=127.0.3.11        # nginx proxy :8080 h1, :8082 h2c, :5201 tcp
+UP=127.0.3.1          # upstream nginx :8080 (h1) :8082 (h2c); iperf3 server :5201; TCP echo :5400
+HAP=127.0.3.10        # HAProxy :8080 h1, :8082 h2c, :5201 tcp, :5400 tcp (echo)
+NGX=127.0.3.11        # nginx proxy :8080 h1, :8082 h2c, :5201 tcp, :5400 tcp (echo)
 CP=127.0.3.20         # weft-control :15010 grpc, :15011 admin
-W_CLIENT=127.0.3.21   # the caller's sidecar (outbound :15001, tcp :5301 / :5302)
+W_CLIENT=127.0.3.21   # the caller's sidecar (outbound :15001, tcp :5301 / :5302 / :5303 / :5304)
 W_MESH=127.0.3.22     # sidecar of service `mesh` (app = upstream :8080)
 W_MESH_H2=127.0.3.23  # sidecar of service `mesh-h2` (app = upstream :8082)
 W_MESH_TCP=127.0.3.24 # sidecar of service `tcp-mesh` (app = iperf3 :5201)
-# weft-mesh-mtls: the same four sidecars and control plane, with a CA, TLS gRPC, join tokens,
+W_MESH_ECHO=127.0.3.25 # sidecar of service `tcp-echo-mesh` (app = TCP echo :5400)
+# weft-mesh-mtls: the same five sidecars and control plane, with a CA, TLS gRPC, join tokens,
 # and `mtls: strict` for the callees (a separate phase, after the plaintext sidecars stopped).
 CP_M=127.0.3.30       # weft-control --ca-dir (TLS gRPC) :15010, admin :15011
 M_CLIENT=127.0.3.31   # the caller's sidecar (identity bench-client)
 M_MESH=127.0.3.32     # sidecar of `mesh` (strict mTLS inbound; app = upstream :8080)
 M_MESH_H2=127.0.3.33  # sidecar of `mesh-h2` (strict; app = upstream :8082)
 M_MESH_TCP=127.0.3.34 # sidecar of `tcp-mesh` (strict; app = iperf3 :5201)
+M_MESH_ECHO=127.0.3.35 # sidecar of `tcp-echo-mesh` (strict; app = TCP echo :5400)
 
 need() { command -v "$1" >/dev/null 2>&1; }
 log() { printf '==> %s\n' "$*" >&2; }
@@ -105,7 +112,7 @@ FIX_TOOL=h2load
 need oha && FIX_TOOL=oha
 
 # ---------------------------------------------------------------- build Weft (release)
-BIN=$ROOT/target/release
+BIN=${BENCH_BIN_DIR:-$ROOT/target/release}   # BENCH_BIN_DIR: Weft binaries built elsewhere (with --skip-build)
 WEFT_NOTE=""
 if [[ $BUILD == 1 ]]; then
   log "building Weft (cargo build --release -p weft-proxy -p weft-control)"
@@ -203,6 +210,14 @@ wait_url() { # url, [host header], tries of 0.1 s
   done
   return 1
 }
+wait_echo() { # host, port: a TCP connection through it gets its bytes echoed (tries of 0.1 s)
+  local _
+  for _ in $(seq 1 100); do
+    if python3 "$BENCH/lib/tcp_conns.py" "$1" "$2" --once 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
 wait_port() { # host, port
   for _ in $(seq 1 100); do
     if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
@@ -234,11 +249,14 @@ http {
   }
 }
 EOF
-log "starting the upstream (nginx, 1 worker, core $SERVER_CPUS) and iperf3 -s"
+log "starting the upstream (nginx, 1 worker, core $SERVER_CPUS), iperf3 -s and the TCP echo server"
 start upstream srv nginx -c "$WORK/up/nginx.conf" -p "$WORK/up"
 start iperf srv iperf3 -s -B $UP -p 5201 --logfile "$WORK/iperf3-server.log"
+# TCP echo (the TCP new-connection case): echoes TCPCONN_SIZE bytes, then closes first.
+start echo srv python3 "$BENCH/lib/tcp_echo.py" $UP 5400 --close-after $TCPCONN_SIZE
 wait_url "http://$UP:8080/" || { cat "$WORK/upstream.log" >&2; echo "run.sh: upstream nginx did not start" >&2; exit 1; }
 wait_port $UP 5201 || { echo "run.sh: iperf3 server did not start" >&2; exit 1; }
+wait_port $UP 5400 || { cat "$WORK/echo.log" >&2; echo "run.sh: TCP echo server did not start" >&2; exit 1; }
 
 # ---------------------------------------------------------------- HAProxy
 cat >"$WORK/hap/haproxy.cfg" <<EOF
@@ -268,6 +286,10 @@ listen tcp
   mode tcp
   bind $HAP:5201
   server s1 $UP:5201
+listen tcpecho
+  mode tcp
+  bind $HAP:5400 backlog 4096
+  server s1 $UP:5400
 EOF
 
 # ---------------------------------------------------------------- nginx as proxy
@@ -300,14 +322,15 @@ http {
 }
 stream {
   server { listen $NGX:5201; proxy_pass $UP:5201; }
+  server { listen $NGX:5400 backlog=4096; proxy_pass $UP:5400; }
 }
 EOF
 
 # ---------------------------------------------------------------- Weft
-# One control plane, four sidecars. `weft` = the caller's sidecar only (outbound listener ->
+# One control plane, five sidecars. `weft` = the caller's sidecar only (outbound listener ->
 # upstream nginx as a static endpoint). `weft-mesh` = caller's sidecar -> callee's sidecar
 # (inbound) -> upstream: the full mesh path, with the callee registered by the control plane.
-weft_policy() { # file, mtls mode of the callees (mesh, mesh-h2, tcp-mesh)
+weft_policy() { # file, mtls mode of the callees (mesh, mesh-h2, tcp-mesh, tcp-echo-mesh)
   cat >"$1" <<EOF
 services:
   - {name: bench-client, namespace: bench}
@@ -325,6 +348,12 @@ services:
     port: 5301
     endpoints: [{address: "$UP:5201"}]
   - {name: tcp-mesh, namespace: bench, protocol: tcp, port: 5302, mtls: $2}
+  - name: tcp-echo          # the TCP new-connection case, caller's sidecar only
+    namespace: bench
+    protocol: tcp
+    port: 5303
+    endpoints: [{address: "$UP:5400"}]
+  - {name: tcp-echo-mesh, namespace: bench, protocol: tcp, port: 5304, mtls: $2}
 EOF
 }
 # Plaintext mesh: the control channel is plaintext (--insecure-grpc) and the sidecars have no
@@ -351,8 +380,9 @@ weft_bootstrap "$WORK/weft/client.yaml" bench-client $W_CLIENT "$UP:9"
 weft_bootstrap "$WORK/weft/mesh.yaml" mesh $W_MESH "$UP:8080"
 weft_bootstrap "$WORK/weft/mesh-h2.yaml" mesh-h2 $W_MESH_H2 "$UP:8082"
 weft_bootstrap "$WORK/weft/tcp-mesh.yaml" tcp-mesh $W_MESH_TCP "$UP:5201"
+weft_bootstrap "$WORK/weft/tcp-echo-mesh.yaml" tcp-echo-mesh $W_MESH_ECHO "$UP:5400"
 MCA=$WORK/weft-mtls/ca
-for spec in "bench-client $M_CLIENT $UP:9" "mesh $M_MESH $UP:8080" "mesh-h2 $M_MESH_H2 $UP:8082" "tcp-mesh $M_MESH_TCP $UP:5201"; do
+for spec in "bench-client $M_CLIENT $UP:9" "mesh $M_MESH $UP:8080" "mesh-h2 $M_MESH_H2 $UP:8082" "tcp-mesh $M_MESH_TCP $UP:5201" "tcp-echo-mesh $M_MESH_ECHO $UP:5400"; do
   read -r svc ip app <<<"$spec"
   weft_bootstrap "$WORK/weft-mtls/$svc.yaml" "$svc" "$ip" "$app" $CP_M "$MCA/roots.pem" "$WORK/weft-mtls/tokens/$svc.token"
 done
@@ -375,10 +405,13 @@ CLK=$($HELPER clk-tck)
 h1_addr() { case $1 in direct) echo $UP:8080 ;; haproxy) echo $HAP:8080 ;; nginx) echo $NGX:8080 ;; weft|weft-mesh) echo $W_CLIENT:15001 ;; weft-mesh-mtls) echo $M_CLIENT:15001 ;; esac; }
 h2_addr() { case $1 in direct) echo $UP:8082 ;; haproxy) echo $HAP:8082 ;; nginx) echo $NGX:8082 ;; weft|weft-mesh) echo $W_CLIENT:15001 ;; weft-mesh-mtls) echo $M_CLIENT:15001 ;; esac; }
 tcp_addr() { case $1 in direct) echo "$UP 5201" ;; haproxy) echo "$HAP 5201" ;; nginx) echo "$NGX 5201" ;; weft) echo "$W_CLIENT 5301" ;; weft-mesh) echo "$W_CLIENT 5302" ;; weft-mesh-mtls) echo "$M_CLIENT 5302" ;; esac; }
+echo_addr() { case $1 in direct) echo "$UP 5400" ;; haproxy) echo "$HAP 5400" ;; nginx) echo "$NGX 5400" ;; weft) echo "$W_CLIENT 5303" ;; weft-mesh) echo "$W_CLIENT 5304" ;; weft-mesh-mtls) echo "$M_CLIENT 5304" ;; esac; }
 h1_host() { case $1 in weft) echo upstream.bench ;; weft-mesh|weft-mesh-mtls) echo mesh.bench ;; *) echo "" ;; esac; }
 h2_host() { case $1 in weft) echo upstream-h2.bench ;; weft-mesh|weft-mesh-mtls) echo mesh-h2.bench ;; *) echo "" ;; esac; }
 # The callees' sidecars (inbound listeners) of a mesh target: their admin IPs.
-inbound_ips() { case $1 in weft-mesh) echo "$W_MESH $W_MESH_H2 $W_MESH_TCP" ;; weft-mesh-mtls) echo "$M_MESH $M_MESH_H2 $M_MESH_TCP" ;; esac; }
+inbound_ips() { case $1 in weft-mesh) echo "$W_MESH $W_MESH_H2 $W_MESH_TCP $W_MESH_ECHO" ;; weft-mesh-mtls) echo "$M_MESH $M_MESH_H2 $M_MESH_TCP $M_MESH_ECHO" ;; esac; }
+# The callee's sidecar of the TCP new-connection case (tcp-echo-mesh).
+echo_ip() { case $1 in weft-mesh) echo "$W_MESH_ECHO" ;; weft-mesh-mtls) echo "$M_MESH_ECHO" ;; esac; }
 # weft_inbound_connections_total{tls=LABEL}, summed over the sidecars at the given IPs.
 inbound_conns() { # label, ip...
   local label=$1 ip total=0 v
@@ -396,7 +429,7 @@ tls_snapshot() { # target: "mtls plaintext refused" inbound connection counts of
   echo "$(inbound_conns mtls $ips) $(inbound_conns plaintext $ips) $(inbound_conns refused $ips)"
 }
 
-# PIDs whose CPU and memory count for a target, by case (h1 | h2 | tcp).
+# PIDs whose CPU and memory count for a target, by case (h1 | h2 | tcp | echo).
 proxy_pids() {
   case $1 in
     direct) echo "" ;;
@@ -408,12 +441,14 @@ proxy_pids() {
         h1) echo "${PID_w_client:-} ${PID_w_mesh:-}" ;;
         h2) echo "${PID_w_client:-} ${PID_w_mesh_h2:-}" ;;
         tcp) echo "${PID_w_client:-} ${PID_w_mesh_tcp:-}" ;;
+        echo) echo "${PID_w_client:-} ${PID_w_mesh_echo:-}" ;;
       esac ;;
     weft-mesh-mtls)
       case ${2:-h1} in
         h1) echo "${PID_m_client:-} ${PID_m_mesh:-}" ;;
         h2) echo "${PID_m_client:-} ${PID_m_mesh_h2:-}" ;;
         tcp) echo "${PID_m_client:-} ${PID_m_mesh_tcp:-}" ;;
+        echo) echo "${PID_m_client:-} ${PID_m_mesh_echo:-}" ;;
       esac ;;
   esac
 }
@@ -498,6 +533,36 @@ case_tcp() {
   $HELPER iperf "$RES" "$t" tcp "$out"
 }
 
+# TCP new connections per second: connect -> send TCPCONN_SIZE bytes -> read the echo and the
+# server's EOF -> close, TCPCONN_CONNS in flight (lib/tcp_conns.py). Through weft-mesh-mtls every
+# connection is a new caller -> callee connection (TCP is not pooled): a full mTLS handshake each,
+# which the callee's weft_inbound_connections_total delta proves.
+case_tcpconn() {
+  local t=$1 out=$WORK/$1.tcpconn.out h p pids c0 c1 s0="" s1 ip n m0 p0 m1 p1
+  read -r h p <<<"$(echo_addr "$t")"
+  pids=$(proxy_pids "$t" echo)
+  ip=$(echo_ip "$t")
+  if [[ -n $ip ]]; then s0="$(inbound_conns mtls "$ip") $(inbound_conns plaintext "$ip")"; fi
+  c0=$($HELPER cpu $pids)
+  cli python3 "$BENCH/lib/tcp_conns.py" "$h" "$p" --secs "$D_TCPCONN" --conc $TCPCONN_CONNS \
+    --size $TCPCONN_SIZE >"$out" 2>&1 || true
+  c1=$($HELPER cpu $pids)
+  $HELPER tcpconns "$RES" "$t" tcpconn "$out"
+  n=$($HELPER get "$RES" "$t" tcpconn.opened)
+  if [[ -n $pids && -n $n && $n != 0 ]]; then
+    # Every connection the client opened (those still in flight at the deadline included).
+    $HELPER put "$RES" "$t" cpu.tcpconn "$(python3 -c "print(($c1-$c0)/$CLK*1e6/$n)")"
+  fi
+  if [[ -n $s0 ]]; then
+    s1="$(inbound_conns mtls "$ip") $(inbound_conns plaintext "$ip")"
+    read -r m0 p0 <<<"$s0"; read -r m1 p1 <<<"$s1"
+    $HELPER put "$RES" "$t" tcpconn.inbound "mtls +$((m1 - m0)), plaintext +$((p1 - p0)) / ${n:-?} client conns"
+    if [[ $t == weft-mesh-mtls && -n $n && $((m1 - m0)) -lt $n ]]; then
+      WEFT_NOTE+="weft-mesh-mtls tcpconn: the callee accepted $((m1 - m0)) mTLS connections for $n client connections: not one handshake per connection; "
+    fi
+  fi
+}
+
 # RSS idle, and with IDLE_N idle keep-alive connections (proxies only)
 case_idle() {
   local t=$1 addr host pids out=$WORK/$1.idle.out ok
@@ -527,14 +592,19 @@ case_idle() {
   sleep 1
 }
 
+has_case() { [[ ",$CASES," == *",$1,"* ]]; }
+
 run_target() { # target
   local t=$1 s0="" s1 m0 p0 r0 m1 p1 r1
   [[ $t == weft-mesh* ]] && s0=$(tls_snapshot "$t")
-  log "[$t] fixed rate ($FIX_RATE req/s, $FIX_TOOL, ${D_FIX}s)"; case_fix "$t"
-  log "[$t] HTTP/1.1 saturation (wrk -c $SAT_CONNS, ${D_SAT}s)"; case_sat "$t"
-  log "[$t] HTTP/2 (h2load -c $H2_CONNS -m $H2_STREAMS, ${D_H2}s)"; case_h2 "$t"
-  log "[$t] new connections (wrk Connection: close, ${D_CONN}s)"; case_conn "$t"
-  log "[$t] TCP throughput (iperf3, ${D_TCP}s)"; case_tcp "$t"
+  if has_case fix; then log "[$t] fixed rate ($FIX_RATE req/s, $FIX_TOOL, ${D_FIX}s)"; case_fix "$t"; fi
+  if has_case sat; then log "[$t] HTTP/1.1 saturation (wrk -c $SAT_CONNS, ${D_SAT}s)"; case_sat "$t"; fi
+  if has_case h2; then log "[$t] HTTP/2 (h2load -c $H2_CONNS -m $H2_STREAMS, ${D_H2}s)"; case_h2 "$t"; fi
+  if has_case conn; then log "[$t] new connections (wrk Connection: close, ${D_CONN}s)"; case_conn "$t"; fi
+  if has_case tcp; then log "[$t] TCP throughput (iperf3, ${D_TCP}s)"; case_tcp "$t"; fi
+  if has_case tcpconn; then
+    log "[$t] TCP new connections (tcp_conns.py -c $TCPCONN_CONNS, connect/echo/close, ${D_TCPCONN}s)"; case_tcpconn "$t"
+  fi
   if [[ -n $s0 ]]; then
     # What the callees' inbound listeners accepted during this target's cases, by transport.
     s1=$(tls_snapshot "$t")
@@ -548,7 +618,7 @@ run_target() { # target
 
 fail_all() { # target, reason
   local m
-  for m in fix.rps sat.rps h2.rps conn.rps tcp.mbps rss.idle; do $HELPER fail "$RES" "$1" "$m" "$2"; done
+  for m in fix.rps sat.rps h2.rps conn.rps tcp.mbps tcpconn.rps rss.idle; do $HELPER fail "$RES" "$1" "$m" "$2"; done
 }
 
 idle_rss() { # target: RSS after start, before traffic (one request to warm up)
@@ -576,7 +646,7 @@ start haproxy srv haproxy -db -f "$WORK/hap/haproxy.cfg"
 if wait_url "http://$HAP:8080/"; then
   idle_rss haproxy
   run_target haproxy
-  case_idle haproxy
+  if has_case idle; then case_idle haproxy; fi
 else
   fail_all haproxy "haproxy did not start: $(tail -1 "$WORK/haproxy.log")"
 fi
@@ -591,7 +661,7 @@ if wait_url "http://$NGX:8080/"; then
   NGX_WORKERS=$($HELPER children "$PID_nginx")
   idle_rss nginx
   run_target nginx
-  case_idle nginx
+  if has_case idle; then case_idle nginx; fi
 else
   fail_all nginx "nginx did not start: $(tail -1 "$WORK/nginx.log")"
 fi
@@ -620,7 +690,7 @@ check_sidecars() { # log-name prefix (w | m), label, name...
 if ! on weft; then
   :
 elif [[ $WEFT_OK == 1 ]]; then
-  log "starting weft-control (--insecure-grpc, CPU $CLIENT_CPUS) and 4 weft-proxy sidecars without identities (CPU $SERVER_CPUS, 1 worker thread)"
+  log "starting weft-control (--insecure-grpc, CPU $CLIENT_CPUS) and 5 weft-proxy sidecars without identities (CPU $SERVER_CPUS, 1 worker thread)"
   start control cli "$BIN/weft-control" --policies "$WORK/weft/policies" \
     --grpc $CP:15010 --admin $CP:15011 --insecure-grpc  # no CA in use: the plaintext mesh
   if wait_url "http://$CP:15011/healthz"; then
@@ -628,30 +698,33 @@ elif [[ $WEFT_OK == 1 ]]; then
     start w_mesh srv "$BIN/weft-proxy" --config "$WORK/weft/mesh.yaml"
     start w_mesh_h2 srv "$BIN/weft-proxy" --config "$WORK/weft/mesh-h2.yaml"
     start w_mesh_tcp srv "$BIN/weft-proxy" --config "$WORK/weft/tcp-mesh.yaml"
+    start w_mesh_echo srv "$BIN/weft-proxy" --config "$WORK/weft/tcp-echo-mesh.yaml"
     ready=1
-    for ip in $W_CLIENT $W_MESH $W_MESH_H2 $W_MESH_TCP; do
+    for ip in $W_CLIENT $W_MESH $W_MESH_H2 $W_MESH_TCP $W_MESH_ECHO; do
       wait_url "http://$ip:15000/ready" "" 150 || { ready=0; log "sidecar $ip not ready"; }
     done
     # Registration is asynchronous: wait until the caller's sidecar routes to both paths.
     wait_url "http://$W_CLIENT:15001/" upstream.bench 100 || ready=0
     wait_url "http://$W_CLIENT:15001/" mesh.bench 100 || ready=0
+    wait_echo $W_CLIENT 5303 || { ready=0; log "no TCP route to tcp-echo through $W_CLIENT:5303"; }
+    wait_echo $W_CLIENT 5304 || { ready=0; log "no TCP route to tcp-echo-mesh through $W_CLIENT:5304"; }
     if [[ $ready == 1 ]]; then
       idle_rss weft
       $HELPER put "$RES" weft-mesh rss.idle "$(python3 -c "print($($HELPER rss $(proxy_pids weft-mesh h1))/1024)")"
       run_target weft
       run_target weft-mesh
-      case_idle weft
+      if has_case idle; then case_idle weft; fi
     else
       why="sidecars not ready / no route (logs: control, w_client); first error: $({ grep -h -m1 -i 'error' "$WORK"/w_client.log "$WORK"/control.log 2>/dev/null || true; } | head -1 | cut -c1-100)"
       fail_all weft "$why"; fail_all weft-mesh "$why"
     fi
-    check_sidecars w plaintext w_client w_mesh w_mesh_h2 w_mesh_tcp
+    check_sidecars w plaintext w_client w_mesh w_mesh_h2 w_mesh_tcp w_mesh_echo
   else
     fail_all weft "weft-control did not start: $(tail -1 "$WORK/control.log")"
     fail_all weft-mesh "weft-control did not start"
   fi
   # Free CPU $SERVER_CPUS (and the memory) before the mTLS phase.
-  for p in w_mesh_tcp w_mesh_h2 w_mesh w_client control; do stop "$p"; done
+  for p in w_mesh_echo w_mesh_tcp w_mesh_h2 w_mesh w_client control; do stop "$p"; done
 else
   fail_all weft "not built: $WEFT_NOTE"; fail_all weft-mesh "not built"
 fi
@@ -661,12 +734,12 @@ fi
 if ! on mtls; then
   :
 elif [[ $WEFT_OK == 1 ]]; then
-  log "starting weft-control (--ca-dir, TLS gRPC, CPU $CLIENT_CPUS) and 4 weft-proxy sidecars with join tokens (CPU $SERVER_CPUS)"
+  log "starting weft-control (--ca-dir, TLS gRPC, CPU $CLIENT_CPUS) and 5 weft-proxy sidecars with join tokens (CPU $SERVER_CPUS)"
   start control_m cli "$BIN/weft-control" --policies "$WORK/weft-mtls/policies" --ca-dir "$MCA" \
     --grpc $CP_M:15010 --admin $CP_M:15011
   if wait_url "http://$CP_M:15011/healthz" && [[ -s $MCA/roots.pem ]]; then
     tok_ok=1
-    for svc in bench-client mesh mesh-h2 tcp-mesh; do
+    for svc in bench-client mesh mesh-h2 tcp-mesh tcp-echo-mesh; do
       "$BIN/weft-control" token --ca-dir "$MCA" --service "$svc" --namespace bench \
         >"$WORK/weft-mtls/tokens/$svc.token" 2>>"$WORK/control_m.log" || tok_ok=0
     done
@@ -674,8 +747,9 @@ elif [[ $WEFT_OK == 1 ]]; then
     start m_mesh srv "$BIN/weft-proxy" --config "$WORK/weft-mtls/mesh.yaml"
     start m_mesh_h2 srv "$BIN/weft-proxy" --config "$WORK/weft-mtls/mesh-h2.yaml"
     start m_mesh_tcp srv "$BIN/weft-proxy" --config "$WORK/weft-mtls/tcp-mesh.yaml"
+    start m_mesh_echo srv "$BIN/weft-proxy" --config "$WORK/weft-mtls/tcp-echo-mesh.yaml"
     ready=$tok_ok
-    for ip in $M_CLIENT $M_MESH $M_MESH_H2 $M_MESH_TCP; do
+    for ip in $M_CLIENT $M_MESH $M_MESH_H2 $M_MESH_TCP $M_MESH_ECHO; do
       wait_url "http://$ip:15000/ready" "" 150 || { ready=0; log "sidecar $ip not ready"; }
     done
     # Registration and certificates are asynchronous: wait until a request goes through
@@ -687,6 +761,7 @@ elif [[ $WEFT_OK == 1 ]]; then
       sleep 0.1
     done
     [[ $h2ok == 1 ]] || { ready=0; log "no h2 route to mesh-h2.bench through $M_CLIENT"; }
+    wait_echo $M_CLIENT 5304 || { ready=0; log "no TCP route to tcp-echo-mesh through $M_CLIENT:5304"; }
     if [[ $ready == 1 ]]; then
       $HELPER put "$RES" weft-mesh-mtls rss.idle "$(python3 -c "print($($HELPER rss $(proxy_pids weft-mesh-mtls h1))/1024)")"
       run_target weft-mesh-mtls
@@ -704,11 +779,11 @@ elif [[ $WEFT_OK == 1 ]]; then
       why="mTLS sidecars not ready / no route (tokens ok: $tok_ok; logs: control_m, m_client); first error: $({ grep -h -m1 -E 'ERROR|WARN' "$WORK"/m_client.log "$WORK"/m_mesh.log "$WORK"/control_m.log 2>/dev/null || true; } | head -1 | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-120)"
       fail_all weft-mesh-mtls "$why"
     fi
-    check_sidecars m mTLS m_client m_mesh m_mesh_h2 m_mesh_tcp
+    check_sidecars m mTLS m_client m_mesh m_mesh_h2 m_mesh_tcp m_mesh_echo
   else
     fail_all weft-mesh-mtls "weft-control --ca-dir did not start: $(tail -1 "$WORK/control_m.log")"
   fi
-  for p in m_mesh_tcp m_mesh_h2 m_mesh m_client control_m; do stop "$p"; done
+  for p in m_mesh_echo m_mesh_tcp m_mesh_h2 m_mesh m_client control_m; do stop "$p"; done
 else
   fail_all weft-mesh-mtls "not built: $WEFT_NOTE"
 fi
@@ -729,9 +804,9 @@ meta = {
   "command": "benches/run.sh $*",
   "load": "load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every number)",
   "idle_n": $IDLE_N,
-  "mode": "$MODE: fixed ${FIX_RATE} req/s ${D_FIX}s, saturation ${D_SAT}s (wrk -c $SAT_CONNS), h2 ${D_H2}s (h2load -c $H2_CONNS -m $H2_STREAMS), conn ${D_CONN}s (-c $CONN_CONNS), tcp ${D_TCP}s, $IDLE_N idle conns; total $((T_END - T_START))s",
+  "mode": "$MODE: fixed ${FIX_RATE} req/s ${D_FIX}s, saturation ${D_SAT}s (wrk -c $SAT_CONNS), h2 ${D_H2}s (h2load -c $H2_CONNS -m $H2_STREAMS), conn ${D_CONN}s (-c $CONN_CONNS), tcp ${D_TCP}s, tcp conns ${D_TCPCONN}s (-c $TCPCONN_CONNS, $TCPCONN_SIZE B), cases $CASES, $IDLE_N idle conns; total $((T_END - T_START))s",
   "pinning": "proxy under test + upstream nginx + iperf3 server on CPU $SERVER_CPUS; load generators + weft-control on CPU $CLIENT_CPUS; haproxy nbthread 1, nginx worker_processes 1, weft-proxy 1 worker thread",
-  "tools": "fixed rate: $FIX_TOOL; saturation + new conns: wrk; h2: h2load; tcp: iperf3; $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1 | cut -d: -f2 | xargs)",
+  "tools": "fixed rate: $FIX_TOOL; saturation + new conns: wrk; h2: h2load; tcp: iperf3; tcp new conns: benches/lib/tcp_conns.py -> tcp_echo.py (Python, epoll); $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1 | cut -d: -f2 | xargs)",
   "notes": notes,
 }
 json.dump(meta, open(sys.argv[1], "w"))

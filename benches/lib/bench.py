@@ -15,6 +15,7 @@ Results (a JSON file: {target: {metric: value | {"fail": reason}}}):
   bench.py oha RES TARGET PREFIX FILE      parses `oha --output-format json` (or -j) output
   bench.py h2load RES TARGET PREFIX FILE [LOG]   parses h2load output (+ per-request log)
   bench.py iperf RES TARGET PREFIX FILE    parses `iperf3 -J` output
+  bench.py tcpconns RES TARGET PREFIX FILE parses lib/tcp_conns.py output
   bench.py report RES META OUT.md          prints the table and writes OUT.md
 
 Each parser stores PREFIX.rps / .p50 / .p99 / .p999 (ms) / .err / ... and prints one summary
@@ -293,6 +294,37 @@ def parse_iperf(res, target, prefix, path):
     print(f"{target} {prefix}: {bps / 8 / 1e6:,.0f} MB/s")
 
 
+def parse_tcpconns(res, target, prefix, path):
+    text = read(path)
+    m = re.search(r"^TCPCONNS (\{.*\})$", text, re.M)
+    if not m:
+        fail(res, target, prefix + ".rps", "tcp_conns.py: " + last_line_hint(text))
+        print(f"{target} {prefix}: FAILED ({last_line_hint(text)})")
+        return
+    j = json.loads(m.group(1))
+    errs = sum(j["errors"].values())
+    if not j["conns"]:
+        fail(res, target, prefix + ".rps", f"no connection completed ({json.dumps(j['errors'])[:80]})")
+        print(f"{target} {prefix}: FAILED (no connection completed, errors {j['errors']})")
+        return
+    d = load(res)
+    t = d.setdefault(target, {})
+    t[prefix + ".rps"] = j["rate"]
+    t[prefix + ".conns"] = j["conns"]
+    t[prefix + ".opened"] = j["opened"]
+    t[prefix + ".p50"] = j["p50_us"] / 1000
+    t[prefix + ".p99"] = j["p99_us"] / 1000
+    t[prefix + ".err"] = errs
+    t[prefix + ".client_cpu"] = j["client_cpu"]
+    if errs:
+        t[prefix + ".errdetail"] = json.dumps(j["errors"])[:200]
+    save(res, d)
+    print(
+        f"{target} {prefix}: {j['rate']:,.0f} conns/s  p50 {j['p50_us'] / 1000:.3f} ms  "
+        f"p99 {j['p99_us'] / 1000:.3f} ms  errors {errs}  client CPU {j['client_cpu']:.0%}"
+    )
+
+
 # ----------------------------------------------------------------------------- report
 
 TARGETS = ["direct", "weft", "weft-mesh", "weft-mesh-mtls", "haproxy", "nginx"]
@@ -311,15 +343,24 @@ ROWS = [
     ("h2.rps", "HTTP/2 (h2c, multiplexed): req/s", "int", True, False),
     ("conn.rps", "new connections/s (HTTP/1.1, Connection: close)", "int", True, False),
     ("tcp.mbps", "TCP throughput (MB/s)", "int", True, False),
+    ("tcpconn.rps", "TCP new connections/s (connect, echo, close)", "int", True, False),
     ("cpu.sat", "CPU per request, h1 saturation (µs)", "us", False, True),
     ("cpu.h2", "CPU per request, h2 (µs)", "us", False, True),
+    ("cpu.tcpconn", "CPU per TCP connection (µs)", "us", False, True),
     ("rss.idle", "RSS idle (MB)", "mb", False, True),
     ("rss.load", "RSS under load, max (MB)", "mb", False, True),
     ("rss.10k", "RSS with 10k idle keep-alive conns (MB)", "mb", False, True),
     ("idle.ok", "idle conns held / opened ok", "str", True, True),
     ("tls.inbound", "callees' inbound conns accepted during the cases, by transport", "str", True, True),
     ("conn.inbound", "sidecar-to-sidecar conns opened in the new-conn case", "int", False, True),
-    ("errors", "errors (fixed/sat/h2/conn)", "str", False, False),
+    (
+        "tcpconn.inbound",
+        "sidecar-to-sidecar conns (mtls = handshakes) / client conns, TCP new-conn case",
+        "str",
+        False,
+        True,
+    ),
+    ("errors", "errors (fixed/sat/h2/conn/tcpconn)", "str", False, False),
 ]
 
 
@@ -358,7 +399,7 @@ def report(res_path, meta_path, out_path):
         if tname != "direct" and direct_p50 is not None and num(t.get("fix.p50")) is not None:
             t["fix.added_p50"] = t["fix.p50"] - direct_p50
         errs = []
-        for p in ("fix", "sat", "h2", "conn"):
+        for p in ("fix", "sat", "h2", "conn", "tcpconn"):
             e = t.get(p + ".err")
             f = t.get(p + ".rps")
             errs.append("F" if isinstance(f, dict) else ("–" if e is None else str(e)))
@@ -471,8 +512,10 @@ def report(res_path, meta_path, out_path):
         ("h2.rps", "HTTP/2 req/s", "int", True),
         ("conn.rps", "new connections/s", "int", True),
         ("tcp.mbps", "TCP throughput (MB/s)", "int", True),
+        ("tcpconn.rps", "TCP new connections/s (mTLS: a handshake each)", "int", True),
         ("cpu.sat", "CPU per request, h1 (µs, both sidecars)", "us", False),
         ("cpu.h2", "CPU per request, h2 (µs, both sidecars)", "us", False),
+        ("cpu.tcpconn", "CPU per TCP connection (µs, both sidecars)", "us", False),
         ("rss.idle", "RSS idle (MB, both sidecars)", "mb", False),
         ("rss.load", "RSS under load (MB, both sidecars)", "mb", False),
     ):
@@ -497,6 +540,13 @@ def report(res_path, meta_path, out_path):
                 notes.append(f"- {tname} {k[:-10]}: {v}")
             elif isinstance(v, dict) and "fail" in v:
                 notes.append(f"- {tname} {k}: FAILED: {v['fail']}")
+    for tname in TARGETS:
+        cc = num(data.get(tname, {}).get("tcpconn.client_cpu"))
+        if cc is not None and cc >= 0.9:
+            notes.append(
+                f"- {tname} tcpconn: the client (tcp_conns.py) used {cc:.0%} of its CPU: "
+                "the rate may be the client's limit, not the target's"
+            )
     for n in meta.get("notes", []):
         notes.append(f"- {n}")
     if notes:
@@ -557,6 +607,8 @@ def main(argv):
         parse_h2load(*args)
     elif cmd == "iperf":
         parse_iperf(*args)
+    elif cmd == "tcpconns":
+        parse_tcpconns(*args)
     elif cmd == "report":
         report(*args)
     else:
