@@ -58,6 +58,11 @@ async fn mutual_auth_records_the_client_identity_and_alpn() {
     assert_eq!(s.peer.as_str(), CLIENT);
     assert!(s.h2);
     assert_eq!(c.get_ref().1.alpn_protocol(), Some(ALPN_H2));
+    assert_eq!(
+        c.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+        "sidecars prefer AES-128-GCM"
+    );
     let (s, _c) = handshake(&server, &client, WEB, Alpn::Http1).await;
     assert!(!s.unwrap().h2);
     assert_eq!(server.handshakes.inbound_ok.get(), 2);
