@@ -387,14 +387,10 @@ for spec in "bench-client $M_CLIENT $UP:9" "mesh $M_MESH $UP:8080" "mesh-h2 $M_M
   weft_bootstrap "$WORK/weft-mtls/$svc.yaml" "$svc" "$ip" "$app" $CP_M "$MCA/roots.pem" "$WORK/weft-mtls/tokens/$svc.token"
 done
 
-# Does weft-proxy have a worker-thread setting? It builds its data runtime with tokio's
-# default, which reads TOKIO_WORKER_THREADS (else the CPUs it may run on: 1 under taskset).
-export TOKIO_WORKER_THREADS=1
-WEFT_THREADS_NOTE="weft-proxy has no worker-thread flag; pinned with taskset and TOKIO_WORKER_THREADS=1 (tokio's own variable)"
-if [[ $WEFT_OK == 1 ]] && "$BIN/weft-proxy" --help 2>/dev/null | grep -qi 'worker'; then
-  WEFT_THREADS_NOTE="weft-proxy --help mentions workers: $("$BIN/weft-proxy" --help | grep -i worker | head -1 | xargs)"
-fi
-export WEFT_WORKER_THREADS=1   # harmless if unsupported; used if/when weft-proxy reads it
+# One data-path worker per proxy: weft-proxy reads WEFT_WORKER_THREADS (bootstrap
+# `worker_threads`; 1 = a current-thread runtime), like haproxy nbthread 1 / nginx 1 worker.
+export WEFT_WORKER_THREADS=1
+WEFT_THREADS_NOTE="weft-proxy: WEFT_WORKER_THREADS=1 (one current-thread data-path runtime), pinned with taskset"
 export RUST_LOG=${BENCH_RUST_LOG:-warn}
 
 # ---------------------------------------------------------------- measurement helpers
