@@ -4,7 +4,10 @@
 //! The tests need the workspace's binaries: `cargo build --workspace --bins` first.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use weft_testkit::{
@@ -454,4 +457,62 @@ async fn load_task(
         }
     }
     records
+}
+
+const INSTALL_HINT: &str = "run scripts/install-test-deps.sh (Debian package `prometheus` \
+                            provides both `prometheus` and `promtool`)";
+
+/// The path of `tool` on `PATH`; fails the test (never skips) when it is not installed.
+pub fn require_tool(tool: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{tool}` is not installed (not found on PATH): {INSTALL_HINT}"))
+}
+
+/// Runs `promtool args...` with `stdin`; returns (exit code, stdout + stderr).
+pub fn promtool(args: &[&str], stdin: Option<&str>) -> (Option<i32>, String) {
+    let bin = require_tool("promtool");
+    let mut cmd = Command::new(&bin);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {} {args:?}: {e}", bin.display()));
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        pipe.write_all(input.as_bytes())
+            .unwrap_or_else(|e| panic!("writing to promtool {args:?}: {e}"));
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for promtool {args:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// `promtool check metrics` on one exposition: `Err` describing the problems unless it exits 0
+/// without a single line of output.
+pub fn promtool_check_metrics(what: &str, text: &str) -> Result<(), String> {
+    let (code, out) = promtool(&["check", "metrics"], Some(text));
+    let problems: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    if code == Some(0) && problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "promtool check metrics on {what}: exit {code:?}, problems:\n{}\n--- the /metrics text ---\n{text}",
+            problems.join("\n")
+        ))
+    }
 }

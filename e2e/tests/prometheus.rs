@@ -6,17 +6,19 @@
 //! Without them these tests fail (they never skip).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weft_e2e::{caller_proxy, http_services_yaml, tally, wait_for_instance, Instance};
+use weft_e2e::{
+    caller_proxy, http_services_yaml, promtool, promtool_check_metrics, require_tool, tally,
+    wait_for_instance, Instance,
+};
 use weft_testkit::{
     free_addr, free_port, http_get, next_loopback_ip, wait_until, ControlPlane, DemoApp,
     DemoAppConfig, Metrics, PolicyDir, ProcessGuard, Proxy, ProxyConfig, DEFAULT_WAIT,
@@ -33,9 +35,6 @@ const CONTROL_JOB: &str = "weft-control";
 
 /// A metric the alert rules may use before any binary exports it (mTLS is not there yet).
 const FUTURE_METRICS: &[&str] = &["weft_cert_expiry_timestamp_seconds"];
-
-const INSTALL_HINT: &str = "run scripts/install-test-deps.sh (Debian package `prometheus` \
-                            provides both `prometheus` and `promtool`)";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -54,15 +53,6 @@ fn rules_tests_dir() -> PathBuf {
 
 fn dashboard_file() -> PathBuf {
     repo_root().join("charts/weft/dashboards/weft-mesh.json")
-}
-
-/// The path of `tool` on `PATH`; fails the test (never skips) when it is not installed.
-fn require_tool(tool: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("`{tool}` is not installed (not found on PATH): {INSTALL_HINT}"))
 }
 
 /// A directory under the system temp dir, removed on drop.
@@ -281,52 +271,6 @@ impl Prometheus {
             }
         })
         .await;
-    }
-}
-
-/// Runs `promtool args...` with `stdin`; returns (exit code, stdout + stderr).
-fn promtool(args: &[&str], stdin: Option<&str>) -> (Option<i32>, String) {
-    let bin = require_tool("promtool");
-    let mut cmd = Command::new(&bin);
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {} {args:?}: {e}", bin.display()));
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("piped stdin");
-        pipe.write_all(input.as_bytes())
-            .unwrap_or_else(|e| panic!("writing to promtool {args:?}: {e}"));
-    }
-    let out = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("waiting for promtool {args:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
-}
-
-/// `promtool check metrics` on one exposition: `Err` describing the problems unless it exits 0
-/// without a single line of output.
-fn promtool_check_metrics(what: &str, text: &str) -> Result<(), String> {
-    let (code, out) = promtool(&["check", "metrics"], Some(text));
-    let problems: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
-    if code == Some(0) && problems.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "promtool check metrics on {what}: exit {code:?}, problems:\n{}\n--- the /metrics text ---\n{text}",
-            problems.join("\n")
-        ))
     }
 }
 

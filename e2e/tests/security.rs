@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weft_e2e::{
-    caller_proxy, caller_proxy_config, instance_of, tally, wait_for_instance, Instance,
+    caller_proxy, caller_proxy_config, instance_of, promtool_check_metrics, tally,
+    wait_for_instance, Instance,
 };
 use weft_testkit::security::{
     certify_with_openssl, foreign_cert, register_fake_node, s_client_get, server_leaf,
@@ -653,44 +654,6 @@ authorization:
 
 const BACKEND_ID: &str = "spiffe://cluster.local/ns/default/sa/backend";
 const OTHER_ID: &str = "spiffe://cluster.local/ns/default/sa/other";
-
-/// `promtool check metrics` on one `/metrics` page: `Err` with the problems unless it exits 0
-/// without a line of output.
-fn promtool_check_metrics(what: &str, text: &str) -> Result<(), String> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `promtool` (scripts/install-test-deps.sh installs it): {e}")
-        });
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(text.as_bytes())
-        .unwrap_or_else(|e| panic!("writing to promtool: {e}"));
-    let out = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("waiting for promtool: {e}"));
-    let problems = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() && problems.trim().is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "promtool check metrics on {what}: {}:\n{problems}",
-            out.status
-        ))
-    }
-}
 
 /// Waits until `name{labels}` on `proxy` reaches `want`, then checks it is exactly `want`.
 async fn assert_metric_eq(proxy: &Proxy, name: &str, labels: &[(&str, &str)], want: f64) {
