@@ -285,6 +285,12 @@ impl Metrics {
             )?,
         };
         let resilience = crate::resilience_metrics::ResilienceMetrics::new(&r)?;
+        let security = crate::tls::metrics::SecurityMetrics::register(&r).map_err(|source| {
+            MetricsError::Register {
+                name: "weft security metrics",
+                source,
+            }
+        })?;
         let leased = LeasedSeries {
             tcp_connections_total: register(
                 &r,
@@ -336,6 +342,7 @@ impl Metrics {
                 ),
             )?,
             resilience: resilience.clone(),
+            security: security.clone(),
             live: Mutex::default(),
         };
         Ok(Self {
@@ -373,12 +380,7 @@ impl Metrics {
                 ),
             )?,
             resilience,
-            security: crate::tls::metrics::SecurityMetrics::register(&r).map_err(|source| {
-                MetricsError::Register {
-                    name: "weft security metrics",
-                    source,
-                }
-            })?,
+            security,
             registry: r,
         })
     }
@@ -514,6 +516,54 @@ impl Metrics {
             || f.resilience.cluster(cluster),
         );
         handles.leased(lease)
+    }
+
+    /// The rate limit of `scope` (`route`/`listener`) `name` from its proto (`None` when
+    /// absent): its bucket (shared with earlier snapshots that have it) and its refusal counter,
+    /// exported while a snapshot has the limit. `Err` names the bad field.
+    pub fn rate_limiter(
+        &self,
+        scope: &str,
+        name: &str,
+        proto: Option<&weft_proto::v1::RateLimit>,
+    ) -> Result<Option<(crate::ratelimit::RateLimiter, LeasedCounter)>, (&'static str, String)>
+    {
+        let Some(limit) = self.resilience.rate_limiter(scope, name, proto)? else {
+            return Ok(None);
+        };
+        let f = &self.leased;
+        let (lease, counter) = f.lease(
+            LeaseKey::RateLimited {
+                scope: scope.into(),
+                name: name.into(),
+            },
+            || f.resilience.rate_limited(scope, name),
+        );
+        Ok(Some((
+            limit,
+            LeasedCounter {
+                counter,
+                _lease: lease,
+            },
+        )))
+    }
+
+    /// `weft_authz_denied_total{direction,policy,protocol}` of a listener's policy, exported
+    /// while a snapshot has the listener with that policy.
+    pub fn authz_denied(&self, direction: &str, policy: &str, protocol: &str) -> LeasedCounter {
+        let f = &self.leased;
+        let (lease, counter) = f.lease(
+            LeaseKey::AuthzDenied {
+                direction: direction.into(),
+                policy: policy.into(),
+                protocol: protocol.into(),
+            },
+            || f.security.authz_denied(direction, policy, protocol),
+        );
+        LeasedCounter {
+            counter,
+            _lease: lease,
+        }
     }
 
     /// The retry / breaker / outlier / health-check / rate-limit families.
@@ -1013,6 +1063,27 @@ pub struct TcpMetrics {
     _lease: SeriesLease,
 }
 
+/// A counter whose series is exported while any holder of it (or of another handle for the
+/// same labels) lives.
+#[derive(Debug, Clone)]
+pub struct LeasedCounter {
+    counter: IntCounter,
+    _lease: SeriesLease,
+}
+
+impl LeasedCounter {
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.counter.inc();
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.counter.get()
+    }
+}
+
 /// The families whose series are held by [`SeriesLease`]s, and the live leases.
 struct LeasedSeries {
     tcp_connections_total: IntCounterVec,
@@ -1020,8 +1091,10 @@ struct LeasedSeries {
     tcp_connections: IntGaugeVec,
     tcp_bytes_total: IntCounterVec,
     upstream_connect_errors_total: IntCounterVec,
-    /// The per-cluster retry / breaker / outlier / health families.
+    /// The per-cluster retry / breaker / outlier / health families, and rate-limit refusals.
     resilience: crate::resilience_metrics::ResilienceMetrics,
+    /// `weft_authz_denied_total`.
+    security: crate::tls::metrics::SecurityMetrics,
     live: Mutex<HashMap<LeaseKey, Weak<Lease>>>,
 }
 
@@ -1037,6 +1110,14 @@ enum LeaseKey {
     ConnectErrors { cluster: Box<str> },
     /// Every per-cluster resilience series of `cluster` (retries, breaker, outlier, health).
     Resilience { cluster: Box<str> },
+    /// `weft_rate_limited_total{scope,name}`.
+    RateLimited { scope: Box<str>, name: Box<str> },
+    /// `weft_authz_denied_total{direction,policy,protocol}`.
+    AuthzDenied {
+        direction: Box<str>,
+        policy: Box<str>,
+        protocol: Box<str>,
+    },
 }
 
 /// Keeps some series exported while held (cloned with what records into them); the last one
@@ -1101,6 +1182,16 @@ impl LeasedSeries {
                     .remove_label_values(&[cluster]);
             }
             LeaseKey::Resilience { cluster } => self.resilience.remove_cluster(cluster),
+            LeaseKey::RateLimited { scope, name } => {
+                self.resilience.remove_rate_limited(scope, name);
+            }
+            LeaseKey::AuthzDenied {
+                direction,
+                policy,
+                protocol,
+            } => self
+                .security
+                .remove_authz_denied(direction, policy, protocol),
         }
     }
 }
@@ -1559,5 +1650,23 @@ mod tests {
         let t = text();
         assert!(!t.contains("db.default"), "{t}");
         assert!(m.leased.lock_live().is_empty());
+    }
+
+    #[test]
+    fn authz_denied_series_lives_while_a_listener_holds_it() {
+        let m = Metrics::new().unwrap();
+        let text = |m: &Metrics| String::from_utf8(m.encode()).unwrap();
+        let a = m.authz_denied("inbound", "callers", "http");
+        a.inc();
+        // The next snapshot resolves it again while the old one still holds it: same series.
+        let b = m.authz_denied("inbound", "callers", "http");
+        drop(a);
+        b.inc();
+        assert_eq!(b.get(), 2);
+        assert!(text(&m).contains(
+            r#"weft_authz_denied_total{direction="inbound",policy="callers",protocol="http"} 2"#
+        ));
+        drop(b);
+        assert!(!text(&m).contains(r#"policy="callers""#), "{}", text(&m));
     }
 }

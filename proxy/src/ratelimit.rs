@@ -96,7 +96,9 @@ type BucketKey = (Box<str>, Box<str>);
 /// stay (one atomic each) so that a route that comes back does not get a fresh burst either.
 #[derive(Debug, Default)]
 pub struct BucketRegistry {
-    buckets: Mutex<HashMap<BucketKey, Arc<AtomicU64>>>,
+    /// Weak: a bucket lives while a snapshot's limiter holds it (a push builds the new snapshot
+    /// while the old one still holds it, so a kept limit keeps its bucket; a removed one goes).
+    buckets: Mutex<HashMap<BucketKey, std::sync::Weak<AtomicU64>>>,
 }
 
 impl BucketRegistry {
@@ -106,7 +108,25 @@ impl BucketRegistry {
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(map.entry((scope.into(), name.into())).or_default())
+        let key: BucketKey = (scope.into(), name.into());
+        if let Some(b) = map.get(&key).and_then(std::sync::Weak::upgrade) {
+            return b;
+        }
+        // A new bucket: forget those no limiter holds any more (bounded by what is configured).
+        map.retain(|_, b| b.strong_count() > 0);
+        let b = Arc::new(AtomicU64::default());
+        map.insert(key, Arc::downgrade(&b));
+        b
+    }
+
+    /// Buckets some limiter still holds (tests).
+    pub fn live(&self) -> usize {
+        self.buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter(|b| b.strong_count() > 0)
+            .count()
     }
 }
 

@@ -210,26 +210,35 @@ impl ResilienceMetrics {
             .remove_label_values(&[cluster]);
     }
 
-    /// Counter of requests refused by the rate limit of `scope` (`route`/`listener`) `name`.
+    /// Counter of requests refused by the rate limit of `scope` (`route`/`listener`) `name`
+    /// (through [`crate::metrics::Metrics::rate_limiter`], which keeps the series while used).
     pub fn rate_limited(&self, scope: &str, name: &str) -> IntCounter {
         self.rate_limited_total.with_label_values(&[scope, name])
     }
 
+    /// Rate-limit buckets some snapshot still holds (tests).
+    pub fn live_buckets(&self) -> usize {
+        self.buckets.live()
+    }
+
+    /// Removes `weft_rate_limited_total{scope,name}` (no snapshot has that limit any more).
+    pub fn remove_rate_limited(&self, scope: &str, name: &str) {
+        let _ = self.rate_limited_total.remove_label_values(&[scope, name]);
+    }
+
     /// The rate limit of `scope` (`route`/`listener`) `name` from its proto (`None` when
-    /// absent), with its bucket carried over from earlier snapshots and its refusal counter.
-    /// `Err` names the bad field.
+    /// absent), with its bucket carried over from earlier snapshots that have it. `Err` names
+    /// the bad field.
     pub fn rate_limiter(
         &self,
         scope: &str,
         name: &str,
         proto: Option<&v1::RateLimit>,
-    ) -> Result<Option<(RateLimiter, IntCounter)>, (&'static str, String)> {
-        Ok(RateLimiter::from_proto(proto)?.map(|l| {
-            (
-                l.with_bucket(self.buckets.bucket(scope, name)),
-                self.rate_limited(scope, name),
-            )
-        }))
+    ) -> Result<Option<RateLimiter>, (&'static str, String)> {
+        Ok(
+            RateLimiter::from_proto(proto)?
+                .map(|l| l.with_bucket(self.buckets.bucket(scope, name))),
+        )
     }
 }
 

@@ -49,7 +49,7 @@ pub struct Route {
     /// Retry policy; `None` = no retries.
     pub retry: Option<Arc<crate::retry::RetryPolicy>>,
     /// Local rate limit and its `weft_rate_limited_total{scope="route"}` counter.
-    pub rate_limit: Option<(crate::ratelimit::RateLimiter, prometheus::IntCounter)>,
+    pub rate_limit: Option<(crate::ratelimit::RateLimiter, crate::metrics::LeasedCounter)>,
 }
 
 /// A route's destination cluster and the lazily resolved metric handles for the pair.
@@ -331,17 +331,13 @@ impl Route {
                 None
             }
         };
-        let rate_limit =
-            match metrics
-                .resilience()
-                .rate_limiter("route", &label, r.rate_limit.as_ref())
-            {
-                Ok(l) => l,
-                Err((field, reason)) => {
-                    reject(field.into(), reason);
-                    None
-                }
-            };
+        let rate_limit = match metrics.rate_limiter("route", &label, r.rate_limit.as_ref()) {
+            Ok(l) => l,
+            Err((field, reason)) => {
+                reject(field.into(), reason);
+                None
+            }
+        };
 
         let mut dests = Vec::new();
         if r.destinations.is_empty() {

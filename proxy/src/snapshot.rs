@@ -14,8 +14,6 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use weft_proto::v1;
 
-use prometheus::IntCounter;
-
 use crate::authz::{build_policies, AuthzPolicy, Policies};
 use crate::cluster::Cluster;
 use crate::metrics::{Metrics, PeerLabels, RequestMetrics, TcpMetrics};
@@ -230,10 +228,10 @@ pub struct Listener {
     /// Inbound listeners: the authorization policy guarding them (`None` = allow all).
     pub authz: Option<Arc<AuthzPolicy>>,
     /// `weft_authz_denied_total{direction,policy,protocol}` of this listener's policy.
-    pub authz_denied: Option<IntCounter>,
+    pub authz_denied: Option<crate::metrics::LeasedCounter>,
     /// Local rate limit of every request (HTTP) or connection (TCP) on this listener, and its
     /// `weft_rate_limited_total{scope="listener"}` counter. The bucket outlives snapshots.
-    pub rate_limit: Option<(crate::ratelimit::RateLimiter, IntCounter)>,
+    pub rate_limit: Option<(crate::ratelimit::RateLimiter, crate::metrics::LeasedCounter)>,
     /// Downstream connections with nothing in flight this long are closed (HTTP keep-alive,
     /// TCP with no bytes either way). 0 in the proto = [`DEFAULT_IDLE_TIMEOUT`].
     pub idle_timeout: Duration,
@@ -474,17 +472,14 @@ impl Snapshot {
                     continue;
                 }
             };
-            let rate_limit =
-                match metrics
-                    .resilience()
-                    .rate_limiter("listener", &l.name, l.rate_limit.as_ref())
-                {
-                    Ok(limit) => limit,
-                    Err((field, reason)) => {
-                        errors.push(Rejection::new(res, field, reason));
-                        continue;
-                    }
-                };
+            let rate_limit = match metrics.rate_limiter("listener", &l.name, l.rate_limit.as_ref())
+            {
+                Ok(limit) => limit,
+                Err((field, reason)) => {
+                    errors.push(Rejection::new(res, field, reason));
+                    continue;
+                }
+            };
             let idle_timeout = match l.idle_timeout_ms {
                 0 => DEFAULT_IDLE_TIMEOUT,
                 ms => Duration::from_millis(ms),
@@ -513,11 +508,9 @@ impl Snapshot {
                 ListenerKind::Http(_) => "http",
                 ListenerKind::Tcp { .. } => "tcp",
             };
-            let authz_denied = authz.as_ref().map(|p| {
-                metrics
-                    .security
-                    .authz_denied(direction.as_str(), &p.name, protocol)
-            });
+            let authz_denied = authz
+                .as_ref()
+                .map(|p| metrics.authz_denied(direction.as_str(), &p.name, protocol));
             let listener = Listener {
                 name: l.name.as_str().into(),
                 addr,

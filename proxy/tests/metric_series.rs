@@ -469,3 +469,71 @@ async fn endpoint_health_series_follow_the_checked_endpoints() {
     );
     drop(s3);
 }
+
+/// `resources` with a rate limit on route `route`.
+fn with_rate_limit(mut r: Resources, route: &str) -> Resources {
+    for t in &mut r.routes.as_mut().unwrap().tables {
+        for x in &mut t.routes {
+            if x.name == route {
+                x.rate_limit = Some(v1::RateLimit {
+                    requests_per_second: 1,
+                    burst: 1,
+                });
+            }
+        }
+    }
+    r
+}
+
+/// The refusal counter of the rate limit on the route a request to `host` takes.
+fn refusals(s: &Snapshot, host: &str) -> weft_proxy::metrics::LeasedCounter {
+    let ListenerKind::Http(h) = &s.listeners[&OUTBOUND.parse().unwrap()].kind else {
+        panic!("an HTTP listener")
+    };
+    let headers = http::HeaderMap::new();
+    let info = RequestInfo {
+        host,
+        path: "/",
+        method: &http::Method::GET,
+        headers: &headers,
+    };
+    let route = h.routes.as_ref().and_then(|t| t.find(&info)).unwrap();
+    route.rate_limit.as_ref().expect("a rate limit").1.clone()
+}
+
+#[test]
+fn rate_limit_buckets_and_series_live_while_the_route_has_the_limit() {
+    let m = Metrics::new().unwrap();
+    let routes = [("to-a", "a.default"), ("to-b", "b.default")];
+    let build = |prev: Option<&Snapshot>, limited: bool| {
+        let r = resources(&routes, &["a.default", "b.default"], false);
+        let r = if limited {
+            with_rate_limit(r, "to-a")
+        } else {
+            r
+        };
+        Snapshot::build(r, prev, &m).unwrap()
+    };
+    let s1 = build(None, true);
+    refusals(&s1, "a.default").inc();
+    // A push that keeps the limit keeps its bucket and its count.
+    let s2 = build(Some(&s1), true);
+    drop(s1);
+    let kept = refusals(&s2, "a.default");
+    assert_eq!(kept.get(), 1);
+    drop(kept);
+    assert_eq!(m.resilience().live_buckets(), 1);
+    assert_eq!(
+        samples(&m, "weft_rate_limited_total", &[r#"name="to-a""#]).len(),
+        1
+    );
+    // A push that removes it: bucket and series go once the old snapshot is gone.
+    let s3 = build(Some(&s2), false);
+    drop(s2);
+    assert_eq!(m.resilience().live_buckets(), 0);
+    assert_eq!(
+        samples(&m, "weft_rate_limited_total", &[]),
+        Vec::<String>::new()
+    );
+    drop(s3);
+}

@@ -112,9 +112,17 @@ impl SecurityMetrics {
         self.inbound_connections.with_label_values(&[tls]).inc();
     }
 
-    /// `weft_authz_denied_total{direction,policy,protocol}`.
+    /// `weft_authz_denied_total{direction,policy,protocol}` (through
+    /// [`crate::metrics::Metrics::authz_denied`], which keeps the series while used).
     pub fn authz_denied(&self, direction: &str, policy: &str, protocol: &str) -> IntCounter {
         self.authz_denied
             .with_label_values(&[direction, policy, protocol])
+    }
+
+    /// Removes `weft_authz_denied_total{direction,policy,protocol}`.
+    pub fn remove_authz_denied(&self, direction: &str, policy: &str, protocol: &str) {
+        let _ = self
+            .authz_denied
+            .remove_label_values(&[direction, policy, protocol]);
     }
 }
