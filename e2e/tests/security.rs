@@ -650,6 +650,25 @@ authorization:
     )
     .await;
     assert!(m.sum("weft_inbound_connections_total", &[("tls", "refused")]) >= 1.0);
+    // TCP connections count under the verified caller (the denied one too: it was accepted).
+    for caller in [WEB_ID, OTHER_ID] {
+        assert!(
+            m.sum(
+                "weft_tcp_connections_total",
+                &[("direction", "inbound"), ("tls", "mtls"), ("peer", caller)]
+            ) >= 1.0,
+            "{caller}: {}",
+            m.lines_for("weft_tcp_connections_total")
+        );
+    }
+    assert!(
+        m.sum(
+            "weft_tcp_bytes_total",
+            &[("tls", "mtls"), ("peer", WEB_ID), ("flow", "tx")]
+        ) >= 4.0,
+        "{}",
+        m.lines_for("weft_tcp_bytes_total")
+    );
 }
 
 const BACKEND_ID: &str = "spiffe://cluster.local/ns/default/sa/backend";

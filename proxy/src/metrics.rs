@@ -64,6 +64,9 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Label names of the request families besides `weft_requests_total`'s response labels.
 const REQUEST_LABELS: [&str; 5] = ["direction", "route", "cluster", "tls", "peer"];
 
+/// Label names of the TCP families (`weft_tcp_bytes_total` adds `flow`).
+const TCP_LABELS: [&str; 4] = ["direction", "cluster", "tls", "peer"];
+
 /// `tls` of a hop over mesh mTLS.
 pub const TLS_MTLS: &str = "mtls";
 /// `tls` of a plaintext hop.
@@ -297,7 +300,7 @@ impl Metrics {
                 "weft_tcp_connections_total",
                 IntCounterVec::new(
                     Opts::new("weft_tcp_connections_total", "TCP connections accepted"),
-                    &["direction", "cluster"],
+                    &TCP_LABELS,
                 ),
             )?,
             tcp_connections_closed_total: register(
@@ -308,7 +311,7 @@ impl Metrics {
                         "weft_tcp_connections_closed_total",
                         "TCP connections closed",
                     ),
-                    &["direction", "cluster"],
+                    &TCP_LABELS,
                 ),
             )?,
             tcp_connections: register(
@@ -316,7 +319,7 @@ impl Metrics {
                 "weft_tcp_connections",
                 IntGaugeVec::new(
                     Opts::new("weft_tcp_connections", "TCP connections open"),
-                    &["direction", "cluster"],
+                    &TCP_LABELS,
                 ),
             )?,
             tcp_bytes_total: register(
@@ -327,7 +330,7 @@ impl Metrics {
                         "weft_tcp_bytes_total",
                         "TCP bytes proxied; rx = read from the downstream, tx = written to it",
                     ),
-                    &["direction", "cluster", "flow"],
+                    &["direction", "cluster", "tls", "peer", "flow"],
                 ),
             )?,
             upstream_connect_errors_total: register(
@@ -472,34 +475,17 @@ impl Metrics {
     }
 
     /// Handles for TCP connections from a listener of `direction` to `cluster`; the series are
-    /// exported while any `TcpMetrics` for (direction, cluster) lives.
+    /// exported while any `TcpMetrics` for those labels lives. Outbound: `tls` / `peer` of
+    /// `cluster` as given to [`Metrics::for_clusters`]; inbound: `none`, `""` (an mTLS
+    /// connection's caller gets its variant, [`TcpMetrics::for_peer`]).
     pub fn tcp_metrics(&self, direction: &str, cluster: &str) -> TcpMetrics {
-        let key = LeaseKey::Tcp {
-            direction: direction.into(),
-            cluster: cluster.into(),
+        let peer = match direction {
+            "outbound" => self.cluster_peers.get(cluster).cloned().unwrap_or_default(),
+            _ => PeerLabels::default(),
         };
-        let f = &self.leased;
-        let (lease, (accepted, closed, open, rx, tx)) = f.lease(key, || {
-            (
-                f.tcp_connections_total
-                    .with_label_values(&[direction, cluster]),
-                f.tcp_connections_closed_total
-                    .with_label_values(&[direction, cluster]),
-                f.tcp_connections.with_label_values(&[direction, cluster]),
-                f.tcp_bytes_total
-                    .with_label_values(&[direction, cluster, "rx"]),
-                f.tcp_bytes_total
-                    .with_label_values(&[direction, cluster, "tx"]),
-            )
-        });
-        TcpMetrics {
-            accepted,
-            closed,
-            open,
-            rx,
-            tx,
-            _lease: lease,
-        }
+        let mut m = tcp_handles(&self.leased, direction, cluster, peer.tls(), &peer.peer);
+        m.variants = Some(Arc::default());
+        m
     }
 
     /// Retry / breaker / outlier / health handles of `cluster` (for its long-lived state), whose
@@ -1048,7 +1034,7 @@ fn code_class(code: u16) -> &'static str {
 /// counting into exported series. A counter cloned out of it and kept past the last
 /// `TcpMetrics` would count into a removed child: lost counts, never a new series (only
 /// `with_label_values`, under the lease lock, creates series).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TcpMetrics {
     /// `weft_tcp_connections_total`.
     pub accepted: IntCounter,
@@ -1061,6 +1047,89 @@ pub struct TcpMetrics {
     /// Bytes written to the downstream.
     pub tx: IntCounter,
     _lease: SeriesLease,
+    /// (direction, cluster) of these handles.
+    labels: [Box<str>; 2],
+    families: Arc<LeasedSeries>,
+    /// Base handles (not a variant): the per-caller variants, at most
+    /// [`MAX_PEERS_PER_HANDLE`] by identity plus `other`, owned here so that a caller's series
+    /// live as long as the listener (not just its current connections).
+    variants: Option<Arc<TcpVariants>>,
+}
+
+/// The per-caller variants of base TCP handles, by `peer` label.
+type TcpVariants = Mutex<HashMap<Box<str>, Arc<TcpMetrics>>>;
+
+impl std::fmt::Debug for TcpMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpMetrics")
+            .field("labels", &self.labels)
+            .field("lease", &self._lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The TCP handles of (direction, cluster, tls, peer), leased.
+fn tcp_handles(
+    f: &Arc<LeasedSeries>,
+    direction: &str,
+    cluster: &str,
+    tls: &str,
+    peer: &str,
+) -> TcpMetrics {
+    let key = LeaseKey::Tcp {
+        direction: direction.into(),
+        cluster: cluster.into(),
+        tls: tls.into(),
+        peer: peer.into(),
+    };
+    let labels = [direction, cluster, tls, peer];
+    let (lease, (accepted, closed, open, rx, tx)) = f.lease(key, || {
+        (
+            f.tcp_connections_total.with_label_values(&labels),
+            f.tcp_connections_closed_total.with_label_values(&labels),
+            f.tcp_connections.with_label_values(&labels),
+            f.tcp_bytes_total
+                .with_label_values(&[direction, cluster, tls, peer, "rx"]),
+            f.tcp_bytes_total
+                .with_label_values(&[direction, cluster, tls, peer, "tx"]),
+        )
+    });
+    TcpMetrics {
+        accepted,
+        closed,
+        open,
+        rx,
+        tx,
+        _lease: lease,
+        labels: [direction.into(), cluster.into()],
+        families: Arc::clone(f),
+        variants: None,
+    }
+}
+
+impl TcpMetrics {
+    /// The handles of a connection whose client proved the mesh identity `peer` (inbound mTLS):
+    /// `tls="mtls"`, `peer=<peer>`, or `peer="other"` past [`MAX_PEERS_PER_HANDLE`] callers of
+    /// this listener. Once per connection (a lock and, the first time, label resolution).
+    pub fn for_peer(&self, peer: &str) -> Arc<TcpMetrics> {
+        let Some(variants) = &self.variants else {
+            // Already a variant.
+            return Arc::new(self.clone());
+        };
+        let mut variants = variants.lock().unwrap_or_else(PoisonError::into_inner);
+        let label = if variants.contains_key(peer) || variants.len() < MAX_PEERS_PER_HANDLE {
+            peer
+        } else {
+            PEER_OTHER
+        };
+        if let Some(v) = variants.get(label) {
+            return Arc::clone(v);
+        }
+        let [d, c] = &self.labels;
+        let v = Arc::new(tcp_handles(&self.families, d, c, TLS_MTLS, label));
+        variants.insert(label.into(), Arc::clone(&v));
+        v
+    }
 }
 
 /// A counter whose series is exported while any holder of it (or of another handle for the
@@ -1105,6 +1174,8 @@ enum LeaseKey {
     Tcp {
         direction: Box<str>,
         cluster: Box<str>,
+        tls: Box<str>,
+        peer: Box<str>,
     },
     /// `weft_upstream_connect_errors_total{cluster}`.
     ConnectErrors { cluster: Box<str> },
@@ -1163,8 +1234,13 @@ impl LeasedSeries {
     fn remove_series(&self, key: &LeaseKey) {
         // Errors: the series is already gone (nothing to remove).
         match key {
-            LeaseKey::Tcp { direction, cluster } => {
-                let labels = [&**direction, &**cluster];
+            LeaseKey::Tcp {
+                direction,
+                cluster,
+                tls,
+                peer,
+            } => {
+                let labels = [&**direction, &**cluster, &**tls, &**peer];
                 let _ = self.tcp_connections_total.remove_label_values(&labels);
                 let _ = self
                     .tcp_connections_closed_total
@@ -1173,7 +1249,7 @@ impl LeasedSeries {
                 for flow in ["rx", "tx"] {
                     let _ = self
                         .tcp_bytes_total
-                        .remove_label_values(&[direction, cluster, flow]);
+                        .remove_label_values(&[direction, cluster, tls, peer, flow]);
                 }
             }
             LeaseKey::ConnectErrors { cluster } => {
@@ -1620,13 +1696,13 @@ mod tests {
         let t = text();
         assert!(
             t.contains(
-                r#"weft_tcp_connections_total{cluster="db.default",direction="outbound"} 2"#
+                r#"weft_tcp_connections_total{cluster="db.default",direction="outbound",peer="",tls="none"} 2"#
             ),
             "{t}"
         );
         assert!(
             t.contains(
-                r#"weft_tcp_bytes_total{cluster="db.default",direction="outbound",flow="rx"} 10"#
+                r#"weft_tcp_bytes_total{cluster="db.default",direction="outbound",flow="rx",peer="",tls="none"} 10"#
             ),
             "{t}"
         );
@@ -1638,7 +1714,7 @@ mod tests {
         drop(lease);
         let t = text();
         assert!(
-            t.contains(r#"weft_tcp_connections{cluster="db.default",direction="outbound"} 0"#),
+            t.contains(r#"weft_tcp_connections{cluster="db.default",direction="outbound",peer="",tls="none"} 0"#),
             "{t}"
         );
         assert!(
@@ -1668,5 +1744,41 @@ mod tests {
         ));
         drop(b);
         assert!(!text(&m).contains(r#"policy="callers""#), "{}", text(&m));
+    }
+
+    #[test]
+    fn tcp_callers_get_their_series_bounded_per_listener() {
+        let m = Metrics::new().unwrap();
+        let text = || String::from_utf8(m.encode()).unwrap();
+        let base = m.tcp_metrics("inbound", "inbound");
+        let web = base.for_peer("spiffe://td/ns/a/sa/web");
+        web.accepted.inc();
+        // A second connection from the same caller: the same handles.
+        assert!(Arc::ptr_eq(&web, &base.for_peer("spiffe://td/ns/a/sa/web")));
+        assert!(text().contains(
+            r#"weft_tcp_connections_total{cluster="inbound",direction="inbound",peer="spiffe://td/ns/a/sa/web",tls="mtls"} 1"#
+        ));
+        for i in 0..MAX_PEERS_PER_HANDLE + 5 {
+            base.for_peer(&format!("spiffe://td/ns/a/sa/s{i}"))
+                .accepted
+                .inc();
+        }
+        let t = text();
+        let callers = t
+            .lines()
+            .filter(|l| l.starts_with("weft_tcp_connections_total{") && l.contains(r#"tls="mtls""#))
+            .count();
+        assert_eq!(callers, MAX_PEERS_PER_HANDLE + 1, "{t}");
+        assert!(t.contains(
+            r#"weft_tcp_connections_total{cluster="inbound",direction="inbound",peer="other",tls="mtls"} 6"#
+        ), "{t}");
+        // The listener (base) goes: so do its callers' series.
+        drop(web);
+        drop(base);
+        assert!(
+            !text().contains("weft_tcp_connections_total{"),
+            "{}",
+            text()
+        );
     }
 }

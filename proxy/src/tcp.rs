@@ -59,6 +59,15 @@ pub async fn proxy_connection(
     let ListenerKind::Tcp { cluster, metrics } = &listener.kind else {
         return;
     };
+    // An inbound mTLS client's connections count under its identity (bounded per listener).
+    let caller;
+    let metrics = match &peer {
+        Some(p) => {
+            caller = metrics.for_peer(p.as_str());
+            &*caller
+        }
+        None => metrics,
+    };
     metrics.accepted.inc();
     metrics.open.inc();
     let _open = OpenGuard(metrics);
