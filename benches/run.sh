@@ -467,22 +467,23 @@ case_fix() { # target
 
 # saturation HTTP/1.1 keep-alive (wrk): req/s, latency, CPU per request, RSS under load
 case_sat() {
-  local t=$1 addr host out=$WORK/$1.sat.out pids c0 c1 reqs sampler=""
+  local t=$1 addr host out=$WORK/$1.sat.out pids c0 c1 u0 u1 reqs sampler=""
   addr=$(h1_addr "$t"); host=$(h1_host "$t"); pids=$(proxy_pids "$t" h1)
   cli wrk -t 1 -c $SAT_CONNS -d "${WARM}s" -s "$BENCH/lib/wrk_json.lua" "http://$addr/" >/dev/null 2>&1 || true
-  c0=$($HELPER cpu $pids)
+  c0=$($HELPER cpu $pids); u0=$($HELPER cpu-user $pids)
   if [[ -n $pids ]]; then
     $HELPER sample-rss "$WORK/$t.rss.load" "$((D_SAT - 1))" $pids &
     sampler=$!
   fi
   WRK_HOST=$host cli wrk -t 1 -c $SAT_CONNS -d "${D_SAT}s" --timeout 5s -s "$BENCH/lib/wrk_json.lua" \
     "http://$addr/" >"$out" 2>&1 || true
-  c1=$($HELPER cpu $pids)
+  c1=$($HELPER cpu $pids); u1=$($HELPER cpu-user $pids)
   if [[ -n $sampler ]]; then wait "$sampler" || true; fi
   $HELPER wrk "$RES" "$t" sat "$out"
   reqs=$($HELPER get "$RES" "$t" sat.requests)
   if [[ -n $pids && -n $reqs ]]; then
     $HELPER put "$RES" "$t" cpu.sat "$(python3 -c "print(($c1-$c0)/$CLK*1e6/$reqs)")"
+    $HELPER put "$RES" "$t" cpu.sat.user "$(python3 -c "print(($u1-$u0)/$CLK*1e6/$reqs)")"
   fi
   if [[ -n $pids && -s $WORK/$t.rss.load ]]; then
     $HELPER put "$RES" "$t" rss.load "$(python3 -c "print($(cat "$WORK/$t.rss.load")/1024)")"

@@ -3,6 +3,7 @@
 
 Process probes:
   bench.py cpu PID...                      utime+stime of the PIDs, summed, in clock ticks
+  bench.py cpu-user PID...                 utime alone (user space), in clock ticks
   bench.py rss PID...                      VmRSS of the PIDs, summed, in kB
   bench.py sample-rss OUT SECS PID...      samples VmRSS every 0.2 s for SECS s, writes the max kB
   bench.py children PID                    the PIDs whose parent is PID
@@ -34,7 +35,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # ----------------------------------------------------------------------------- process probes
 
 
-def cpu_ticks(pids):
+def cpu_ticks(pids, user_only=False):
+    """utime+stime (or utime alone) of the PIDs, summed, in clock ticks."""
     total = 0
     for pid in pids:
         try:
@@ -44,7 +46,7 @@ def cpu_ticks(pids):
             continue
         # Fields after the ")" of the command name: state is field 3, utime 14, stime 15.
         rest = stat[stat.rindex(")") + 2 :].split()
-        total += int(rest[11]) + int(rest[12])
+        total += int(rest[11]) + (0 if user_only else int(rest[12]))
     return total
 
 
@@ -345,6 +347,7 @@ ROWS = [
     ("tcp.mbps", "TCP throughput (MB/s)", "int", True, False),
     ("tcpconn.rps", "TCP new connections/s (connect, echo, close)", "int", True, False),
     ("cpu.sat", "CPU per request, h1 saturation (µs)", "us", False, True),
+    ("cpu.sat.user", "CPU per request, h1 saturation: user space only (µs)", "us", False, True),
     ("cpu.h2", "CPU per request, h2 (µs)", "us", False, True),
     ("cpu.tcpconn", "CPU per TCP connection (µs)", "us", False, True),
     ("rss.idle", "RSS idle (MB)", "mb", False, True),
@@ -572,6 +575,8 @@ def main(argv):
     cmd, args = argv[0], argv[1:]
     if cmd == "cpu":
         print(cpu_ticks(args))
+    elif cmd == "cpu-user":
+        print(cpu_ticks(args, user_only=True))
     elif cmd == "clk-tck":
         print(CLK_TCK)
     elif cmd == "rss":
