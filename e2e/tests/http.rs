@@ -352,3 +352,76 @@ async fn idle_keep_alive_connections_hibernate_and_wake() {
         .expect("response to the completed head");
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }
+
+/// Reads a response to `GET /bytes/{len}` on `conn`: the head and a first chunk, then stalls for
+/// `stall`, then the rest; returns how many body bytes arrived before the connection ended.
+async fn read_after_stall(
+    mut conn: tokio::net::TcpStream,
+    len: usize,
+    stall: std::time::Duration,
+) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(format!("GET /bytes/{len} HTTP/1.1\r\nhost: api\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = conn.read(&mut buf).await.expect("first bytes");
+    let head_end = buf[..got]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("the response head in the first read")
+        + 4;
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    got -= head_end;
+    tokio::time::sleep(stall).await;
+    while got < len {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("the rest of the body within 10 s")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    got
+}
+
+/// A client that stops reading a large response for longer than the hibernation delay gets all
+/// of it: a connection whose response is still being flushed never hibernates (hyper's unsent
+/// bytes would be dropped with its buffers). Several sizes, so that for some of them the
+/// response has ended upstream while its tail still waits in web's sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_gets_its_whole_response_across_the_hibernation_delay() {
+    let policies = PolicyDir::with_file("mesh.yaml", &http_services_yaml(&["web", "api"]));
+    let cp = ControlPlane::start(policies.path()).await;
+    let _api = Instance::http(&cp, "api", "api-1").await;
+    let web = caller_proxy(&cp, "web", "web-1").await;
+    wait_for_instance(&web.http1(), "api", "/", "api-1").await;
+
+    let sizes = [
+        1usize << 20,
+        4 << 20,
+        8 << 20,
+        12 << 20,
+        16 << 20,
+        24 << 20,
+        32 << 20,
+    ];
+    let mut readers = Vec::new();
+    for len in sizes {
+        let conn = tokio::net::TcpStream::connect(web.outbound_addr())
+            .await
+            .expect("connect to web's outbound listener");
+        readers.push(tokio::spawn(read_after_stall(
+            conn,
+            len,
+            std::time::Duration::from_millis(3000),
+        )));
+    }
+    for (len, reader) in sizes.into_iter().zip(readers) {
+        let got = reader.await.expect("reader task");
+        assert_eq!(got, len, "a {len}-byte response arrived cut");
+    }
+}

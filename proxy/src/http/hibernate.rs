@@ -14,6 +14,8 @@
 //! (polled with `poll_without_shutdown`) without shutting the socket down. Nothing is lost:
 //!
 //! - the wrapper only ends a read that found nothing on the socket (TCP or TLS alike);
+//! - not while hyper's last write or flush would block (a slow reader still owed the tail of a
+//!   response that already ended upstream: hyper's buffers hold it);
 //! - not while a request is in flight, nor when bytes arrived since the last response ended
 //!   (they may be a partial request head in hyper's buffer): [`Activity::may_hibernate`].
 //!
@@ -63,6 +65,9 @@ pub struct Hibernating<S> {
     activity: Arc<Activity>,
     /// A read was answered with end-of-file to hibernate (not a real EOF).
     asleep: bool,
+    /// The last write or flush would block: hyper still holds response bytes the socket has
+    /// not taken (a slow reader), and hibernating would drop them with its buffers.
+    write_blocked: bool,
 }
 
 impl<S> Hibernating<S> {
@@ -72,6 +77,7 @@ impl<S> Hibernating<S> {
             inner,
             activity,
             asleep: false,
+            write_blocked: false,
         }
     }
 
@@ -101,7 +107,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Hibernating<S> {
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if this.activity.may_hibernate() => {
+            Poll::Pending if !this.write_blocked && this.activity.may_hibernate() => {
                 // Nothing to read and nothing pending in hyper: "end of file" ends hyper's
                 // connection cleanly; the socket stays open.
                 this.asleep = true;
@@ -112,17 +118,29 @@ impl<S: AsyncRead + Unpin> AsyncRead for Hibernating<S> {
     }
 }
 
+impl<S> Hibernating<S> {
+    /// Notes whether a write or flush would block (see `write_blocked`).
+    fn note_write<T>(&mut self, r: Poll<T>) -> Poll<T> {
+        self.write_blocked = r.is_pending();
+        r
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Hibernating<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.note_write(r)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.note_write(r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -134,7 +152,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Hibernating<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.note_write(r)
     }
 
     fn is_write_vectored(&self) -> bool {
