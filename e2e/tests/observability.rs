@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use http::Method;
-use weft_e2e::{caller_proxy_config, http_services_yaml, wait_for_instance};
+use weft_e2e::{caller_proxy_config, http_services_yaml, wait_for_instance, Instance};
 use weft_proto::otlp::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -528,4 +528,45 @@ fn rand_suffix() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
+}
+
+/// SIGTERM right after a burst of requests: the sidecar drains, then writes every queued access
+/// log line before it exits (the writer thread batches every 50ms, so the last requests' lines
+/// would otherwise go with the process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_the_access_log() {
+    let logs = tempfile_dir();
+    let file = logs.join("all.log");
+    let policies = PolicyDir::with_file("mesh.yaml", &http_services_yaml(&["web", "api"]));
+    let cp = ControlPlane::start(policies.path()).await;
+    let _api = Instance::http(&cp, "api", "api-1").await;
+    let mut web = proxy_with(
+        caller_proxy_config(&cp, "web", "web-1"),
+        &format!(
+            "observability:\n  access_log: {{format: json, path: {}}}\n",
+            q(&file)
+        ),
+    )
+    .await;
+    let client = web.http1();
+    wait_for_instance(&client, "api", "/", "api-1").await;
+    const N: usize = 30;
+    for i in 0..N {
+        let r = client
+            .get("api", &format!("/last/{i}"))
+            .await
+            .expect("GET /last");
+        assert_eq!(r.status, 200, "{}", r.summary());
+    }
+    drop(client);
+    let status = tokio::task::block_in_place(|| web.process.stop());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the sidecar exits cleanly on SIGTERM: {status:?}"
+    );
+    let logged = log_lines(&file)
+        .iter()
+        .filter(|l| l.contains("\"/last/"))
+        .count();
+    assert_eq!(logged, N, "every request's line is in the access log");
 }

@@ -89,6 +89,9 @@ pub fn data_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Ru
     }
 }
 
+/// How long shutdown waits for queued access log lines and spans to be written / exported.
+const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
+
 /// Runs the proxy until SIGTERM/SIGINT, then drains and returns.
 pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
     let workers = bootstrap.worker_threads();
@@ -208,6 +211,10 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         let limit = bootstrap.drain_timeout + Duration::from_millis(500);
         if tokio::time::timeout(limit, drained).await.is_err() {
             tracing::warn!("connections still open after the drain timeout; exiting anyway");
+        }
+        // The last requests' access log lines and spans, before the process goes.
+        if !crate::observe::flush(FLUSH_AT_EXIT).await {
+            tracing::warn!(limit = ?FLUSH_AT_EXIT, "access log / spans not flushed in time; exiting anyway");
         }
     });
     tracing::info!("drained; exiting");

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::IntCounter;
@@ -223,6 +224,7 @@ fn push_text(s: &mut String, v: &str) {
 pub struct AccessLogSink {
     tx: SyncSender<String>,
     dropped: IntCounter,
+    progress: Arc<super::Progress>,
 }
 
 /// Errors starting the access log.
@@ -267,17 +269,31 @@ impl AccessLogSink {
         dropped: IntCounter,
     ) -> Result<Self, AccessLogError> {
         let (tx, rx) = mpsc::sync_channel(capacity);
+        let progress = Arc::new(super::Progress::default());
+        let written = Arc::clone(&progress);
         std::thread::Builder::new()
             .name("weft-access-log".into())
-            .spawn(move || write_lines(&rx, out))
+            .spawn(move || {
+                write_lines(&rx, out, &written);
+                written.stop();
+            })
             .map_err(AccessLogError::Thread)?;
-        Ok(Self { tx, dropped })
+        Ok(Self {
+            tx,
+            dropped,
+            progress,
+        })
+    }
+
+    /// What the writer has been handed and has written.
+    pub fn progress(&self) -> &super::Progress {
+        &self.progress
     }
 
     /// Queues `line` (without newline); never blocks. A full queue drops and counts it.
     pub fn send(&self, line: String) {
         match self.tx.try_send(line) {
-            Ok(()) => {}
+            Ok(()) => self.progress.queued(),
             Err(TrySendError::Full(_)) => self.dropped.inc(),
             // The writer died (its output failed): count like a full queue.
             Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
@@ -292,16 +308,20 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The writer thread: every [`FLUSH_INTERVAL`], writes every queued line and flushes, until
 /// every sender is gone.
-fn write_lines(rx: &Receiver<String>, out: Box<dyn Write + Send>) {
+fn write_lines(rx: &Receiver<String>, out: Box<dyn Write + Send>, progress: &super::Progress) {
     use std::sync::mpsc::TryRecvError;
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     loop {
         std::thread::sleep(FLUSH_INTERVAL);
         let mut ok = true;
         let mut done = false;
+        let mut lines = 0u64;
         while ok {
             match rx.try_recv() {
-                Ok(line) => ok = writeln!(out, "{line}").is_ok(),
+                Ok(line) => {
+                    ok = writeln!(out, "{line}").is_ok();
+                    lines += 1;
+                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     done = true;
@@ -313,6 +333,7 @@ fn write_lines(rx: &Receiver<String>, out: Box<dyn Write + Send>) {
             tracing::warn!("access log: write failed; access logging stops");
             return;
         }
+        progress.done(lines);
         if done {
             return;
         }

@@ -79,6 +79,58 @@ pub fn set_request_metrics(on: bool) {
     REQUEST_METRICS.store(on, Ordering::Relaxed);
 }
 
+/// What a background writer (access log, span exporter) has been handed and has finished with
+/// (written, exported or dropped), so that shutdown can wait for it ([`flush`]).
+#[derive(Debug, Default)]
+pub struct Progress {
+    queued: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+    /// The writer stopped (its output failed): nothing more will be done.
+    stopped: AtomicBool,
+}
+
+impl Progress {
+    /// One item queued.
+    pub fn queued(&self) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` items finished with.
+    pub fn done(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Release);
+    }
+
+    /// The writer stopped for good.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// Whether everything queued so far has been finished with (or never will be).
+    pub fn caught_up(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+            || self.done.load(Ordering::Acquire) >= self.queued.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits (at most `limit`) until the installed access log and span exporter have written or
+/// exported everything queued: at shutdown, after the listeners drained, so the last requests'
+/// log lines and spans are not lost with the process. `true` if they caught up.
+pub async fn flush(limit: std::time::Duration) -> bool {
+    let Some(o) = INSTALLED.get() else {
+        return true;
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if o.caught_up() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Makes `o` the process's observability; `false` if one was installed already (kept).
 pub fn install(o: Observability) -> bool {
     INSTALLED.set(o).is_ok()
@@ -187,6 +239,20 @@ impl Observability {
     /// Nothing observed.
     pub fn disabled() -> Self {
         Self::default()
+    }
+
+    /// Whether the access log and the span exporter have finished with everything queued.
+    pub fn caught_up(&self) -> bool {
+        self.inner
+            .access_log
+            .as_ref()
+            .is_none_or(|a| a.sink.progress().caught_up())
+            && self
+                .inner
+                .tracing
+                .as_ref()
+                .and_then(|t| t.exporter.as_ref())
+                .is_none_or(|e| e.progress().caught_up())
     }
 
     /// Starts what `config` asks for (writer thread, exporter thread) and registers the

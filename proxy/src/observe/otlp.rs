@@ -3,6 +3,7 @@
 //! (`try_send`, never blocking; a full queue drops and counts); a background thread with its own
 //! small runtime exports what was queued every [`BATCH_INTERVAL`], [`BATCH_SPANS`] per call.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::IntCounter;
@@ -151,6 +152,7 @@ pub struct ExporterMetrics {
 pub struct SpanExporter {
     tx: mpsc::Sender<SpanRecord>,
     metrics: ExporterMetrics,
+    progress: Arc<super::Progress>,
 }
 
 /// Errors starting the exporter.
@@ -197,16 +199,28 @@ impl SpanExporter {
         let resource = resource(identity);
         let task_metrics = metrics.clone();
         let url = endpoint.to_owned();
+        let progress = Arc::new(super::Progress::default());
+        let exported = Arc::clone(&progress);
         std::thread::Builder::new()
             .name("weft-otlp".into())
             .spawn(move || {
-                runtime.block_on(async move {
+                runtime.block_on(async {
                     let client = TraceServiceClient::new(channel.connect_lazy());
-                    export_loop(rx, client, resource, task_metrics, url).await;
+                    export_loop(rx, client, resource, task_metrics, url, &exported).await;
                 });
+                exported.stop();
             })
             .map_err(ExporterError::Start)?;
-        Ok(Self { tx, metrics })
+        Ok(Self {
+            tx,
+            metrics,
+            progress,
+        })
+    }
+
+    /// What the exporter has been handed and has finished with (exported or dropped).
+    pub fn progress(&self) -> &super::Progress {
+        &self.progress
     }
 
     /// An exporter whose queue (`capacity` spans) the caller drains itself (tests).
@@ -216,13 +230,22 @@ impl SpanExporter {
         metrics: ExporterMetrics,
     ) -> (Self, mpsc::Receiver<SpanRecord>) {
         let (tx, rx) = mpsc::channel(capacity);
-        (Self { tx, metrics }, rx)
+        (
+            Self {
+                tx,
+                metrics,
+                progress: Arc::default(),
+            },
+            rx,
+        )
     }
 
     /// Queues a finished span; never blocks. A full queue drops and counts it.
     pub fn export(&self, span: SpanRecord) {
         if self.tx.try_send(span).is_err() {
             self.metrics.dropped_queue_full.inc();
+        } else {
+            self.progress.queued();
         }
     }
 }
@@ -264,6 +287,7 @@ async fn export_loop(
     resource: Resource,
     metrics: ExporterMetrics,
     url: String,
+    progress: &super::Progress,
 ) {
     let mut failures_logged = 0u32;
     // Polls instead of awaiting `recv`: a span queued while this task waits would wake it (a
@@ -316,6 +340,7 @@ async fn export_loop(
                 failures_logged = failures_logged.saturating_add(1);
             }
         }
+        progress.done(n);
     }
 }
 
