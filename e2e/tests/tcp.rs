@@ -183,3 +183,50 @@ async fn tcp_empty_connection_closes_cleanly() {
         got.len()
     );
 }
+
+/// A TCP service balanced by a ring hash on `source_ip` keeps a client on one instance: every
+/// connection from one address lands on the same instance's sidecar (counted there), while
+/// round robin would spread them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_source_ip_ring_hash_sticks_to_one_instance() {
+    let web_ip = next_loopback_ip();
+    let port = free_port(web_ip);
+    let policies = PolicyDir::with_file(
+        "tcp.yaml",
+        &format!(
+            "services:\n  - name: web\n  - name: store\n    protocol: tcp\n    port: {port}\n    \
+             lb: ring_hash\n    hash: {{source_ip: true}}\n"
+        ),
+    );
+    let cp = ControlPlane::start(policies.path()).await;
+    let stores = [
+        Instance::tcp(&cp, "store", "store-1").await,
+        Instance::tcp(&cp, "store", "store-2").await,
+        Instance::tcp(&cp, "store", "store-3").await,
+    ];
+    let web_config = ProxyConfig::on_ip(web_ip, &cp.grpc_url(), "web", "web-1", free_addr(web_ip));
+    let web = Proxy::start_with(web_config).await;
+    for s in &stores {
+        web.wait_endpoint(s.endpoint(), true).await;
+    }
+    let listener = SocketAddr::new(web.ip(), port);
+    const N: usize = 12;
+    for i in 0..N {
+        let got = echo_roundtrip(listener, format!("hello {i}").as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+        assert_eq!(got, format!("hello {i}").as_bytes());
+    }
+    // Every connection came from the test's one address: one instance took them all.
+    let mut counts = Vec::new();
+    for s in &stores {
+        let m = s.proxy.metrics().await;
+        counts.push(m.sum("weft_tcp_connections_total", &[("direction", "inbound")]));
+    }
+    counts.sort_by(f64::total_cmp);
+    assert_eq!(
+        counts,
+        [0.0, 0.0, N as f64],
+        "inbound TCP connections per instance"
+    );
+}

@@ -173,6 +173,14 @@ impl Cluster {
         self.pick_index(None).map(|i| &self.endpoints[i])
     }
 
+    /// An endpoint for a connection from `source` (TCP): a ring hash on `source_ip` keeps a
+    /// client on one endpoint; other policies (and hashes on headers/cookies, which TCP has
+    /// not) pick as [`Cluster::pick`].
+    pub fn pick_for(&self, source: Option<IpAddr>) -> Option<&Endpoint> {
+        let hash = self.request_hash(&HeaderMap::new(), source);
+        self.pick_index(hash).map(|i| &self.endpoints[i])
+    }
+
     /// The request's ring-hash key, if this cluster hashes requests.
     pub fn request_hash(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<u64> {
         if self.balancer.wants_hash() {

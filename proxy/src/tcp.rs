@@ -90,7 +90,12 @@ pub async fn proxy_connection(
         tracing::debug!(%policy, peer = ?peer.as_ref().map(SpiffeId::as_str), "tcp: denied by authorization policy; closing");
         return;
     }
-    let Some(endpoint) = cluster.pick() else {
+    // The client's address, for a ring hash on `source_ip`.
+    let source = crate::http::ServerStream::tcp(&client)
+        .peer_addr()
+        .ok()
+        .map(|a| a.ip());
+    let Some(endpoint) = cluster.pick_for(source) else {
         tracing::debug!(cluster = %cluster.name, "tcp: cluster has no endpoints; closing");
         return;
     };
