@@ -4,7 +4,8 @@
 //!   response body has been read to the end ([`PooledH1::release`]), and idle connections are
 //!   bounded in number and age.
 //! - HTTP/2: one shared connection per endpoint, multiplexing every request; re-established
-//!   (by a single task) when it closes.
+//!   (by a single task) when it closes, and dropped once no request used it for the idle
+//!   timeout (so a sidecar does not keep a connection to every endpoint it ever called).
 //!
 //! A request that never reached a stale pooled connection is retried on another one, so an
 //! upstream closing an idle keep-alive connection does not surface as a 502.
@@ -146,6 +147,10 @@ pub struct EndpointPool {
     idle_ms: AtomicU64,
     /// Whether a task is closing expired idle connections (one per pool while any are idle).
     reaping: AtomicBool,
+    /// [`now_nanos`] of the last request sent to the shared HTTP/2 connection.
+    h2_used: AtomicU64,
+    /// Whether a task closes the shared HTTP/2 connection once idle for the idle timeout.
+    h2_reaping: AtomicBool,
 }
 
 impl std::fmt::Debug for EndpointPool {
@@ -191,6 +196,38 @@ async fn reap_idle(pool: std::sync::Weak<EndpointPool>) {
     }
 }
 
+/// Drops a pool's shared HTTP/2 connection once no request was sent on it for the pool's idle
+/// timeout (requests in flight on it finish; the connection closes after them); ends when the
+/// pool has no HTTP/2 connection or is gone.
+async fn reap_idle_h2(pool: std::sync::Weak<EndpointPool>) {
+    loop {
+        let wait = {
+            let Some(p) = pool.upgrade() else { return };
+            let idle = p.idle_timeout();
+            let since = Duration::from_nanos(
+                crate::lb::load::now_nanos().saturating_sub(p.h2_used.load(Ordering::Acquire)),
+            );
+            if since < idle {
+                idle - since
+            } else {
+                let closed = lock(&p.h2).take().is_some();
+                if closed {
+                    tracing::debug!(addr = %p.addr, ?idle, "closing idle upstream h2 connection");
+                }
+                p.h2_reaping.store(false, Ordering::Release);
+                // A request may have made a new connection meanwhile, seeing this task still
+                // running: keep watching it.
+                if lock(&p.h2).is_some() && !p.h2_reaping.swap(true, Ordering::AcqRel) {
+                    idle
+                } else {
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// Locks ignoring poisoning: the guarded data (a queue / an optional sender) stays consistent
 /// even if a holder panicked, because every critical section is a single push/pop/replace.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -209,6 +246,8 @@ impl EndpointPool {
             gate: None,
             idle_ms: AtomicU64::new(millis(IDLE_TIMEOUT)),
             reaping: AtomicBool::new(false),
+            h2_used: AtomicU64::new(0),
+            h2_reaping: AtomicBool::new(false),
         }
     }
 
@@ -273,10 +312,11 @@ impl EndpointPool {
                     }),
                 ))
             }
-            Wire::H2 => Ok((
-                self.send_h2(req, connect_timeout, connect_errors).await?,
-                None,
-            )),
+            Wire::H2 => {
+                let sent = self.send_h2(req, connect_timeout, connect_errors).await;
+                self.note_h2_use();
+                Ok((sent?, None))
+            }
         }
     }
 
@@ -446,6 +486,23 @@ impl EndpointPool {
             }
         });
         Ok(tx)
+    }
+
+    /// Records a request on the shared HTTP/2 connection and makes sure it is closed once idle
+    /// ([`reap_idle_h2`]).
+    fn note_h2_use(self: &Arc<Self>) {
+        self.h2_used
+            .store(crate::lb::load::now_nanos(), Ordering::Release);
+        // A load first: under load the flag is set and this stays a read.
+        if !self.h2_reaping.load(Ordering::Acquire) && !self.h2_reaping.swap(true, Ordering::AcqRel)
+        {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(reap_idle_h2(Arc::downgrade(self)));
+                }
+                Err(_) => self.h2_reaping.store(false, Ordering::Release),
+            }
+        }
     }
 
     fn shared_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
