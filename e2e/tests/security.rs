@@ -930,7 +930,7 @@ async fn health_checks_reach_strict_mtls_sidecars() {
     health_check:
       http: {path: /}
       interval: 100ms
-      timeout: 1s
+      timeout: 5s
       healthy_threshold: 1
       unhealthy_threshold: 2
 ",
