@@ -570,3 +570,62 @@ async fn shutdown_flushes_the_access_log() {
         .count();
     assert_eq!(logged, N, "every request's line is in the access log");
 }
+
+/// TCP connections get one access log line each when they end: protocol `TCP`, the endpoint,
+/// the cluster and the bytes each way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_are_access_logged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let logs = tempfile_dir();
+    let file = logs.join("tcp.log");
+    let web_ip = next_loopback_ip();
+    let port = weft_testkit::free_port(web_ip);
+    let policies = PolicyDir::with_file(
+        "tcp.yaml",
+        &format!(
+            "services:\n  - name: web\n  - name: store\n    protocol: tcp\n    port: {port}\n"
+        ),
+    );
+    let cp = ControlPlane::start(policies.path()).await;
+    let store = Instance::tcp(&cp, "store", "store-1").await;
+    let web = proxy_with(
+        ProxyConfig::on_ip(web_ip, &cp.grpc_url(), "web", "web-1", free_addr(web_ip)),
+        &format!(
+            "observability:\n  access_log: {{format: json, path: {}}}\n",
+            q(&file)
+        ),
+    )
+    .await;
+    web.wait_endpoint(store.endpoint(), true).await;
+
+    let mut conn = tokio::net::TcpStream::connect((web_ip, port))
+        .await
+        .expect("connect to web's TCP listener");
+    conn.write_all(b"hello tcp").await.expect("write");
+    conn.shutdown().await.expect("half-close");
+    let mut echoed = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        conn.read_to_end(&mut echoed),
+    )
+    .await
+    .expect("echo within 10 s")
+    .expect("read");
+    assert_eq!(echoed, b"hello tcp");
+    drop(conn);
+
+    let line = wait_until(DEFAULT_WAIT, "a TCP access log line", async || {
+        log_lines(&file)
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+            .find(|v| v["protocol"] == "TCP")
+            .ok_or_else(|| format!("{:?}", log_lines(&file)))
+    })
+    .await;
+    assert_eq!(line["cluster"], "store.default", "{line}");
+    assert_eq!(line["direction"], "outbound", "{line}");
+    assert_eq!(line["upstream"], store.endpoint().to_string(), "{line}");
+    assert_eq!(line["bytes_received"], 9, "{line}");
+    assert_eq!(line["bytes_sent"], 9, "{line}");
+    assert_eq!(line["response_flags"], "-", "{line}");
+}

@@ -48,20 +48,69 @@ impl Drop for OpenGuard<'_> {
 
 /// Proxies one accepted connection of a TCP `listener` until both directions finish, an error
 /// occurs, or `drain_timeout` after a drain started. `peer` is the client's verified identity
-/// (inbound mTLS).
+/// (inbound mTLS). With the listener's access log on, one line per connection when it ends.
 pub async fn proxy_connection(
-    mut client: ServerIo,
+    client: ServerIo,
     peer: Option<SpiffeId>,
     listener: Arc<Listener>,
-    mut drain: DrainWatch,
+    drain: DrainWatch,
     drain_timeout: Duration,
 ) {
+    let start = std::time::Instant::now();
+    let start_wall = std::time::SystemTime::now();
+    let mut out = Outcome::default();
+    serve(
+        client,
+        peer.as_ref(),
+        &listener,
+        drain,
+        drain_timeout,
+        &mut out,
+    )
+    .await;
+    if let ListenerKind::Tcp { cluster, .. } = &listener.kind {
+        crate::observe::log_tcp_connection(
+            &listener,
+            &crate::observe::TcpConnectionLog {
+                start: start_wall,
+                duration: start.elapsed(),
+                flags: out.flags,
+                upstream: out.upstream,
+                cluster: &cluster.name,
+                peer_identity: peer.as_ref().map(SpiffeId::as_str),
+                bytes_received: out.received,
+                bytes_sent: out.sent,
+            },
+        );
+    }
+}
+
+/// How a TCP connection went (its access log line).
+#[derive(Debug, Default)]
+struct Outcome {
+    flags: crate::observe::ResponseFlags,
+    upstream: Option<std::net::SocketAddr>,
+    /// Bytes read from the client.
+    received: u64,
+    /// Bytes written to the client.
+    sent: u64,
+}
+
+async fn serve(
+    client: ServerIo,
+    peer: Option<&SpiffeId>,
+    listener: &Listener,
+    mut drain: DrainWatch,
+    drain_timeout: Duration,
+    out: &mut Outcome,
+) {
+    use crate::observe::ResponseFlags;
     let ListenerKind::Tcp { cluster, metrics } = &listener.kind else {
         return;
     };
     // An inbound mTLS client's connections count under its identity (bounded per listener).
     let caller;
-    let metrics = match &peer {
+    let metrics = match peer {
         Some(p) => {
             caller = metrics.for_peer(p.as_str());
             &*caller
@@ -74,12 +123,13 @@ pub async fn proxy_connection(
     if let Some((limit, refused)) = &listener.rate_limit {
         if limit.check().is_err() {
             refused.inc();
+            out.flags.insert(ResponseFlags::RATE_LIMITED);
             tracing::debug!(listener = %listener.name, "tcp: over the listener's rate limit; closing");
             return;
         }
     }
     let request = AuthzRequest {
-        peer: peer.as_ref(),
+        peer,
         method: None,
         path: None,
     };
@@ -87,7 +137,8 @@ pub async fn proxy_connection(
         if let Some(denied) = &listener.authz_denied {
             denied.inc();
         }
-        tracing::debug!(%policy, peer = ?peer.as_ref().map(SpiffeId::as_str), "tcp: denied by authorization policy; closing");
+        out.flags.insert(ResponseFlags::DENIED);
+        tracing::debug!(%policy, peer = ?peer.map(SpiffeId::as_str), "tcp: denied by authorization policy; closing");
         return;
     }
     // The client's address, for a ring hash on `source_ip`.
@@ -96,10 +147,12 @@ pub async fn proxy_connection(
         .ok()
         .map(|a| a.ip());
     let Some(endpoint) = cluster.pick_for(source) else {
+        out.flags.insert(ResponseFlags::NO_HEALTHY_UPSTREAM);
         tracing::debug!(cluster = %cluster.name, "tcp: cluster has no endpoints; closing");
         return;
     };
     let addr = endpoint.addr;
+    out.upstream = Some(addr);
     let mesh = endpoint.pool.mesh_identity().cloned();
     let connect = async {
         let tcp = TcpStream::connect(addr).await?;
@@ -111,11 +164,13 @@ pub async fn proxy_connection(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             cluster.connect_errors.inc();
+            out.flags.insert(ResponseFlags::UPSTREAM_CONNECT_FAILURE);
             tracing::debug!(%addr, error = %e, "tcp: connect failed; closing client");
             return;
         }
         Err(_) => {
             cluster.connect_errors.inc();
+            out.flags.insert(ResponseFlags::UPSTREAM_CONNECT_FAILURE);
             tracing::debug!(%addr, "tcp: connect timed out; closing client");
             return;
         }
@@ -124,6 +179,7 @@ pub async fn proxy_connection(
         client_tls: client.is_tls(),
         upstream_tls: upstream.is_tls(),
     };
+    let mut client = Counted::new(client);
     let cut_after_drain = async {
         drain.signaled().await;
         tokio::time::sleep(drain_timeout).await;
@@ -131,10 +187,95 @@ pub async fn proxy_connection(
     tokio::select! {
         res = copy_both_ways_tls(&mut client, &mut upstream, &metrics.rx, &metrics.tx, Some(listener.idle_timeout), sinks) => {
             if let Err(e) = res {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    out.flags.insert(ResponseFlags::UPSTREAM_TIMEOUT);
+                } else {
+                    out.flags.insert(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION);
+                }
                 tracing::debug!(%addr, error = %e, "tcp: connection ended with error");
             }
         }
         () = cut_after_drain => tracing::debug!(%addr, "tcp: connection cut after drain timeout"),
+    }
+    out.received = client.read;
+    out.sent = client.written;
+}
+
+/// A stream that counts the bytes read from and written to it (one connection's totals for its
+/// access log line; the metrics count per listener as bytes pass).
+struct Counted<S> {
+    inner: S,
+    read: u64,
+    written: u64,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.written += n as u64;
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.written += n as u64;
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -58,6 +58,8 @@ pub struct AccessLogEntry<'a> {
     pub peer_identity: Option<&'a str>,
     /// The trace the request belongs to, if any.
     pub trace_id: Option<TraceId>,
+    /// TCP connections: bytes read from and written to the downstream (`None` for HTTP).
+    pub bytes: Option<(u64, u64)>,
 }
 
 /// Milliseconds with microsecond precision.
@@ -110,6 +112,10 @@ struct JsonLine<'a> {
     retries: u32,
     peer_identity: Option<&'a str>,
     trace_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_received: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_sent: Option<u64>,
 }
 
 impl AccessLogEntry<'_> {
@@ -145,6 +151,8 @@ impl AccessLogEntry<'_> {
             retries: self.retries,
             peer_identity: self.peer_identity,
             trace_id: self.trace_id.map(|t| t.to_string()),
+            bytes_received: self.bytes.map(|(rx, _)| rx),
+            bytes_sent: self.bytes.map(|(_, tx)| tx),
         };
         // Serializing plain strings and numbers into a String cannot fail.
         serde_json::to_string(&line).unwrap_or_default()
@@ -196,6 +204,9 @@ impl AccessLogEntry<'_> {
         }
         s.push_str(" listener=");
         push_text(&mut s, self.listener);
+        if let Some((rx, tx)) = self.bytes {
+            let _ = write!(s, " rx={rx} tx={tx}");
+        }
         s
     }
 }
@@ -364,7 +375,29 @@ mod tests {
             retries: 2,
             peer_identity: None,
             trace_id: Some(TraceId([0xab; 16])),
+            bytes: None,
         }
+    }
+
+    #[test]
+    fn tcp_lines_carry_bytes_and_http_lines_do_not() {
+        let http = entry().to_json();
+        assert!(!http.contains("bytes_"), "{http}");
+        let tcp = AccessLogEntry {
+            protocol: "TCP",
+            method: "",
+            path: "",
+            authority: "",
+            status: 0,
+            flags: ResponseFlags::default(),
+            bytes: Some((5, 7)),
+            ..entry()
+        };
+        let v: serde_json::Value = serde_json::from_str(&tcp.to_json()).unwrap();
+        assert_eq!(v["protocol"], "TCP");
+        assert_eq!(v["bytes_received"], 5);
+        assert_eq!(v["bytes_sent"], 7);
+        assert!(tcp.to_text().ends_with(" rx=5 tx=7"), "{}", tcp.to_text());
     }
 
     #[test]

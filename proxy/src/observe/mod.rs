@@ -131,6 +131,60 @@ pub async fn flush(limit: std::time::Duration) -> bool {
     }
 }
 
+/// What one TCP connection's access log line says.
+#[derive(Debug)]
+pub struct TcpConnectionLog<'a> {
+    /// When the connection was accepted.
+    pub start: std::time::SystemTime,
+    /// Accept to close.
+    pub duration: std::time::Duration,
+    /// Why it did not get a plain upstream connection (RL, DI, UH, UF, UT = idle timeout,
+    /// UC = ended with an error).
+    pub flags: ResponseFlags,
+    /// The endpoint connected to.
+    pub upstream: Option<std::net::SocketAddr>,
+    /// The listener's cluster.
+    pub cluster: &'a str,
+    /// The verified client identity (inbound mTLS).
+    pub peer_identity: Option<&'a str>,
+    /// Bytes read from the client.
+    pub bytes_received: u64,
+    /// Bytes written to the client.
+    pub bytes_sent: u64,
+}
+
+/// Writes the access log line of a TCP connection that ended, if the installed access log
+/// covers `listener` (a lookup and nothing else when it does not).
+pub fn log_tcp_connection(listener: &Listener, c: &TcpConnectionLog<'_>) {
+    let Some(log) = INSTALLED.get().and_then(|o| o.inner.access_log.as_ref()) else {
+        return;
+    };
+    if !log.applies_to(&listener.name) {
+        return;
+    }
+    let entry = AccessLogEntry {
+        start: c.start,
+        listener: &listener.name,
+        direction: listener.direction.as_str(),
+        method: "",
+        authority: "",
+        path: "",
+        protocol: "TCP",
+        status: 0,
+        flags: c.flags,
+        duration: c.duration,
+        response_duration: None,
+        upstream: c.upstream,
+        route: "",
+        cluster: c.cluster,
+        retries: 0,
+        peer_identity: c.peer_identity,
+        trace_id: None,
+        bytes: Some((c.bytes_received, c.bytes_sent)),
+    };
+    log.sink.send(entry.format(log.format));
+}
+
 /// Makes `o` the process's observability; `false` if one was installed already (kept).
 pub fn install(o: Observability) -> bool {
     INSTALLED.set(o).is_ok()
@@ -612,6 +666,7 @@ fn finish(mut p: Pending, how: BodyEnd) {
                 retries: note.attempts.saturating_sub(1),
                 peer_identity: note.peer_identity.as_deref(),
                 trace_id: p.trace_id,
+                bytes: None,
             };
             log.sink.send(entry.format(log.format));
         }
