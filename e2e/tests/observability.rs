@@ -93,8 +93,15 @@ impl TraceService for Collector {
 impl Collector {
     /// Serves on a free loopback port until the returned task is aborted.
     async fn start() -> (Collector, SocketAddr, tokio::task::JoinHandle<()>) {
+        Self::start_on(free_addr(next_loopback_ip()), None).await
+    }
+
+    /// Serves on `addr`, over TLS with `tls` = (certificate PEM, key PEM) when given.
+    async fn start_on(
+        addr: SocketAddr,
+        tls: Option<(String, String)>,
+    ) -> (Collector, SocketAddr, tokio::task::JoinHandle<()>) {
         let collector = Collector::default();
-        let addr = free_addr(next_loopback_ip());
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .unwrap_or_else(|e| panic!("collector cannot bind {addr}: {e}"));
@@ -104,7 +111,16 @@ impl Collector {
                 let accepted = l.accept().await.map(|(s, _)| s);
                 Some((accepted, l))
             });
-            if let Err(e) = tonic::transport::Server::builder()
+            let mut server = tonic::transport::Server::builder();
+            if let Some((cert, key)) = tls {
+                server = server
+                    .tls_config(
+                        tonic::transport::ServerTlsConfig::new()
+                            .identity(tonic::transport::Identity::from_pem(cert, key)),
+                    )
+                    .expect("collector TLS config");
+            }
+            if let Err(e) = server
                 .add_service(service)
                 .serve_with_incoming(incoming)
                 .await
@@ -628,4 +644,85 @@ async fn tcp_connections_are_access_logged() {
     assert_eq!(line["bytes_received"], 9, "{line}");
     assert_eq!(line["bytes_sent"], 9, "{line}");
     assert_eq!(line["response_flags"], "-", "{line}");
+}
+
+/// Spans go to an `https://` collector, verified with `otlp_ca_file` (a self-signed certificate
+/// for the collector's IP made with openssl).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_export_to_a_tls_collector() {
+    let dir = tempfile_dir();
+    let ip = next_loopback_ip();
+    weft_testkit::security::openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "collector.key",
+            "-out",
+            "collector.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=otel-collector",
+            "-addext",
+            &format!("subjectAltName=IP:{ip}"),
+            // A server certificate, not a CA: webpki refuses a CA used as an end entity.
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+        ],
+    );
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f)).unwrap_or_else(|e| panic!("reading {f}: {e}"))
+    };
+    let (collector, collector_addr, collector_task) = Collector::start_on(
+        free_addr(ip),
+        Some((read("collector.pem"), read("collector.key"))),
+    )
+    .await;
+
+    let policies = PolicyDir::with_file("mesh.yaml", &http_services_yaml(&["web", "api"]));
+    let cp = ControlPlane::start(policies.path()).await;
+    let _api = Instance::http(&cp, "api", "api-1").await;
+    let web = proxy_with(
+        caller_proxy_config(&cp, "web", "web-1"),
+        &format!(
+            "observability:\n  tracing: {{sampling: 1.0, otlp_endpoint: \"https://{collector_addr}\", \
+             otlp_ca_file: {}}}\n",
+            q(&dir.join("collector.pem"))
+        ),
+    )
+    .await;
+    let client = web.http1();
+    wait_for_instance(&client, "api", "/", "api-1").await;
+    let tp = format!("00-{TRACE_ID}-{CLIENT_PARENT}-01");
+    let r = client
+        .request(
+            Method::GET,
+            "api",
+            "/tls-traced",
+            &[("traceparent", tp.as_str())],
+            "",
+        )
+        .await
+        .expect("GET /tls-traced");
+    assert_eq!(r.status, 200, "{}", r.summary());
+    let trace_id: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&TRACE_ID[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let spans = collector.wait_trace(&trace_id, 1).await;
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.attr_str("url.path") == "/tls-traced"),
+        "{spans:#?}"
+    );
+    collector_task.abort();
 }

@@ -51,9 +51,13 @@ pub struct TracingConfig {
     /// Probability that an inbound request without `traceparent` starts a sampled trace.
     #[serde(default)]
     pub sampling: f64,
-    /// OTLP/gRPC collector URL (`http://host:port`, plaintext); absent = spans are not exported.
+    /// OTLP/gRPC collector URL: `http://host:port` (plaintext) or `https://host:port` (TLS,
+    /// verified with `otlp_ca_file`); absent = spans are not exported.
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
+    /// PEM CA certificate(s) that an `https://` collector's certificate must chain to.
+    #[serde(default)]
+    pub otlp_ca_file: Option<std::path::PathBuf>,
     /// `service.name` of exported spans; default `node.service`.
     #[serde(default)]
     pub service_name: Option<String>,
@@ -112,11 +116,23 @@ impl ObservabilityConfig {
             if let Some(url) = &t.otlp_endpoint {
                 match url.parse::<http::Uri>() {
                     Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => {}
+                    Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => {
+                        if t.otlp_ca_file.is_none() {
+                            return Err((
+                                "observability.tracing.otlp_ca_file",
+                                format!(
+                                    "{url:?} is https://: set otlp_ca_file to the PEM CA that \
+                                     verifies the collector"
+                                ),
+                            ));
+                        }
+                    }
                     _ => {
                         return Err((
                             "observability.tracing.otlp_endpoint",
                             format!(
-                                "{url:?} is not an http://host:port URL (OTLP/gRPC, plaintext)"
+                                "{url:?} is not an http://host:port or https://host:port URL \
+                                 (OTLP/gRPC)"
                             ),
                         ))
                     }
@@ -194,7 +210,9 @@ metrics:
         let e = parse("tracing: {otlp_endpoint: 'localhost:4317'}").unwrap_err();
         assert!(e.contains("otlp_endpoint"), "{e}");
         let e = parse("tracing: {otlp_endpoint: 'https://c:4317'}").unwrap_err();
-        assert!(e.contains("otlp_endpoint"), "{e}");
+        assert!(e.contains("otlp_ca_file"), "{e}");
+        let ok = parse("tracing: {otlp_endpoint: 'https://c:4317', otlp_ca_file: /etc/ca.pem}");
+        assert!(ok.is_ok(), "{ok:?}");
         let e = parse("access_log: {path: ''}").unwrap_err();
         assert!(e.contains("access_log.path"), "{e}");
         let e = parse("metrics: {request: true}").unwrap_err();

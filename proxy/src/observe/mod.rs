@@ -66,6 +66,14 @@ pub enum ObserveError {
     /// Metric registration failed.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// `observability.tracing.otlp_ca_file` could not be read.
+    #[error("observability.tracing.otlp_ca_file {path:?}: {source}")]
+    OtlpCa {
+        /// The configured path.
+        path: std::path::PathBuf,
+        /// The read error.
+        source: std::io::Error,
+    },
 }
 
 /// Whether per-request metrics are recorded (`observability.metrics.requests`, default true).
@@ -328,9 +336,19 @@ impl Observability {
         };
         let tracing = match &config.tracing {
             Some(t) => {
+                let ca = match &t.otlp_ca_file {
+                    Some(path) => Some(std::fs::read_to_string(path).map_err(|source| {
+                        ObserveError::OtlpCa {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?),
+                    None => None,
+                };
                 let exporter = match &t.otlp_endpoint {
                     Some(url) => Some(SpanExporter::start(
                         url,
+                        ca.as_deref(),
                         &otlp::ExporterIdentity {
                             service_name: t
                                 .service_name

@@ -172,25 +172,35 @@ pub enum ExporterError {
 }
 
 impl SpanExporter {
-    /// Starts the exporter thread sending to `endpoint` (an `http://host:port` collector).
+    /// Starts the exporter thread sending to `endpoint`: an `http://host:port` collector, or an
+    /// `https://host:port` one whose certificate chains to `ca_pem` (PEM) and names the host.
     pub fn start(
         endpoint: &str,
+        ca_pem: Option<&str>,
         identity: &ExporterIdentity,
         metrics: ExporterMetrics,
     ) -> Result<Self, ExporterError> {
-        if !endpoint.starts_with("http://") {
-            return Err(ExporterError::Endpoint {
-                url: endpoint.to_owned(),
-                reason: "only plaintext http:// collectors are supported".into(),
-            });
+        let fail = |reason: String| ExporterError::Endpoint {
+            url: endpoint.to_owned(),
+            reason,
+        };
+        let tls = endpoint.starts_with("https://");
+        if !tls && !endpoint.starts_with("http://") {
+            return Err(fail("not an http:// or https:// URL".into()));
         }
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| ExporterError::Endpoint {
-                url: endpoint.to_owned(),
-                reason: e.to_string(),
-            })?
+        let mut channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| fail(e.to_string()))?
             .connect_timeout(EXPORT_TIMEOUT)
             .timeout(EXPORT_TIMEOUT);
+        if tls {
+            let ca = ca_pem.ok_or_else(|| fail("https:// needs otlp_ca_file".into()))?;
+            let config = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .assume_http2(true);
+            channel = channel
+                .tls_config(config)
+                .map_err(|e| fail(format!("TLS: {e}")))?;
+        }
         let (tx, rx) = mpsc::channel(QUEUE_SPANS);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -428,6 +438,7 @@ mod tests {
             namespace: "default".into(),
             instance: "web-1".into(),
         };
-        assert!(SpanExporter::start("https://collector:4317", &id, m).is_err());
+        assert!(SpanExporter::start("https://collector:4317", None, &id, m.clone()).is_err());
+        assert!(SpanExporter::start("ftp://collector:4317", None, &id, m).is_err());
     }
 }
