@@ -110,8 +110,8 @@ fn resources(routes: &[(&str, &str)], clusters: &[&str], tcp: bool) -> Resources
     }
 }
 
-/// The handles a request to `host` through the outbound listener of `s` is counted with.
-fn outbound_metrics(s: &Snapshot, host: &str) -> Arc<RequestMetrics> {
+/// The route a `GET /` to `host` through the outbound listener of `s` takes.
+fn outbound_route<'s>(s: &'s Snapshot, host: &str) -> &'s weft_proxy::route::Route {
     let ListenerKind::Http(h) = &s.listeners[&OUTBOUND.parse().unwrap()].kind else {
         panic!("an HTTP listener")
     };
@@ -122,8 +122,18 @@ fn outbound_metrics(s: &Snapshot, host: &str) -> Arc<RequestMetrics> {
         method: &http::Method::GET,
         headers: &headers,
     };
-    let route = h.routes.as_ref().and_then(|t| t.find(&info)).unwrap();
-    Arc::clone(route.destinations.pick().unwrap().metrics())
+    h.routes.as_ref().and_then(|t| t.find(&info)).unwrap()
+}
+
+/// The handles a request to `host` through the outbound listener of `s` is counted with.
+fn outbound_metrics(s: &Snapshot, host: &str) -> Arc<RequestMetrics> {
+    Arc::clone(
+        outbound_route(s, host)
+            .destinations
+            .pick()
+            .unwrap()
+            .metrics(),
+    )
 }
 
 /// The sample lines of `name` (exactly, before the labels) in a scrape of `m` mentioning every
@@ -487,18 +497,12 @@ fn with_rate_limit(mut r: Resources, route: &str) -> Resources {
 
 /// The refusal counter of the rate limit on the route a request to `host` takes.
 fn refusals(s: &Snapshot, host: &str) -> weft_proxy::metrics::LeasedCounter {
-    let ListenerKind::Http(h) = &s.listeners[&OUTBOUND.parse().unwrap()].kind else {
-        panic!("an HTTP listener")
-    };
-    let headers = http::HeaderMap::new();
-    let info = RequestInfo {
-        host,
-        path: "/",
-        method: &http::Method::GET,
-        headers: &headers,
-    };
-    let route = h.routes.as_ref().and_then(|t| t.find(&info)).unwrap();
-    route.rate_limit.as_ref().expect("a rate limit").1.clone()
+    outbound_route(s, host)
+        .rate_limit
+        .as_ref()
+        .expect("a rate limit")
+        .1
+        .clone()
 }
 
 #[test]
