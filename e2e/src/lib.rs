@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -59,7 +59,22 @@ pub async fn caller_proxy(cp: &ControlPlane, service: &str, id: &str) -> Proxy {
 
 /// The config [`caller_proxy`] uses, on a fresh loopback IP.
 pub fn caller_proxy_config(cp: &ControlPlane, service: &str, id: &str) -> ProxyConfig {
-    let ip = next_loopback_ip();
+    caller_proxy_config_on(cp, next_loopback_ip(), service, id)
+}
+
+/// [`caller_proxy`] on `ip`: for tests that need the IP before the sidecar starts (a TCP
+/// service's port is picked free on its caller's IP).
+pub async fn caller_proxy_on(cp: &ControlPlane, ip: IpAddr, service: &str, id: &str) -> Proxy {
+    Proxy::start_with(caller_proxy_config_on(cp, ip, service, id)).await
+}
+
+/// The config [`caller_proxy_on`] uses.
+pub fn caller_proxy_config_on(
+    cp: &ControlPlane,
+    ip: IpAddr,
+    service: &str,
+    id: &str,
+) -> ProxyConfig {
     ProxyConfig::on_ip(ip, &cp.grpc_url(), service, id, free_addr(ip))
 }
 

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use weft_e2e::{caller_proxy, http_services_yaml, tally, wait_for_instance, Instance, SETTLE};
+use weft_e2e::{
+    caller_proxy, caller_proxy_on, http_services_yaml, tally, wait_for_instance, Instance, SETTLE,
+};
 use weft_testkit::{
     free_addr, next_loopback_ip, raw_exchange, wait_until, ControlPlane, Metrics, PolicyDir, Proxy,
     ProxyConfig, DEFAULT_WAIT,
@@ -254,14 +256,7 @@ async fn unappliable_config_is_nacked_and_the_old_one_kept() {
     let policies = PolicyDir::with_file("00-mesh.yaml", &http_services_yaml(&["web", "api"]));
     let cp = ControlPlane::start(policies.path()).await;
     let _api = Instance::http(&cp, "api", "api-1").await;
-    let web = Proxy::start_with(ProxyConfig::on_ip(
-        web_ip,
-        &cp.grpc_url(),
-        "web",
-        "web-1",
-        free_addr(web_ip),
-    ))
-    .await;
+    let web = caller_proxy_on(&cp, web_ip, "web", "web-1").await;
     let client = web.http1();
     wait_for_instance(&client, "api", "/", "api-1").await;
     let versions = web.versions().await;

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weft_e2e::{
-    caller_proxy, http_services_yaml, proxy_status, tally, wait_for_instance, wait_metric_at_least,
-    weftctl, Generations, Instance, LoadSpec, MixedLoad,
+    caller_proxy, caller_proxy_config_on, caller_proxy_on, http_services_yaml, proxy_status, tally,
+    wait_for_instance, wait_metric_at_least, weftctl, Generations, Instance, LoadSpec, MixedLoad,
 };
 use weft_testkit::{
-    free_addr, free_port, http_put, next_loopback_ip, wait_until, ControlPlane, DemoApp,
-    DemoAppConfig, Metrics, PolicyDir, Proxy, ProxyConfig, DEFAULT_WAIT,
+    free_port, http_put, next_loopback_ip, wait_until, ControlPlane, DemoApp, DemoAppConfig,
+    Metrics, PolicyDir, Proxy, DEFAULT_WAIT,
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
@@ -285,7 +285,7 @@ async fn changed_tcp_port_binds_the_new_address_before_draining_the_old() {
     let policies = PolicyDir::with_file("tcp.yaml", &tcp_service_yaml(old_port));
     let cp = ControlPlane::start(policies.path()).await;
     let store = Instance::tcp(&cp, "store", "store-1").await;
-    let mut config = ProxyConfig::on_ip(web_ip, &cp.grpc_url(), "web", "web-1", free_addr(web_ip));
+    let mut config = caller_proxy_config_on(&cp, web_ip, "web", "web-1");
     config.drain_timeout = DRAIN;
     let web = Proxy::start_with(config).await;
     web.wait_endpoint(store.endpoint(), true).await;
@@ -590,14 +590,7 @@ async fn port_conflict_is_nacked_reported_and_recovered_from() {
     let policies = PolicyDir::with_file("00-mesh.yaml", &http_services_yaml(&["web", "api"]));
     let cp = ControlPlane::start(policies.path()).await;
     let _api = Instance::http(&cp, "api", "api-1").await;
-    let web = Proxy::start_with(ProxyConfig::on_ip(
-        web_ip,
-        &cp.grpc_url(),
-        "web",
-        "web-1",
-        free_addr(web_ip),
-    ))
-    .await;
+    let web = caller_proxy_on(&cp, web_ip, "web", "web-1").await;
     let client = web.http1();
     wait_for_instance(&client, "api", "/", "api-1").await;
     let versions = web.versions().await;

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use http::Method;
-use weft_e2e::{caller_proxy_config, http_services_yaml, wait_for_instance, Instance};
+use weft_e2e::{
+    caller_proxy_config, caller_proxy_config_on, http_services_yaml, wait_for_instance, Instance,
+};
 use weft_proto::otlp::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -605,7 +607,7 @@ async fn tcp_connections_are_access_logged() {
     let cp = ControlPlane::start(policies.path()).await;
     let store = Instance::tcp(&cp, "store", "store-1").await;
     let web = proxy_with(
-        ProxyConfig::on_ip(web_ip, &cp.grpc_url(), "web", "web-1", free_addr(web_ip)),
+        caller_proxy_config_on(&cp, web_ip, "web", "web-1"),
         &format!(
             "observability:\n  access_log: {{format: json, path: {}}}\n",
             q(&file)

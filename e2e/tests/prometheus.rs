@@ -16,12 +16,12 @@ use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weft_e2e::{
-    caller_proxy, http_services_yaml, promtool, promtool_check_metrics, require_tool, tally,
-    wait_for_instance, Instance,
+    caller_proxy, caller_proxy_on, http_services_yaml, promtool, promtool_check_metrics,
+    require_tool, tally, wait_for_instance, Instance,
 };
 use weft_testkit::{
     free_addr, free_port, http_get, next_loopback_ip, wait_until, ControlPlane, DemoApp,
-    DemoAppConfig, Metrics, PolicyDir, ProcessGuard, Proxy, ProxyConfig, DEFAULT_WAIT,
+    DemoAppConfig, Metrics, PolicyDir, ProcessGuard, Proxy, DEFAULT_WAIT,
 };
 
 /// Deadline of every wait on Prometheus: new targets are picked up on a 5s tick, so the first
@@ -557,14 +557,7 @@ async fn full_mesh_after_traffic() -> FullMesh {
         proxy: api_proxy,
         app,
     };
-    let web = Proxy::start_with(ProxyConfig::on_ip(
-        web_ip,
-        &cp.grpc_url(),
-        "web",
-        "web-1",
-        free_addr(web_ip),
-    ))
-    .await;
+    let web = caller_proxy_on(&cp, web_ip, "web", "web-1").await;
 
     let h1 = web.http1();
     wait_for_instance(&h1, "api", "/", "api-1").await;

@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use weft_e2e::{caller_proxy, instance_of, tally, wait_for_instance, Instance};
+use weft_e2e::{caller_proxy, caller_proxy_on, instance_of, tally, wait_for_instance, Instance};
 use weft_testkit::{
-    free_addr, free_port, next_loopback_ip, wait_until, ControlPlane, PolicyDir, Proxy,
-    ProxyConfig, DEFAULT_WAIT,
+    free_port, next_loopback_ip, wait_until, ControlPlane, PolicyDir, DEFAULT_WAIT,
 };
 
 /// What a [`FakeUpstream`] does with requests (health checks to `/healthz` follow `health`).
@@ -646,14 +645,7 @@ async fn idle_connections_are_closed_downstream_upstream_and_tcp() {
     );
     let policies = PolicyDir::with_file("svc.yaml", &policy);
     let cp = ControlPlane::start(policies.path()).await;
-    let web = Proxy::start_with(ProxyConfig::on_ip(
-        web_ip,
-        &cp.grpc_url(),
-        "web",
-        "web-1",
-        free_addr(web_ip),
-    ))
-    .await;
+    let web = caller_proxy_on(&cp, web_ip, "web", "web-1").await;
     let client = web.http1();
     wait_for_instance(&client, "api", "/", "one").await;
 
@@ -782,14 +774,7 @@ async fn tcp_listener_rate_limit_closes_excess_connections() {
     );
     let cp = ControlPlane::start(policies.path()).await;
     let store = Instance::tcp(&cp, "store", "store-1").await;
-    let web = Proxy::start_with(ProxyConfig::on_ip(
-        web_ip,
-        &cp.grpc_url(),
-        "web",
-        "web-1",
-        free_addr(web_ip),
-    ))
-    .await;
+    let web = caller_proxy_on(&cp, web_ip, "web", "web-1").await;
     web.wait_endpoint(store.endpoint(), true).await;
     // 6 connections at once against 1/s with a burst of 2 at store's inbound listener.
     let (mut ok, mut refused) = (0, 0);

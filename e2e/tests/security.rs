@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weft_e2e::{
-    caller_proxy, caller_proxy_config, instance_of, promtool_check_metrics, tally,
+    caller_proxy, caller_proxy_config, caller_proxy_on, instance_of, promtool_check_metrics, tally,
     wait_for_instance, Instance,
 };
 use weft_testkit::security::{
@@ -571,7 +571,7 @@ async fn tcp_roundtrip(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Vec<u8
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_service_strict_mtls_and_authorization() {
-    use weft_testkit::{free_addr, free_port, next_loopback_ip, ProxyConfig};
+    use weft_testkit::{free_port, next_loopback_ip};
     let (web_ip, other_ip) = (next_loopback_ip(), next_loopback_ip());
     let port = free_port(web_ip);
     let policies = PolicyDir::with_file(
@@ -596,22 +596,8 @@ authorization:
     );
     let cp = secure_cp(&policies, &[]).await;
     let store = Instance::tcp(&cp, "store", "store-1").await;
-    let web = Proxy::start_with(ProxyConfig::on_ip(
-        web_ip,
-        &cp.grpc_url(),
-        "web",
-        "web-1",
-        free_addr(web_ip),
-    ))
-    .await;
-    let other = Proxy::start_with(ProxyConfig::on_ip(
-        other_ip,
-        &cp.grpc_url(),
-        "other",
-        "other-1",
-        free_addr(other_ip),
-    ))
-    .await;
+    let web = caller_proxy_on(&cp, web_ip, "web", "web-1").await;
+    let other = caller_proxy_on(&cp, other_ip, "other", "other-1").await;
     web.wait_endpoint(store.endpoint(), true).await;
     other.wait_endpoint(store.endpoint(), true).await;
 

@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weft_e2e::{wait_metric_at_least, Instance};
+use weft_e2e::{caller_proxy_on, wait_metric_at_least, Instance};
 use weft_testkit::{
-    free_addr, free_port, next_loopback_ip, wait_until, ControlPlane, PolicyDir, Proxy,
-    ProxyConfig, DEFAULT_WAIT,
+    free_port, next_loopback_ip, wait_until, ControlPlane, PolicyDir, Proxy, DEFAULT_WAIT,
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
@@ -60,8 +59,7 @@ async fn tcp_mesh() -> TcpMesh {
     );
     let cp = ControlPlane::start(policies.path()).await;
     let store = Instance::tcp(&cp, "store", "store-1").await;
-    let web_config = ProxyConfig::on_ip(web_ip, &cp.grpc_url(), "web", "web-1", free_addr(web_ip));
-    let web = Proxy::start_with(web_config).await;
+    let web = caller_proxy_on(&cp, web_ip, "web", "web-1").await;
     web.wait_endpoint(store.endpoint(), true).await;
     let listener = SocketAddr::new(web.ip(), port);
     TcpMesh {
@@ -204,8 +202,7 @@ async fn tcp_source_ip_ring_hash_sticks_to_one_instance() {
         Instance::tcp(&cp, "store", "store-2").await,
         Instance::tcp(&cp, "store", "store-3").await,
     ];
-    let web_config = ProxyConfig::on_ip(web_ip, &cp.grpc_url(), "web", "web-1", free_addr(web_ip));
-    let web = Proxy::start_with(web_config).await;
+    let web = caller_proxy_on(&cp, web_ip, "web", "web-1").await;
     for s in &stores {
         web.wait_endpoint(s.endpoint(), true).await;
     }
