@@ -31,6 +31,14 @@ fn free_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// Two distinct free ports (both held while the second is picked: two `free_port` calls may
+/// return the same one, and a snapshot refuses two listeners on one address).
+fn two_free_ports() -> (SocketAddr, SocketAddr) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap(), b.local_addr().unwrap())
+}
+
 /// Upstream: echoes what it saw in headers and the request body; `/trailers` adds
 /// `grpc-status: 0` trailers; `/slow` waits 2s.
 async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
@@ -288,7 +296,7 @@ async fn text(resp: Response<Incoming>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_routes_pools_and_reports_errors() {
     let (up, up_conns) = upstream().await;
-    let (listen, inbound) = (free_port(), free_port());
+    let (listen, inbound) = two_free_ports();
     let proxy = Proxy::new();
     assert!(proxy.store.load().is_none());
     proxy.push(config(listen, inbound, up)).unwrap();
@@ -373,7 +381,7 @@ async fn http1_routes_pools_and_reports_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_preserves_version_and_trailers() {
     let (up, up_conns) = upstream().await;
-    let (listen, inbound) = (free_port(), free_port());
+    let (listen, inbound) = two_free_ports();
     let proxy = Proxy::new();
     proxy.push(config(listen, inbound, up)).unwrap();
 
@@ -419,7 +427,7 @@ async fn http2_preserves_version_and_trailers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_keeps_old_config_and_removed_listener_stops() {
     let (up, _) = upstream().await;
-    let (listen, inbound) = (free_port(), free_port());
+    let (listen, inbound) = two_free_ports();
     let proxy = Proxy::new();
     proxy.push(config(listen, inbound, up)).unwrap();
 
@@ -585,7 +593,7 @@ impl tokio::io::AsyncWrite for SkipFirst {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_detection_with_split_first_bytes() {
     let (up, _) = upstream().await;
-    let (listen, inbound) = (free_port(), free_port());
+    let (listen, inbound) = two_free_ports();
     let proxy = Proxy::new();
     proxy.push(config(listen, inbound, up)).unwrap();
 
