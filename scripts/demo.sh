@@ -53,19 +53,24 @@ start() { # name, command...
   echo "$! $name" >>"$STATE/pids"
 }
 
-wait_ok() { # url, what
+wait_ok() { # url, what, curl options...
+  local url=$1 what=$2; shift 2
   for _ in $(seq 1 150); do
-    if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
+    if curl -fsS -o /dev/null "$@" "$url" 2>/dev/null; then return 0; fi
     sleep 0.1
   done
-  echo "demo: $2 never became ready ($1); logs in $STATE/logs" >&2
+  echo "demo: $what never became ready ($url); logs in $STATE/logs" >&2
   exit 1
 }
 
 echo "==> starting the control plane (policies: $STATE/policies, CA: $STATE/ca)"
 start control "$BIN/weft-control" --policies "$STATE/policies" --ca-dir "$STATE/ca" \
   --grpc 127.0.0.1:15010 --admin 127.0.0.1:15011
-wait_ok http://127.0.0.1:15011/healthz "weft-control"
+# The admin API is HTTPS with the CA's certificate; weftctl finds the CA and the bootstrap
+# admin token (written on first start) through WEFT_CA_DIR.
+for _ in $(seq 1 150); do [[ -f $STATE/ca/roots.pem ]] && break; sleep 0.1; done
+wait_ok https://127.0.0.1:15011/healthz "weft-control" --cacert "$STATE/ca/roots.pem"
+export WEFT_CA_DIR=$STATE/ca
 # Each sidecar proves which service it runs with a join token; the CA signs its
 # key (which never leaves the sidecar) into a short-lived SPIFFE certificate.
 mkdir -p "$STATE/tokens"
@@ -103,7 +108,9 @@ if [[ $CHECK == 1 ]]; then
   curl -fsS -H 'host: api' http://127.0.0.2:15001/hello | grep -q '"service":"api"' || { echo "check: api unreachable" >&2; fail=1; }
   curl -fsS -H 'host: api' -H 'x-canary: true' http://127.0.0.2:15001/hello | grep -q '"service":"api-v2"' || { echo "check: canary route broken" >&2; fail=1; }
   curl -fsS http://127.0.0.2:15000/metrics | grep -q '^weft_requests_total' || { echo "check: no request metrics" >&2; fail=1; }
-  "$BIN/weftctl" --server http://127.0.0.1:15011 status >/dev/null || { echo "check: weftctl status failed" >&2; fail=1; }
+  "$BIN/weftctl" status >/dev/null || { echo "check: weftctl status failed" >&2; fail=1; }
+  code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$STATE/ca/roots.pem" https://127.0.0.1:15011/v1/proxies)
+  [[ $code == 401 ]] || { echo "check: the admin API answered $code without a credential, not 401" >&2; fail=1; }
   curl -fsS http://127.0.0.3:15000/metrics | grep -q 'weft_inbound_connections_total{tls="mtls"} [1-9]' || { echo "check: web -> api was not mTLS" >&2; fail=1; }
   echo hi | nc -N 127.0.0.2 7000 | grep -q '^hi$' || { echo "check: TCP through the sidecar failed" >&2; fail=1; }
   code=$(curl -s -o /dev/null -w '%{http_code}' -H 'host: api' http://127.0.0.3:15006/)
@@ -123,6 +130,7 @@ Weft is running. Try:
   curl -i http://127.0.0.3:15006/                                   # no mesh identity: 403 (authorization)
 Metrics:       curl http://127.0.0.2:15000/metrics   (sidecars: 127.0.0.2-4:15000)
 Config:        curl http://127.0.0.2:15000/config_dump
+weftctl:       export WEFT_CA_DIR=$STATE/ca   # the CA to trust + the bootstrap admin token
 Mesh status:   $BIN/weftctl status
 Policies:      $BIN/weftctl get routes ; edit $STATE/policies/*.yaml and it is pushed live
                or: $BIN/weftctl apply -f config-examples/policies

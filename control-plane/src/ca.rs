@@ -425,6 +425,52 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// Issues an admin client certificate and a fresh key for `name` with `role` (`read` or
+    /// `write`): URI SAN `spiffe://<td>/weft-admin/<role>/<name>` (a path no workload SVID
+    /// has), EKU clientAuth only, lifetime `ttl` capped at the issuer's expiry.
+    pub fn issue_admin(
+        &self,
+        name: &str,
+        role: &str,
+        ttl: std::time::Duration,
+    ) -> Result<LocalCert, SignError> {
+        if !valid_name(name) {
+            return Err(SignError::InvalidName {
+                what: "admin name",
+                value: name.to_owned(),
+            });
+        }
+        if role != "read" && role != "write" {
+            return Err(SignError::InvalidCsr(format!(
+                "admin role {role:?}: expected read or write"
+            )));
+        }
+        let now = now_secs();
+        if self.issuer_not_after <= now {
+            return Err(SignError::IssuerExpired {
+                expired_at: rfc3339(self.issuer_not_after),
+            });
+        }
+        let not_after = (now + ttl).min(self.issuer_not_after);
+        let uri = format!("spiffe://{}/weft-admin/{role}/{name}", self.trust_domain);
+        let key = KeyPair::generate()?;
+        let mut params = leaf_params(now, not_after, vec![SanType::URI(ia5(&uri)?)], name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let mut chain_der = vec![cert.der().to_vec()];
+        for pem in &self.intermediates_pem {
+            chain_der.extend(pem_certs(pem).map_err(SignError::InvalidCsr)?);
+        }
+        Ok(LocalCert {
+            chain_der,
+            key_der: key.serialize_der(),
+            not_before: now - BACKDATE,
+            not_after,
+        })
+    }
+}
+
 fn leaf_params(
     now: OffsetDateTime,
     not_after: OffsetDateTime,

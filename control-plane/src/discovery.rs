@@ -1,6 +1,8 @@
 //! The `weft.v1.Discovery` gRPC service: one task per proxy stream.
 //!
-//! Per stream: the first message must be `Hello`; the node is registered; then the task pushes
+//! Per stream: the caller is authenticated by its TLS client certificate (its SVID; see
+//! [`crate::admission`]); the first message must be `Hello`, within the Hello deadline; the node
+//! is admitted (its claims checked against the certificate, its fields bounded) and registered; then the task pushes
 //! one `DiscoveryResponse` holding only the resource types whose version differs from what the
 //! proxy holds, waits for its Ack/Nack (at most one push outstanding), and recomputes whenever
 //! the control plane's generation moved meanwhile (changes coalesce into one push).
@@ -15,10 +17,11 @@
 //! not yet been sent (or its connect, for the first push) to the ACK of the push carrying it.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -28,18 +31,47 @@ use weft_proto::v1::discovery_request::Kind;
 use weft_proto::v1::discovery_server::Discovery;
 use weft_proto::v1::{DiscoveryRequest, DiscoveryResponse, Hello, Node, ResourceType, TypeVersion};
 
+use crate::admission::{self, Caller, Refusal};
 use crate::compile::{type_name, Resources};
 use crate::state::ControlPlane;
+
+/// How the caller of a discovery stream is authenticated (see [`crate::admission`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistrationAuth {
+    /// The proxy's SVID, presented as the TLS client certificate and verified against the
+    /// trust bundle by the TLS layer, must be a workload identity of this trust domain; the
+    /// registered service and namespace are the certificate's.
+    Svid { trust_domain: String },
+    /// `--insecure-grpc`: the Hello's claims are taken as made (still bounded and parsed).
+    Insecure,
+}
 
 /// The discovery gRPC service.
 #[derive(Debug, Clone)]
 pub struct DiscoveryService {
     cp: Arc<ControlPlane>,
+    auth: RegistrationAuth,
 }
 
 impl DiscoveryService {
-    pub fn new(cp: Arc<ControlPlane>) -> Self {
-        Self { cp }
+    pub fn new(cp: Arc<ControlPlane>, auth: RegistrationAuth) -> Self {
+        Self { cp, auth }
+    }
+
+    /// Who the caller is, from its verified client certificate; with the certificate's
+    /// `notAfter` (the stream ends then, so an expired identity never keeps a registration).
+    fn caller<T>(&self, request: &Request<T>) -> Result<(Caller, Option<SystemTime>), Refusal> {
+        let RegistrationAuth::Svid { trust_domain } = &self.auth else {
+            return Ok((Caller::Unverified, None));
+        };
+        let certs = request.peer_certs();
+        let leaf = certs.as_ref().and_then(|c| c.first());
+        let caller = admission::caller_from_chain(leaf.map(AsRef::as_ref), trust_domain)?;
+        let not_after = leaf
+            .and_then(|l| weft_spiffe::validity(l.as_ref()).ok())
+            .and_then(|(_, na)| u64::try_from(na).ok())
+            .map(|na| UNIX_EPOCH + Duration::from_secs(na));
+        Ok((caller, not_after))
     }
 }
 
@@ -53,11 +85,25 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let (caller, cert_expiry) = match self.caller(&request) {
+            Ok(c) => c,
+            Err(refusal) => return Err(refuse(&self.cp, &refusal, request.remote_addr())),
+        };
+        let peer = request.remote_addr();
         let inbound = request.into_inner();
         // Answer headers at once and read the Hello in the task: a client may well wait for the
         // response headers before it sends anything.
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(run_stream(Arc::clone(&self.cp), inbound, tx));
+        tokio::spawn(run_stream(
+            Arc::clone(&self.cp),
+            Admission {
+                caller,
+                peer,
+                cert_expiry,
+            },
+            inbound,
+            tx,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -117,17 +163,55 @@ async fn read_hello(inbound: &mut Streaming<DiscoveryRequest>) -> Result<Hello, 
             ))
         }
     };
-    let node = hello
-        .node
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("Hello.node is required"))?;
-    if node.id.is_empty() {
-        return Err(Status::invalid_argument("Hello.node.id is required"));
-    }
-    if node.service.is_empty() {
-        return Err(Status::invalid_argument("Hello.node.service is required"));
+    if hello.node.is_none() {
+        return Err(Status::invalid_argument("Hello.node is required"));
     }
     Ok(hello)
+}
+
+/// What is known of a stream's caller before its Hello.
+struct Admission {
+    caller: Caller,
+    peer: Option<SocketAddr>,
+    /// The client certificate's `notAfter`: the stream ends then.
+    cert_expiry: Option<SystemTime>,
+}
+
+/// Logs and counts a refused registration; the status to end the stream with.
+fn refuse(cp: &ControlPlane, refusal: &Refusal, peer: Option<SocketAddr>) -> Status {
+    tracing::warn!(peer = ?peer, reason = refusal.reason(), "refusing discovery stream: {refusal}");
+    cp.metrics()
+        .registrations_refused_total
+        .with_label_values(&[refusal.reason()])
+        .inc();
+    refusal.status()
+}
+
+/// Reads the Hello within the deadline and admits its node ([`admission::admit`]).
+async fn admit_hello(
+    cp: &ControlPlane,
+    admission: &Admission,
+    inbound: &mut Streaming<DiscoveryRequest>,
+) -> Result<(Node, Vec<TypeVersion>), Status> {
+    let limits = cp.limits();
+    let hello = match tokio::time::timeout(limits.hello_timeout, read_hello(inbound)).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(status)) => {
+            tracing::warn!(peer = ?admission.peer, error = %status.message(), "rejecting discovery stream");
+            return Err(status);
+        }
+        Err(_) => {
+            return Err(refuse(
+                cp,
+                &Refusal::HelloTimeout(limits.hello_timeout),
+                admission.peer,
+            ))
+        }
+    };
+    let node = hello.node.unwrap_or_default();
+    let node = admission::admit(node, &admission.caller, admission.peer, limits)
+        .map_err(|r| refuse(cp, &r, admission.peer))?;
+    Ok((node, hello.held))
 }
 
 /// Builds a response with every type whose version differs from `held` and was not rejected
@@ -220,24 +304,38 @@ fn record_answer(cp: &ControlPlane, pending: &Pending, result: &str) {
 
 async fn run_stream(
     cp: Arc<ControlPlane>,
+    admission: Admission,
     mut inbound: Streaming<DiscoveryRequest>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) {
-    let hello = match read_hello(&mut inbound).await {
-        Ok(h) => h,
+    let (node, held) = match admit_hello(&cp, &admission, &mut inbound).await {
+        Ok(admitted) => admitted,
         Err(status) => {
-            tracing::warn!(error = %status.message(), "rejecting discovery stream");
             let _ = tx.send(Err(status)).await;
             return;
         }
     };
-    let mut node: Node = hello.node.unwrap_or_default();
-    if node.namespace.is_empty() {
-        node.namespace = "default".to_owned();
-    }
-    let mut held = versions_map(&hello.held);
+    let mut held = versions_map(&held);
     let connected_at = Instant::now();
-    let session = cp.connect(&node);
+    let session = match cp.connect(&node) {
+        Ok(session) => session,
+        Err(refusal) => {
+            let _ = tx.send(Err(refuse(&cp, &refusal, admission.peer))).await;
+            return;
+        }
+    };
+    // The stream lives no longer than the certificate that authenticated it: the proxy
+    // reconnects with its renewed one.
+    let cert_expired = async {
+        match admission.cert_expiry {
+            Some(at) => {
+                let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::time::sleep(left).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(cert_expired);
     let _connection = Connection {
         cp: Arc::clone(&cp),
         id: node.id.clone(),
@@ -283,6 +381,15 @@ async fn run_stream(
             .as_ref()
             .map(|p| tokio::time::Instant::from_std(p.sent_at + push_timeout));
         tokio::select! {
+            () = &mut cert_expired => {
+                tracing::info!(proxy = %node.id, "the client certificate of this stream expired: ending it");
+                let _ = tx
+                    .send(Err(Status::unauthenticated(
+                        "the client certificate expired: reconnect with the renewed one",
+                    )))
+                    .await;
+                break;
+            }
             () = sleep_until_or_never(deadline) => {
                 if let Some(p) = outstanding.take() {
                     tracing::warn!(
@@ -331,7 +438,7 @@ async fn run_stream(
                             });
                         }
                     }
-                    cp.update_status(&node.id, session, &held, Some(nack.error));
+                    cp.update_status(&node.id, session, &held, Some(bounded(nack.error)));
                 }
                 Some(Ok(DiscoveryRequest { kind: Some(Kind::Hello(_)) })) => {
                     let _ = tx
@@ -349,6 +456,22 @@ async fn run_stream(
         }
     }
 }
+
+/// A NACK reason is kept for `weftctl status`: at most [`MAX_NACK_REASON`] bytes of it.
+fn bounded(mut reason: String) -> String {
+    if reason.len() > MAX_NACK_REASON {
+        let mut cut = MAX_NACK_REASON;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        reason.push_str("...");
+    }
+    reason
+}
+
+/// Longest NACK reason kept per proxy.
+const MAX_NACK_REASON: usize = 4096;
 
 /// Sleeps until `deadline`, or forever without one (a disabled `select!` branch).
 async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {

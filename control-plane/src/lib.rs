@@ -11,6 +11,7 @@
 //! ```
 
 pub mod admin;
+pub mod admission;
 pub mod ca;
 pub mod compile;
 pub mod ctl;

@@ -32,6 +32,14 @@ pub struct Metrics {
     pub issuer_expiry_timestamp_seconds: IntGauge,
     /// `Identity.Certify` answers, label `result` (see [`CERTIFY_RESULTS`]).
     pub certificates_issued_total: IntCounterVec,
+    /// Discovery streams refused at registration, label `reason`
+    /// ([`crate::admission::REFUSAL_REASONS`]).
+    pub registrations_refused_total: IntCounterVec,
+    /// Connections closed at accept because a server's connection cap was reached, label
+    /// `server` (`grpc`, `admin`).
+    pub connections_refused_total: IntCounterVec,
+    /// Admin API requests refused, label `reason` (`unauthenticated`, `forbidden`).
+    pub admin_requests_denied_total: IntCounterVec,
 }
 
 /// The `result` label values of `weft_control_certificates_issued_total`.
@@ -94,6 +102,39 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let registrations_refused_total = IntCounterVec::new(
+            Opts::new(
+                "weft_control_registrations_refused_total",
+                "Discovery streams refused before registering, by reason: unauthenticated (no or bad client certificate), identity_mismatch (Hello claims another service than the certificate), id_taken (node id held by another identity), invalid (malformed or oversized node), too_many (registry caps), hello_timeout.",
+            ),
+            &["reason"],
+        )?;
+        let connections_refused_total = IntCounterVec::new(
+            Opts::new(
+                "weft_control_connections_refused_total",
+                "Connections closed at accept because the server's connection cap was reached, by server (grpc, admin).",
+            ),
+            &["server"],
+        )?;
+        let admin_requests_denied_total = IntCounterVec::new(
+            Opts::new(
+                "weft_control_admin_requests_denied_total",
+                "Admin API requests refused: unauthenticated (no or unknown credential, 401) or forbidden (a read-only credential on a mutating call, 403).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(registrations_refused_total.clone()))?;
+        registry.register(Box::new(connections_refused_total.clone()))?;
+        registry.register(Box::new(admin_requests_denied_total.clone()))?;
+        for reason in crate::admission::REFUSAL_REASONS {
+            registrations_refused_total.with_label_values(&[reason]);
+        }
+        for server in ["grpc", "admin"] {
+            connections_refused_total.with_label_values(&[server]);
+        }
+        for reason in ["unauthenticated", "forbidden"] {
+            admin_requests_denied_total.with_label_values(&[reason]);
+        }
         registry.register(Box::new(issuer_expiry_timestamp_seconds.clone()))?;
         registry.register(Box::new(certificates_issued_total.clone()))?;
         for result in CERTIFY_RESULTS {
@@ -126,6 +167,9 @@ impl Metrics {
             policy_errors,
             issuer_expiry_timestamp_seconds,
             certificates_issued_total,
+            registrations_refused_total,
+            connections_refused_total,
+            admin_requests_denied_total,
         })
     }
 
@@ -168,6 +212,9 @@ mod tests {
             "weft_control_pushes_total{result=\"timeout\",type=\"endpoints\"} 0",
             "weft_control_issuer_expiry_timestamp_seconds 0",
             "weft_control_certificates_issued_total{result=\"refused\"} 0",
+            "weft_control_registrations_refused_total{reason=\"id_taken\"} 0",
+            "weft_control_connections_refused_total{server=\"grpc\"} 0",
+            "weft_control_admin_requests_denied_total{reason=\"forbidden\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

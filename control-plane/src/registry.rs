@@ -144,6 +144,56 @@ impl Registry {
         session
     }
 
+    /// [`Registry::register`] for a node that must not take over an id another identity holds
+    /// (a registration, connected or within its grace, of another service or namespace: node
+    /// ids are bound to the identity that registered them first) nor grow the registry past
+    /// `max_total` entries or `max_per_service` entries of its service. A node re-registering
+    /// its own id never counts against the caps.
+    pub fn try_register(
+        &mut self,
+        node: Node,
+        connected_since: SystemTime,
+        max_total: usize,
+        max_per_service: usize,
+    ) -> Result<u64, crate::admission::Refusal> {
+        use crate::admission::Refusal;
+        let namespace = if node.namespace.is_empty() {
+            "default"
+        } else {
+            node.namespace.as_str()
+        };
+        let service = ServiceKey::new(&node.service, namespace);
+        match self.proxies.get(&node.id) {
+            Some(existing) if existing.service != service => {
+                return Err(Refusal::IdTaken {
+                    id: node.id,
+                    owner: format!("{}/{}", existing.node.namespace, existing.node.service),
+                });
+            }
+            Some(_) => {}
+            None => {
+                if self.proxies.len() >= max_total {
+                    return Err(Refusal::TooMany(format!(
+                        "{} registrations (--max-registrations)",
+                        self.proxies.len()
+                    )));
+                }
+                let of_service = self
+                    .proxies
+                    .values()
+                    .filter(|p| p.service == service)
+                    .count();
+                if of_service >= max_per_service {
+                    return Err(Refusal::TooMany(format!(
+                        "{of_service} registrations of {namespace}/{} (--max-registrations-per-service)",
+                        node.service
+                    )));
+                }
+            }
+        }
+        Ok(self.register(node, connected_since))
+    }
+
     /// Every registration as the state file holds it, sorted by id. A disconnected entry's
     /// deadline is converted to wall-clock time (`now` and `wall_now` are the same moment).
     pub fn persisted(&self, now: Instant, wall_now: SystemTime) -> Vec<PersistedProxy> {
@@ -301,6 +351,49 @@ mod tests {
         r.register(node("a-2", "a", ""), SystemTime::now());
         assert_eq!(addrs(&r, "a"), ["127.0.0.2:15006"]);
         assert_eq!(r.get("a-1").unwrap().node.namespace, "default");
+    }
+
+    #[test]
+    fn ids_are_bound_to_their_identity_and_the_registry_is_capped() {
+        let mut r = Registry::new(Duration::from_secs(5));
+        let now = SystemTime::now();
+        let s = r
+            .try_register(node("a-1", "a", "127.0.0.2:15006"), now, 3, 2)
+            .unwrap();
+        // Another identity cannot take the id over, connected or within its grace.
+        let e = r
+            .try_register(node("a-1", "b", "127.0.0.9:15006"), now, 3, 2)
+            .unwrap_err();
+        assert_eq!(e.reason(), "id_taken");
+        assert!(e.to_string().contains("default/a"), "{e}");
+        r.disconnect("a-1", s, Instant::now());
+        assert_eq!(
+            r.try_register(node("a-1", "b", "127.0.0.9:15006"), now, 3, 2)
+                .unwrap_err()
+                .reason(),
+            "id_taken"
+        );
+        assert_eq!(addrs(&r, "a"), ["127.0.0.2:15006"]);
+        // The same identity reconnects.
+        r.try_register(node("a-1", "a", "127.0.0.2:15006"), now, 3, 2)
+            .unwrap();
+        r.try_register(node("a-2", "a", "127.0.0.3:15006"), now, 3, 2)
+            .unwrap();
+        let e = r
+            .try_register(node("a-3", "a", "127.0.0.4:15006"), now, 3, 2)
+            .unwrap_err();
+        assert!(e.to_string().contains("default/a"), "{e}");
+        r.try_register(node("b-1", "b", "127.0.0.5:15006"), now, 3, 2)
+            .unwrap();
+        assert_eq!(
+            r.try_register(node("c-1", "c", "127.0.0.6:15006"), now, 3, 2)
+                .unwrap_err()
+                .reason(),
+            "too_many"
+        );
+        // Re-registering an existing id never counts against the caps.
+        r.try_register(node("b-1", "b", "127.0.0.5:15006"), now, 3, 2)
+            .unwrap();
     }
 
     #[test]

@@ -10,18 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use weft_proto::v1::discovery_server::DiscoveryServer;
 use weft_proto::v1::identity_server::IdentityServer;
 
+use crate::admin::auth::AdminAuth;
 use crate::ca::{Ca, CaConfig, CaError};
-use crate::discovery::DiscoveryService;
+use crate::discovery::{DiscoveryService, RegistrationAuth};
 use crate::identity::IdentityService;
 use crate::metrics::{Metrics, MetricsError};
 use crate::persist::StateStore;
 use crate::policy::PolicyStore;
 use crate::state::ControlPlane;
-use crate::tls::{ServerTls, TlsError};
+use crate::tls::{plain_incoming, ConnectionSlots, ServerTls, TlsError};
 
 /// How often expired registrations are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
@@ -31,6 +31,18 @@ pub const DEFAULT_DEREGISTER_GRACE: Duration = Duration::from_secs(5);
 
 /// Default `--restart-grace`: longer than the proxies' longest reconnect backoff (5 s).
 pub const DEFAULT_RESTART_GRACE: Duration = Duration::from_secs(15);
+
+/// Default `--grpc-max-connections`.
+pub const DEFAULT_GRPC_MAX_CONNECTIONS: usize = 16_384;
+
+/// Default `--grpc-max-streams`: a proxy uses one stream at a time per connection.
+pub const DEFAULT_GRPC_MAX_STREAMS: u32 = 128;
+
+/// Default `--admin-max-connections`.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 256;
+
+/// Largest gRPC message the control plane accepts (Hello, Ack/Nack, CSR).
+const MAX_GRPC_MESSAGE: usize = 1 << 20;
 
 /// Settings of one control plane.
 #[derive(Debug, Clone)]
@@ -47,6 +59,22 @@ pub struct Config {
     /// How long registrations restored from the state dir are kept for their proxies to
     /// reconnect after a restart.
     pub restart_grace: Duration,
+    /// Bounds on registrations and the Hello deadline.
+    pub limits: crate::admission::Limits,
+    /// Most open gRPC connections (each proxy holds one or two).
+    pub grpc_max_connections: usize,
+    /// Most concurrent HTTP/2 streams per gRPC connection.
+    pub grpc_max_streams: u32,
+    /// Most open admin API connections.
+    pub admin_max_connections: usize,
+    /// Serve the admin API in plaintext without authentication (`--insecure-admin`): only on a
+    /// loopback address. Without a CA there is no choice: the admin API is plaintext and open,
+    /// and the same loopback rule applies.
+    pub insecure_admin: bool,
+    /// `--admin-tokens` files (`<name> <read|write> <token>` lines).
+    pub admin_token_files: Vec<PathBuf>,
+    /// Write and accept the bootstrap admin token (`<ca-dir>/admin-token`).
+    pub admin_bootstrap_token: bool,
 }
 
 impl Config {
@@ -61,6 +89,13 @@ impl Config {
             push_timeout: crate::state::DEFAULT_PUSH_TIMEOUT,
             state_dir: None,
             restart_grace: DEFAULT_RESTART_GRACE,
+            limits: crate::admission::Limits::default(),
+            grpc_max_connections: DEFAULT_GRPC_MAX_CONNECTIONS,
+            grpc_max_streams: DEFAULT_GRPC_MAX_STREAMS,
+            admin_max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+            insecure_admin: false,
+            admin_token_files: Vec::new(),
+            admin_bootstrap_token: true,
         }
     }
 
@@ -120,6 +155,10 @@ pub enum ServeError {
     Ca(#[from] CaError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("admin credentials: {0}")]
+    AdminAuth(#[from] crate::admin::auth::AuthError),
+    #[error("refusing to serve the admin API on {0} without authentication: bind a loopback address, or drop --insecure-admin (and run with a CA)")]
+    OpenAdmin(SocketAddr),
 }
 
 /// A control plane whose listeners are bound and whose initial policy set is loaded.
@@ -129,8 +168,40 @@ pub struct Server {
     grpc: TcpListener,
     admin: TcpListener,
     ca: Option<Arc<Ca>>,
+    /// The CA-issued server certificate; gRPC is TLS when `grpc_tls`.
     tls: Option<Arc<ServerTls>>,
+    grpc_tls: bool,
+    admin_tls: bool,
+    admin_auth: Arc<AdminAuth>,
+    config: Config,
     _watcher: notify::RecommendedWatcher,
+}
+
+/// Re-reads what SIGHUP re-reads: the extra roots (a changed trust bundle is pushed to every
+/// proxy and verifies client certificates from the next handshake) and the admin tokens.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    cp: Arc<ControlPlane>,
+    ca: Option<Arc<Ca>>,
+    tls: Option<Arc<ServerTls>>,
+    admin_auth: Arc<AdminAuth>,
+}
+
+impl Reloader {
+    /// Reloads; errors are logged and keep what was in force.
+    pub fn reload(&self) {
+        if let Some(ca) = &self.ca {
+            reload_trust(&self.cp, ca, self.tls.as_deref());
+        }
+        if self.admin_auth.is_required() {
+            match self.admin_auth.reload() {
+                Ok(n) => tracing::info!(tokens = n, "admin tokens reloaded"),
+                Err(e) => {
+                    tracing::error!("reloading the admin tokens (keeping the previous ones): {e}")
+                }
+            }
+        }
+    }
 }
 
 impl Server {
@@ -158,6 +229,7 @@ impl Server {
                 metrics,
             )
             .with_push_timeout(config.push_timeout)
+            .with_limits(config.limits.clone())
             .with_state_store(StateStore::new(&state_dir)),
         );
         // Before serving: the first proxy to reconnect must see every registration.
@@ -181,8 +253,13 @@ impl Server {
                 .await
                 .map_err(|source| ServeError::Bind { what, addr, source })
         };
+        let open_admin = identity.is_none() || config.insecure_admin;
+        if open_admin && !config.admin.ip().is_loopback() {
+            return Err(ServeError::OpenAdmin(config.admin));
+        }
         let grpc = bind("gRPC", config.grpc).await?;
         let admin = bind("admin", config.admin).await?;
+        let grpc_tls = identity.as_ref().is_some_and(|i| i.grpc_tls);
         let (ca, tls) = match identity {
             None => (None, None),
             Some(identity) => {
@@ -194,27 +271,64 @@ impl Server {
                 );
                 check_expiry(&cp, &ca);
                 push_trust(&cp, &ca);
-                let tls = if identity.grpc_tls {
+                let tls = if identity.grpc_tls || !config.insecure_admin {
                     let listen = grpc.local_addr().unwrap_or(config.grpc);
-                    Some(Arc::new(ServerTls::new(
-                        Arc::clone(&ca),
-                        listen,
-                        &identity.tls_sans,
-                    )?))
+                    let mut sans = identity.tls_sans.clone();
+                    // The admin API shares the certificate: name its address too.
+                    let admin_ip = admin.local_addr().unwrap_or(config.admin).ip();
+                    if !admin_ip.is_unspecified() {
+                        sans.push(admin_ip.to_string());
+                    }
+                    Some(Arc::new(ServerTls::new(Arc::clone(&ca), listen, &sans)?))
                 } else {
                     None
                 };
                 (Some(ca), tls)
             }
         };
+        let admin_auth = match &ca {
+            Some(ca) if !config.insecure_admin => {
+                let bootstrap = if config.admin_bootstrap_token {
+                    Some(crate::admin::auth::ensure_bootstrap_token(ca.dir())?)
+                } else {
+                    None
+                };
+                Arc::new(AdminAuth::new(
+                    &ca.trust().trust_domain,
+                    config.admin_token_files.clone(),
+                    bootstrap,
+                )?)
+            }
+            _ => Arc::new(AdminAuth::disabled()),
+        };
+        let admin_tls = tls.is_some() && admin_auth.is_required();
         Ok(Self {
             cp,
             grpc,
             admin,
             ca,
             tls,
+            grpc_tls,
+            admin_tls,
+            admin_auth,
+            config,
             _watcher: watcher,
         })
+    }
+
+    /// What SIGHUP reloads.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            cp: Arc::clone(&self.cp),
+            ca: self.ca.clone(),
+            tls: self.tls.clone(),
+            admin_auth: Arc::clone(&self.admin_auth),
+        }
+    }
+
+    /// Whether the admin API speaks TLS and requires credentials.
+    pub fn admin_secured(&self) -> bool {
+        self.admin_tls
     }
 
     pub fn control_plane(&self) -> &Arc<ControlPlane> {
@@ -231,9 +345,9 @@ impl Server {
         self.ca.as_ref()
     }
 
-    /// Whether the gRPC port speaks TLS.
+    /// Whether the gRPC port speaks TLS (and so authenticates registrations).
     pub fn grpc_tls(&self) -> bool {
-        self.tls.is_some()
+        self.grpc_tls
     }
 
     /// The bound admin address.
@@ -249,8 +363,15 @@ impl Server {
             admin,
             ca,
             tls,
+            grpc_tls,
+            admin_tls,
+            admin_auth,
+            config,
             _watcher,
         } = self;
+        if !grpc_tls {
+            warn_insecure_grpc();
+        }
 
         let expiry_task = ca.clone().map(|ca| {
             let cp = Arc::clone(&cp);
@@ -298,31 +419,64 @@ impl Server {
         tracing::info!(
             grpc = %grpc.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
             admin = %admin.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
-            grpc_tls = tls.is_some(),
+            grpc_tls,
+            admin_tls,
             ca = ?ca.as_ref().map(|ca| ca.dir().display().to_string()),
             policies = %cp.store().dir().display(),
             version = cp.policy().version(),
             "weft-control listening"
         );
+        let refused = |server: &str| {
+            cp.metrics()
+                .connections_refused_total
+                .with_label_values(&[server])
+        };
+        let admin_server = crate::admin::AdminServer {
+            tls: tls
+                .as_ref()
+                .filter(|_| admin_tls)
+                .map(|t| t.admin_acceptor()),
+            auth: admin_auth,
+            slots: ConnectionSlots::new("admin", config.admin_max_connections, refused("admin")),
+        };
         let admin_task = tokio::spawn(crate::admin::serve(
             admin,
             Arc::clone(&cp),
+            admin_server,
             stopped(stop_rx.clone()),
         ));
+        let auth = match (&ca, grpc_tls) {
+            (Some(ca), true) => RegistrationAuth::Svid {
+                trust_domain: ca.trust().trust_domain,
+            },
+            _ => RegistrationAuth::Insecure,
+        };
         let router = tonic::transport::Server::builder()
+            // A proxy needs one stream at a time; an attacker's connection gets no more.
+            .max_concurrent_streams(config.grpc_max_streams)
+            // h2's rapid-reset defence, explicit rather than inherited.
+            .http2_max_pending_accept_reset_streams(Some(20))
+            .http2_max_header_list_size(16 << 10)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_keepalive(Some(Duration::from_secs(60)))
             .add_service(health)
             .add_service(reflection)
-            .add_service(DiscoveryServer::new(DiscoveryService::new(Arc::clone(&cp))))
-            .add_service(IdentityServer::new(IdentityService::new(
-                ca,
-                cp.metrics().clone(),
-            )));
-        let grpc_task = match &tls {
+            .add_service(
+                DiscoveryServer::new(DiscoveryService::new(Arc::clone(&cp), auth))
+                    .max_decoding_message_size(MAX_GRPC_MESSAGE),
+            )
+            .add_service(
+                IdentityServer::new(IdentityService::new(ca, cp.metrics().clone()))
+                    .max_decoding_message_size(MAX_GRPC_MESSAGE),
+            );
+        let slots = ConnectionSlots::new("grpc", config.grpc_max_connections, refused("grpc"));
+        let grpc_task = match tls.as_ref().filter(|_| grpc_tls) {
             Some(tls) => tokio::spawn(
-                router.serve_with_incoming_shutdown(tls.incoming(grpc), stopped(stop_rx)),
+                router.serve_with_incoming_shutdown(tls.incoming(grpc, slots), stopped(stop_rx)),
             ),
             None => tokio::spawn(
-                router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx)),
+                router.serve_with_incoming_shutdown(plain_incoming(grpc, slots), stopped(stop_rx)),
             ),
         };
         shutdown.await;
@@ -372,9 +526,19 @@ pub fn push_trust(cp: &ControlPlane, ca: &Ca) {
     });
 }
 
-/// Re-reads the `--extra-root` files (SIGHUP); on a change rewrites `roots.pem` and pushes the
-/// new bundle. Errors keep the previous bundle.
-pub fn reload_trust(cp: &ControlPlane, ca: &Ca) {
+/// What `--insecure-grpc` gives up, said at start so nobody runs it by accident.
+fn warn_insecure_grpc() {
+    tracing::warn!(
+        "INSECURE: the gRPC port is plaintext (--insecure-grpc). Registrations are NOT \
+         authenticated: anyone who reaches the port can register an endpoint for any service \
+         and receive its callers' requests; join tokens and certificates cross the network in \
+         the clear; proxies cannot tell this control plane from an impostor. Development only."
+    );
+}
+
+/// Re-reads the `--extra-root` files (SIGHUP); on a change rewrites `roots.pem`, pushes the
+/// new bundle and verifies client certificates with it. Errors keep the previous bundle.
+pub fn reload_trust(cp: &ControlPlane, ca: &Ca, tls: Option<&ServerTls>) {
     match ca.reload_extra_roots() {
         Ok(true) => {
             tracing::info!(
@@ -382,6 +546,11 @@ pub fn reload_trust(cp: &ControlPlane, ca: &Ca) {
                 "the trust bundle changed: pushing it"
             );
             push_trust(cp, ca);
+            if let Some(tls) = tls {
+                if let Err(e) = tls.set_roots(&ca.roots_pem()) {
+                    tracing::error!("verifying client certificates with the new bundle: {e}");
+                }
+            }
         }
         Ok(false) => tracing::info!("trust bundle reloaded: unchanged"),
         Err(e) => tracing::error!("reloading the extra roots (keeping the previous bundle): {e}"),

@@ -13,7 +13,7 @@
 //! ([`crate::persist::write_registry_forever`]), and [`ControlPlane::restore_registry`] brings the
 //! persisted registrations back at start (disconnected, within the restart grace).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,6 +29,10 @@ use crate::persist::StateStore;
 use crate::policy::store::is_valid_file_name;
 use crate::policy::{PolicyErrors, PolicySet, PolicyStore, SourceFile, StoreError};
 use crate::registry::Registry;
+
+mod proxies;
+
+pub use proxies::{ProxyState, ProxyStatus};
 
 /// Why an admin change to the policy store was refused.
 #[derive(Debug, thiserror::Error)]
@@ -55,46 +59,6 @@ pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// further behind measures from the oldest one kept (an underestimate, never a panic).
 const CHANGE_HISTORY: usize = 1024;
 
-/// Whether a proxy's stream is open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyState {
-    Connected,
-    /// The stream ended; the proxy's endpoint is removed when the grace expires.
-    Disconnected,
-}
-
-/// The push status of one proxy (connected, or disconnected within its grace), for
-/// `GET /v1/proxies` and `weftctl status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ProxyStatus {
-    pub id: String,
-    pub service: String,
-    pub namespace: String,
-    pub inbound_address: String,
-    pub build_version: String,
-    /// RFC 3339, seconds precision.
-    pub connected_since: String,
-    pub state: ProxyState,
-    /// RFC 3339; set while disconnected.
-    pub disconnected_since: Option<String>,
-    /// Whole seconds (rounded up) until a disconnected proxy's endpoint is removed.
-    pub removing_in_seconds: Option<u64>,
-    /// ACKed version by type (`listeners`, `routes`, `clusters`, `endpoints`, `policies`,
-    /// `trust`).
-    pub versions: BTreeMap<String, String>,
-    /// The reason of the proxy's most recent NACK on this stream, if it ever NACKed.
-    pub last_nack: Option<String>,
-    /// RFC 3339 time of `last_nack`.
-    pub last_nack_at: Option<String>,
-    /// Whether the proxy's latest answer was a NACK: it runs an older config than it was sent.
-    pub nacking: bool,
-    #[serde(skip)]
-    session: u64,
-    #[serde(skip)]
-    remove_at: Option<Instant>,
-}
-
 /// Shared state of one control plane.
 #[derive(Debug)]
 pub struct ControlPlane {
@@ -115,6 +79,8 @@ pub struct ControlPlane {
     /// Serializes store reads+writes (admin API and watcher reloads).
     apply_lock: tokio::sync::Mutex<()>,
     push_timeout: Duration,
+    /// Bounds on registrations ([`crate::admission`]).
+    limits: crate::admission::Limits,
     metrics: Metrics,
 }
 
@@ -141,6 +107,7 @@ impl ControlPlane {
             changes: Mutex::new(VecDeque::new()),
             apply_lock: tokio::sync::Mutex::new(()),
             push_timeout: DEFAULT_PUSH_TIMEOUT,
+            limits: crate::admission::Limits::default(),
             metrics,
         }
     }
@@ -151,6 +118,18 @@ impl ControlPlane {
         // Bounded so `Instant + timeout` can't overflow.
         self.push_timeout = timeout.min(Duration::from_secs(365 * 24 * 3600));
         self
+    }
+
+    /// Bounds registrations (sizes, counts, the Hello deadline).
+    #[must_use]
+    pub fn with_limits(mut self, limits: crate::admission::Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The registration bounds in force.
+    pub fn limits(&self) -> &crate::admission::Limits {
+        &self.limits
     }
 
     pub fn push_timeout(&self) -> Duration {
@@ -335,11 +314,13 @@ impl ControlPlane {
     /// records the error. Returns the new version on success.
     pub async fn reload(&self) -> Result<String, ApplyError> {
         let _guard = self.apply_lock.lock().await;
-        let result = self
-            .store
-            .read_files()
-            .map_err(ApplyError::from)
-            .and_then(|files| PolicySet::from_files(files).map_err(ApplyError::from));
+        let result = self.store.read_files().map_err(ApplyError::from);
+        let result = match result {
+            Ok(files) => PolicySet::from_files_blocking(files)
+                .await
+                .map_err(ApplyError::from),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(set) => {
                 let version = set.version().to_owned();
@@ -393,7 +374,7 @@ impl ControlPlane {
     ) -> Result<ApplyOutcome, ApplyError> {
         let _guard = self.apply_lock.lock().await;
         let (files, writes) = self.merged_files(changes)?;
-        let set = PolicySet::from_files(files)?;
+        let set = PolicySet::from_files_blocking(files).await?;
         let changed = policy_changes(&self.policy.load(), &set);
         let outcome = ApplyOutcome {
             version: set.version().to_owned(),
@@ -429,7 +410,7 @@ impl ControlPlane {
         let proposed = {
             let _guard = self.apply_lock.lock().await;
             let (files, _) = self.merged_files(changes)?;
-            PolicySet::from_files(files)?
+            PolicySet::from_files_blocking(files).await?
         };
         let current = self.policy.load_full();
         let trust = self.trust.load_full();
@@ -498,132 +479,6 @@ impl ControlPlane {
         Ok((files, writes))
     }
 
-    /// Registers a proxy's stream; returns its session.
-    pub fn connect(&self, node: &Node) -> u64 {
-        let now = SystemTime::now();
-        let session = lock(&self.registry).register(node.clone(), now);
-        let namespace = if node.namespace.is_empty() {
-            "default".to_owned()
-        } else {
-            node.namespace.clone()
-        };
-        lock(&self.statuses).insert(
-            node.id.clone(),
-            ProxyStatus {
-                id: node.id.clone(),
-                service: node.service.clone(),
-                namespace,
-                inbound_address: node.inbound_address.clone(),
-                build_version: node.build_version.clone(),
-                connected_since: humantime::format_rfc3339_seconds(now).to_string(),
-                state: ProxyState::Connected,
-                disconnected_since: None,
-                removing_in_seconds: None,
-                versions: BTreeMap::new(),
-                last_nack: None,
-                last_nack_at: None,
-                nacking: false,
-                session,
-                remove_at: None,
-            },
-        );
-        self.metrics.proxies_connected.inc();
-        self.registry_changed();
-        self.bump();
-        session
-    }
-
-    /// A proxy's stream ended: its endpoint (and its status) go after the grace period.
-    pub fn disconnect(&self, id: &str, session: u64) {
-        let now = Instant::now();
-        let remove_at = {
-            let mut registry = lock(&self.registry);
-            registry.disconnect(id, session, now);
-            registry
-                .get(id)
-                .filter(|p| p.session == session)
-                .and_then(|p| p.remove_at)
-        };
-        {
-            let mut statuses = lock(&self.statuses);
-            if let Some(s) = statuses.get_mut(id).filter(|s| s.session == session) {
-                s.state = ProxyState::Disconnected;
-                s.disconnected_since =
-                    Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
-                s.remove_at = Some(remove_at.unwrap_or(now));
-            }
-        }
-        self.metrics.proxies_connected.dec();
-        self.registry_changed();
-        self.refresh_nacking_gauge();
-    }
-
-    /// Drops registrations (and statuses) whose grace expired, and wakes streams if any did.
-    pub fn expire_registrations(&self) {
-        let now = Instant::now();
-        let expired = lock(&self.registry).expire(now);
-        lock(&self.statuses).retain(|_, s| s.remove_at.is_none_or(|at| at > now));
-        if expired {
-            self.registry_changed();
-            self.bump();
-        }
-    }
-
-    fn refresh_nacking_gauge(&self) {
-        let nacking = lock(&self.statuses)
-            .values()
-            .filter(|s| s.state == ProxyState::Connected && s.nacking)
-            .count();
-        self.metrics
-            .proxies_nacking
-            .set(i64::try_from(nacking).unwrap_or(i64::MAX));
-    }
-
-    /// Records what a proxy holds: `last_nack` is the reason of a NACK just received; `None`
-    /// means a Hello or an ACK (which ends a NACKing streak).
-    pub fn update_status(
-        &self,
-        id: &str,
-        session: u64,
-        versions: &HashMap<i32, String>,
-        last_nack: Option<String>,
-    ) {
-        let mut statuses = lock(&self.statuses);
-        if let Some(s) = statuses.get_mut(id).filter(|s| s.session == session) {
-            s.versions = versions
-                .iter()
-                .filter_map(|(t, v)| {
-                    let t = weft_proto::v1::ResourceType::try_from(*t).ok()?;
-                    Some((crate::compile::type_name(t).to_owned(), v.clone()))
-                })
-                .collect();
-            s.nacking = last_nack.is_some();
-            if last_nack.is_some() {
-                s.last_nack = last_nack;
-                s.last_nack_at =
-                    Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
-            }
-        }
-        drop(statuses);
-        self.refresh_nacking_gauge();
-    }
-
-    /// Every proxy's status (connected, or disconnected within its grace), sorted by id.
-    pub fn proxy_statuses(&self) -> Vec<ProxyStatus> {
-        let now = Instant::now();
-        lock(&self.statuses)
-            .values()
-            .map(|s| {
-                let mut s = s.clone();
-                s.removing_in_seconds = s.remove_at.map(|at| {
-                    let left = at.saturating_duration_since(now);
-                    left.as_secs() + u64::from(left.subsec_nanos() > 0)
-                });
-                s
-            })
-            .collect()
-    }
-
     /// A snapshot of the registry, for read-only views (`GET /v1/clusters`).
     pub fn with_registry<T>(&self, f: impl FnOnce(&Registry) -> T) -> T {
         f(&lock(&self.registry))
@@ -641,6 +496,7 @@ impl ControlPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn cp(dir: &std::path::Path) -> ControlPlane {
         ControlPlane::new(
@@ -755,7 +611,7 @@ mod tests {
             Duration::from_millis(300),
             Metrics::new().unwrap(),
         );
-        let s = cp.connect(&node("a-1", "a", "127.0.0.2:15006"));
+        let s = cp.connect(&node("a-1", "a", "127.0.0.2:15006")).unwrap();
         assert_eq!(cp.metrics().proxies_connected.get(), 1);
         cp.update_status("a-1", s, &HashMap::new(), Some("routes: bad regex".into()));
         assert_eq!(cp.metrics().proxies_nacking.get(), 1);
@@ -785,9 +641,9 @@ mod tests {
         assert!(cp.proxy_statuses().is_empty());
 
         // A reconnect within the grace is listed as connected again.
-        let s1 = cp.connect(&node("b-1", "b", ""));
+        let s1 = cp.connect(&node("b-1", "b", "")).unwrap();
         cp.disconnect("b-1", s1);
-        let s2 = cp.connect(&node("b-1", "b", ""));
+        let s2 = cp.connect(&node("b-1", "b", "")).unwrap();
         assert_ne!(s1, s2);
         assert_eq!(cp.proxy_statuses()[0].state, ProxyState::Connected);
         assert_eq!(cp.proxy_statuses()[0].removing_in_seconds, None);
@@ -850,8 +706,10 @@ mod tests {
         let cp = cp(dir.path());
         cp.reload().await.unwrap();
         let version = cp.policy().version().to_owned();
-        cp.connect(&node("web-1", "web", "127.0.0.2:15006"));
-        cp.connect(&node("other-1", "other", "127.0.0.3:15006"));
+        cp.connect(&node("web-1", "web", "127.0.0.2:15006"))
+            .unwrap();
+        cp.connect(&node("other-1", "other", "127.0.0.3:15006"))
+            .unwrap();
         let routes = "routes:\n  - name: r\n    service: api\n    match: {path: {prefix: /v2}}\n    destinations: [{service: other}]\n";
         let d = cp
             .diff_many(&[("r.yaml".into(), Some(routes.into()))])
@@ -896,8 +754,12 @@ mod tests {
             0,
             "no file yet"
         );
-        before.connect(&node("a-1", "a", "127.0.0.2:15006"));
-        before.connect(&node("b-1", "b", "127.0.0.3:15006"));
+        before
+            .connect(&node("a-1", "a", "127.0.0.2:15006"))
+            .unwrap();
+        before
+            .connect(&node("b-1", "b", "127.0.0.3:15006"))
+            .unwrap();
         before.close_state();
         // Closed: a stream ending during shutdown does not persist its proxy as disconnected.
         before.disconnect("a-1", 1);
@@ -928,7 +790,7 @@ mod tests {
         };
         assert_eq!(endpoints(&after), ["127.0.0.2:15006", "127.0.0.3:15006"]);
 
-        after.connect(&node("a-1", "a", "127.0.0.2:15006"));
+        after.connect(&node("a-1", "a", "127.0.0.2:15006")).unwrap();
         std::thread::sleep(Duration::from_millis(350));
         rx.borrow_and_update();
         after.expire_registrations();

@@ -1,28 +1,46 @@
-//! TLS for the control plane's gRPC port (`--grpc-tls`).
+//! TLS for the control plane's servers: the gRPC port and the admin API.
 //!
 //! The server certificate is issued by the control plane's own CA (SANs: DNS `localhost`, any
 //! `--tls-san`, the listen IP or `127.0.0.1` when listening on all addresses, and URI
 //! `spiffe://<td>/ns/weft-system/sa/weft-control`), lives for `--cert-ttl`, and is reissued at 2/3
 //! of its life: the rustls config resolves the certificate per handshake, so rotation needs no
 //! restart and open connections are untouched. Clients verify it with `<ca-dir>/roots.pem`
-//! ([`client_tls_config`]). No client certificate is asked for: Certify authenticates with the
-//! join token.
+//! ([`client_tls_config`]).
+//!
+//! Client certificates are asked for and, when presented, verified against the trust bundle in
+//! force (the CA's roots and `--extra-root`s, swapped on change: [`ServerTls::set_roots`]). They
+//! are optional at the TLS layer because `Identity.Certify` authenticates with the join token
+//! (a proxy has no certificate yet) and the admin API also takes bearer tokens; the services
+//! decide: discovery refuses a stream without an SVID ([`crate::admission`]), the admin API a
+//! request without an admin credential ([`crate::admin::auth`]).
+//!
+//! Every accepted connection holds a slot of its server's connection cap until it closes; past
+//! the cap new connections are closed at once and counted
+//! (`weft_control_connections_refused_total{server}`).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use time::OffsetDateTime;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
 
 use crate::ca::{Ca, LocalCert, SignError};
 
@@ -34,6 +52,8 @@ const RETRY: Duration = Duration::from_secs(60);
 /// Errors setting up TLS.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    #[error("trust bundle: {0}")]
+    Roots(String),
     #[error("issuing the gRPC server certificate: {0}")]
     Issue(#[from] SignError),
     #[error("TLS: {0}")]
@@ -43,6 +63,108 @@ pub enum TlsError {
 /// The ring provider (the only one this crate enables).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The client-certificate verifier in force, swapped whole when the trust bundle changes.
+struct VerifierSlot(Arc<dyn ClientCertVerifier>);
+
+/// Verifies presented client certificates against the current trust bundle; a client may also
+/// present none (see the module docs).
+pub struct BundleClientVerifier {
+    current: ArcSwap<VerifierSlot>,
+}
+
+impl std::fmt::Debug for BundleClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BundleClientVerifier")
+            .finish_non_exhaustive()
+    }
+}
+
+fn webpki_verifier(roots_pem: &[String]) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut store = rustls::RootCertStore::empty();
+    for pem in roots_pem {
+        for der in crate::ca::pem_certs(pem).map_err(TlsError::Roots)? {
+            store
+                .add(CertificateDer::from(der))
+                .map_err(TlsError::Rustls)?;
+        }
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Roots(e.to_string()))
+}
+
+impl BundleClientVerifier {
+    /// A verifier trusting `roots_pem` (PEM texts, each one or more certificates).
+    pub fn new(roots_pem: &[String]) -> Result<Self, TlsError> {
+        Ok(Self {
+            current: ArcSwap::from_pointee(VerifierSlot(webpki_verifier(roots_pem)?)),
+        })
+    }
+
+    /// Trusts `roots_pem` from the next handshake on.
+    pub fn set_roots(&self, roots_pem: &[String]) -> Result<(), TlsError> {
+        self.current
+            .store(Arc::new(VerifierSlot(webpki_verifier(roots_pem)?)));
+        Ok(())
+    }
+}
+
+impl ClientCertVerifier for BundleClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // The bundle can change under us; clients here hold one certificate and send it anyway.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current.load().0.supported_verify_schemes()
+    }
 }
 
 #[derive(Debug)]
@@ -60,8 +182,12 @@ pub struct ServerTls {
     dns: Vec<String>,
     ips: Vec<IpAddr>,
     resolver: Arc<Resolver>,
+    clients: Arc<BundleClientVerifier>,
     current: Mutex<(OffsetDateTime, OffsetDateTime)>,
-    acceptor: TlsAcceptor,
+    /// ALPN `h2`.
+    grpc: TlsAcceptor,
+    /// ALPN `http/1.1`.
+    admin: TlsAcceptor,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -96,20 +222,39 @@ impl ServerTls {
         let local = ca.issue_local(&dns, &ips)?;
         let key = certified_key(&local)?;
         let resolver = Arc::new(Resolver(ArcSwap::from_pointee(key)));
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(resolver.clone());
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        tracing::info!(not_after = %crate::ca::rfc3339(local.not_after), ?dns, ?ips, "issued the gRPC server certificate");
+        let clients = Arc::new(BundleClientVerifier::new(&ca.roots_pem())?);
+        let acceptor = |alpn: &[u8]| -> Result<TlsAcceptor, TlsError> {
+            let mut config = rustls::ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()?
+                .with_client_cert_verifier(clients.clone())
+                .with_cert_resolver(resolver.clone());
+            config.alpn_protocols = vec![alpn.to_vec()];
+            Ok(TlsAcceptor::from(Arc::new(config)))
+        };
+        let grpc = acceptor(b"h2")?;
+        let admin = acceptor(b"http/1.1")?;
+        tracing::info!(not_after = %crate::ca::rfc3339(local.not_after), ?dns, ?ips, "issued the control plane's server certificate");
         Ok(Self {
             ca,
             dns,
             ips,
             resolver,
+            clients,
             current: Mutex::new((local.not_before, local.not_after)),
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            grpc,
+            admin,
         })
+    }
+
+    /// Verifies client certificates against `roots_pem` from the next handshake on (the trust
+    /// bundle changed).
+    pub fn set_roots(&self, roots_pem: &[String]) -> Result<(), TlsError> {
+        self.clients.set_roots(roots_pem)
+    }
+
+    /// The admin API's acceptor (ALPN `http/1.1`, same certificate and client verification).
+    pub fn admin_acceptor(&self) -> TlsAcceptor {
+        self.admin.clone()
     }
 
     /// `(not_before, not_after)` of the certificate being served.
@@ -152,13 +297,14 @@ impl ServerTls {
     }
 
     /// TLS connections accepted on `listener`, each handshake in its own task (a slow client
-    /// never blocks the others). Failed handshakes are logged and dropped. Accepting stops when
-    /// the stream is dropped.
+    /// never blocks the others), at most `slots` of them open at once. Failed handshakes are
+    /// logged and dropped. Accepting stops when the stream is dropped.
     pub fn incoming(
         &self,
         listener: TcpListener,
-    ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-        let acceptor = self.acceptor.clone();
+        slots: ConnectionSlots,
+    ) -> ReceiverStream<io::Result<Capped<TlsStream<TcpStream>>>> {
+        let acceptor = self.grpc.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             loop {
@@ -174,13 +320,16 @@ impl ServerTls {
                         continue;
                     }
                 };
+                let Some(permit) = slots.try_take(peer) else {
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send(Ok(tls)).await;
+                            let _ = tx.send(Ok(Capped::new(tls, permit))).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, "gRPC TLS handshake failed: {e}"),
                         Err(_) => tracing::debug!(%peer, "gRPC TLS handshake timed out"),
@@ -190,6 +339,139 @@ impl ServerTls {
         });
         ReceiverStream::new(rx)
     }
+}
+
+/// A server's connection cap: a slot per open connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionSlots {
+    server: &'static str,
+    semaphore: Arc<Semaphore>,
+    max: usize,
+    refused: prometheus::IntCounter,
+}
+
+impl ConnectionSlots {
+    /// At most `max` open connections of `server` (`grpc`, `admin`); refusals count on
+    /// `refused`.
+    pub fn new(server: &'static str, max: usize, refused: prometheus::IntCounter) -> Self {
+        Self {
+            server,
+            semaphore: Arc::new(Semaphore::new(max)),
+            max,
+            refused,
+        }
+    }
+
+    /// A slot for a connection from `peer`, or `None` (logged, counted) at the cap: the caller
+    /// drops the connection.
+    pub fn try_take(&self, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
+        match Arc::clone(&self.semaphore).try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                self.refused.inc();
+                tracing::warn!(server = self.server, %peer, max = self.max, "connection cap reached: closing a new connection");
+                None
+            }
+        }
+    }
+
+    /// Slots in use.
+    pub fn in_use(&self) -> usize {
+        self.max - self.semaphore.available_permits()
+    }
+}
+
+/// A connection that holds its server's connection slot until it is dropped.
+#[derive(Debug)]
+pub struct Capped<S> {
+    inner: S,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<S> Capped<S> {
+    pub fn new(inner: S, slot: OwnedSemaphorePermit) -> Self {
+        Self { inner, _slot: slot }
+    }
+}
+
+impl<S: Connected> Connected for Capped<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Capped<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Capped<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Plaintext connections accepted on `listener` (`--insecure-grpc`), at most `slots` open.
+pub fn plain_incoming(
+    listener: TcpListener,
+    slots: ConnectionSlots,
+) -> ReceiverStream<io::Result<Capped<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                () = tx.closed() => break,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    let Some(permit) = slots.try_take(peer) else {
+                        continue;
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    if tx.send(Ok(Capped::new(tcp, permit))).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("gRPC accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 fn certified_key(local: &LocalCert) -> Result<CertifiedKey, TlsError> {
@@ -254,7 +536,8 @@ mod tests {
         assert_eq!((na - nb).whole_seconds(), 3060, "ttl + 1 min backdating");
         assert_eq!(tls.renew_at(), nb + time::Duration::seconds(2040));
 
-        let mut incoming = tls.incoming(listener);
+        let slots = ConnectionSlots::new("grpc", 8, prometheus::IntCounter::new("r", "r").unwrap());
+        let mut incoming = tls.incoming(listener, slots);
         // Keep accepting server-side so handshakes complete.
         tokio::spawn(async move { while incoming.next().await.is_some() {} });
         let roots = ca.roots_pem();

@@ -158,7 +158,7 @@ mod tests {
             ..Default::default()
         };
         for _ in 0..5 {
-            cp.connect(&node);
+            cp.connect(&node).unwrap();
             cp.persist_registry();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

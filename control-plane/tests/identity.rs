@@ -76,6 +76,34 @@ impl Running {
     }
 }
 
+/// Opens a discovery stream on `channel` announcing `node`: the first push, or the status the
+/// stream was refused with.
+async fn discover(
+    channel: Channel,
+    node: Node,
+) -> Result<weft_proto::v1::DiscoveryResponse, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        kind: Some(Kind::Hello(Hello {
+            node: Some(node),
+            held: Vec::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = DiscoveryClient::new(channel)
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // The sender stays open (the stream lives) until the first answer.
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("an answer within 5s")?
+        .ok_or_else(|| tonic::Status::aborted("ended without a push"))?;
+    drop(tx);
+    Ok(first)
+}
+
 async fn tls_channel(
     addr: std::net::SocketAddr,
     roots_pem: &str,
@@ -112,6 +140,9 @@ async fn start(tweak: impl FnOnce(&Path, &mut IdentityConfig)) -> Running {
             push_timeout: Duration::from_secs(30),
             state_dir: None,
             restart_grace: weft_control::server::DEFAULT_RESTART_GRACE,
+            // These tests are about the gRPC port; the admin API's auth has its own tests.
+            insecure_admin: true,
+            ..Config::new(".")
         },
         Some(identity),
     )
@@ -424,36 +455,50 @@ async fn grpc_over_tls_with_roots_pem() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 
-    // Discovery over TLS, carrying the trust bundle.
-    let channel = run.channel().await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DiscoveryRequest {
-        kind: Some(Kind::Hello(Hello {
-            node: Some(Node {
-                id: "web-1".into(),
-                service: "web".into(),
-                namespace: "default".into(),
-                inbound_address: "127.0.0.1:15006".into(),
-                outbound_address: "127.0.0.1:15001".into(),
-                app_address: "127.0.0.1:8080".into(),
-                tcp_bind_ip: "127.0.0.1".into(),
-                ..Node::default()
-            }),
-            held: Vec::new(),
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = DiscoveryClient::new(channel)
-        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+    // Discovery over TLS needs the proxy's SVID as the client certificate.
+    let hello = |service: &str| Node {
+        id: "web-1".into(),
+        service: service.into(),
+        namespace: "default".into(),
+        inbound_address: "127.0.0.1:15006".into(),
+        outbound_address: "127.0.0.1:15001".into(),
+        app_address: "127.0.0.1:8080".into(),
+        tcp_bind_ip: "127.0.0.1".into(),
+        ..Node::default()
+    };
+    let refused = discover(run.channel().await, hello("web"))
         .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused}");
+    assert!(
+        refused.message().contains("client certificate"),
+        "{refused}"
+    );
+    let web_key = KeyPair::generate().unwrap();
+    let web_svid = run
+        .certify(request(&run, &web_key, "web", 0))
         .await
-        .unwrap()
-        .unwrap()
         .unwrap();
+    let as_web = || async {
+        Endpoint::from_shared(format!("https://{}", run.grpc))
+            .unwrap()
+            .tls_config(client_tls_config(&run.roots_pem(), "localhost").identity(
+                tonic::transport::Identity::from_pem(
+                    &web_svid.cert_chain_pem,
+                    web_key.serialize_pem(),
+                ),
+            ))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    };
+    // web's certificate cannot register an instance of api.
+    let refused = discover(as_web().await, hello("api")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+    assert!(refused.message().contains("default/web"), "{refused}");
+    // As itself: registered, and the first push carries the trust bundle.
+    let first = discover(as_web().await, hello("web")).await.unwrap();
     let trust = first.trust.expect("the first push carries TRUST");
     assert_eq!(trust.trust_domain, "cluster.local");
     assert_eq!(trust.roots_pem.concat(), run.roots_pem());
@@ -529,6 +574,7 @@ async fn without_a_ca_certify_is_disabled() {
         push_timeout: Duration::from_secs(30),
         state_dir: None,
         restart_grace: weft_control::server::DEFAULT_RESTART_GRACE,
+        ..Config::new(".")
     })
     .await
     .unwrap();
@@ -610,6 +656,7 @@ async fn binary_serves_tls_and_reloads_extra_roots_on_sighup() {
         .arg("--policies")
         .arg(&policies)
         .args(["--grpc", &grpc.to_string(), "--admin", &admin.to_string()])
+        .arg("--insecure-admin")
         .arg("--ca-dir")
         .arg(&ca_dir)
         .args([
@@ -682,6 +729,7 @@ async fn binary_serves_tls_and_reloads_extra_roots_on_sighup() {
         .args(["serve", "--policies"])
         .arg(&policies)
         .args(["--grpc", &grpc.to_string(), "--admin", &admin.to_string()])
+        .arg("--insecure-admin")
         .arg("--ca-dir")
         .arg(&ca_dir)
         .arg("--extra-root")

@@ -180,8 +180,8 @@ pub const CLI_TIMEOUT: Duration = Duration::from_secs(20);
 /// Runs `weftctl --server <cp admin> args...`; returns its output and a description of the run
 /// (command line, exit status, stdout, stderr) for assertion messages.
 pub async fn weftctl(cp: &ControlPlane, args: &[&str]) -> (std::process::Output, String) {
-    let server = cp.admin_url("");
-    let mut full = vec!["--server", server.as_str()];
+    let reach = cp.weftctl_args();
+    let mut full: Vec<&str> = reach.iter().map(String::as_str).collect();
     full.extend_from_slice(args);
     let mut cmd = tokio::process::Command::new(weft_testkit::bin_path("weftctl"));
     cmd.args(&full).kill_on_drop(true);

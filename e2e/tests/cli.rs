@@ -34,8 +34,8 @@ fn describe(bin: &str, args: &[&str], out: &Output) -> String {
 
 /// Runs `weftctl --server <cp admin> args...`.
 async fn weftctl(cp: &ControlPlane, args: &[&str]) -> (Output, String) {
-    let server = cp.admin_url("");
-    let mut full = vec!["--server", server.as_str()];
+    let reach = cp.weftctl_args();
+    let mut full: Vec<&str> = reach.iter().map(String::as_str).collect();
     full.extend_from_slice(args);
     let out = run("weftctl", &full).await;
     let desc = describe("weftctl", &full, &out);

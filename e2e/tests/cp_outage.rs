@@ -125,7 +125,10 @@ async fn killed_control_plane_costs_no_request_and_resync_pushes_nothing() {
     let killed_at = Instant::now();
     cp.process.kill();
     assert!(
-        http_get(&cp.admin_url("/healthz")).await.is_err(),
+        cp.admin()
+            .request(http::Method::GET, "/healthz", "")
+            .await
+            .is_err(),
         "the control plane's admin port still answers after SIGKILL"
     );
     drop(cp);
@@ -225,10 +228,8 @@ async fn proxy_started_during_an_outage_waits_for_the_control_plane() {
     let mut cp_config = ControlPlaneConfig::new(policies.path());
     // Nothing is deregistered while the control plane is away.
     cp_config.deregister_grace = Duration::from_secs(5);
-    // The fake control plane below reads node ids from the proxies' gRPC bytes: plaintext gRPC
-    // (the mesh itself still runs mTLS with certificates from the CA).
-    cp_config.grpc_tls = false;
-    // The stand-in listener below reads node ids out of the proxies' gRPC bytes: plaintext.
+    // The stand-in listener below reads node ids (and CSRs) out of the proxies' gRPC bytes:
+    // plaintext gRPC (the mesh itself still runs mTLS with certificates from the CA).
     cp_config.grpc_tls = false;
     let mut cp = ControlPlane::start_with(cp_config).await;
     let _api = Instance::http(&cp, "api", "api-1").await;
@@ -260,7 +261,20 @@ async fn proxy_started_during_an_outage_waits_for_the_control_plane() {
                 let at = started.elapsed();
                 let seen = seen.clone();
                 tokio::spawn(async move {
-                    let who = hello_sender(conn, &["web-2", "web-1", "api-1"]).await;
+                    // web-2 has no certificate yet: its attempts are Certify calls (a CSR in
+                    // the first DATA frame), which must succeed before it may open its
+                    // (certificate-authenticated) discovery stream. Only web-2 certifies in
+                    // this window: the others' certificates are hours from renewal.
+                    let who = hello_sender(
+                        conn,
+                        &[
+                            ("web-2", "web-2"),
+                            ("web-1", "web-1"),
+                            ("api-1", "api-1"),
+                            ("CERTIFICATE REQUEST", "web-2"),
+                        ],
+                    )
+                    .await;
                     lock(&seen).push((at, who));
                 });
             }
@@ -368,7 +382,7 @@ fn second_web_config(config: &ControlPlaneConfig) -> ProxyConfig {
 
 /// Reads what a client sends on `conn` (at most 1 s, 64 KiB) and returns the first of `ids`
 /// found in it, or "?"; then hangs up.
-async fn hello_sender(mut conn: tokio::net::TcpStream, ids: &[&str]) -> String {
+async fn hello_sender(mut conn: tokio::net::TcpStream, ids: &[(&str, &str)]) -> String {
     use tokio::io::AsyncReadExt;
     let mut bytes = Vec::new();
     let mut buf = [0u8; 4096];
@@ -379,8 +393,8 @@ async fn hello_sender(mut conn: tokio::net::TcpStream, ids: &[&str]) -> String {
             _ => break,
         }
         let text = String::from_utf8_lossy(&bytes);
-        if let Some(id) = ids.iter().find(|id| text.contains(*id)) {
-            return (*id).to_string();
+        if let Some((_, who)) = ids.iter().find(|(needle, _)| text.contains(needle)) {
+            return (*who).to_string();
         }
     }
     "?".to_string()

@@ -16,8 +16,8 @@ use weft_e2e::{
     wait_for_instance, wait_metric_at_least, weftctl, Generations, Instance, LoadSpec, MixedLoad,
 };
 use weft_testkit::{
-    free_port, http_put, next_loopback_ip, wait_until, ControlPlane, DemoApp, DemoAppConfig,
-    Metrics, PolicyDir, Proxy, DEFAULT_WAIT,
+    free_port, next_loopback_ip, wait_until, ControlPlane, DemoApp, DemoAppConfig, Metrics,
+    PolicyDir, Proxy, DEFAULT_WAIT,
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
@@ -25,9 +25,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(15);
 /// `PUT /v1/policies/<name>` on the control plane, expecting 200.
 async fn put_policy(cp: &ControlPlane, name: &str, yaml: &str) {
     let url = cp.admin_url(&format!("/v1/policies/{name}"));
-    let resp = http_put(&url, yaml.to_string())
-        .await
-        .unwrap_or_else(|e| panic!("PUT {url}: {e:#}\n{}", cp.process.describe()));
+    let resp = cp.put(&format!("/v1/policies/{name}"), yaml).await;
     assert_eq!(
         resp.status,
         200,

@@ -100,6 +100,25 @@ struct PromSample {
     value: f64,
 }
 
+/// How Prometheus reaches an HTTPS target that wants a bearer token (the control plane's
+/// admin API): its CA and a token file, as a Prometheus operator configures it.
+#[derive(Clone, Debug)]
+struct ScrapeAuth {
+    ca_file: PathBuf,
+    token_file: PathBuf,
+}
+
+impl ScrapeAuth {
+    /// The control plane's roots and its bootstrap admin token.
+    fn control_plane(cp: &ControlPlane) -> Option<Self> {
+        let dir = cp.ca_dir().filter(|_| cp.admin_tls())?;
+        Some(Self {
+            ca_file: cp.roots_pem(),
+            token_file: dir.join("admin-token"),
+        })
+    }
+}
+
 /// A real `prometheus` on its own loopback IP with a temporary TSDB, stopped by PID on drop
 /// (before its directory is removed: fields drop in order).
 struct Prometheus {
@@ -109,9 +128,13 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    /// Starts Prometheus scraping each `(job, targets)` every second (and evaluating `rule_files`
-    /// every second), and waits until it is ready.
-    async fn start(jobs: &[(&str, Vec<SocketAddr>)], rule_files: &[PathBuf]) -> Prometheus {
+    /// Starts Prometheus scraping each `(job, targets, auth)` every second (HTTPS with a bearer
+    /// token where `auth` says so), evaluating `rule_files` every second, and waits until it is
+    /// ready.
+    async fn start_with(
+        jobs: &[(&str, Vec<SocketAddr>, Option<ScrapeAuth>)],
+        rule_files: &[PathBuf],
+    ) -> Prometheus {
         let bin = require_tool("prometheus");
         let dir = TempDir::new("weft-prometheus");
         let mut config = String::from(
@@ -127,12 +150,20 @@ impl Prometheus {
             }
         }
         config.push_str("scrape_configs:\n");
-        for (job, targets) in jobs {
+        for (job, targets, auth) in jobs {
             let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
             config.push_str(&format!(
                 "  - job_name: {job}\n    metrics_path: /metrics\n    static_configs:\n      - targets: [{}]\n",
                 targets.join(", ")
             ));
+            if let Some(auth) = auth {
+                let json = |p: &PathBuf| serde_json::Value::from(p.to_string_lossy());
+                config.push_str(&format!(
+                    "    scheme: https\n    tls_config:\n      ca_file: {}\n    authorization:\n      credentials_file: {}\n",
+                    json(&auth.ca_file),
+                    json(&auth.token_file)
+                ));
+            }
         }
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, &config)
@@ -328,10 +359,14 @@ async fn prometheus_scrapes_the_mesh() {
     let mesh = http_mesh().await;
     let web = &mesh.web;
     let api = &mesh.api.proxy;
-    let prom = Prometheus::start(
+    let prom = Prometheus::start_with(
         &[
-            (PROXY_JOB, vec![web.admin_addr(), api.admin_addr()]),
-            (CONTROL_JOB, vec![mesh.cp.admin_addr]),
+            (PROXY_JOB, vec![web.admin_addr(), api.admin_addr()], None),
+            (
+                CONTROL_JOB,
+                vec![mesh.cp.admin_addr],
+                ScrapeAuth::control_plane(&mesh.cp),
+            ),
         ],
         &[rules_file()],
     )

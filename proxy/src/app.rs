@@ -117,11 +117,12 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         .clone()
         .map(TokenSource::Inline)
         .or_else(|| bootstrap.join_token_file.clone().map(TokenSource::File));
+    tls::install_refusal_metrics(metrics.security.origination_refused());
     if token.is_some() {
         // This proxy has a mesh identity: mesh endpoints are dialled with mTLS.
         tls::install_origination(Arc::clone(&mesh_tls));
     } else {
-        tracing::warn!("no join_token: running without a mesh identity (plaintext to every peer, no mTLS inbound)");
+        tracing::warn!("no join_token: running without a mesh identity: calls to mesh endpoints that expect mTLS are refused (503), only plaintext endpoints outside the mesh and mtls: disabled services can be called, and the control plane must run with --insecure-grpc to accept this proxy");
     }
     let plane = DataPlane {
         store: Arc::clone(&store),

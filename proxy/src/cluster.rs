@@ -279,17 +279,18 @@ impl Cluster {
                 ));
                 continue;
             };
-            // Pools are keyed by address and expected identity (mTLS when set).
-            let mesh = crate::tls::mesh_identity(proto, e);
+            // Pools are keyed by address and what connections must be (mTLS to an identity).
+            let expect = crate::tls::expectation(proto, e);
             let (pool, load, health) = match old.get(&addr) {
-                Some(p) if p.pool.mesh_identity() == mesh.as_ref() => (
+                Some(p) if *p.pool.expectation() == expect => (
                     Arc::clone(&p.pool),
                     Arc::clone(&p.load),
                     Arc::clone(&p.health),
                 ),
                 _ => (
                     Arc::new(
-                        EndpointPool::with_gate(addr, Arc::clone(&state.connections)).mesh(mesh),
+                        EndpointPool::with_gate(addr, Arc::clone(&state.connections))
+                            .expect(expect),
                     ),
                     Arc::default(),
                     Arc::default(),
@@ -323,7 +324,7 @@ impl Cluster {
                 .map(|e| Target {
                     addr: e.addr,
                     health: Arc::clone(&e.health),
-                    mesh: e.pool.mesh_identity().cloned(),
+                    expect: e.pool.expectation().clone(),
                 })
                 .collect(),
         );

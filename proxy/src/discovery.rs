@@ -21,7 +21,7 @@ use crate::listen::ListenerManager;
 use crate::metrics::Metrics;
 use crate::snapshot::{carried, nack_reason, Resources, Snapshot, SnapshotStore};
 use crate::tls::certs::CertStore;
-use crate::tls::control::control_endpoint;
+use crate::tls::control::{control_endpoint, discovery_endpoint};
 use crate::tls::trust::TrustStore;
 
 /// Why a discovery stream ended.
@@ -252,8 +252,9 @@ impl Discovery {
         self
     }
 
-    /// Applies no configuration (binds no listener, stays unready) before `certs` has this
-    /// proxy's first certificate: a proxy with an identity never serves without it.
+    /// Opens no stream (so applies no configuration, binds no listener, stays unready) before
+    /// `certs` has this proxy's first certificate, and presents it as the stream's TLS client
+    /// certificate: a proxy with an identity never serves without it, and registers as it.
     #[must_use]
     pub fn wait_for_certificate(mut self, certs: Arc<CertStore>) -> Self {
         self.wait_for_cert = Some(certs);
@@ -281,9 +282,26 @@ impl Discovery {
     }
 
     async fn stream(&self, got_response: &mut bool) -> Result<(), DiscoveryError> {
-        let endpoint = control_endpoint_from_file(&self.url, self.control_plane_ca.as_deref())?;
+        // The stream is authenticated by this proxy's certificate: none yet, no stream.
+        if let Some(certs) = &self.wait_for_cert {
+            if certs.load().is_none() {
+                tracing::info!(
+                    "waiting for this proxy's certificate before opening the discovery stream"
+                );
+                certs.wait_ready().await;
+            }
+        }
+        let ca = match &self.control_plane_ca {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+                DiscoveryError::Tls(format!("control_plane_ca {}: {e}", p.display()))
+            })?),
+            None => None,
+        };
+        let (endpoint, connector) =
+            discovery_endpoint(&self.url, ca.as_deref(), self.wait_for_cert.clone())
+                .map_err(|e| DiscoveryError::Tls(e.to_string()))?;
         let channel = endpoint
-            .connect()
+            .connect_with_connector(connector)
             .await
             .map_err(|source| DiscoveryError::Connect {
                 url: self.url.clone(),
@@ -304,12 +322,6 @@ impl Discovery {
         tracing::info!(url = %self.url, "discovery stream open");
         while let Some(resp) = responses.message().await? {
             *got_response = true;
-            if let Some(certs) = &self.wait_for_cert {
-                if certs.load().is_none() {
-                    tracing::info!("waiting for this proxy's certificate before applying config");
-                    certs.wait_ready().await;
-                }
-            }
             let reply = self.applier.apply(&resp);
             tx.send(reply)
                 .await

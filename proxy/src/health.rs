@@ -121,7 +121,7 @@ pub struct Target {
     pub health: Arc<EndpointHealth>,
     /// The identity the endpoint's sidecar must present (checked over mTLS), as for the data
     /// path's connections to it.
-    pub mesh: Option<crate::tls::spiffe::SpiffeId>,
+    pub expect: crate::tls::Expect,
 }
 
 /// A cluster's health checker (part of its long-lived state).
@@ -247,13 +247,8 @@ async fn check_inner(kind: &CheckKind, target: &Target) -> bool {
         return false;
     };
     // A mesh endpoint: the mTLS handshake (verifying its identity) is part of the check.
-    let io = match crate::tls::originate(
-        tcp,
-        addr.ip(),
-        target.mesh.as_ref(),
-        crate::tls::Alpn::Http1,
-    )
-    .await
+    let io = match crate::tls::originate(tcp, addr.ip(), &target.expect, crate::tls::Alpn::Http1)
+        .await
     {
         Ok(io) => io,
         Err(e) => {
@@ -365,7 +360,7 @@ mod tests {
         Target {
             addr,
             health: Arc::new(EndpointHealth::default()),
-            mesh: None,
+            expect: crate::tls::Expect::Plain,
         }
     }
 
@@ -422,12 +417,12 @@ mod tests {
                 Target {
                     addr: ok,
                     health: Arc::clone(&good),
-                    mesh: None,
+                    expect: crate::tls::Expect::Plain,
                 },
                 Target {
                     addr: closed,
                     health: Arc::clone(&dead),
-                    mesh: None,
+                    expect: crate::tls::Expect::Plain,
                 },
             ],
         );

@@ -153,11 +153,11 @@ async fn serve(
     };
     let addr = endpoint.addr;
     out.upstream = Some(addr);
-    let mesh = endpoint.pool.mesh_identity().cloned();
+    let expect = endpoint.pool.expectation().clone();
     let connect = async {
         let tcp = TcpStream::connect(addr).await?;
         let _ = tcp.set_nodelay(true);
-        originate(tcp, addr.ip(), mesh.as_ref(), Alpn::None).await
+        originate(tcp, addr.ip(), &expect, Alpn::None).await
     };
     let mut upstream: ClientIo = match tokio::time::timeout(cluster.connect_timeout, connect).await
     {

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 
 use crate::tls::io::ClientIo;
 use crate::tls::spiffe::SpiffeId;
-use crate::tls::{originate, Alpn};
+use crate::tls::{originate, Alpn, Expect};
 
 use crate::breaker::{ConnectionGate, Permit};
 use crate::retry::RequestBody;
@@ -63,6 +63,15 @@ pub enum UpstreamError {
         addr: SocketAddr,
         /// rustls' error, as I/O.
         source: std::io::Error,
+    },
+    /// The connection was refused before any byte was sent: the endpoint expects mTLS and this
+    /// sidecar cannot originate it (no identity, or the endpoint's identity is invalid).
+    #[error("not connecting to {addr}: {reason}")]
+    Refused {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
     },
     /// The HTTP handshake (h2 preface/settings) failed.
     #[error("handshake with {addr} failed: {source}")]
@@ -133,9 +142,10 @@ struct IdleH1 {
 /// Connections to one endpoint.
 pub struct EndpointPool {
     addr: SocketAddr,
-    /// The identity the endpoint's sidecar must present: connections are mTLS when set (and
-    /// this proxy has a mesh identity). Part of the pool's key: a new identity means a new pool.
-    mesh: Option<SpiffeId>,
+    /// What connections must be: mTLS verifying the endpoint sidecar's identity, plaintext, or
+    /// refused (see [`crate::tls::originate`]). Part of the pool's key: a new expectation means
+    /// a new pool.
+    expect: Expect,
     idle_h1: Mutex<VecDeque<IdleH1>>,
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
     /// Serializes establishing the shared h2 connection (single flight).
@@ -157,7 +167,7 @@ impl std::fmt::Debug for EndpointPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EndpointPool")
             .field("addr", &self.addr)
-            .field("mesh", &self.mesh)
+            .field("expect", &self.expect)
             .finish_non_exhaustive()
     }
 }
@@ -239,7 +249,7 @@ impl EndpointPool {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
-            mesh: None,
+            expect: Expect::Plain,
             idle_h1: Mutex::new(VecDeque::new()),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
@@ -259,11 +269,16 @@ impl EndpointPool {
         }
     }
 
-    /// This pool, with connections that are mTLS expecting `mesh` when set.
+    /// This pool, with connections as `expect` says (plaintext by default).
     #[must_use]
-    pub fn mesh(mut self, mesh: Option<SpiffeId>) -> Self {
-        self.mesh = mesh;
+    pub fn expect(mut self, expect: Expect) -> Self {
+        self.expect = expect;
         self
+    }
+
+    /// What connections to the endpoint must be.
+    pub fn expectation(&self) -> &Expect {
+        &self.expect
     }
 
     /// Closes idle HTTP/1.1 connections after `idle` (`None`: the proxy default, 30s).
@@ -289,7 +304,7 @@ impl EndpointPool {
 
     /// The identity the endpoint must present, if connections to it are mTLS.
     pub fn mesh_identity(&self) -> Option<&SpiffeId> {
-        self.mesh.as_ref()
+        self.expect.identity()
     }
 
     /// Sends `req` over `wire`, connecting if needed. For HTTP/1.1 the connection comes back with
@@ -356,12 +371,16 @@ impl EndpointPool {
             Wire::H1 => Alpn::Http1,
             Wire::H2 => Alpn::H2,
         };
-        let tls = tokio::time::timeout(
-            timeout,
-            originate(stream, addr.ip(), self.mesh.as_ref(), alpn),
-        );
+        let tls = tokio::time::timeout(timeout, originate(stream, addr.ip(), &self.expect, alpn));
         match tls.await {
             Ok(Ok(io)) => Ok((TokioIo::new(io), permit)),
+            Ok(Err(source)) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+                errors.inc();
+                Err(UpstreamError::Refused {
+                    addr,
+                    reason: source.to_string(),
+                })
+            }
             Ok(Err(source)) => {
                 errors.inc();
                 Err(UpstreamError::Tls { addr, source })

@@ -5,8 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::Method;
+
+use crate::admin::AdminAccess;
 use crate::bin_path;
-use crate::http::{http_get, HttpResponse};
+use crate::http::HttpResponse;
 use crate::metrics::Metrics;
 use crate::net::{free_addrs, next_loopback_ip};
 use crate::process::ProcessGuard;
@@ -32,6 +36,9 @@ pub struct ControlPlaneConfig {
     /// Serve gRPC over TLS (`--grpc-tls`; needs `ca`). Default true. Tests that read the
     /// proxies' plaintext gRPC bytes turn it off.
     pub grpc_tls: bool,
+    /// Serve the admin API over TLS with authentication (needs `ca`); false passes
+    /// `--insecure-admin`. Default true.
+    pub admin_tls: bool,
 }
 
 impl ControlPlaneConfig {
@@ -46,6 +53,7 @@ impl ControlPlaneConfig {
             ca: crate::security::SECURE_BY_DEFAULT,
             ca_dir: None,
             grpc_tls: crate::security::SECURE_BY_DEFAULT,
+            admin_tls: crate::security::SECURE_BY_DEFAULT,
         }
     }
 }
@@ -57,6 +65,37 @@ pub struct ControlPlane {
     pub admin_addr: SocketAddr,
     pub config: ControlPlaneConfig,
     pub process: ProcessGuard,
+}
+
+/// The admin access of a control plane started with `config` at `admin`: HTTPS with the
+/// bootstrap token when it has a CA and a secured admin API, else plaintext. Errs while the
+/// token or roots are not written yet.
+fn access(config: &ControlPlaneConfig, admin: SocketAddr) -> Result<AdminAccess, String> {
+    if !(config.ca && config.admin_tls) {
+        return Ok(AdminAccess::plain(admin));
+    }
+    let grpc = config
+        .grpc
+        .ok_or_else(|| "the control plane's gRPC address is not set".to_owned())?;
+    let dir = security::security_of(grpc)
+        .ca_dir
+        .ok_or_else(|| format!("no CA registered for the control plane at {grpc}"))?;
+    let roots = security::roots_pem(&dir);
+    let token_file = dir.join("admin-token");
+    if !roots.exists() || !token_file.exists() {
+        return Err(format!(
+            "{} or {} not written yet",
+            roots.display(),
+            token_file.display()
+        ));
+    }
+    let token = std::fs::read_to_string(&token_file)
+        .map_err(|e| format!("{}: {e}", token_file.display()))?;
+    Ok(AdminAccess::tls(
+        admin,
+        &roots,
+        Some(token.trim().to_owned()),
+    ))
 }
 
 /// Formats a duration the way the binaries' humantime flags read it (`1500ms`).
@@ -103,6 +142,9 @@ impl ControlPlane {
         } else {
             cmd.arg("--insecure-grpc");
         }
+        if !(config.ca && config.admin_tls) {
+            cmd.arg("--insecure-admin");
+        }
         security::register(
             grpc_addr,
             CpSecurity {
@@ -126,6 +168,8 @@ impl ControlPlane {
     /// process exits.
     pub async fn wait_healthy(&mut self) {
         let url = self.admin_url("/healthz");
+        let config_view = self.config.clone();
+        let admin_addr = self.admin_addr;
         let process = &mut self.process;
         wait_until(
             DEFAULT_WAIT,
@@ -137,7 +181,11 @@ impl ControlPlane {
                         process.describe()
                     );
                 }
-                match http_get(&url).await {
+                let access = match access(&config_view, admin_addr) {
+                    Ok(a) => a,
+                    Err(e) => return Err(e),
+                };
+                match access.request(Method::GET, "/healthz", Bytes::new()).await {
                     Ok(r) if r.status == 200 => Ok(()),
                     Ok(r) => Err(format!("GET {url}: {}", r.summary())),
                     Err(e) => Err(format!("GET {url}: {e:#}")),
@@ -191,17 +239,58 @@ impl ControlPlane {
         security::join_token(&dir, service, namespace)
     }
 
-    /// `http://<admin addr><path>`.
+    /// Whether the admin API is HTTPS with authentication.
+    pub fn admin_tls(&self) -> bool {
+        self.config.ca && self.config.admin_tls
+    }
+
+    /// `https://<admin addr><path>` (`http://` for an `--insecure-admin` control plane).
     pub fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.admin_addr)
+        let scheme = if self.admin_tls() { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.admin_addr)
+    }
+
+    /// How to reach the admin API: HTTPS with the bootstrap admin token (a `write` credential),
+    /// or plaintext.
+    pub fn admin(&self) -> AdminAccess {
+        access(&self.config, self.admin_addr)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.process.describe()))
+    }
+
+    /// The `weftctl` arguments that reach this control plane with its bootstrap credential:
+    /// `--server <admin url>` and, when secured, `--ca-dir <ca dir>`.
+    pub fn weftctl_args(&self) -> Vec<String> {
+        let mut args = vec!["--server".to_owned(), self.admin_url("")];
+        if let (true, Some(dir)) = (self.admin_tls(), self.ca_dir()) {
+            args.push("--ca-dir".to_owned());
+            args.push(dir.display().to_string());
+        }
+        args
+    }
+
+    /// `method <admin><path>` with `body` and the bootstrap credential, panicking (with the log
+    /// tail) on a transport error.
+    pub async fn admin_request(&self, method: Method, path: &str, body: &str) -> HttpResponse {
+        self.admin()
+            .request(method.clone(), path, Bytes::from(body.to_owned()))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{method} {}: {e:#}\n{}",
+                    self.admin_url(path),
+                    self.process.describe()
+                )
+            })
     }
 
     /// `GET <admin><path>`, panicking (with the log tail) on a transport error.
     pub async fn get(&self, path: &str) -> HttpResponse {
-        let url = self.admin_url(path);
-        http_get(&url)
-            .await
-            .unwrap_or_else(|e| panic!("GET {url}: {e:#}\n{}", self.process.describe()))
+        self.admin_request(Method::GET, path, "").await
+    }
+
+    /// `PUT <admin><path>` with `body`.
+    pub async fn put(&self, path: &str, body: &str) -> HttpResponse {
+        self.admin_request(Method::PUT, path, body).await
     }
 
     /// `GET <admin><path>` expecting 200 JSON.

@@ -7,6 +7,7 @@
 //!
 //! The binaries must be built before the tests run: `cargo build --workspace --bins`.
 
+pub mod admin;
 pub mod bins;
 pub mod control;
 pub mod demo;
@@ -20,6 +21,7 @@ pub mod proxy;
 pub mod security;
 pub mod wait;
 
+pub use admin::AdminAccess;
 pub use bins::bin_path;
 pub use control::{ControlPlane, ControlPlaneConfig};
 pub use demo::{DemoApp, DemoAppConfig};

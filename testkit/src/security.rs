@@ -488,9 +488,7 @@ pub fn server_leaf(addr: SocketAddr) -> (String, String) {
     (pem, String::from_utf8_lossy(&info.stdout).into_owned())
 }
 
-/// A fake proxy registered with the control plane at `grpc` as an instance of
-/// `namespace/service` at `inbound_address` (whatever really listens there); deregistered when
-/// dropped.
+/// A fake proxy registered with the control plane at `grpc`; deregistered when dropped.
 #[derive(Debug)]
 pub struct FakeNode {
     task: tokio::task::JoinHandle<()>,
@@ -502,27 +500,54 @@ impl Drop for FakeNode {
     }
 }
 
-/// Opens a discovery stream announcing a node of `service` at `inbound_address` and keeps it
-/// open (acking every push) until the returned [`FakeNode`] drops.
-pub async fn register_fake_node(
+/// A gRPC channel to the control plane at `grpc` presenting `cert` (an SVID from
+/// [`certify_with_openssl`]) as the TLS client certificate; plaintext when the control plane
+/// serves plaintext gRPC.
+pub async fn control_channel_as(
     grpc: SocketAddr,
-    id: &str,
-    service: &str,
-    namespace: &str,
-    inbound_address: SocketAddr,
-) -> FakeNode {
+    cert: Option<&CertFiles>,
+) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let sec = security_of(grpc);
+    let tls = sec.grpc_tls && sec.ca_dir.is_some();
+    let url = format!("{}://{grpc}", if tls { "https" } else { "http" });
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+        .connect_timeout(std::time::Duration::from_secs(5));
+    if let (true, Some(dir)) = (tls, &sec.ca_dir) {
+        let roots = std::fs::read_to_string(roots_pem(dir))
+            .unwrap_or_else(|e| panic!("reading {}: {e}", roots_pem(dir).display()));
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(roots));
+        if let Some(c) = cert {
+            let read = |p: &Path| {
+                std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            };
+            config = config.identity(Identity::from_pem(read(&c.cert), read(&c.key)));
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .unwrap_or_else(|e| panic!("TLS config for {url}: {e}"));
+    }
+    endpoint
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connecting to the control plane at {url}: {e:?}"))
+}
+
+/// Opens a discovery stream as `cert` (no certificate: `None`) announcing `node`; `Ok` once the
+/// control plane pushed the first config (the node is registered, and stays so, acking every
+/// push, until the [`FakeNode`] drops), else the status the stream was refused with.
+pub async fn try_register_node(
+    grpc: SocketAddr,
+    cert: Option<&CertFiles>,
+    node: weft_proto::v1::Node,
+) -> Result<FakeNode, tonic::Status> {
     use weft_proto::v1::{self, discovery_client::DiscoveryClient, discovery_request::Kind};
-    let mut client = DiscoveryClient::new(control_channel(grpc).await);
+    let mut client = DiscoveryClient::new(control_channel_as(grpc, cert).await);
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let hello = v1::DiscoveryRequest {
         kind: Some(Kind::Hello(v1::Hello {
-            node: Some(v1::Node {
-                id: id.into(),
-                service: service.into(),
-                namespace: namespace.into(),
-                inbound_address: inbound_address.to_string(),
-                ..Default::default()
-            }),
+            node: Some(node),
             held: Vec::new(),
         })),
     };
@@ -531,11 +556,15 @@ pub async fn register_fake_node(
         .unwrap_or_else(|_| unreachable!("receiver alive"));
     let mut responses = client
         .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap_or_else(|e| panic!("Discovery.Stream for fake node {id}: {e}"))
+        .await?
         .into_inner();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(15), responses.message())
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("no push within 15s"))??
+        .ok_or_else(|| tonic::Status::aborted("the stream ended without a push"))?;
     let task = tokio::spawn(async move {
-        while let Ok(Some(resp)) = responses.message().await {
+        let mut next = Some(first);
+        while let Some(resp) = next.take() {
             let ack = v1::DiscoveryRequest {
                 kind: Some(Kind::Ack(v1::Ack {
                     nonce: resp.nonce,
@@ -545,7 +574,42 @@ pub async fn register_fake_node(
             if tx.send(ack).await.is_err() {
                 return;
             }
+            next = responses.message().await.ok().flatten();
         }
     });
-    FakeNode { task }
+    Ok(FakeNode { task })
+}
+
+/// Registers a node of `namespace/service` at `inbound_address` (whatever really listens
+/// there) the authenticated way: with an SVID for that service from `Identity.Certify` (its join
+/// token) as the client certificate. What a workload holding that service's credentials can do.
+pub async fn register_fake_node(
+    grpc: SocketAddr,
+    id: &str,
+    service: &str,
+    namespace: &str,
+    inbound_address: SocketAddr,
+) -> FakeNode {
+    let cert = if security_of(grpc).grpc_tls {
+        Some(
+            certify_with_openssl(grpc, service, namespace, std::time::Duration::ZERO)
+                .await
+                .unwrap_or_else(|e| panic!("Certify {namespace}/{service}: {e}")),
+        )
+    } else {
+        None
+    };
+    let node = weft_proto::v1::Node {
+        id: id.into(),
+        service: service.into(),
+        namespace: namespace.into(),
+        inbound_address: inbound_address.to_string(),
+        ..Default::default()
+    };
+    let fake = try_register_node(grpc, cert.as_ref(), node)
+        .await
+        .unwrap_or_else(|e| panic!("registering fake node {id} as {namespace}/{service}: {e}"));
+    // The certificate files may go: TLS keeps the connection's identity.
+    drop(cert);
+    fake
 }

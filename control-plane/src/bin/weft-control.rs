@@ -3,11 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use weft_control::admission::Limits;
 use weft_control::ca::{self, CaConfig};
 use weft_control::server::IdentityConfig;
 use weft_control::token::TokenSecret;
@@ -29,6 +29,39 @@ enum Command {
     /// Print the join token of a service (what its proxies send to Identity.Certify). Reads the
     /// secret from the CA directory; run it where the control plane's CA directory is.
     Token(TokenArgs),
+    /// Issue an admin client certificate for weftctl (`--cert`/`--key`), signed by the CA in the
+    /// CA directory: writes <out>/<name>.pem and <out>/<name>-key.pem (0600).
+    AdminCert(AdminCertArgs),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AdminRole {
+    /// Reads, validate and diff.
+    Read,
+    /// Everything, including apply and delete.
+    Write,
+}
+
+#[derive(Debug, clap::Args)]
+struct AdminCertArgs {
+    /// The control plane's CA directory (its --ca-dir).
+    #[arg(long, value_name = "DIR")]
+    ca_dir: PathBuf,
+    /// Who the certificate is for (a DNS label); it appears in the audit log.
+    #[arg(long)]
+    name: String,
+    /// What it may do.
+    #[arg(long, value_enum, default_value = "read")]
+    role: AdminRole,
+    /// Lifetime (capped at the CA's expiry). There is no revocation list: keep it short.
+    #[arg(long, value_name = "DURATION", default_value = "720h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// The control plane's --trust-domain.
+    #[arg(long, value_name = "NAME", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Where to write the certificate and key.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    out: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,14 +138,44 @@ struct ServeArgs {
     /// Plaintext gRPC instead of TLS (development and debugging only).
     #[arg(long)]
     insecure_grpc: bool,
-    /// Another DNS name or IP for the gRPC server certificate (repeatable; `localhost` and the
-    /// listen IP are always included).
-    #[arg(
-        long = "tls-san",
-        value_name = "NAME",
-        conflicts_with = "insecure_grpc"
-    )]
+    /// Another DNS name or IP for the server certificate of the gRPC and admin ports
+    /// (repeatable; `localhost` and the listen IPs are always included).
+    #[arg(long = "tls-san", value_name = "NAME")]
     tls_sans: Vec<String>,
+    /// How long a proxy may take to send its Hello after opening a discovery stream.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    hello_timeout: Duration,
+    /// Most registrations (connected proxies and those within their grace).
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    max_registrations: usize,
+    /// Most registrations of one service.
+    #[arg(long, value_name = "N", default_value_t = 5_000)]
+    max_registrations_per_service: usize,
+    /// Refuse a registration whose inbound_address is not on the IP its stream comes from
+    /// (hosts and pods without NAT between the proxies and the control plane).
+    #[arg(long)]
+    require_peer_address: bool,
+    /// Most open gRPC connections; more are closed at accept
+    /// (weft_control_connections_refused_total{server="grpc"}).
+    #[arg(long, value_name = "N", default_value_t = weft_control::server::DEFAULT_GRPC_MAX_CONNECTIONS)]
+    grpc_max_connections: usize,
+    /// Most concurrent HTTP/2 streams per gRPC connection.
+    #[arg(long, value_name = "N", default_value_t = weft_control::server::DEFAULT_GRPC_MAX_STREAMS)]
+    grpc_max_streams: u32,
+    /// Most open admin API connections.
+    #[arg(long, value_name = "N", default_value_t = weft_control::server::DEFAULT_ADMIN_MAX_CONNECTIONS)]
+    admin_max_connections: usize,
+    /// A file of admin API bearer tokens, lines `<name> <read|write> <token>` (repeatable;
+    /// re-read on SIGHUP).
+    #[arg(long = "admin-tokens", value_name = "FILE")]
+    admin_token_files: Vec<PathBuf>,
+    /// Do not write or accept the bootstrap admin token (<ca-dir>/admin-token, role write).
+    #[arg(long)]
+    no_admin_bootstrap_token: bool,
+    /// Serve the admin API in plaintext with no authentication (development only; refused on a
+    /// non-loopback --admin address).
+    #[arg(long)]
+    insecure_admin: bool,
 }
 
 /// `weft-control --policies ...` (no subcommand) means `weft-control serve --policies ...`.
@@ -120,7 +183,7 @@ fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::O
     let explicit = args.get(1).and_then(|a| a.to_str()).is_some_and(|a| {
         matches!(
             a,
-            "serve" | "token" | "help" | "-h" | "--help" | "-V" | "--version"
+            "serve" | "token" | "admin-cert" | "help" | "-h" | "--help" | "-V" | "--version"
         )
     });
     if !explicit {
@@ -166,7 +229,62 @@ fn main() -> anyhow::Result<()> {
             println!("{}", secret.token(&args.namespace, &args.service));
             Ok(())
         }
+        Command::AdminCert(args) => admin_cert(&args),
     }
+}
+
+fn admin_cert(args: &AdminCertArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    anyhow::ensure!(
+        args.ca_dir.join("root.pem").exists(),
+        "{}: no CA here (root.pem missing): point --ca-dir at the control plane's CA directory",
+        args.ca_dir.display()
+    );
+    let mut config = CaConfig::new(&args.ca_dir);
+    config.trust_domain.clone_from(&args.trust_domain);
+    let ca = ca::Ca::load_or_create(&config)?;
+    let role = match args.role {
+        AdminRole::Read => "read",
+        AdminRole::Write => "write",
+    };
+    let cert = ca.issue_admin(&args.name, role, args.ttl)?;
+    let pem = |label: &str, der: &[u8]| {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let mut out = format!("-----BEGIN {label}-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str(&format!("-----END {label}-----\n"));
+        out
+    };
+    let chain: String = cert
+        .chain_der
+        .iter()
+        .map(|d| pem("CERTIFICATE", d))
+        .collect();
+    std::fs::create_dir_all(&args.out)?;
+    let cert_path = args.out.join(format!("{}.pem", args.name));
+    let key_path = args.out.join(format!("{}-key.pem", args.name));
+    std::fs::write(&cert_path, chain)?;
+    let mut key = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&key_path)?;
+    key.write_all(pem("PRIVATE KEY", &cert.key_der).as_bytes())?;
+    println!(
+        "wrote {} and {} (spiffe://{}/weft-admin/{role}/{}, until {})",
+        cert_path.display(),
+        key_path.display(),
+        args.trust_domain,
+        args.name,
+        ca::rfc3339(cert.not_after)
+    );
+    Ok(())
 }
 
 #[tokio::main]
@@ -194,9 +312,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         grpc_tls: args.grpc_tls || !args.insecure_grpc,
         tls_sans: args.tls_sans,
     });
-    if args.insecure_grpc {
-        tracing::warn!("--insecure-grpc: the gRPC port (discovery, identity) is plaintext");
-    }
     let server = Server::bind_with(
         Config {
             policies: args.policies,
@@ -206,35 +321,47 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             push_timeout: args.push_timeout,
             state_dir: args.state_dir,
             restart_grace: args.restart_grace,
+            limits: Limits {
+                hello_timeout: args.hello_timeout,
+                max_registrations: args.max_registrations,
+                max_registrations_per_service: args.max_registrations_per_service,
+                require_peer_address: args.require_peer_address,
+                ..Limits::default()
+            },
+            grpc_max_connections: args.grpc_max_connections,
+            grpc_max_streams: args.grpc_max_streams,
+            admin_max_connections: args.admin_max_connections,
+            insecure_admin: args.insecure_admin,
+            admin_token_files: args.admin_token_files,
+            admin_bootstrap_token: !args.no_admin_bootstrap_token,
         },
         identity,
     )
     .await?;
-    #[cfg(unix)]
-    if let Some(ca) = server.ca().cloned() {
-        spawn_sighup_reload(Arc::clone(server.control_plane()), ca);
+    if args.insecure_admin {
+        tracing::warn!("INSECURE: the admin API is plaintext and unauthenticated (--insecure-admin): anyone who can reach it can change every policy. Development only.");
     }
+    #[cfg(unix)]
+    spawn_sighup_reload(server.reloader());
     server.serve(shutdown_signal()).await?;
     Ok(())
 }
 
-/// SIGHUP re-reads the --extra-root files and pushes a changed trust bundle.
+/// SIGHUP re-reads the --extra-root files (pushing a changed trust bundle) and the admin
+/// tokens.
 #[cfg(unix)]
-fn spawn_sighup_reload(cp: Arc<weft_control::state::ControlPlane>, ca: Arc<weft_control::ca::Ca>) {
+fn spawn_sighup_reload(reloader: weft_control::server::Reloader) {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::hangup()) {
         Ok(mut hup) => {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: reloading the extra roots");
-                    let (cp, ca) = (Arc::clone(&cp), Arc::clone(&ca));
-                    let _ = tokio::task::spawn_blocking(move || {
-                        weft_control::server::reload_trust(&cp, &ca);
-                    })
-                    .await;
+                    tracing::info!("SIGHUP: reloading the extra roots and admin tokens");
+                    let reloader = reloader.clone();
+                    let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
                 }
             });
         }
-        Err(e) => tracing::warn!("cannot listen for SIGHUP (no trust reload): {e}"),
+        Err(e) => tracing::warn!("cannot listen for SIGHUP (no reload): {e}"),
     }
 }

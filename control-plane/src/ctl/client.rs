@@ -1,8 +1,11 @@
-//! A minimal HTTP/1 client for the control plane's admin API (hyper-util's legacy client).
+//! A minimal HTTP/1 client for the control plane's admin API (hyper-util's legacy client over
+//! hyper-rustls): HTTPS verified with the control plane's CA, with a client certificate or a
+//! bearer token ([`super::auth`]); plaintext `http://` only for `--insecure-admin` servers.
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -37,12 +40,22 @@ impl Reply {
 #[derive(Debug, Clone)]
 pub struct AdminClient {
     base: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    bearer: Option<String>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl AdminClient {
-    /// `base` like `http://127.0.0.1:15011` (http only).
+    /// A client of a plaintext (`--insecure-admin`) admin API at `base` (`http://host:port`).
     pub fn new(base: &str) -> Result<Self, ClientError> {
+        Self::with_credentials(base, &super::auth::Credentials::default())
+    }
+
+    /// A client of the admin API at `base` (`https://host:port`, or `http://` for an
+    /// `--insecure-admin` server) authenticating with `credentials`.
+    pub fn with_credentials(
+        base: &str,
+        credentials: &super::auth::Credentials,
+    ) -> Result<Self, ClientError> {
         let base = base.trim_end_matches('/').to_owned();
         let uri: Uri = base
             .parse()
@@ -50,25 +63,62 @@ impl AdminClient {
                 url: base.clone(),
                 reason: e.to_string(),
             })?;
-        match uri.scheme_str() {
-            Some("http") => {}
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
             _ => {
                 return Err(ClientError::BadUrl {
                     url: base,
-                    reason: "only http://host:port URLs are supported".to_owned(),
+                    reason:
+                        "expected https://host:port (or http:// for an --insecure-admin server)"
+                            .to_owned(),
                 })
             }
-        }
+        };
         if uri.host().is_none() {
             return Err(ClientError::BadUrl {
                 url: base,
                 reason: "no host".to_owned(),
             });
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+        let resolved = credentials
+            .resolve(https)
+            .map_err(|reason| ClientError::BadUrl {
+                url: base.clone(),
+                reason,
+            })?;
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+        http.enforce_http(false);
+        let connector = match resolved.tls {
+            Some(tls) => hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config((*tls).clone())
+                .https_only()
+                .enable_http1()
+                .wrap_connector(http),
+            None => hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(
+                    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                        rustls::crypto::ring::default_provider(),
+                    ))
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| ClientError::BadUrl {
+                        url: base.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+                )
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http),
+        };
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(Self { base, client })
+        Ok(Self {
+            base,
+            bearer: resolved.bearer,
+            client,
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -88,6 +138,9 @@ impl AdminClient {
             reason,
         };
         let mut builder = Request::builder().method(method).uri(&url);
+        if let Some(token) = &self.bearer {
+            builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
         if body.is_some() {
             builder = builder.header(http::header::CONTENT_TYPE, "application/yaml");
         }

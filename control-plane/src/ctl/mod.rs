@@ -4,6 +4,7 @@
 //! unreachable. `diff` exits 0 whenever it computed a difference (empty or not) and 1 when the
 //! files are invalid, like `validate`.
 
+pub mod auth;
 pub mod client;
 pub mod table;
 
@@ -40,15 +41,17 @@ Exit codes:
   3  the control plane's admin API is unreachable"
 )]
 pub struct Cli {
-    /// Admin API of weft-control.
+    /// Admin API of weft-control (https://; http:// only for an --insecure-admin server).
     #[arg(
         long,
         global = true,
         env = "WEFT_CONTROL_ADMIN",
-        default_value = "http://127.0.0.1:15011",
+        default_value = "https://127.0.0.1:15011",
         value_name = "URL"
     )]
     pub server: String,
+    #[command(flatten)]
+    pub credentials: auth::Credentials,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -164,7 +167,7 @@ impl From<ClientError> for CtlError {
 
 /// Runs one command, printing results to stdout; returns the exit code's error on failure.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
-    let client = AdminClient::new(&cli.server)?;
+    let client = AdminClient::with_credentials(&cli.server, &cli.credentials)?;
     match cli.command {
         Command::Get { kind, output } => get(&client, kind, output).await,
         Command::Status { output } => status(&client, output).await,
@@ -826,7 +829,8 @@ mod tests {
 
     #[test]
     fn rejects_non_http_urls() {
-        assert!(AdminClient::new("https://x:1").is_err());
+        assert!(AdminClient::new("https://x:1").is_err(), "https needs a CA");
+        assert!(AdminClient::new("ftp://x:1").is_err());
         assert!(AdminClient::new("127.0.0.1:15011").is_err());
         assert!(AdminClient::new("http://127.0.0.1:15011/").is_ok());
     }

@@ -3,6 +3,7 @@
 //! A policy set is built from a whole directory of files at once; it is either entirely valid or
 //! rejected with every error found, each naming `file:line: field: reason`.
 
+pub mod bounds;
 mod locate;
 pub mod resilience;
 pub mod security;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hash::StableHasher;
 
+pub use bounds::{MAX_FILES, MAX_FILE_BYTES, MAX_REQUEST_BYTES};
 pub use locate::line_of;
 pub use resilience::{
     Backoff, CircuitBreaker, HashPolicy, HealthCheck, HttpHealthCheck, LbPolicy, OutlierDetection,
@@ -307,8 +309,31 @@ impl PolicySet {
         }
     }
 
+    /// [`PolicySet::from_files`] on a blocking thread: parsing is CPU work on untrusted
+    /// input and must never stall the async runtime (discovery streams, the admin API).
+    pub async fn from_files_blocking(files: Vec<SourceFile>) -> Result<Self, PolicyErrors> {
+        tokio::task::spawn_blocking(move || Self::from_files(files))
+            .await
+            .unwrap_or_else(|e| {
+                Err(PolicyErrors(vec![PolicyError::Parse {
+                    file: "(set)".to_owned(),
+                    line: 1,
+                    field: "(file)".to_owned(),
+                    reason: format!("policy parsing panicked: {e}"),
+                }]))
+            })
+    }
+
     /// Parses and validates `files` as one set (sorted by name first).
     pub fn from_files(mut files: Vec<SourceFile>) -> Result<Self, PolicyErrors> {
+        if files.len() > MAX_FILES {
+            return Err(PolicyErrors(vec![PolicyError::Parse {
+                file: "(set)".to_owned(),
+                line: 1,
+                field: "(files)".to_owned(),
+                reason: format!("{} policy files, at most {MAX_FILES}", files.len()),
+            }]));
+        }
         files.sort_by(|a, b| a.name.cmp(&b.name));
         let mut parsed = Vec::with_capacity(files.len());
         let mut errors = Vec::new();
@@ -474,6 +499,12 @@ fn parse_file(file: &SourceFile) -> Result<PolicyFile, PolicyError> {
             reason,
         }
     };
+    bounds::check(&file.content).map_err(|reason| PolicyError::Parse {
+        file: file.name.clone(),
+        line: 1,
+        field: "(file)".to_owned(),
+        reason,
+    })?;
     let value: serde_yaml::Value = serde_yaml::from_str(&file.content).map_err(to_error)?;
     if value.is_null() {
         return Ok(PolicyFile::default());

@@ -16,6 +16,11 @@ pub enum StoreError {
     InvalidName(String),
     #[error("policy file {0:?} does not exist")]
     NotFound(String),
+    #[error(
+        "{path}: {size} bytes, more than the {}-byte limit of a policy file",
+        super::MAX_FILE_BYTES
+    )]
+    TooLarge { path: PathBuf, size: u64 },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -71,7 +76,15 @@ impl PolicyStore {
             let path = entry.path();
             // Follow symlinks (ConfigMap mounts are symlinks) but skip directories.
             match std::fs::metadata(&path) {
-                Ok(m) if m.is_file() => {}
+                Ok(m) if m.is_file() => {
+                    // Refused before it is read into memory.
+                    if m.len() > super::MAX_FILE_BYTES as u64 {
+                        return Err(StoreError::TooLarge {
+                            path,
+                            size: m.len(),
+                        });
+                    }
+                }
                 _ => continue,
             }
             let content = match std::fs::read_to_string(&path) {

@@ -58,7 +58,7 @@ impl Issued {
         key: &PrivateKeyDer<'static>,
     ) -> Result<Self, IssuedError> {
         let leaf = chain.first().ok_or(IssuedError::EmptyChain)?;
-        let id = SpiffeId::from_cert(leaf)?;
+        let id = super::spiffe::from_cert(leaf)?;
         let (not_before, not_after) = validity(leaf)?;
         let signing =
             rustls::crypto::ring::sign::any_supported_type(key).map_err(IssuedError::Key)?;

@@ -15,6 +15,7 @@ pub struct SecurityMetrics {
     renewals: IntCounterVec,
     inbound_connections: IntCounterVec,
     authz_denied: IntCounterVec,
+    origination_refused: IntCounterVec,
 }
 
 fn reg<C: prometheus::core::Collector + Clone + 'static>(
@@ -84,6 +85,22 @@ impl SecurityMetrics {
                     &["direction", "policy", "protocol"],
                 ),
             )?,
+            origination_refused: {
+                let c = reg(
+                    r,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "weft_tls_origination_refused_total",
+                            "Outbound connections to mesh endpoints refused instead of falling back to plaintext; reason=no_identity (this sidecar has no certificate) | invalid_identity (the endpoint's identity does not parse)",
+                        ),
+                        &["reason"],
+                    ),
+                )?;
+                for reason in ["no_identity", "invalid_identity"] {
+                    c.with_label_values(&[reason]);
+                }
+                c
+            },
         })
     }
 
@@ -117,6 +134,11 @@ impl SecurityMetrics {
     pub fn authz_denied(&self, direction: &str, policy: &str, protocol: &str) -> IntCounter {
         self.authz_denied
             .with_label_values(&[direction, policy, protocol])
+    }
+
+    /// `weft_tls_origination_refused_total{reason}`.
+    pub fn origination_refused(&self) -> IntCounterVec {
+        self.origination_refused.clone()
     }
 
     /// Removes `weft_authz_denied_total{direction,policy,protocol}`.

@@ -31,7 +31,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntCounterVec};
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
 use rustls::server::NoServerSessionStorage;
@@ -212,7 +212,7 @@ impl MeshTls {
         let peer = conn
             .peer_certificates()
             .and_then(|c| c.first())
-            .map(SpiffeId::from_cert);
+            .map(self::spiffe::from_cert);
         let Some(Ok(peer)) = peer else {
             self.handshakes.inbound_err.inc();
             return Err(std::io::Error::new(
@@ -285,13 +285,21 @@ impl MeshTls {
 
 /// The process's mesh identity for originating mTLS, set once at start when the bootstrap
 /// configures a join token. Upstream pools and TCP proxying read it when connecting to an
-/// endpoint that has an identity; without it (a proxy run without identity) they connect in
-/// plaintext, which only permissive and disabled peers accept.
+/// endpoint that has an identity; without it (a proxy run without identity) such a connection is
+/// refused: a sidecar never sends plaintext to an endpoint that expects mTLS.
 static ORIGINATION: OnceLock<Arc<MeshTls>> = OnceLock::new();
+
+/// `weft_tls_origination_refused_total`, installed at start (absent in unit tests).
+static REFUSALS: OnceLock<IntCounterVec> = OnceLock::new();
 
 /// Makes `tls` the context outbound connections to mesh endpoints use (first call wins).
 pub fn install_origination(tls: Arc<MeshTls>) {
     let _ = ORIGINATION.set(tls);
+}
+
+/// Counts refused originations into `counter` (first call wins).
+pub fn install_refusal_metrics(counter: IntCounterVec) {
+    let _ = REFUSALS.set(counter);
 }
 
 /// The context for outbound mTLS, if this proxy has a mesh identity.
@@ -299,38 +307,81 @@ pub fn origination() -> Option<&'static Arc<MeshTls>> {
     ORIGINATION.get()
 }
 
-/// Wraps a freshly connected `tcp` to an endpoint in mTLS when `expected` is set and this proxy
-/// has a mesh identity; plaintext otherwise.
-pub async fn originate(
-    tcp: tokio::net::TcpStream,
-    ip: IpAddr,
-    expected: Option<&SpiffeId>,
-    alpn: Alpn,
-) -> std::io::Result<io::ClientIo> {
-    match (expected, origination()) {
-        (Some(id), Some(tls)) => {
-            let s = tls.connect(tcp, ip, id, alpn).await?;
-            Ok(io::ClientIo::Tls(Box::new(s)))
+/// What a connection to an endpoint must be: decided once per endpoint when the snapshot is
+/// built, enforced at every connect ([`originate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// Plaintext: the endpoint has no identity (a static endpoint outside the mesh) or its
+    /// cluster's mode is `DISABLED`.
+    Plain,
+    /// mTLS, and the server must present this identity.
+    Mtls(SpiffeId),
+    /// Nothing: the endpoint's identity does not parse (the reason). Never plaintext.
+    Invalid(Arc<str>),
+}
+
+impl Expect {
+    /// The identity connections must verify, for mTLS.
+    pub fn identity(&self) -> Option<&SpiffeId> {
+        match self {
+            Self::Mtls(id) => Some(id),
+            _ => None,
         }
-        _ => Ok(io::ClientIo::Plain(tcp)),
     }
 }
 
-/// The identity outbound connections to `endpoint` of `cluster` must find, if they are mTLS:
-/// the endpoint names one and the cluster's mode is not `DISABLED`.
-pub fn mesh_identity(cluster: &v1::Cluster, endpoint: &v1::Endpoint) -> Option<SpiffeId> {
+/// Why [`originate`] refused to connect.
+fn refused(reason: &'static str, message: String) -> std::io::Error {
+    if let Some(c) = REFUSALS.get() {
+        c.with_label_values(&[reason]).inc();
+    }
+    std::io::Error::new(std::io::ErrorKind::PermissionDenied, message)
+}
+
+/// Wraps a freshly connected `tcp` to an endpoint as `expect` says: mTLS verifying the
+/// endpoint's identity, or plaintext to a non-mesh endpoint. Fails closed: an endpoint that
+/// expects mTLS is never sent plaintext, so without a mesh identity of our own (no join token)
+/// or with an unparsable endpoint identity the connection is refused (a connect failure, 503
+/// `connect-failed` for HTTP) and counted in `weft_tls_origination_refused_total{reason}`.
+pub async fn originate(
+    tcp: tokio::net::TcpStream,
+    ip: IpAddr,
+    expect: &Expect,
+    alpn: Alpn,
+) -> std::io::Result<io::ClientIo> {
+    match expect {
+        Expect::Plain => Ok(io::ClientIo::Plain(tcp)),
+        Expect::Mtls(id) => match origination() {
+            Some(tls) => {
+                let s = tls.connect(tcp, ip, id, alpn).await?;
+                Ok(io::ClientIo::Tls(Box::new(s)))
+            }
+            None => Err(refused(
+                "no_identity",
+                format!("{id} expects mTLS and this sidecar has no mesh identity (no join_token): refusing to send plaintext"),
+            )),
+        },
+        Expect::Invalid(reason) => Err(refused(
+            "invalid_identity",
+            format!("endpoint identity is not a SPIFFE ID ({reason}): refusing to connect"),
+        )),
+    }
+}
+
+/// What outbound connections to `endpoint` of `cluster` must be: mTLS when the endpoint names
+/// an identity and the cluster's mode is not `DISABLED`; plaintext when it names none (outside
+/// the mesh) or the mode is `DISABLED`; refused when the identity does not parse.
+pub fn expectation(cluster: &v1::Cluster, endpoint: &v1::Endpoint) -> Expect {
     if endpoint.identity.is_empty()
         || inbound::MtlsMode::from_proto(cluster.mtls) == Some(inbound::MtlsMode::Disabled)
     {
-        return None;
+        return Expect::Plain;
     }
     match SpiffeId::parse(&endpoint.identity) {
-        Ok(id) => Some(id),
+        Ok(id) => Expect::Mtls(id),
         Err(e) => {
-            // Validated by the control plane; a bad one is connected to in plaintext, which a
-            // strict peer refuses, rather than failing the whole snapshot.
-            tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.address, error = %e, "ignoring invalid endpoint identity");
-            None
+            tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.address, error = %e, "endpoint identity does not parse: connections to it are refused");
+            Expect::Invalid(e.to_string().into())
         }
     }
 }

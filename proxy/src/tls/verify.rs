@@ -87,7 +87,7 @@ pub fn verify_peer(
         None,
     )
     .map_err(pki_error)?;
-    let id = SpiffeId::from_cert(end_entity).map_err(|e| other(e.into()))?;
+    let id = super::spiffe::from_cert(end_entity).map_err(|e| other(e.into()))?;
     if id.trust_domain() != bundle.trust_domain {
         return Err(other(PeerError::ForeignDomain {
             expected: bundle.trust_domain.clone(),

@@ -1,7 +1,12 @@
 //! The admin HTTP API (hyper 1, HTTP/1.1): policy CRUD for `weftctl`, proxy status, metrics.
 //!
 //! Routes are listed in ARCHITECTURE.md "Admin APIs". Bodies are JSON except `/healthz` and
-//! `/metrics` (text).
+//! `/metrics` (text). Served over TLS with the CA's server certificate unless
+//! `--insecure-admin`; who may call what is [`auth`]'s decision, made per request before
+//! anything is read. Connections are capped ([`crate::tls::ConnectionSlots`]) and a request head
+//! must arrive within [`HEADER_READ_TIMEOUT`].
+
+pub mod auth;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,22 +18,52 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
+use self::auth::{AdminAuth, Denied, Principal};
 use crate::policy::StoreError;
 use crate::state::{ApplyError, ControlPlane};
+use crate::tls::ConnectionSlots;
 
-/// Largest accepted request body (a policy file).
-const MAX_BODY: usize = 4 << 20;
+/// Largest accepted request body (a policy file, or a batch of them).
+const MAX_BODY: usize = crate::policy::MAX_REQUEST_BYTES;
+
+/// How long a client may take to send a request head (slowloris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Body = Full<Bytes>;
+
+/// How the admin server is protected.
+#[derive(Clone)]
+pub struct AdminServer {
+    /// TLS (`None`: plaintext, `--insecure-admin`).
+    pub tls: Option<TlsAcceptor>,
+    pub auth: Arc<AdminAuth>,
+    pub slots: ConnectionSlots,
+}
+
+impl std::fmt::Debug for AdminServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminServer")
+            .field("tls", &self.tls.is_some())
+            .field("auth", &self.auth)
+            .field("slots", &self.slots)
+            .finish()
+    }
+}
 
 /// Serves the admin API on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     cp: Arc<ControlPlane>,
+    server: AdminServer,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
@@ -44,22 +79,66 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let Some(slot) = server.slots.try_take(peer) else {
+                    continue;
+                };
                 let cp = Arc::clone(&cp);
+                let server = server.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        let cp = Arc::clone(&cp);
-                        async move { Ok::<_, Infallible>(handle(&cp, req).await) }
-                    });
-                    if let Err(e) = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                    {
-                        tracing::debug!(%peer, error = %e, "admin connection error");
+                    let _slot = slot;
+                    match &server.tls {
+                        None => serve_connection(stream, cp, server.auth, None, peer).await,
+                        Some(acceptor) => {
+                            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => tls,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, "admin TLS handshake failed: {e}");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "admin TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let leaf = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| c.to_vec());
+                            let cert = server.auth.principal_from_cert(leaf.as_deref());
+                            serve_connection(tls, cp, server.auth, cert, peer).await;
+                        }
                     }
                 });
             }
             () = &mut shutdown => break,
         }
+    }
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    cp: Arc<ControlPlane>,
+    auth: Arc<AdminAuth>,
+    cert: Option<Principal>,
+    peer: std::net::SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cert = cert.map(Arc::new);
+    let service = service_fn(move |req| {
+        let (cp, auth, cert) = (Arc::clone(&cp), Arc::clone(&auth), cert.clone());
+        async move { Ok::<_, Infallible>(handle(&cp, &auth, cert.as_deref(), peer, req).await) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(64 << 10)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(%peer, error = %e, "admin connection error");
     }
 }
 
@@ -101,11 +180,57 @@ async fn read_body(req: Request<Incoming>) -> Result<String, Response<Body>> {
     })
 }
 
-async fn handle(cp: &ControlPlane, req: Request<Incoming>) -> Response<Body> {
+fn denied_response(denied: &Denied) -> Response<Body> {
+    match denied {
+        Denied::Unauthenticated(m) => {
+            let mut r = errors_response(StatusCode::UNAUTHORIZED, std::slice::from_ref(m));
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"weft-control\""),
+            );
+            r
+        }
+        Denied::Forbidden(m) => errors_response(StatusCode::FORBIDDEN, std::slice::from_ref(m)),
+    }
+}
+
+async fn handle(
+    cp: &ControlPlane,
+    auth: &AdminAuth,
+    cert: Option<&Principal>,
+    peer: std::net::SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let principal = match auth.check(
+        &method,
+        &path,
+        cert,
+        req.headers().get(header::AUTHORIZATION),
+    ) {
+        Ok(p) => p,
+        Err(denied) => {
+            cp.metrics()
+                .admin_requests_denied_total
+                .with_label_values(&[denied.reason()])
+                .inc();
+            tracing::warn!(%peer, %method, %path, reason = denied.reason(), "admin request refused: {}", denied.message());
+            return denied_response(&denied);
+        }
+    };
+    let mutating = auth::required_role(&method, &path) == Some(auth::Role::Write);
     let result = route(cp, req, &method, &path).await;
-    tracing::debug!(%method, %path, status = result.status().as_u16(), "admin request");
+    let status = result.status().as_u16();
+    if mutating {
+        let who = principal.as_ref().map_or_else(
+            || "anonymous (--insecure-admin)".to_owned(),
+            ToString::to_string,
+        );
+        tracing::info!(target: "weft::audit", %peer, who = %who, %method, %path, status, "admin change");
+    } else {
+        tracing::debug!(%method, %path, status, "admin request");
+    }
     result
 }
 

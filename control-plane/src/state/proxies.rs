@@ -1,0 +1,189 @@
+//! Per-proxy state of the control plane: registering a proxy's stream (admission through the
+//! registry's identity binding and caps), its disconnect and grace, and the push status shown by
+//! `GET /v1/proxies` and `weftctl status`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+use weft_proto::v1::Node;
+
+use super::{lock, ControlPlane};
+use crate::admission::Refusal;
+
+/// Whether a proxy's stream is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyState {
+    Connected,
+    /// The stream ended; the proxy's endpoint is removed when the grace expires.
+    Disconnected,
+}
+
+/// The push status of one proxy (connected, or disconnected within its grace), for
+/// `GET /v1/proxies` and `weftctl status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyStatus {
+    pub id: String,
+    pub service: String,
+    pub namespace: String,
+    pub inbound_address: String,
+    pub build_version: String,
+    /// RFC 3339, seconds precision.
+    pub connected_since: String,
+    pub state: ProxyState,
+    /// RFC 3339; set while disconnected.
+    pub disconnected_since: Option<String>,
+    /// Whole seconds (rounded up) until a disconnected proxy's endpoint is removed.
+    pub removing_in_seconds: Option<u64>,
+    /// ACKed version by type (`listeners`, `routes`, `clusters`, `endpoints`, `policies`,
+    /// `trust`).
+    pub versions: BTreeMap<String, String>,
+    /// The reason of the proxy's most recent NACK on this stream, if it ever NACKed.
+    pub last_nack: Option<String>,
+    /// RFC 3339 time of `last_nack`.
+    pub last_nack_at: Option<String>,
+    /// Whether the proxy's latest answer was a NACK: it runs an older config than it was sent.
+    pub nacking: bool,
+    #[serde(skip)]
+    pub(super) session: u64,
+    #[serde(skip)]
+    pub(super) remove_at: Option<Instant>,
+}
+
+impl ControlPlane {
+    /// Registers a proxy's stream (its node already admitted: see [`crate::admission`]);
+    /// returns its session. Refused when the id belongs to another identity or the registry is
+    /// at its caps ([`ControlPlane::with_limits`]): nothing changes then, so no caller of any
+    /// service is pushed anything.
+    pub fn connect(&self, node: &Node) -> Result<u64, Refusal> {
+        let now = SystemTime::now();
+        let limits = &self.limits;
+        let session = lock(&self.registry).try_register(
+            node.clone(),
+            now,
+            limits.max_registrations,
+            limits.max_registrations_per_service,
+        )?;
+        let namespace = if node.namespace.is_empty() {
+            "default".to_owned()
+        } else {
+            node.namespace.clone()
+        };
+        lock(&self.statuses).insert(
+            node.id.clone(),
+            ProxyStatus {
+                id: node.id.clone(),
+                service: node.service.clone(),
+                namespace,
+                inbound_address: node.inbound_address.clone(),
+                build_version: node.build_version.clone(),
+                connected_since: humantime::format_rfc3339_seconds(now).to_string(),
+                state: ProxyState::Connected,
+                disconnected_since: None,
+                removing_in_seconds: None,
+                versions: BTreeMap::new(),
+                last_nack: None,
+                last_nack_at: None,
+                nacking: false,
+                session,
+                remove_at: None,
+            },
+        );
+        self.metrics.proxies_connected.inc();
+        self.registry_changed();
+        self.bump();
+        Ok(session)
+    }
+
+    /// A proxy's stream ended: its endpoint (and its status) go after the grace period.
+    pub fn disconnect(&self, id: &str, session: u64) {
+        let now = Instant::now();
+        let remove_at = {
+            let mut registry = lock(&self.registry);
+            registry.disconnect(id, session, now);
+            registry
+                .get(id)
+                .filter(|p| p.session == session)
+                .and_then(|p| p.remove_at)
+        };
+        {
+            let mut statuses = lock(&self.statuses);
+            if let Some(s) = statuses.get_mut(id).filter(|s| s.session == session) {
+                s.state = ProxyState::Disconnected;
+                s.disconnected_since =
+                    Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
+                s.remove_at = Some(remove_at.unwrap_or(now));
+            }
+        }
+        self.metrics.proxies_connected.dec();
+        self.registry_changed();
+        self.refresh_nacking_gauge();
+    }
+
+    /// Drops registrations (and statuses) whose grace expired, and wakes streams if any did.
+    pub fn expire_registrations(&self) {
+        let now = Instant::now();
+        let expired = lock(&self.registry).expire(now);
+        lock(&self.statuses).retain(|_, s| s.remove_at.is_none_or(|at| at > now));
+        if expired {
+            self.registry_changed();
+            self.bump();
+        }
+    }
+
+    fn refresh_nacking_gauge(&self) {
+        let nacking = lock(&self.statuses)
+            .values()
+            .filter(|s| s.state == ProxyState::Connected && s.nacking)
+            .count();
+        self.metrics
+            .proxies_nacking
+            .set(i64::try_from(nacking).unwrap_or(i64::MAX));
+    }
+
+    /// Records what a proxy holds: `last_nack` is the reason of a NACK just received; `None`
+    /// means a Hello or an ACK (which ends a NACKing streak).
+    pub fn update_status(
+        &self,
+        id: &str,
+        session: u64,
+        versions: &HashMap<i32, String>,
+        last_nack: Option<String>,
+    ) {
+        let mut statuses = lock(&self.statuses);
+        if let Some(s) = statuses.get_mut(id).filter(|s| s.session == session) {
+            s.versions = versions
+                .iter()
+                .filter_map(|(t, v)| {
+                    let t = weft_proto::v1::ResourceType::try_from(*t).ok()?;
+                    Some((crate::compile::type_name(t).to_owned(), v.clone()))
+                })
+                .collect();
+            s.nacking = last_nack.is_some();
+            if last_nack.is_some() {
+                s.last_nack = last_nack;
+                s.last_nack_at =
+                    Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
+            }
+        }
+        drop(statuses);
+        self.refresh_nacking_gauge();
+    }
+
+    /// Every proxy's status (connected, or disconnected within its grace), sorted by id.
+    pub fn proxy_statuses(&self) -> Vec<ProxyStatus> {
+        let now = Instant::now();
+        lock(&self.statuses)
+            .values()
+            .map(|s| {
+                let mut s = s.clone();
+                s.removing_in_seconds = s.remove_at.map(|at| {
+                    let left = at.saturating_duration_since(now);
+                    left.as_secs() + u64::from(left.subsec_nanos() > 0)
+                });
+                s
+            })
+            .collect()
+    }
+}
