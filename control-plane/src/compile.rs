@@ -305,6 +305,7 @@ fn compile_listeners(
             cluster: String::new(),
             mtls: MtlsMode::Disabled as i32,
             idle_timeout_ms,
+            hygiene: authz::hygiene(policy),
             ..Default::default()
         });
     }
@@ -327,6 +328,7 @@ fn compile_listeners(
                 .map(resilience::rate_limit),
             idle_timeout_ms,
             authorization: authorization.unwrap_or_default().to_owned(),
+            hygiene: if tcp { None } else { authz::hygiene(policy) },
         });
     }
     let bind_ip = tcp_bind_ip(node);

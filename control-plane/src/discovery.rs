@@ -157,11 +157,7 @@ async fn read_hello(inbound: &mut Streaming<DiscoveryRequest>) -> Result<Hello, 
             ))
         }
         Some(Err(status)) => return Err(status),
-        None => {
-            return Err(Status::invalid_argument(
-                "the stream ended before its Hello",
-            ))
-        }
+        None => return Err(Status::cancelled("the stream ended before its Hello")),
     };
     if hello.node.is_none() {
         return Err(Status::invalid_argument("Hello.node is required"));
@@ -197,7 +193,15 @@ async fn admit_hello(
     let hello = match tokio::time::timeout(limits.hello_timeout, read_hello(inbound)).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(status)) => {
+            // No readable Hello: not a message at all, over the message cap, or another kind
+            // (a client that just went away is no refusal).
             tracing::warn!(peer = ?admission.peer, error = %status.message(), "rejecting discovery stream");
+            if status.code() != tonic::Code::Cancelled {
+                cp.metrics()
+                    .registrations_refused_total
+                    .with_label_values(&["invalid"])
+                    .inc();
+            }
             return Err(status);
         }
         Err(_) => {

@@ -42,6 +42,8 @@ fn main() -> anyhow::Result<()> {
                 )
                 .expect("TLS 1.3 config"),
             ),
+            limits: weft_proxy::conn_limit::RefusalMetrics::unregistered(),
+            max_connections: weft_proxy::conn_limit::DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
         };
         let manager = ListenerManager::new(tokio::runtime::Handle::current(), plane);
         let applier = ConfigApplier::new(store, Arc::new(Mutex::new(manager)), Metrics::new()?);

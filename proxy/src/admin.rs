@@ -29,7 +29,12 @@ pub struct AdminState {
     pub node: Arc<v1::Node>,
     /// Set once shutdown started: `/ready` turns 503.
     pub draining: Arc<AtomicBool>,
+    /// At most this many admin connections open at once.
+    pub limit: crate::conn_limit::ConnectionLimit,
 }
+
+/// How long an admin client may take to send a request head (slowloris).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves admin requests on `listener` forever.
 pub async fn serve(listener: TcpListener, state: AdminState) {
@@ -42,13 +47,19 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
                 continue;
             }
         };
+        let Some(slot) = state.limit.try_acquire("admin") else {
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let resp = handle(&state, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {

@@ -124,11 +124,20 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
     } else {
         tracing::warn!("no join_token: running without a mesh identity: calls to mesh endpoints that expect mTLS are refused (503), only plaintext endpoints outside the mesh and mtls: disabled services can be called, and the control plane must run with --insecure-grpc to accept this proxy");
     }
+    let connection_limits = crate::conn_limit::RefusalMetrics::register(metrics.registry())
+        .map_err(|source| {
+            StartError::Metrics(crate::metrics::MetricsError::Register {
+                name: "weft_listener_connections_refused_total",
+                source,
+            })
+        })?;
     let plane = DataPlane {
         store: Arc::clone(&store),
         drain_timeout: bootstrap.drain_timeout,
         http: Arc::new(crate::http::server_builder()),
         tls: Arc::clone(&mesh_tls),
+        limits: connection_limits.clone(),
+        max_connections: bootstrap.limits.max_connections_per_listener,
     };
     let listeners = Arc::new(Mutex::new(ListenerManager::new(
         data_rt.handle().clone(),
@@ -143,6 +152,7 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
     })?;
     let draining = Arc::new(AtomicBool::new(false));
     let admin_state = AdminState {
+        limit: connection_limits.limit("admin", crate::conn_limit::ADMIN_MAX_CONNECTIONS),
         store: Arc::clone(&store),
         metrics: metrics.clone(),
         node: Arc::new(node.clone()),

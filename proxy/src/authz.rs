@@ -111,7 +111,7 @@ impl Rule {
             let Some(path) = req.path else { return false };
             let hit = self.paths.iter().any(|p| match p {
                 PathMatch::Exact(e) => e == path,
-                PathMatch::Prefix(pre) => path.starts_with(pre.as_str()),
+                PathMatch::Prefix(pre) => crate::http::normalize::prefix_matches(pre, path),
                 PathMatch::Regex(re) => re.is_match(path),
             });
             if !hit {
@@ -219,8 +219,13 @@ pub const X_WEFT_PEER_IDENTITY: HeaderName = HeaderName::from_static("x-weft-pee
 
 /// Replaces any client-sent `x-weft-peer-identity` with the verified `peer` (or removes it when
 /// the connection has no verified identity): the app may trust the header.
-pub fn set_peer_identity(headers: &mut HeaderMap, peer: Option<&SpiffeId>) {
+pub fn set_peer_identity(headers: &mut HeaderMap, peer: Option<&SpiffeId>, underscores: bool) {
     headers.remove(X_WEFT_PEER_IDENTITY);
+    if underscores {
+        // Header names with '_' are forwarded on this listener: the underscore spelling must
+        // not reach the app either (many frameworks read both as the same header).
+        headers.remove("x_weft_peer_identity");
+    }
     if let Some(v) = peer.and_then(|p| HeaderValue::from_str(p.as_str()).ok()) {
         headers.insert(X_WEFT_PEER_IDENTITY, v);
     }
@@ -379,10 +384,12 @@ mod tests {
         h.append(X_WEFT_PEER_IDENTITY, HeaderValue::from_static("spoofed"));
         h.append(X_WEFT_PEER_IDENTITY, HeaderValue::from_static("spoofed2"));
         let web = id("spiffe://cluster.local/ns/default/sa/web");
-        set_peer_identity(&mut h, Some(&web));
+        h.append("x_weft_peer_identity", HeaderValue::from_static("spoofed3"));
+        set_peer_identity(&mut h, Some(&web), true);
         assert_eq!(h.get_all(X_WEFT_PEER_IDENTITY).iter().count(), 1);
         assert_eq!(h[X_WEFT_PEER_IDENTITY], web.as_str());
-        set_peer_identity(&mut h, None);
+        assert!(h.get("x_weft_peer_identity").is_none());
+        set_peer_identity(&mut h, None, false);
         assert!(h.get(X_WEFT_PEER_IDENTITY).is_none());
     }
 

@@ -81,6 +81,30 @@ pub struct Bootstrap {
     /// Certificate lifetime to ask for; absent = the control plane's default.
     #[serde(default, with = "humantime_serde")]
     pub cert_ttl: Option<Duration>,
+    /// Resource caps.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `limits:` of the bootstrap.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most connections one listener keeps open; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections_per_listener: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections_per_listener: default_max_connections(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    crate::conn_limit::DEFAULT_MAX_CONNECTIONS_PER_LISTENER
 }
 
 /// Environment variable overriding the bootstrap's `worker_threads`.
@@ -230,6 +254,12 @@ impl Bootstrap {
             return Err(invalid(
                 "node.id",
                 "must not be empty (omit it for the default)".into(),
+            ));
+        }
+        if b.limits.max_connections_per_listener == 0 {
+            return Err(invalid(
+                "limits.max_connections_per_listener",
+                "must be a positive integer".into(),
             ));
         }
         if b.worker_threads == Some(0) {

@@ -37,6 +37,7 @@ pub mod balance;
 pub mod breaker;
 pub mod cluster;
 pub mod config;
+pub mod conn_limit;
 pub mod discovery;
 pub mod drain;
 pub mod health;

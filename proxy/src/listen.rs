@@ -17,7 +17,9 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
+use tokio::sync::OwnedSemaphorePermit;
 
+use crate::conn_limit::{ConnectionLimit, RefusalMetrics};
 use crate::drain::{DrainSignal, DrainWatch};
 use crate::http::{self, ServerBuilder};
 use crate::pipeline::HttpProxy;
@@ -41,6 +43,10 @@ pub struct DataPlane {
     pub http: Arc<ServerBuilder>,
     /// Mesh mTLS (inbound termination).
     pub tls: Arc<MeshTls>,
+    /// Per-listener connection caps: the counters, and the cap of each listener.
+    pub limits: RefusalMetrics,
+    /// Most connections one listener keeps open.
+    pub max_connections: usize,
 }
 
 struct Running {
@@ -121,8 +127,22 @@ impl ListenerManager {
             let name = name.unwrap_or_else(|| addr.to_string().into());
             let (signal, watch) = DrainSignal::new();
             tracing::info!(listener = %name, %addr, "listening");
-            self.runtime
-                .spawn(accept_loop(sock, addr, self.plane.clone(), watch));
+            let direction = snapshot
+                .listeners
+                .get(&addr)
+                .map_or("outbound", |l| l.direction.as_str());
+            let limit = self
+                .plane
+                .limits
+                .limit(direction, self.plane.max_connections);
+            self.runtime.spawn(accept_loop(
+                sock,
+                addr,
+                self.plane.clone(),
+                watch,
+                limit,
+                Arc::clone(&name),
+            ));
             self.running.insert(addr, Running { name, signal });
         }
         let gone: Vec<SocketAddr> = self
@@ -169,7 +189,14 @@ impl ListenerManager {
     }
 }
 
-async fn accept_loop(sock: TcpListener, addr: SocketAddr, plane: DataPlane, mut drain: DrainWatch) {
+async fn accept_loop(
+    sock: TcpListener,
+    addr: SocketAddr,
+    plane: DataPlane,
+    mut drain: DrainWatch,
+    limit: ConnectionLimit,
+    name: Arc<str>,
+) {
     loop {
         let accepted = tokio::select! {
             biased;
@@ -177,7 +204,12 @@ async fn accept_loop(sock: TcpListener, addr: SocketAddr, plane: DataPlane, mut 
             a = sock.accept() => a,
         };
         match accepted {
-            Ok((stream, peer)) => dispatch(stream, peer, addr, &plane, &drain),
+            Ok((stream, peer)) => {
+                // Past the cap the connection is closed here (dropped), before any task exists.
+                if let Some(slot) = limit.try_acquire(&name) {
+                    dispatch(stream, peer, addr, &plane, &drain, slot);
+                }
+            }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(%addr, error = %e, "accept failed");
@@ -193,6 +225,7 @@ fn dispatch(
     addr: SocketAddr,
     plane: &DataPlane,
     drain: &DrainWatch,
+    slot: OwnedSemaphorePermit,
 ) {
     let listener = plane
         .store
@@ -211,6 +244,7 @@ fn dispatch(
         // Peers' sidecars (mTLS) or plaintext clients, as the listener's mode allows.
         let plane = plane.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let detect_timeout = match listener.kind {
                 ListenerKind::Http(_) => inbound::DETECT_TIMEOUT_HTTP,
                 ListenerKind::Tcp { .. } => inbound::DETECT_TIMEOUT_TCP,
@@ -241,18 +275,17 @@ fn dispatch(
             let service =
                 HttpProxy::new(Arc::clone(&plane.store), Arc::clone(&listener)).with_source(peer);
             let builder = Arc::clone(&plane.http);
-            tokio::spawn(http::serve_connection(
-                stream, builder, service, drain, timeout,
-            ));
+            tokio::spawn(async move {
+                let _slot = slot;
+                http::serve_connection(stream, builder, service, drain, timeout).await;
+            });
         }
         ListenerKind::Tcp { .. } => {
-            tokio::spawn(tcp::proxy_connection(
-                ServerIo::Plain(stream),
-                None,
-                listener,
-                drain,
-                timeout,
-            ));
+            tokio::spawn(async move {
+                let _slot = slot;
+                tcp::proxy_connection(ServerIo::Plain(stream), None, listener, drain, timeout)
+                    .await;
+            });
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The HTTP request path, assembled in one place (ARCHITECTURE.md "Proxy request path"):
 //!
 //! ```text
-//! load snapshot (once) -> listener's route table: match host, path, headers, method
+//! load snapshot (once) -> request hygiene (http/hygiene.rs): authority decides the host,
+//!   `_` header names dropped, path normalized (400 invalid-request / 307 on escaped slashes)
+//!   -> inbound: peer identity header, authorization (403)
+//!   -> listener's route table: match host, path, headers, method
 //!   -> no match: the listener's catch-all cluster (inbound: the local app) or 404 no-route
 //!   -> weighted pick of a destination cluster -> round-robin endpoint (503 no-endpoints)
 //!   -> rewrite headers/URI for the upstream HTTP version
@@ -32,6 +35,7 @@ use crate::cluster::{Cluster, UpstreamProtocol};
 use crate::http::body::{Completion, CountedBody, ResponseBody};
 use crate::http::error::ProxyError;
 use crate::http::headers::{prepare_request, strip_hop_by_hop};
+use crate::http::hygiene;
 use crate::http::idle::{Activity, InFlight};
 use crate::metrics::{PeerHandles, RequestMetrics};
 use crate::ratelimit::retry_after_secs;
@@ -223,11 +227,23 @@ impl HttpProxy {
             // Connections are only served as HTTP when accepted on an HTTP listener.
             return Box::pin(async { Ok(Response::new(ResponseBody::local(Default::default()))) });
         };
+        // Authorization and routing decide on the path and host the app will act on
+        // (`crate::http::hygiene`).
+        if let Err(outcome) = hygiene::apply(&http.hygiene, &mut req) {
+            let resp = outcome.to_response();
+            self.request_metrics(http.no_route_metrics()).record(
+                resp.status(),
+                "",
+                start.elapsed().as_secs_f64(),
+            );
+            tracing::debug!(?outcome, "request refused or redirected by request hygiene");
+            return Box::pin(async move { Ok(resp) });
+        }
         // Inbound: the app learns the verified caller (never a client-sent value), and the
         // listener's authorization policy decides before anything else (`crate::authz`).
         if current.direction == Direction::Inbound {
             let peer = self.peer.as_deref();
-            authz::set_peer_identity(req.headers_mut(), peer);
+            authz::set_peer_identity(req.headers_mut(), peer, http.hygiene.allows_underscores());
             let request = AuthzRequest {
                 peer,
                 method: Some(req.method().as_str()),

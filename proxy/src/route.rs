@@ -397,7 +397,7 @@ impl Route {
         let path_ok = match &self.path {
             PathMatcher::Any => true,
             PathMatcher::Exact(p) => **p == *req.path,
-            PathMatcher::Prefix(p) => req.path.starts_with(&**p),
+            PathMatcher::Prefix(p) => crate::http::normalize::prefix_matches(p, req.path),
             PathMatcher::Regex(re) => re.is_match(req.path),
         };
         path_ok
@@ -565,7 +565,9 @@ mod tests {
         // Regexes match the whole path.
         assert_eq!(find(&t, "h", "GET", "/users/42/x", &[]), None);
         assert_eq!(find(&t, "h", "GET", "/api/v1", &[]), Some("prefix"));
-        assert_eq!(find(&t, "h", "GET", "/apix", &[]), Some("prefix"));
+        // Prefixes match whole segments.
+        assert_eq!(find(&t, "h", "GET", "/apix", &[]), None);
+        assert_eq!(find(&t, "h", "GET", "/api", &[]), Some("prefix"));
     }
 
     #[test]

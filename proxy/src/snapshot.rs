@@ -265,6 +265,8 @@ pub struct HttpListener {
     no_route: OnceLock<Arc<RequestMetrics>>,
     metrics: Metrics,
     direction: Direction,
+    /// Path, host and header-name normalization applied before anything else.
+    pub hygiene: crate::http::hygiene::Hygiene,
 }
 
 /// The catch-all destination of an HTTP listener; its route label is the listener's name.
@@ -461,6 +463,7 @@ impl Snapshot {
                             .map_or_else(OnceLock::new, OnceLock::from),
                         metrics: metrics.clone(),
                         direction,
+                        hygiene: crate::http::hygiene::Hygiene::from_proto(l.hygiene.as_ref()),
                     }))
                 }
                 _ => {

@@ -45,6 +45,8 @@ pub struct ProxyConfig {
     /// At spawn, point the proxy at its control plane's secure path (https URL, CA, token) as
     /// that control plane runs (see [`crate::security`]). Default true.
     pub secure: bool,
+    /// `limits.max_connections_per_listener` (`None`: the proxy's default).
+    pub max_connections_per_listener: Option<usize>,
 }
 
 impl ProxyConfig {
@@ -81,6 +83,7 @@ impl ProxyConfig {
             join_token: None,
             cert_ttl: None,
             secure: true,
+            max_connections_per_listener: None,
         }
     }
 
@@ -159,6 +162,9 @@ impl ProxyConfig {
         }
         if let Some(ttl) = self.cert_ttl {
             out.push_str(&format!("cert_ttl: {}\n", duration_arg(ttl)));
+        }
+        if let Some(max) = self.max_connections_per_listener {
+            out.push_str(&format!("limits:\n  max_connections_per_listener: {max}\n"));
         }
         out
     }

@@ -2,7 +2,8 @@
 //! guarding the proxy's own service, and the trust set.
 
 use weft_proto::v1::{
-    path_match, AuthorizationPolicy, AuthzAction, AuthzRule, MtlsMode, PathMatch,
+    path_match, AuthorizationPolicy, AuthzAction, AuthzRule, EscapedSlashes, MtlsMode, PathMatch,
+    RequestHygiene, UnderscoreHeaders,
 };
 
 use super::TrustBundle;
@@ -23,6 +24,28 @@ pub(super) fn mtls(mode: policy::MtlsMode) -> MtlsMode {
         policy::MtlsMode::Permissive => MtlsMode::Permissive,
         policy::MtlsMode::Disabled => MtlsMode::Disabled,
     }
+}
+
+/// `mesh.http` for every HTTP listener; `None` when it is all defaults (the proxy's defaults are
+/// the same secure ones, and the listener's encoding stays unchanged).
+pub(super) fn hygiene(policy: &PolicySet) -> Option<RequestHygiene> {
+    let h = policy.mesh().http;
+    if h == policy::HttpHygiene::default() {
+        return None;
+    }
+    Some(RequestHygiene {
+        escaped_slashes: match h.escaped_slashes {
+            policy::EscapedSlashesAction::Reject => EscapedSlashes::Reject,
+            policy::EscapedSlashesAction::Redirect => EscapedSlashes::Redirect,
+            policy::EscapedSlashesAction::Keep => EscapedSlashes::Keep,
+        } as i32,
+        keep_duplicate_slashes: !h.merge_slashes,
+        underscore_headers: match h.headers_with_underscores {
+            policy::UnderscoreAction::Drop => UnderscoreHeaders::Drop,
+            policy::UnderscoreAction::Reject => UnderscoreHeaders::Reject,
+            policy::UnderscoreAction::Allow => UnderscoreHeaders::Allow,
+        } as i32,
+    })
 }
 
 fn action(a: policy::AuthzAction) -> AuthzAction {

@@ -25,8 +25,9 @@ pub use resilience::{
     RateLimit, RetryBudget, RetryCondition, RetryOn, RetryPolicy,
 };
 pub use security::{
-    spiffe_id, AuthorizationPolicy, AuthzAction, AuthzRule, AuthzSource, AuthzTarget, Mesh,
-    MtlsMode, NamespaceDefaults, DEFAULT_TRUST_DOMAIN,
+    spiffe_id, AuthorizationPolicy, AuthzAction, AuthzRule, AuthzSource, AuthzTarget,
+    EscapedSlashesAction, HttpHygiene, Mesh, MtlsMode, NamespaceDefaults, UnderscoreAction,
+    DEFAULT_TRUST_DOMAIN,
 };
 pub use store::{PolicyStore, StoreError};
 

@@ -46,6 +46,60 @@ pub struct Mesh {
     /// Per-namespace defaults.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub namespaces: BTreeMap<String, NamespaceDefaults>,
+    /// How every sidecar normalizes HTTP requests before routing and authorization.
+    #[serde(default)]
+    pub http: HttpHygiene,
+}
+
+/// `mesh.http`: request normalization, applied by every HTTP listener before routing and
+/// authorization (Envoy's `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`
+/// and `headers_with_underscores_action` are the models).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpHygiene {
+    /// `%2F`, `%5C` and `\` in paths.
+    #[serde(default)]
+    pub escaped_slashes: EscapedSlashesAction,
+    /// Merge `//` into `/` (default true).
+    #[serde(default = "default_true")]
+    pub merge_slashes: bool,
+    /// Header names with `_`.
+    #[serde(default)]
+    pub headers_with_underscores: UnderscoreAction,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for HttpHygiene {
+    fn default() -> Self {
+        Self {
+            escaped_slashes: EscapedSlashesAction::default(),
+            merge_slashes: true,
+            headers_with_underscores: UnderscoreAction::default(),
+        }
+    }
+}
+
+/// What a sidecar does with escaped slashes in a path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EscapedSlashesAction {
+    #[default]
+    Reject,
+    Redirect,
+    Keep,
+}
+
+/// What a sidecar does with header names containing `_`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnderscoreAction {
+    #[default]
+    Drop,
+    Reject,
+    Allow,
 }
 
 /// Defaults of the services of one namespace.

@@ -396,6 +396,8 @@ pub(super) fn check_path_match(c: &mut Collector<'_>, fi: usize, path: &str, p: 
                     format!("{path}.{field}"),
                     format!("{v:?} must start with '/'"),
                 );
+            } else if let Some(reason) = not_normalized(v) {
+                c.push(fi, format!("{path}.{field}"), format!("{v:?} {reason}"));
             }
         }
     }
@@ -408,6 +410,28 @@ pub(super) fn check_path_match(c: &mut Collector<'_>, fi: usize, path: &str, p: 
             );
         }
     }
+}
+
+/// Why a path in a match can never match a request, if it cannot: sidecars normalize request
+/// paths before matching (dot segments removed, `//` merged, `%` escapes of unreserved
+/// characters decoded, a query never part of the path).
+fn not_normalized(p: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = p[1..].split('/').collect();
+    let last = segments.len() - 1;
+    if segments.iter().any(|s| *s == "." || *s == "..") {
+        return Some("has a '.' or '..' segment: request paths are normalized before matching, write the resolved path");
+    }
+    if segments
+        .iter()
+        .enumerate()
+        .any(|(i, s)| s.is_empty() && i != last)
+    {
+        return Some("has an empty segment ('//'): request paths are normalized before matching");
+    }
+    if p.contains(['?', '#', '\\']) {
+        return Some("may not contain '?', '#' or '\\'");
+    }
+    None
 }
 
 /// An HTTP method token.

@@ -65,6 +65,9 @@ pub enum ProxyError {
     /// The downstream request body could not be read while buffering it for retries.
     #[error("reading the request body failed: {0}")]
     BadRequestBody(hyper::Error),
+    /// The request was refused before routing (request hygiene: path, host, header names).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }
 
 impl From<UpstreamError> for ProxyError {
@@ -95,7 +98,9 @@ impl ProxyError {
             Self::RequestTimeout(_) | Self::PerTryTimeout(_) | Self::ConnectTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            Self::BadRequest(_) | Self::BadRequestBody(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::BadRequestBody(_) | Self::InvalidRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
         }
@@ -115,6 +120,7 @@ impl ProxyError {
             Self::Overloaded(_) => Some("overloaded"),
             Self::RateLimited(_) => Some("rate-limited"),
             Self::Forbidden(_) => Some("forbidden"),
+            Self::InvalidRequest(_) => Some("invalid-request"),
             Self::BadRequest(_) | Self::BadRequestBody(_) => None,
         }
     }

@@ -7,7 +7,9 @@ pub mod body;
 pub mod error;
 pub mod headers;
 pub mod hibernate;
+pub mod hygiene;
 pub mod idle;
+pub mod normalize;
 
 use std::future::Future;
 use std::pin::{pin, Pin};
