@@ -192,3 +192,46 @@ fn rule_targets_are_checked() {
     ));
     assert!(e.contains("unknown variant `block`"), "{e}");
 }
+
+#[test]
+fn request_hygiene_defaults_and_overrides() {
+    let set = files(&[("p.yaml", SERVICES)]).unwrap();
+    assert_eq!(set.mesh().http, HttpHygiene::default());
+    assert!(set.mesh().http.merge_slashes);
+    let set = files(&[(
+        "p.yaml",
+        &format!(
+            "mesh:\n  http: {{escaped_slashes: redirect, merge_slashes: false, headers_with_underscores: allow}}\n{SERVICES}"
+        ),
+    )])
+    .unwrap();
+    let h = set.mesh().http;
+    assert_eq!(h.escaped_slashes, EscapedSlashesAction::Redirect);
+    assert!(!h.merge_slashes);
+    assert_eq!(h.headers_with_underscores, UnderscoreAction::Allow);
+    let e = one_error(&format!(
+        "mesh:\n  http: {{escaped_slashes: decode}}\n{SERVICES}"
+    ));
+    assert!(e.contains("escaped_slashes"), "{e}");
+}
+
+#[test]
+fn path_matches_that_can_never_match_are_refused() {
+    for (path, why) in [
+        ("/public/../admin", "'..'"),
+        ("/a/./b", "'.'"),
+        ("/a//b", "'//'"),
+        ("/a?x=1", "'?'"),
+    ] {
+        let e = one_error(&with_authz(&format!(
+            "  - name: p\n    service: api\n    rules:\n      - name: r\n        to: {{paths: [{{prefix: \"{path}\"}}]}}\n"
+        )));
+        assert!(e.contains("prefix") && e.contains(why), "{path}: {e}");
+    }
+    // A trailing slash is a normal path.
+    files(&[(
+        "p.yaml",
+        &with_authz("  - name: p\n    service: api\n    rules:\n      - name: r\n        to: {paths: [{prefix: /public/}]}\n"),
+    )])
+    .unwrap();
+}
