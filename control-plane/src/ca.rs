@@ -409,8 +409,18 @@ impl Ca {
         sans.push(SanType::URI(ia5(
             &self.spiffe_id(CONTROL_NAMESPACE, CONTROL_SERVICE)
         )?));
+        self.sign_local(now, leaf_params(now, not_after, sans, CONTROL_SERVICE))
+    }
+
+    /// Signs `params` (built at `now`) with a fresh key: the chain (leaf + intermediates) and
+    /// the key, for the control plane's own use or an operator's.
+    fn sign_local(
+        &self,
+        now: OffsetDateTime,
+        params: CertificateParams,
+    ) -> Result<LocalCert, SignError> {
         let key = KeyPair::generate()?;
-        let params = leaf_params(now, not_after, sans, CONTROL_SERVICE);
+        let not_after = params.not_after;
         let cert = params.signed_by(&key, &self.issuer)?;
         let mut chain_der = vec![cert.der().to_vec()];
         for pem in &self.intermediates_pem {
@@ -454,20 +464,9 @@ impl Ca {
         }
         let not_after = (now + ttl).min(self.issuer_not_after);
         let uri = format!("spiffe://{}/weft-admin/{role}/{name}", self.trust_domain);
-        let key = KeyPair::generate()?;
         let mut params = leaf_params(now, not_after, vec![SanType::URI(ia5(&uri)?)], name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let mut chain_der = vec![cert.der().to_vec()];
-        for pem in &self.intermediates_pem {
-            chain_der.extend(pem_certs(pem).map_err(SignError::InvalidCsr)?);
-        }
-        Ok(LocalCert {
-            chain_der,
-            key_der: key.serialize_der(),
-            not_before: now - BACKDATE,
-            not_after,
-        })
+        self.sign_local(now, params)
     }
 }
 

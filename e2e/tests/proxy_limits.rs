@@ -10,6 +10,25 @@ use tokio::net::TcpStream;
 use weft_e2e::{caller_proxy_config, wait_for_instance, Instance};
 use weft_testkit::{wait_until, ControlPlane, HttpClient, PolicyDir, Proxy, DEFAULT_WAIT};
 
+/// Opens up to `n` connections to `addr` (stops at the first refused connect) and counts how many
+/// the server closed within `within` each; returns them (still open ones stay open).
+async fn flood(addr: std::net::SocketAddr, n: usize, within: Duration) -> (Vec<TcpStream>, usize) {
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        match TcpStream::connect(addr).await {
+            Ok(c) => conns.push(c),
+            Err(_) => break,
+        }
+    }
+    let mut closed = 0;
+    for c in &mut conns {
+        if closed_within(c, within).await {
+            closed += 1;
+        }
+    }
+    (conns, closed)
+}
+
 /// Whether the peer closed `conn` within `within` (EOF or reset; bytes it sends are ignored).
 async fn closed_within(conn: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 1024];
@@ -36,19 +55,7 @@ async fn a_connection_flood_is_capped_and_open_connections_keep_serving() {
     wait_for_instance(&client, "api", "/", "api-1").await;
 
     // 40 more connections (bounded), held open: at most 7 more fit.
-    let mut flood = Vec::new();
-    for _ in 0..40 {
-        match TcpStream::connect(web.outbound_addr()).await {
-            Ok(c) => flood.push(c),
-            Err(_) => break,
-        }
-    }
-    let mut closed = 0;
-    for c in &mut flood {
-        if closed_within(c, Duration::from_millis(300)).await {
-            closed += 1;
-        }
-    }
+    let (held, closed) = flood(web.outbound_addr(), 40, Duration::from_millis(300)).await;
     assert!(
         closed >= 40 - 7,
         "{closed} of 40 flood connections were closed at accept"
@@ -71,7 +78,7 @@ async fn a_connection_flood_is_capped_and_open_connections_keep_serving() {
     assert_eq!(r.status, 200, "{}", r.summary());
 
     // The flood goes; new connections are accepted again.
-    drop(flood);
+    drop(held);
     wait_until(
         DEFAULT_WAIT,
         "a new connection is served after the flood",
@@ -105,24 +112,12 @@ async fn the_admin_server_caps_connections_and_times_out_slow_heads() {
     );
 
     // 100 idle connections (bounded): at most 64 are kept, the rest closed at accept.
-    let mut flood = Vec::new();
-    for _ in 0..100 {
-        match TcpStream::connect(admin).await {
-            Ok(c) => flood.push(c),
-            Err(_) => break,
-        }
-    }
-    let mut closed = 0;
-    for c in &mut flood {
-        if closed_within(c, Duration::from_millis(200)).await {
-            closed += 1;
-        }
-    }
+    let (held, closed) = flood(admin, 100, Duration::from_millis(200)).await;
     assert!(
         closed >= 36,
         "{closed} of 100 admin connections were closed"
     );
-    drop(flood);
+    drop(held);
     let url = web.admin_url("/metrics");
     let m = wait_until(
         DEFAULT_WAIT,

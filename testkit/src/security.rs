@@ -213,26 +213,9 @@ pub fn openssl(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A gRPC channel to the control plane at `grpc` (TLS verified with its roots when it serves
-/// TLS).
+/// TLS), presenting no client certificate.
 pub async fn control_channel(grpc: SocketAddr) -> tonic::transport::Channel {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-    let sec = security_of(grpc);
-    let tls = sec.grpc_tls && sec.ca_dir.is_some();
-    let url = format!("{}://{grpc}", if tls { "https" } else { "http" });
-    let mut endpoint = Endpoint::from_shared(url.clone())
-        .unwrap_or_else(|e| panic!("{url}: {e}"))
-        .connect_timeout(std::time::Duration::from_secs(5));
-    if let (true, Some(dir)) = (tls, &sec.ca_dir) {
-        let roots = std::fs::read_to_string(roots_pem(dir))
-            .unwrap_or_else(|e| panic!("reading {}: {e}", roots_pem(dir).display()));
-        endpoint = endpoint
-            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(roots)))
-            .unwrap_or_else(|e| panic!("TLS config for {url}: {e}"));
-    }
-    endpoint
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connecting to the control plane at {url}: {e:?}"))
+    control_channel_as(grpc, None).await
 }
 
 /// Generates a P-256 key and CSR with `openssl` and has the control plane at `grpc` certify it
