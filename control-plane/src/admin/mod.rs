@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -161,18 +161,58 @@ fn errors_response(status: StatusCode, errors: &[String]) -> Response<Body> {
     json_response(status, &json!({ "errors": errors }))
 }
 
+/// How much of an oversized body is read (and dropped) before answering 413, so a client that
+/// is still sending reads the answer instead of a broken pipe; beyond it the connection closes.
+const MAX_DRAIN: usize = 64 << 20;
+
+/// How long draining an oversized body may take.
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
 async fn read_body(req: Request<Incoming>) -> Result<String, Response<Body>> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            errors_response(
-                StatusCode::BAD_REQUEST,
-                &[format!("reading the request body: {e}")],
-            )
-        })?
-        .to_bytes();
-    String::from_utf8(bytes.to_vec()).map_err(|_| {
+    let mut body = req.into_body();
+    let mut bytes = Vec::new();
+    let too_large = loop {
+        match body.frame().await {
+            None => break false,
+            Some(Err(e)) => {
+                return Err(errors_response(
+                    StatusCode::BAD_REQUEST,
+                    &[format!("reading the request body: {e}")],
+                ))
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if bytes.len() + data.len() > MAX_BODY {
+                        break true;
+                    }
+                    bytes.extend_from_slice(&data);
+                }
+            }
+        }
+    };
+    if too_large {
+        drop(bytes);
+        let drain = async {
+            let mut drained = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                drained += frame.data_ref().map_or(0, Bytes::len);
+                if drained > MAX_DRAIN {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        let mut r = errors_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &[format!("the request body is larger than {MAX_BODY} bytes")],
+        );
+        r.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return Err(r);
+    }
+    String::from_utf8(bytes).map_err(|_| {
         errors_response(
             StatusCode::BAD_REQUEST,
             &["the body must be UTF-8 YAML".to_owned()],
