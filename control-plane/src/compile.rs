@@ -10,6 +10,7 @@
 
 mod authz;
 mod resilience;
+pub mod traffic;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -117,8 +118,10 @@ pub fn compile(
     );
     let table = compile_route_table(policy, &callable);
 
-    // Clusters: callable services, every destination of their routes, and `inbound`.
+    // Clusters: callable services, every destination (and mirror) of their routes, subsets of
+    // those, and `inbound`.
     let mut cluster_services: BTreeMap<String, &Service> = BTreeMap::new();
+    let mut subsets: BTreeMap<String, (&Service, &BTreeMap<String, String>)> = BTreeMap::new();
     for s in &callable {
         cluster_services.insert(key_of(s).cluster_name(), s);
     }
@@ -127,11 +130,25 @@ pub fn compile(
             .resolve(&route.service, None)
             .map(|k| k.namespace)
             .unwrap_or_default();
-        for d in &route.destinations {
-            if let Some(s) = policy
-                .resolve(&d.service, Some(&ns))
+        let resolve = |name: &str| {
+            policy
+                .resolve(name, Some(&ns))
                 .and_then(|k| services.get(&k).copied())
-            {
+        };
+        for d in &route.destinations {
+            if let Some(s) = resolve(&d.service) {
+                if d.subset.is_empty() {
+                    cluster_services.insert(key_of(s).cluster_name(), s);
+                } else {
+                    subsets.insert(
+                        traffic::subset_cluster_name(&key_of(s), &d.subset),
+                        (s, &d.subset),
+                    );
+                }
+            }
+        }
+        if let Some(mirror) = route.filters.as_ref().and_then(|f| f.mirror.as_ref()) {
+            if let Some(s) = resolve(&mirror.service) {
                 cluster_services.insert(key_of(s).cluster_name(), s);
             }
         }
@@ -140,7 +157,16 @@ pub fn compile(
     let mut clusters: Vec<Cluster> = cluster_services
         .values()
         .map(|s| service_cluster(policy, s))
+        .chain(subsets.iter().map(|(name, (s, _))| Cluster {
+            name: name.clone(),
+            ..service_cluster(policy, s)
+        }))
         .collect();
+    for c in &mut clusters {
+        if let Some(s) = services.get(&ServiceKey::new(&c.service, &c.namespace)) {
+            c.locality = traffic::locality(s, node);
+        }
+    }
     clusters.push(Cluster {
         name: INBOUND.to_owned(),
         service: String::new(),
@@ -163,6 +189,15 @@ pub fn compile(
             cluster: name.clone(),
             endpoints: endpoints_of(s, registry, trust_domain),
         })
+        .chain(subsets.iter().map(|(name, (s, labels))| {
+            ClusterEndpoints {
+                cluster: name.clone(),
+                endpoints: endpoints_of(s, registry, trust_domain)
+                    .into_iter()
+                    .filter(|e| labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+                    .collect(),
+            }
+        }))
         .collect();
     endpoints.push(ClusterEndpoints {
         cluster: INBOUND.to_owned(),
@@ -188,9 +223,19 @@ pub fn compile(
         roots_pem: trust.roots_pem.clone(),
     };
     Resources {
-        listeners: ListenerSet {
-            version: version_of_messages(&listeners),
-            listeners,
+        listeners: {
+            let log_level = registry
+                .get(&node.id)
+                .and_then(|p| p.log_level.clone())
+                .unwrap_or_default();
+            let mut h = StableHasher::new();
+            h.write_field(version_of_messages(&listeners).as_bytes());
+            h.write_field(log_level.as_bytes());
+            ListenerSet {
+                version: h.finish_hex(),
+                listeners,
+                log_level,
+            }
         },
         routes: RouteSet {
             version: version_of_messages(&tables),
@@ -231,16 +276,16 @@ pub fn service_cluster(policy: &PolicySet, s: &Service) -> Cluster {
         lb: resilience::lb(s.lb) as i32,
         connect_timeout_ms: millis(s.connect_timeout),
         request_timeout_ms: millis(s.request_timeout),
-        protocol: match s.protocol {
-            Protocol::Grpc => UpstreamProtocol::Http2,
-            Protocol::Http | Protocol::Tcp => UpstreamProtocol::Preserve,
-        } as i32,
+        protocol: traffic::upstream_protocol(s) as i32,
         hash: resilience::hash(s),
         breaker: Some(resilience::breaker(&s.circuit_breaker)),
         outlier: resilience::outlier(&s.outlier_detection),
         health_check: resilience::health_check(s),
         idle_timeout_ms: millis(s.idle_timeout),
         mtls: authz::mtls(policy.mtls_of(Some(s))) as i32,
+        upstream_tls: traffic::upstream_tls(s),
+        locality: None,
+        dns_endpoints: traffic::dns_endpoints(s),
     }
 }
 
@@ -306,6 +351,7 @@ fn compile_listeners(
             mtls: MtlsMode::Disabled as i32,
             idle_timeout_ms,
             hygiene: authz::hygiene(policy),
+            egress: traffic::egress(policy),
             ..Default::default()
         });
     }
@@ -329,6 +375,7 @@ fn compile_listeners(
             idle_timeout_ms,
             authorization: authorization.unwrap_or_default().to_owned(),
             hygiene: if tcp { None } else { authz::hygiene(policy) },
+            egress: None,
         });
     }
     let bind_ip = tcp_bind_ip(node);
@@ -408,6 +455,7 @@ fn compile_route_table(policy: &PolicySet, callable: &[&Service]) -> RouteTable 
                 path: None,
                 headers: Vec::new(),
                 methods: Vec::new(),
+                query: Vec::new(),
             }),
             destinations: vec![WeightedCluster {
                 cluster,
@@ -418,6 +466,7 @@ fn compile_route_table(policy: &PolicySet, callable: &[&Service]) -> RouteTable 
                 service.retry.as_ref().unwrap_or(&default_retry),
             )),
             rate_limit: None,
+            filters: None,
         });
     }
     RouteTable {
@@ -434,6 +483,7 @@ fn compile_route(
 ) -> Route {
     let m = route.matcher.clone().unwrap_or_default();
     let path = m.path.as_ref().map(authz::path);
+    let query = traffic::query(&m);
     let headers = m
         .headers
         .into_iter()
@@ -466,7 +516,11 @@ fn compile_route(
         .filter_map(|d| {
             let key = policy.resolve(&d.service, Some(&service.namespace))?;
             Some(WeightedCluster {
-                cluster: key.cluster_name(),
+                cluster: if d.subset.is_empty() {
+                    key.cluster_name()
+                } else {
+                    traffic::subset_cluster_name(&key, &d.subset)
+                },
                 weight: if single { 100 } else { d.weight.unwrap_or(0) },
             })
         })
@@ -478,6 +532,7 @@ fn compile_route(
             path,
             headers,
             methods: m.methods.iter().map(|x| x.to_ascii_uppercase()).collect(),
+            query,
         }),
         destinations,
         timeout_ms: route.timeout.map_or(0, millis),
@@ -489,6 +544,7 @@ fn compile_route(
                 .unwrap_or(&policy::RetryPolicy::default()),
         )),
         rate_limit: route.rate_limit.as_ref().map(resilience::rate_limit),
+        filters: traffic::filters(policy, service, route),
     }
 }
 
@@ -497,9 +553,11 @@ fn compile_route(
 /// identity is the service's SPIFFE ID in `trust_domain`.
 pub fn endpoints_of(service: &Service, registry: &Registry, trust_domain: &str) -> Vec<Endpoint> {
     let key = key_of(service);
+    // Endpoints by DNS name travel in the cluster (`dns_endpoints`): each sidecar resolves them.
     let mut out: Vec<Endpoint> = service
         .endpoints
         .iter()
+        .filter(|e| e.host.is_none())
         .map(|e| Endpoint {
             address: e.address.clone(),
             weight: e.weight,
@@ -555,3 +613,5 @@ mod tests;
 mod tests_resilience;
 #[cfg(test)]
 mod tests_security;
+#[cfg(test)]
+mod tests_traffic;

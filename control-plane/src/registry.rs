@@ -33,6 +33,9 @@ pub struct RegisteredProxy {
     /// (it is persisted the same way again, so a restart during the restart grace does not
     /// shorten a proxy's chance to reconnect).
     pub restored: Option<Restored>,
+    /// The log filter an operator set for this proxy (`weftctl log-level`), pushed in its
+    /// LISTENERS set; runtime only (not persisted), kept across reconnects of the same id.
+    pub log_level: Option<String>,
 }
 
 /// How a restored entry was persisted.
@@ -130,6 +133,12 @@ impl Registry {
         let session = self.next_session;
         self.next_session += 1;
         let service = ServiceKey::new(&node.service, &node.namespace);
+        // A reconnect of the same identity keeps the operator's log level.
+        let log_level = self
+            .proxies
+            .get(&node.id)
+            .filter(|p| p.service == service)
+            .and_then(|p| p.log_level.clone());
         self.proxies.insert(
             node.id.clone(),
             RegisteredProxy {
@@ -139,9 +148,22 @@ impl Registry {
                 connected_since,
                 remove_at: None,
                 restored: None,
+                log_level,
             },
         );
         session
+    }
+
+    /// Sets the log filter pushed to proxy `id` (`None`: its own setting). `false` when no such
+    /// proxy is registered.
+    pub fn set_log_level(&mut self, id: &str, level: Option<String>) -> bool {
+        match self.proxies.get_mut(id) {
+            Some(p) => {
+                p.log_level = level;
+                true
+            }
+            None => false,
+        }
     }
 
     /// [`Registry::register`] for a node that must not take over an id another identity holds
@@ -272,6 +294,7 @@ impl Registry {
                     restored: Some(Restored {
                         remove_at: persisted_deadline,
                     }),
+                    log_level: None,
                 },
             );
         }

@@ -32,7 +32,7 @@ use crate::registry::Registry;
 
 mod proxies;
 
-pub use proxies::{ProxyState, ProxyStatus};
+pub use proxies::{LogLevelError, ProxyState, ProxyStatus};
 
 /// Why an admin change to the policy store was refused.
 #[derive(Debug, thiserror::Error)]

@@ -378,7 +378,8 @@ async fn an_alias_bomb_is_refused_and_the_control_plane_stays_responsive() {
         Ok(r) => {
             eprintln!("a 20 MiB request body: {}", r.summary());
             assert_eq!(
-                r.status, 413,
+                r.status,
+                413,
                 "a 20 MiB request body must be refused with 413: {}",
                 r.summary()
             );

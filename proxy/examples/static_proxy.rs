@@ -60,6 +60,7 @@ fn main() -> anyhow::Result<()> {
                     cluster: String::new(),
                     ..Default::default()
                 }],
+                ..Default::default()
             }),
             routes: Some(v1::RouteSet {
                 version: "static".into(),

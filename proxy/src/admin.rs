@@ -39,7 +39,7 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// Serves admin requests on `listener` forever.
 pub async fn serve(listener: TcpListener, state: AdminState) {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -53,9 +53,16 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
         let state = state.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let svc = service_fn(move |req| {
-                let resp = handle(&state, &req);
-                async move { Ok::<_, Infallible>(resp) }
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move {
+                    let resp = if req.uri().path() == "/log_level" {
+                        log_level(req, peer).await
+                    } else {
+                        handle(&state, &req)
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -77,6 +84,38 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// `GET /log_level`: the filter in force. `PUT /log_level` (body: a filter such as `debug` or
+/// `info,weft_proxy=trace`; empty = back to the start-up filter): loopback callers only, since
+/// the admin port may be reachable from outside the pod for scraping.
+async fn log_level(req: Request<Incoming>, peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    match *req.method() {
+        Method::GET | Method::HEAD => {
+            text(StatusCode::OK, format!("{}\n", crate::log_level::current()))
+        }
+        Method::PUT | Method::POST => {
+            if !peer.ip().is_loopback() {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "the log level can only be changed from loopback\n",
+                );
+            }
+            let body = match http_body_util::Limited::new(req.into_body(), 1024)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            };
+            match crate::log_level::set(&String::from_utf8_lossy(&body)) {
+                Ok(filter) => text(StatusCode::OK, format!("{filter}\n")),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "use GET or PUT\n"),
+    }
 }
 
 /// Answers one admin request.
@@ -121,7 +160,7 @@ pub fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byte
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /metrics /ready /live /config_dump\n",
+            "not found; try /metrics /ready /live /config_dump /log_level\n",
         ),
     }
 }

@@ -168,6 +168,9 @@ impl ConfigApplier {
         if let (Some(store), Some(bundle), Some(_)) = (&self.trust, &snapshot.trust, &resp.trust) {
             store.set_discovery(bundle);
         }
+        if let Some(listeners) = &resp.listeners {
+            crate::log_level::from_control_plane(&listeners.log_level);
+        }
         Ok(snapshot.resources.type_versions())
     }
 }

@@ -44,6 +44,7 @@ pub mod health;
 pub mod http;
 pub mod lb;
 pub mod listen;
+pub mod log_level;
 pub mod metrics;
 pub mod observe;
 pub mod outlier;

@@ -1,4 +1,5 @@
-//! `weft-proxy --config bootstrap.yaml`: Weft's sidecar proxy. Logging via `RUST_LOG`.
+//! `weft-proxy --config bootstrap.yaml`: Weft's sidecar proxy. Logging via `RUST_LOG` (changeable at
+//! run time: see `weft_proxy::log_level`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +8,9 @@ use clap::Parser;
 
 #[global_allocator]
 static ALLOC: weft_proxy::alloc::Allocator = weft_proxy::alloc::ALLOCATOR;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{fmt, reload, EnvFilter};
 
 /// Weft sidecar proxy: receives listeners, routes, clusters and endpoints from the control plane
 /// and proxies the local service's HTTP, gRPC and TCP traffic.
@@ -21,13 +24,25 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    // A reloadable filter: the admin port and the control plane can change it at run time
+    // (`weft_proxy::log_level`).
+    let initial = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| EnvFilter::try_new(f).is_ok())
+        .unwrap_or_else(|| "info".to_owned());
+    let (filter, handle) = reload::Layer::new(EnvFilter::new(&initial));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    weft_proxy::log_level::install(
+        &initial,
+        Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
+    );
     let bootstrap = match weft_proxy::config::Bootstrap::load(&args.config) {
         Ok(b) => b,
         Err(e) => {

@@ -661,6 +661,7 @@ pub(crate) mod tests {
                         "db.default",
                     ),
                 ],
+                ..Default::default()
             }),
             routes: Some(v1::RouteSet {
                 version: "r1".into(),

@@ -57,6 +57,7 @@ fn response(nonce: &str, listen: SocketAddr, endpoint: &str, ev: &str) -> v1::Di
                 cluster: "inbound".into(),
                 ..Default::default()
             }],
+            ..Default::default()
         }),
         routes: Some(v1::RouteSet {
             version: "r1".into(),

@@ -57,6 +57,7 @@ fn resources(routes: &[(&str, &str)], clusters: &[&str], tcp: bool) -> Resources
         listeners: Some(v1::ListenerSet {
             version: "l".into(),
             listeners,
+            ..Default::default()
         }),
         routes: Some(v1::RouteSet {
             version: "r".into(),

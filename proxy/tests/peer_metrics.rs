@@ -33,6 +33,7 @@ fn resources() -> Resources {
                 cluster: "inbound".into(),
                 ..Default::default()
             }],
+            ..Default::default()
         }),
         clusters: Some(v1::ClusterSet {
             version: "c1".into(),

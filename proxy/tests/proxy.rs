@@ -212,6 +212,7 @@ fn config(listen: SocketAddr, inbound: SocketAddr, up: SocketAddr) -> v1::Discov
                 http_listener("outbound", listen, "outbound", ""),
                 http_listener("inbound", inbound, "", "inbound"),
             ],
+            ..Default::default()
         }),
         routes: Some(v1::RouteSet {
             version: "r1".into(),
@@ -519,6 +520,7 @@ async fn tcp_half_close_and_byte_counts() {
                 cluster: "db".into(),
                 ..Default::default()
             }],
+            ..Default::default()
         }),
         clusters: Some(v1::ClusterSet {
             version: "c1".into(),

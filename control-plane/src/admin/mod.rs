@@ -314,6 +314,28 @@ async fn route(
             _ => method_not_allowed("PUT, DELETE"),
         };
     }
+    // weftctl log-level: the filter pushed to one proxy ("" = its own).
+    if let Some(id) = path
+        .strip_prefix("/v1/proxies/")
+        .and_then(|rest| rest.strip_suffix("/log-level"))
+    {
+        if *method != Method::PUT {
+            return method_not_allowed("PUT");
+        }
+        return match read_body(req).await {
+            Ok(level) => match cp.set_log_level(id, level.trim()) {
+                Ok(()) => json_response(
+                    StatusCode::OK,
+                    &json!({"proxy": id, "log_level": level.trim()}),
+                ),
+                Err(e @ crate::state::LogLevelError::NoSuchProxy(_)) => {
+                    errors_response(StatusCode::NOT_FOUND, &[e.to_string()])
+                }
+                Err(e) => errors_response(StatusCode::BAD_REQUEST, &[e.to_string()]),
+            },
+            Err(r) => r,
+        };
+    }
     if let Some(name) = path.strip_prefix("/v1/validate/") {
         return match *method {
             Method::POST => match read_body(req).await {

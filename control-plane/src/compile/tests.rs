@@ -225,7 +225,8 @@ fn clusters() {
     );
     assert_eq!(c[0].protocol, UpstreamProtocol::Http2 as i32, "grpc -> h2");
     assert_eq!(c[0].request_timeout_ms, 0);
-    assert_eq!(c[1].protocol, UpstreamProtocol::Preserve as i32);
+    // backend has static endpoints (outside the mesh): HTTP/1.1 unless it says otherwise.
+    assert_eq!(c[1].protocol, UpstreamProtocol::Http1 as i32);
     assert_eq!(c[1].service, "backend");
     assert_eq!(c[1].namespace, "default");
     assert_eq!(c[1].connect_timeout_ms, 1000);

@@ -8,6 +8,7 @@ mod locate;
 pub mod resilience;
 pub mod security;
 pub mod store;
+pub mod traffic;
 mod validate;
 
 use std::collections::HashMap;
@@ -30,6 +31,10 @@ pub use security::{
     DEFAULT_TRUST_DOMAIN,
 };
 pub use store::{PolicyStore, StoreError};
+pub use traffic::{
+    DirectResponse, Egress, EgressDefault, Fault, FaultAbort, FaultDelay, HeaderMutation, Locality,
+    Mirror, QueryMatch, Redirect, Rewrite, RouteFilters, UpstreamProtocol, UpstreamTls,
+};
 
 /// One policy file: its name (no directory) and its YAML text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,13 +133,30 @@ pub struct Service {
     /// Inbound mTLS mode (absent: `mesh.mtls`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsMode>,
+    /// HTTP version to the endpoints (absent: http2 for grpc, http1 for a service with static
+    /// endpoints, else preserve).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_protocol: Option<UpstreamProtocol>,
+    /// TLS originated by the sidecar to the static endpoints (absent: plaintext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+    /// Prefer endpoints in the caller's zone (absent: no preference).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<Locality>,
 }
 
 /// An endpoint declared in YAML (outside the mesh).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StaticEndpoint {
+    /// `ip:port`; or `host` and `port` for an endpoint resolved by DNS.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub address: String,
+    /// A DNS name, resolved by each sidecar (re-resolved with the answer's TTL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     #[serde(default = "default_weight")]
     pub weight: u32,
 }
@@ -161,6 +183,9 @@ pub struct Route {
     pub retry: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Rewrites, redirects, direct responses, faults, mirroring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filters: Option<RouteFilters>,
 }
 
 /// What a request must look like for a route to apply.
@@ -173,6 +198,8 @@ pub struct RouteMatch {
     pub headers: Vec<HeaderMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<QueryMatch>,
 }
 
 /// Exactly one of `exact`, `prefix`, `regex`.
@@ -210,6 +237,9 @@ pub struct Destination {
     /// Percentage; may be omitted when it is the only destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// Only the service's endpoints carrying these labels (a subset, e.g. `{version: v2}`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub subset: std::collections::BTreeMap<String, String>,
 }
 
 /// A service's identity: name and namespace.

@@ -49,6 +49,9 @@ pub struct Mesh {
     /// How every sidecar normalizes HTTP requests before routing and authorization.
     #[serde(default)]
     pub http: HttpHygiene,
+    /// What may leave the mesh (CONNECT tunnels, unknown destinations).
+    #[serde(default)]
+    pub egress: super::traffic::Egress,
 }
 
 /// `mesh.http`: request normalization, applied by every HTTP listener before routing and

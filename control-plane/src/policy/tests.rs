@@ -280,7 +280,7 @@ fn weights_sum_to_100_with_several_destinations() {
     let e = one_error(&format!("{TWO}    destinations: []\n"));
     assert_eq!(
         e,
-        "p.yaml:7: routes[0].destinations: at least one destination is required"
+        "p.yaml:7: routes[0].destinations: at least one destination is required (or a redirect / direct_response filter)"
     );
 }
 

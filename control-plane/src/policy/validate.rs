@@ -10,6 +10,7 @@ use super::{
 
 mod resilience;
 mod security;
+mod traffic;
 
 /// Collects errors with their file and field path; lines are looked up at the end.
 pub(super) struct Collector<'a> {
@@ -105,6 +106,11 @@ pub(super) fn validate(files: &[SourceFile], parsed: &[PolicyFile]) -> Result<()
         }
     }
     security::check(&mut c, parsed, &all_services);
+    for (fi, file) in parsed.iter().enumerate() {
+        if let Some(mesh) = &file.mesh {
+            traffic::check_egress(&mut c, fi, &mesh.egress);
+        }
+    }
     if c.errors.is_empty() {
         Ok(())
     } else {
@@ -139,7 +145,13 @@ fn match_key(route: &Route, all: &[Service]) -> Option<String> {
     let mut methods: Vec<String> = m.methods.iter().map(|x| x.to_ascii_uppercase()).collect();
     methods.sort();
     methods.dedup();
-    Some(format!("{service}|{:?}|{headers:?}|{methods:?}", m.path))
+    let mut query: Vec<String> = m.query.iter().map(|q| format!("{q:?}")).collect();
+    query.sort();
+    query.dedup();
+    Some(format!(
+        "{service}|{:?}|{headers:?}|{methods:?}|{query:?}",
+        m.path
+    ))
 }
 
 /// Checks an endpoint address: `ip:port` with a port in 1..=65535.
@@ -229,11 +241,15 @@ fn validate_service(
         }
     }
     for (ei, endpoint) in service.endpoints.iter().enumerate() {
+        if endpoint.host.is_some() || endpoint.port.is_some() {
+            continue; // by DNS name: `traffic::check_service`
+        }
         if let Err(reason) = check_address(&endpoint.address) {
             c.push(fi, format!("{path}.endpoints[{ei}].address"), reason);
         }
     }
     resilience::check_service(c, fi, path, service);
+    traffic::check_service(c, fi, path, service);
 }
 
 fn validate_route(c: &mut Collector<'_>, fi: usize, path: &str, route: &Route, all: &[Service]) {
@@ -309,11 +325,12 @@ fn validate_route(c: &mut Collector<'_>, fi: usize, path: &str, route: &Route, a
             check_method(c, fi, format!("{path}.match.methods[{mi}]"), method);
         }
     }
-    if route.destinations.is_empty() {
+    let terminal = route.filters.as_ref().is_some_and(|f| f.terminal());
+    if route.destinations.is_empty() && !terminal {
         c.push(
             fi,
             format!("{path}.destinations"),
-            "at least one destination is required",
+            "at least one destination is required (or a redirect / direct_response filter)",
         );
     }
     for (di, d) in route.destinations.iter().enumerate() {
@@ -373,6 +390,7 @@ fn validate_route(c: &mut Collector<'_>, fi: usize, path: &str, route: &Route, a
     if let Some(limit) = &route.rate_limit {
         resilience::check_rate_limit(c, fi, &format!("{path}.rate_limit"), limit);
     }
+    traffic::check_route(c, fi, path, route, all, context_namespace.as_deref());
 }
 
 /// Exactly one of exact, prefix, regex; exact and prefix start with '/'; the regex compiles.

@@ -186,4 +186,32 @@ impl ControlPlane {
             })
             .collect()
     }
+
+    /// Sets the log filter pushed to proxy `id` ("" = its own setting) and pushes it.
+    pub fn set_log_level(&self, id: &str, level: &str) -> Result<(), LogLevelError> {
+        let level = if level.is_empty() {
+            None
+        } else {
+            if level.len() > 1024 {
+                return Err(LogLevelError::Invalid("longer than 1024 bytes".to_owned()));
+            }
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| LogLevelError::Invalid(e.to_string()))?;
+            Some(level.to_owned())
+        };
+        if !lock(&self.registry).set_log_level(id, level) {
+            return Err(LogLevelError::NoSuchProxy(id.to_owned()));
+        }
+        self.bump();
+        Ok(())
+    }
+}
+
+/// Why a log level was not set.
+#[derive(Debug, thiserror::Error)]
+pub enum LogLevelError {
+    #[error("no proxy {0:?} is registered")]
+    NoSuchProxy(String),
+    #[error("not a log filter: {0}")]
+    Invalid(String),
 }
