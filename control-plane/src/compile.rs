@@ -302,7 +302,7 @@ fn millis(d: std::time::Duration) -> u64 {
 fn callable_services<'a>(policy: &'a PolicySet, local: Option<&Service>) -> Vec<&'a Service> {
     match local.and_then(|s| s.dependencies.as_ref().map(|d| (s, d))) {
         Some((s, deps)) => {
-            let keys: Vec<ServiceKey> = deps
+            let keys: std::collections::HashSet<ServiceKey> = deps
                 .iter()
                 .filter_map(|d| policy.resolve(d, Some(&s.namespace)))
                 .collect();
@@ -316,17 +316,15 @@ fn callable_services<'a>(policy: &'a PolicySet, local: Option<&Service>) -> Vec<
     }
 }
 
-/// The routes attached to any of `services`, in declared order.
+/// The routes attached to each of `services` (per service, in declared order), from the set's
+/// index: no scan over every route.
 fn routes_of_services<'a>(
     policy: &'a PolicySet,
     services: &[&Service],
 ) -> impl Iterator<Item = &'a policy::Route> {
     let keys: Vec<ServiceKey> = services.iter().map(|s| key_of(s)).collect();
-    policy.routes().iter().filter(move |r| {
-        policy
-            .resolve(&r.service, None)
-            .is_some_and(|k| keys.contains(&k))
-    })
+    keys.into_iter()
+        .flat_map(move |k| policy.routes_of(&k).collect::<Vec<_>>())
 }
 
 /// Outbound listeners accept the local app's plaintext (`mtls: DISABLED`, no authorization);

@@ -9,7 +9,7 @@
 //! disconnected, each within a restart grace. A proxy that reconnects (same node id) within it
 //! reclaims its entry; the others are dropped by [`Registry::expire`] when it ends.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -112,6 +112,8 @@ impl RegisteredProxy {
 pub struct Registry {
     grace: Duration,
     proxies: BTreeMap<String, RegisteredProxy>,
+    /// Node ids by service: a service's endpoints without scanning every proxy.
+    by_service: BTreeMap<ServiceKey, BTreeSet<String>>,
     next_session: u64,
 }
 
@@ -120,6 +122,7 @@ impl Registry {
         Self {
             grace,
             proxies: BTreeMap::new(),
+            by_service: BTreeMap::new(),
             next_session: 1,
         }
     }
@@ -139,11 +142,12 @@ impl Registry {
             .get(&node.id)
             .filter(|p| p.service == service)
             .and_then(|p| p.log_level.clone());
-        self.proxies.insert(
+        self.index(&node.id, &service);
+        let replaced = self.proxies.insert(
             node.id.clone(),
             RegisteredProxy {
                 node,
-                service,
+                service: service.clone(),
                 session,
                 connected_since,
                 remove_at: None,
@@ -151,7 +155,26 @@ impl Registry {
                 log_level,
             },
         );
+        if let Some(old) = replaced.filter(|old| old.service != service) {
+            self.unindex(&old.node.id, &old.service);
+        }
         session
+    }
+
+    fn index(&mut self, id: &str, service: &ServiceKey) {
+        self.by_service
+            .entry(service.clone())
+            .or_default()
+            .insert(id.to_owned());
+    }
+
+    fn unindex(&mut self, id: &str, service: &ServiceKey) {
+        if let Some(ids) = self.by_service.get_mut(service) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_service.remove(service);
+            }
+        }
     }
 
     /// Sets the log filter pushed to proxy `id` (`None`: its own setting). `false` when no such
@@ -200,11 +223,7 @@ impl Registry {
                         self.proxies.len()
                     )));
                 }
-                let of_service = self
-                    .proxies
-                    .values()
-                    .filter(|p| p.service == service)
-                    .count();
+                let of_service = self.by_service.get(&service).map_or(0, BTreeSet::len);
                 if of_service >= max_per_service {
                     return Err(Refusal::TooMany(format!(
                         "{of_service} registrations of {namespace}/{} (--max-registrations-per-service)",
@@ -283,6 +302,7 @@ impl Registry {
             self.next_session += 1;
             let service = ServiceKey::new(&node.service, &node.namespace);
             restored.push(e.id.clone());
+            self.index(&e.id, &service);
             self.proxies.insert(
                 e.id,
                 RegisteredProxy {
@@ -314,10 +334,17 @@ impl Registry {
 
     /// Drops entries whose grace expired; returns whether any were dropped.
     pub fn expire(&mut self, now: Instant) -> bool {
-        let before = self.proxies.len();
-        self.proxies
-            .retain(|_, p| p.remove_at.is_none_or(|deadline| deadline > now));
-        self.proxies.len() != before
+        let expired: Vec<(String, ServiceKey)> = self
+            .proxies
+            .values()
+            .filter(|p| p.remove_at.is_some_and(|deadline| deadline <= now))
+            .map(|p| (p.node.id.clone(), p.service.clone()))
+            .collect();
+        for (id, service) in &expired {
+            self.proxies.remove(id);
+            self.unindex(id, service);
+        }
+        !expired.is_empty()
     }
 
     /// The earliest pending removal, for the sweeper's timer.
@@ -340,9 +367,12 @@ impl Registry {
         &'a self,
         service: &'a ServiceKey,
     ) -> impl Iterator<Item = &'a RegisteredProxy> + 'a {
-        self.proxies
-            .values()
-            .filter(move |p| &p.service == service && !p.node.inbound_address.is_empty())
+        self.by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.proxies.get(id))
+            .filter(|p| !p.node.inbound_address.is_empty())
     }
 }
 

@@ -4,6 +4,7 @@
 //! rejected with every error found, each naming `file:line: field: reason`.
 
 pub mod bounds;
+mod index;
 mod locate;
 pub mod resilience;
 pub mod security;
@@ -319,6 +320,7 @@ pub struct PolicySet {
     services: Vec<Service>,
     routes: Vec<Route>,
     authorization: Vec<AuthorizationPolicy>,
+    index: index::PolicyIndex,
 }
 
 impl Default for PolicySet {
@@ -337,6 +339,7 @@ impl PolicySet {
             services: Vec::new(),
             routes: Vec::new(),
             authorization: Vec::new(),
+            index: index::PolicyIndex::default(),
         }
     }
 
@@ -378,12 +381,13 @@ impl PolicySet {
             return Err(PolicyErrors(errors));
         }
         validate::validate(&files, &parsed)?;
-        let services = parsed.iter().flat_map(|p| p.services.clone()).collect();
-        let routes = parsed.iter().flat_map(|p| p.routes.clone()).collect();
-        let authorization = parsed
+        let services: Vec<Service> = parsed.iter().flat_map(|p| p.services.clone()).collect();
+        let routes: Vec<Route> = parsed.iter().flat_map(|p| p.routes.clone()).collect();
+        let authorization: Vec<AuthorizationPolicy> = parsed
             .iter()
             .flat_map(|p| p.authorization.clone())
             .collect();
+        let index = index::PolicyIndex::build(&services, &routes, &authorization);
         let mesh = parsed
             .iter()
             .find_map(|p| p.mesh.clone())
@@ -395,6 +399,7 @@ impl PolicySet {
             services,
             routes,
             authorization,
+            index,
         })
     }
 
@@ -430,9 +435,14 @@ impl PolicySet {
 
     /// The authorization policy guarding `key`'s inbound side, if one is declared.
     pub fn authorization_of(&self, key: &ServiceKey) -> Option<&AuthorizationPolicy> {
-        self.authorization
-            .iter()
-            .find(|p| resolve_reference(&self.services, &p.service, None).is_ok_and(|k| k == *key))
+        self.index
+            .authorization_of(key)
+            .map(|i| &self.authorization[i])
+    }
+
+    /// The routes attached to service `key`, in declared order.
+    pub fn routes_of(&self, key: &ServiceKey) -> impl Iterator<Item = &Route> + '_ {
+        self.index.routes_of(key).iter().map(|&i| &self.routes[i])
     }
 
     /// The effective inbound mTLS mode of a service: its own, else `mesh.mtls`.
@@ -450,14 +460,14 @@ impl PolicySet {
 
     /// The service with this identity.
     pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
-        self.services
-            .iter()
-            .find(|s| s.name == key.name && s.namespace == key.namespace)
+        self.index.service(key).map(|i| &self.services[i])
     }
 
     /// Resolves a service reference; see [`resolve_reference`].
     pub fn resolve(&self, reference: &str, context_namespace: Option<&str>) -> Option<ServiceKey> {
-        resolve_reference(&self.services, reference, context_namespace).ok()
+        self.index
+            .resolve(&self.services, reference, context_namespace)
+            .ok()
     }
 }
 
