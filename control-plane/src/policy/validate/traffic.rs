@@ -116,10 +116,13 @@ pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &str, s: &Se
             }
         }
         if let Some(pem) = &tls.roots_pem {
-            match crate::ca::pem_certs(pem) {
+            use rustls::pki_types::pem::PemObject as _;
+            let certs: Result<Vec<_>, _> =
+                rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+            match certs {
                 Ok(certs) if !certs.is_empty() => {}
                 Ok(_) => c.push(fi, format!("{tpath}.roots_pem"), "holds no certificate"),
-                Err(e) => c.push(fi, format!("{tpath}.roots_pem"), e),
+                Err(e) => c.push(fi, format!("{tpath}.roots_pem"), format!("bad PEM: {e}")),
             }
         }
         match (&tls.client_cert_file, &tls.client_key_file) {
