@@ -10,7 +10,10 @@
 
 mod authz;
 mod resilience;
+mod scope;
 pub mod traffic;
+
+pub use scope::{compile_scope, ScopeResources};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,9 +21,9 @@ use std::net::{IpAddr, SocketAddr};
 use prost::Message;
 use weft_proto::v1::{
     header_match, Cluster, ClusterEndpoints, ClusterSet, Direction, Endpoint, EndpointSet,
-    HeaderMatch, LbPolicy, Listener, ListenerProtocol, ListenerSet, MtlsMode, Node,
+    HeaderMatch, Listener, ListenerProtocol, ListenerSet, MtlsMode, Node,
     PolicySet as AuthorizationSet, ResourceType, Route, RouteMatch, RouteSet, RouteTable, TrustSet,
-    UpstreamProtocol, WeightedCluster,
+    WeightedCluster,
 };
 
 use crate::hash::StableHasher;
@@ -89,117 +92,74 @@ pub fn type_name(t: ResourceType) -> &'static str {
     }
 }
 
-/// Compiles the resources of the proxy `node`.
+/// Compiles the resources of the proxy `node`: its scope's shared part ([`compile_scope`]) and
+/// its own ([`assemble`]).
 pub fn compile(
     policy: &PolicySet,
     registry: &Registry,
     trust: &TrustBundle,
     node: &Node,
 ) -> Resources {
+    let scope = compile_scope(policy, registry, trust, &scope_of(node));
+    assemble(policy, registry, &scope, node)
+}
+
+/// The scope of `node`: its service and namespace.
+pub fn scope_of(node: &Node) -> ServiceKey {
     let namespace = if node.namespace.is_empty() {
         "default"
     } else {
         node.namespace.as_str()
     };
-    let local_key = ServiceKey::new(&node.service, namespace);
-    let services = policy::services_by_key(policy);
-    let local = services.get(&local_key).copied();
+    ServiceKey::new(&node.service, namespace)
+}
 
-    let callable = callable_services(policy, local);
-    let trust_domain = authz::trust_domain(policy, trust);
-    let authorization = authz::policy_for(policy, &local_key, trust_domain);
-
-    let listeners = compile_listeners(
-        policy,
-        node,
-        local,
-        &callable,
-        authorization.as_ref().map(|p| p.name.as_str()),
-    );
-    let table = compile_route_table(policy, &callable);
-
-    // Clusters: callable services, every destination (and mirror) of their routes, subsets of
-    // those, and `inbound`.
-    let mut cluster_services: BTreeMap<String, &Service> = BTreeMap::new();
-    let mut subsets: BTreeMap<String, (&Service, &BTreeMap<String, String>)> = BTreeMap::new();
-    for s in &callable {
-        cluster_services.insert(key_of(s).cluster_name(), s);
-    }
-    for route in routes_of_services(policy, &callable) {
-        let ns = policy
-            .resolve(&route.service, None)
-            .map(|k| k.namespace)
-            .unwrap_or_default();
-        let resolve = |name: &str| {
-            policy
-                .resolve(name, Some(&ns))
-                .and_then(|k| services.get(&k).copied())
-        };
-        for d in &route.destinations {
-            if let Some(s) = resolve(&d.service) {
-                if d.subset.is_empty() {
-                    cluster_services.insert(key_of(s).cluster_name(), s);
-                } else {
-                    subsets.insert(
-                        traffic::subset_cluster_name(&key_of(s), &d.subset),
-                        (s, &d.subset),
-                    );
-                }
-            }
-        }
-        if let Some(mirror) = route.filters.as_ref().and_then(|f| f.mirror.as_ref()) {
-            if let Some(s) = resolve(&mirror.service) {
-                cluster_services.insert(key_of(s).cluster_name(), s);
-            }
-        }
-    }
-
-    let mut clusters: Vec<Cluster> = cluster_services
-        .values()
-        .map(|s| service_cluster(policy, s))
-        .chain(subsets.iter().map(|(name, (s, _))| Cluster {
-            name: name.clone(),
-            ..service_cluster(policy, s)
-        }))
-        .collect();
-    for c in &mut clusters {
-        if let Some(s) = services.get(&ServiceKey::new(&c.service, &c.namespace)) {
-            c.locality = traffic::locality(s, node);
-        }
-    }
-    clusters.push(Cluster {
-        name: INBOUND.to_owned(),
-        service: String::new(),
-        namespace: String::new(),
-        lb: LbPolicy::RoundRobin as i32,
-        connect_timeout_ms: local.map_or(1000, |s| millis(s.connect_timeout)),
-        // The caller's sidecar enforces the request timeout.
-        request_timeout_ms: 0,
-        protocol: UpstreamProtocol::Preserve as i32,
-        // The local app is plain and alone: no breaker, ejection or health checks.
-        idle_timeout_ms: millis(idle_timeout_of(local)),
-        mtls: MtlsMode::Disabled as i32,
-        ..Default::default()
-    });
-    clusters.sort_by(|a, b| a.name.cmp(&b.name));
-
-    let mut endpoints: Vec<ClusterEndpoints> = cluster_services
+/// The resources of `node` from its scope's shared ones: its listeners (its addresses, its log
+/// level), its `inbound` endpoint (its app address), and zone preferences (its zone label).
+/// Versions are hashes of what differs per node combined with the scope's, so this costs
+/// time proportional to the node's own part plus copying the shared sets.
+pub fn assemble(
+    policy: &PolicySet,
+    registry: &Registry,
+    scope: &ScopeResources,
+    node: &Node,
+) -> Resources {
+    let local = policy.service(&scope.service);
+    let tcp: Vec<&Service> = scope
+        .tcp_services
         .iter()
-        .map(|(name, s)| ClusterEndpoints {
-            cluster: name.clone(),
-            endpoints: endpoints_of(s, registry, trust_domain),
-        })
-        .chain(subsets.iter().map(|(name, (s, labels))| {
-            ClusterEndpoints {
-                cluster: name.clone(),
-                endpoints: endpoints_of(s, registry, trust_domain)
-                    .into_iter()
-                    .filter(|e| labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
-                    .collect(),
-            }
-        }))
+        .filter_map(|k| policy.service(k))
         .collect();
-    endpoints.push(ClusterEndpoints {
+    let listeners = compile_listeners(policy, node, local, &tcp, scope.authorization.as_deref());
+    let log_level = registry
+        .get(&node.id)
+        .and_then(|p| p.log_level.clone())
+        .unwrap_or_default();
+    let mut h = StableHasher::new();
+    h.write_field(version_of_messages(&listeners).as_bytes());
+    h.write_field(log_level.as_bytes());
+    let listeners = ListenerSet {
+        version: h.finish_hex(),
+        listeners,
+        log_level,
+    };
+
+    let mut clusters = scope.clusters.clone();
+    if scope.locality {
+        let mut patched = false;
+        for c in &mut clusters.clusters {
+            let service = ServiceKey::new(&c.service, &c.namespace);
+            if let Some(s) = policy.service(&service) {
+                c.locality = traffic::locality(s, node);
+                patched |= c.locality.is_some();
+            }
+        }
+        if patched {
+            clusters.version = version_of_messages(&clusters.clusters);
+        }
+    }
+
+    let inbound = ClusterEndpoints {
         cluster: INBOUND.to_owned(),
         endpoints: if node.app_address.is_empty() {
             Vec::new()
@@ -207,56 +167,27 @@ pub fn compile(
             vec![Endpoint {
                 address: node.app_address.clone(),
                 weight: 1,
-                proxy_id: String::new(),
-                labels: Default::default(),
                 ..Default::default()
             }]
         },
-    });
-    endpoints.sort_by(|a, b| a.cluster.cmp(&b.cluster));
-
-    let tables = vec![table];
-    let policies: Vec<_> = authorization.into_iter().collect();
-    let trust_set = TrustSet {
-        version: String::new(),
-        trust_domain: trust_domain.to_owned(),
-        roots_pem: trust.roots_pem.clone(),
     };
+    let mut h = StableHasher::new();
+    h.write_field(scope.endpoints_version.as_bytes());
+    h.write_field(&inbound.encode_to_vec());
+    let version = h.finish_hex();
+    let mut sets = scope.endpoints.clone();
+    let at = sets.partition_point(|e| e.cluster.as_str() < INBOUND);
+    sets.insert(at, inbound);
     Resources {
-        listeners: {
-            let log_level = registry
-                .get(&node.id)
-                .and_then(|p| p.log_level.clone())
-                .unwrap_or_default();
-            let mut h = StableHasher::new();
-            h.write_field(version_of_messages(&listeners).as_bytes());
-            h.write_field(log_level.as_bytes());
-            ListenerSet {
-                version: h.finish_hex(),
-                listeners,
-                log_level,
-            }
-        },
-        routes: RouteSet {
-            version: version_of_messages(&tables),
-            tables,
-        },
-        clusters: ClusterSet {
-            version: version_of_messages(&clusters),
-            clusters,
-        },
+        listeners,
+        routes: scope.routes.clone(),
+        clusters,
         endpoints: EndpointSet {
-            version: version_of_endpoints(&endpoints),
-            clusters: endpoints,
+            version,
+            clusters: sets,
         },
-        policies: AuthorizationSet {
-            version: version_of_messages(&policies),
-            policies,
-        },
-        trust: TrustSet {
-            version: version_of_messages(std::slice::from_ref(&trust_set)),
-            ..trust_set
-        },
+        policies: scope.policies.clone(),
+        trust: scope.trust.clone(),
     }
 }
 

@@ -354,10 +354,16 @@ async fn run_stream(
     let mut rejected: Option<Rejected> = None;
     // The generation last compiled for this proxy; `None` until the first compile.
     let mut compiled: Option<u64> = None;
-    let mut dirty = true;
+    let mut dirty = Unpushed::new(&cp);
+    let debounce = cp.push_debounce();
     loop {
-        if dirty && outstanding.is_none() {
-            dirty = false;
+        if dirty.is_set() && outstanding.is_none() {
+            // A burst of changes (proxies connecting together, a rollout) becomes one push:
+            // wait a moment for the rest of it before compiling.
+            if compiled.is_some() && !debounce.is_zero() {
+                tokio::time::sleep(debounce).await;
+            }
+            dirty.clear();
             let generation = *generations.borrow_and_update();
             if rejected
                 .as_ref()
@@ -410,7 +416,7 @@ async fn run_stream(
                 if changed.is_err() {
                     break;
                 }
-                dirty = true;
+                dirty.set();
             }
             message = inbound.next() => match message {
                 Some(Ok(DiscoveryRequest { kind: Some(Kind::Ack(ack)) })) => {
@@ -476,6 +482,46 @@ fn bounded(mut reason: String) -> String {
 
 /// Longest NACK reason kept per proxy.
 const MAX_NACK_REASON: usize = 4096;
+
+/// Whether a stream has a change it has not pushed yet, counted in
+/// `weft_control_pushes_pending` (the push queue) while set.
+struct Unpushed {
+    gauge: prometheus::IntGauge,
+    set: bool,
+}
+
+impl Unpushed {
+    /// Set: a new stream has its first push to make.
+    fn new(cp: &ControlPlane) -> Self {
+        let gauge = cp.metrics().pushes_pending.clone();
+        gauge.inc();
+        Self { gauge, set: true }
+    }
+
+    fn is_set(&self) -> bool {
+        self.set
+    }
+
+    fn set(&mut self) {
+        if !self.set {
+            self.set = true;
+            self.gauge.inc();
+        }
+    }
+
+    fn clear(&mut self) {
+        if self.set {
+            self.set = false;
+            self.gauge.dec();
+        }
+    }
+}
+
+impl Drop for Unpushed {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
 
 /// Sleeps until `deadline`, or forever without one (a disabled `select!` branch).
 async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {

@@ -23,6 +23,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod persist;
 pub mod policy;
+pub mod push;
 pub mod registry;
 pub mod server;
 pub mod state;

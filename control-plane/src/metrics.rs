@@ -40,6 +40,10 @@ pub struct Metrics {
     pub connections_refused_total: IntCounterVec,
     /// Admin API requests refused, label `reason` (`unauthenticated`, `forbidden`).
     pub admin_requests_denied_total: IntCounterVec,
+    /// Scope lookups of discovery streams, label `result` (`compiled`, `reused`).
+    pub compilations_total: IntCounterVec,
+    /// Discovery streams with a change they have not pushed yet.
+    pub pushes_pending: IntGauge,
 }
 
 /// The `result` label values of `weft_control_certificates_issued_total`.
@@ -123,6 +127,22 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let compilations_total = IntCounterVec::new(
+            Opts::new(
+                "weft_control_compilations_total",
+                "Scope lookups by discovery streams: compiled (the scope's policy, trust or the registrations it holds changed) or reused (shared with the other proxies of the scope).",
+            ),
+            &["result"],
+        )?;
+        let pushes_pending = IntGauge::new(
+            "weft_control_pushes_pending",
+            "Discovery streams that saw a change and have not pushed it yet (the push queue).",
+        )?;
+        registry.register(Box::new(compilations_total.clone()))?;
+        registry.register(Box::new(pushes_pending.clone()))?;
+        for result in ["compiled", "reused"] {
+            compilations_total.with_label_values(&[result]);
+        }
         registry.register(Box::new(registrations_refused_total.clone()))?;
         registry.register(Box::new(connections_refused_total.clone()))?;
         registry.register(Box::new(admin_requests_denied_total.clone()))?;
@@ -170,6 +190,8 @@ impl Metrics {
             registrations_refused_total,
             connections_refused_total,
             admin_requests_denied_total,
+            compilations_total,
+            pushes_pending,
         })
     }
 

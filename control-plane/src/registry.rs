@@ -114,6 +114,11 @@ pub struct Registry {
     proxies: BTreeMap<String, RegisteredProxy>,
     /// Node ids by service: a service's endpoints without scanning every proxy.
     by_service: BTreeMap<ServiceKey, BTreeSet<String>>,
+    /// Bumped whenever a service's registrations change (a scope's compiled resources depend on
+    /// the versions of the services it holds endpoints of: see `crate::push`).
+    service_versions: BTreeMap<ServiceKey, u64>,
+    /// The last version handed out.
+    last_version: u64,
     next_session: u64,
 }
 
@@ -123,6 +128,8 @@ impl Registry {
             grace,
             proxies: BTreeMap::new(),
             by_service: BTreeMap::new(),
+            service_versions: BTreeMap::new(),
+            last_version: 0,
             next_session: 1,
         }
     }
@@ -161,7 +168,19 @@ impl Registry {
         session
     }
 
+    /// The version of `service`'s registrations (0: none ever).
+    pub fn service_version(&self, service: &ServiceKey) -> u64 {
+        self.service_versions.get(service).copied().unwrap_or(0)
+    }
+
+    fn touch(&mut self, service: &ServiceKey) {
+        self.last_version += 1;
+        self.service_versions
+            .insert(service.clone(), self.last_version);
+    }
+
     fn index(&mut self, id: &str, service: &ServiceKey) {
+        self.touch(service);
         self.by_service
             .entry(service.clone())
             .or_default()
@@ -169,6 +188,7 @@ impl Registry {
     }
 
     fn unindex(&mut self, id: &str, service: &ServiceKey) {
+        self.touch(service);
         if let Some(ids) = self.by_service.get_mut(service) {
             ids.remove(id);
             if ids.is_empty() {

@@ -53,6 +53,8 @@ pub struct Config {
     pub deregister_grace: Duration,
     /// How long a push may stay unanswered before it is considered lost (see `discovery`).
     pub push_timeout: Duration,
+    /// How long a stream waits after a change before compiling (a burst becomes one push).
+    pub push_debounce: Duration,
     /// Where the registry is persisted (`registry.json`); `None`:
     /// [`crate::persist::default_state_dir`] of `policies` (`<policies>/.weft-state`).
     pub state_dir: Option<PathBuf>,
@@ -87,6 +89,7 @@ impl Config {
             admin: SocketAddr::from(([127, 0, 0, 1], 15011)),
             deregister_grace: DEFAULT_DEREGISTER_GRACE,
             push_timeout: crate::state::DEFAULT_PUSH_TIMEOUT,
+            push_debounce: crate::state::DEFAULT_PUSH_DEBOUNCE,
             state_dir: None,
             restart_grace: DEFAULT_RESTART_GRACE,
             limits: crate::admission::Limits::default(),
@@ -229,6 +232,7 @@ impl Server {
                 metrics,
             )
             .with_push_timeout(config.push_timeout)
+            .with_push_debounce(config.push_debounce)
             .with_limits(config.limits.clone())
             .with_state_store(StateStore::new(&state_dir)),
         );

@@ -52,6 +52,9 @@ pub struct ApplyOutcome {
     pub changed: Vec<String>,
 }
 
+/// Default pause between a change and compiling it, which coalesces bursts.
+pub const DEFAULT_PUSH_DEBOUNCE: Duration = Duration::from_millis(10);
+
 /// Default time a push may stay unanswered before it is considered lost.
 pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -79,8 +82,11 @@ pub struct ControlPlane {
     /// Serializes store reads+writes (admin API and watcher reloads).
     apply_lock: tokio::sync::Mutex<()>,
     push_timeout: Duration,
+    push_debounce: Duration,
     /// Bounds on registrations ([`crate::admission`]).
     limits: crate::admission::Limits,
+    /// Compiled scopes, shared by the proxies of a service.
+    scopes: crate::push::ScopeCache,
     metrics: Metrics,
 }
 
@@ -107,7 +113,12 @@ impl ControlPlane {
             changes: Mutex::new(VecDeque::new()),
             apply_lock: tokio::sync::Mutex::new(()),
             push_timeout: DEFAULT_PUSH_TIMEOUT,
+            push_debounce: DEFAULT_PUSH_DEBOUNCE,
             limits: crate::admission::Limits::default(),
+            scopes: crate::push::ScopeCache::new(
+                metrics.compilations_total.with_label_values(&["compiled"]),
+                metrics.compilations_total.with_label_values(&["reused"]),
+            ),
             metrics,
         }
     }
@@ -130,6 +141,17 @@ impl ControlPlane {
     /// The registration bounds in force.
     pub fn limits(&self) -> &crate::admission::Limits {
         &self.limits
+    }
+
+    /// How long a stream waits after a change before compiling, so a burst becomes one push.
+    #[must_use]
+    pub fn with_push_debounce(mut self, debounce: Duration) -> Self {
+        self.push_debounce = debounce;
+        self
+    }
+
+    pub fn push_debounce(&self) -> Duration {
+        self.push_debounce
     }
 
     pub fn push_timeout(&self) -> Duration {
@@ -484,12 +506,15 @@ impl ControlPlane {
         f(&lock(&self.registry))
     }
 
-    /// Compiles the current resources of `node`.
+    /// The current resources of `node`: its scope's shared part from the scope cache
+    /// (`crate::push`: compiled once per scope and change), then its own.
     pub fn compile_for(&self, node: &Node) -> Resources {
-        let policy = self.policy.load();
-        let trust = self.trust.load();
+        let (policy, trust) = crate::push::load(&self.policy, &self.trust);
         let registry = lock(&self.registry);
-        compile(&policy, &registry, &trust, node)
+        let scope = self
+            .scopes
+            .get(&policy, &trust, &registry, &crate::compile::scope_of(node));
+        crate::compile::assemble(&policy, &registry, &scope, node)
     }
 }
 

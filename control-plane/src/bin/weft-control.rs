@@ -94,6 +94,10 @@ struct ServeArgs {
     /// counted as weft_control_pushes_total{result="timeout"}, and pushed again on the next change.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     push_timeout: Duration,
+    /// How long a proxy's stream waits after a change before compiling and pushing it, so a
+    /// burst of changes (proxies connecting together, a rollout) becomes one push.
+    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = humantime::parse_duration)]
+    push_debounce: Duration,
     /// Directory of the control plane's own state: registry.json, the registered proxies,
     /// rewritten on every registry change and restored at start. Default: <policies>/.weft-state
     /// (dot-files and dot-directories in the policy directory are not policies).
@@ -319,6 +323,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             admin: args.admin,
             deregister_grace: args.deregister_grace,
             push_timeout: args.push_timeout,
+            push_debounce: args.push_debounce,
             state_dir: args.state_dir,
             restart_grace: args.restart_grace,
             limits: Limits {

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use super::*;
 use crate::policy::SourceFile;
 use weft_proto::v1::path_match;
+use weft_proto::v1::{LbPolicy, UpstreamProtocol};
 
 const POLICY: &str = "\
 services:

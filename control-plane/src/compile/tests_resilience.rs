@@ -9,6 +9,7 @@ use weft_proto::v1::{
 
 use super::*;
 use crate::policy::SourceFile;
+use weft_proto::v1::LbPolicy;
 
 fn policy(content: &str) -> PolicySet {
     PolicySet::from_files(vec![SourceFile {

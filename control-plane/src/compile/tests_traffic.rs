@@ -5,6 +5,7 @@ use std::time::SystemTime;
 
 use super::*;
 use crate::policy::SourceFile;
+use weft_proto::v1::UpstreamProtocol;
 
 fn policy(content: &str) -> PolicySet {
     PolicySet::from_files(vec![SourceFile {
@@ -95,7 +96,10 @@ routes:
     );
     let subset = "api.default~version=v2";
     let c = cluster(&r, subset);
-    assert_eq!(c.service, "api", "a subset is still the service (identity, mTLS)");
+    assert_eq!(
+        c.service, "api",
+        "a subset is still the service (identity, mTLS)"
+    );
     let eps = r
         .endpoints
         .clusters

@@ -12,7 +12,6 @@ pub mod store;
 pub mod traffic;
 mod validate;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -577,15 +576,6 @@ fn split_serde_message(message: &str) -> (String, String) {
         }
     }
     ("(file)".to_owned(), msg.to_owned())
-}
-
-/// An index of services by identity, for compilation.
-pub(crate) fn services_by_key(policy: &PolicySet) -> HashMap<ServiceKey, &Service> {
-    policy
-        .services()
-        .iter()
-        .map(|s| (ServiceKey::new(&s.name, &s.namespace), s))
-        .collect()
 }
 
 #[cfg(test)]

@@ -124,7 +124,17 @@ impl ControlPlane {
     /// Drops registrations (and statuses) whose grace expired, and wakes streams if any did.
     pub fn expire_registrations(&self) {
         let now = Instant::now();
-        let expired = lock(&self.registry).expire(now);
+        let expired = {
+            let mut registry = lock(&self.registry);
+            let expired = registry.expire(now);
+            if expired {
+                // Scopes no registered proxy has any more go too (bounded cache).
+                let live: std::collections::HashSet<crate::policy::ServiceKey> =
+                    registry.proxies().map(|p| p.service.clone()).collect();
+                self.scopes.retain(|k| live.contains(k));
+            }
+            expired
+        };
         lock(&self.statuses).retain(|_, s| s.remove_at.is_none_or(|at| at > now));
         if expired {
             self.registry_changed();
