@@ -409,7 +409,7 @@ impl Ca {
         sans.push(SanType::URI(ia5(
             &self.spiffe_id(CONTROL_NAMESPACE, CONTROL_SERVICE)
         )?));
-        self.sign_local(now, leaf_params(now, not_after, sans, CONTROL_SERVICE))
+        self.sign_local(now, &leaf_params(now, not_after, sans, CONTROL_SERVICE))
     }
 
     /// Signs `params` (built at `now`) with a fresh key: the chain (leaf + intermediates) and
@@ -417,7 +417,7 @@ impl Ca {
     fn sign_local(
         &self,
         now: OffsetDateTime,
-        params: CertificateParams,
+        params: &CertificateParams,
     ) -> Result<LocalCert, SignError> {
         let key = KeyPair::generate()?;
         let not_after = params.not_after;
@@ -466,7 +466,7 @@ impl Ca {
         let uri = format!("spiffe://{}/weft-admin/{role}/{name}", self.trust_domain);
         let mut params = leaf_params(now, not_after, vec![SanType::URI(ia5(&uri)?)], name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign_local(now, params)
+        self.sign_local(now, &params)
     }
 }
 
