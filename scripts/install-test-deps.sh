@@ -4,12 +4,15 @@
 #   netcat-openbsd   `nc -N` for the TCP demo check
 #   prometheus       a real scraper and `promtool` (e2e/tests/prometheus.rs)
 #   make, gcc        building jemalloc, weft-proxy's allocator (tikv-jemalloc-sys)
+#   dnsmasq-base     a real DNS server the egress tests point the sidecar at (e2e/tests/egress.rs)
+#   openssl          the egress tests' CA, server and client certificates
+#   python3          the egress tests' HTTPS server outside the mesh (http.server + ssl)
 # Idempotent: does nothing (no `apt-get update`) when everything is installed.
 # Runs `apt-get update` at most once, then installs only what is missing, without
 # recommended packages. Prints what it installed.
 set -euo pipefail
 
-PACKAGES=(curl netcat-openbsd prometheus make gcc)
+PACKAGES=(curl netcat-openbsd prometheus make gcc dnsmasq-base openssl python3)
 
 installed() { # package
   [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
@@ -45,8 +48,9 @@ failed=()
 for p in "${missing[@]}"; do
   installed "$p" || failed+=("$p")
 done
-for tool in curl nc prometheus promtool; do
-  command -v "$tool" >/dev/null 2>&1 || failed+=("$tool (command)")
+# dnsmasq lives in /usr/sbin, which a non-root PATH may lack (the tests look there too).
+for tool in curl nc prometheus promtool dnsmasq openssl python3; do
+  command -v "$tool" >/dev/null 2>&1 || [[ -x "/usr/sbin/$tool" ]] || failed+=("$tool (command)")
 done
 if ((${#failed[@]})); then
   echo "install-test-deps: still missing after install: ${failed[*]}" >&2

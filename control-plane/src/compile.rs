@@ -352,6 +352,12 @@ fn service_hosts(policy: &PolicySet, service: &Service) -> Vec<String> {
         format!("{n}.{ns}.svc"),
         format!("{n}.{ns}.svc.cluster.local"),
     ];
+    // An external service is also called by its own name (`api.stripe.com`).
+    for e in &service.endpoints {
+        if let Some(h) = &e.host {
+            push_unique(&mut hosts, h.to_ascii_lowercase());
+        }
+    }
     for route in routes_of_services(policy, &[service]) {
         for h in &route.hosts {
             push_unique(&mut hosts, h.to_ascii_lowercase());
@@ -395,7 +401,10 @@ fn compile_route_table(policy: &PolicySet, callable: &[&Service]) -> RouteTable 
                 service.retry.as_ref().unwrap_or(&default_retry),
             )),
             rate_limit: None,
-            filters: None,
+            filters: traffic::external_host(service).map(|host| weft_proto::v1::RouteFilters {
+                rewrite_host: host,
+                ..Default::default()
+            }),
         });
     }
     RouteTable {

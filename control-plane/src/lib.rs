@@ -8,6 +8,7 @@
 //! diff: what a policy change would do, per proxy   inventory: compiled clusters + endpoints
 //! admin HTTP: policy CRUD, status, metrics          ctl: the weftctl client
 //! ca + token + identity: Identity.Certify (CSR -> SPIFFE SVID)   tls: the gRPC port's TLS
+//! fuzzing: entry points of the fuzz/ targets (replayed by tests/fuzz_corpus.rs)
 //! ```
 
 pub mod admin;
@@ -17,6 +18,7 @@ pub mod compile;
 pub mod ctl;
 pub mod diff;
 pub mod discovery;
+pub mod fuzzing;
 pub mod hash;
 pub mod identity;
 pub mod inventory;

@@ -1,6 +1,6 @@
 //! Process assembly: the data-path runtime (`worker_threads` workers), the control thread
-//! (single-threaded runtime running the discovery client and the admin server), and shutdown on
-//! SIGTERM/SIGINT.
+//! (single-threaded runtime running the discovery client, the admin server, and the resolver of
+//! endpoints declared by DNS name with its snapshot refresher), and shutdown on SIGTERM/SIGINT.
 //!
 //! Nothing but the admin port is bound until the first snapshot arrives: listeners come from the
 //! snapshot.
@@ -51,6 +51,9 @@ pub enum StartError {
     /// The mTLS configuration could not be built.
     #[error("TLS setup: {0}")]
     Tls(rustls::Error),
+    /// The resolver of endpoints declared by DNS name could not be built.
+    #[error(transparent)]
+    Dns(#[from] crate::egress::resolver::ResolverError),
 }
 
 /// The node identity announced to the control plane.
@@ -110,6 +113,7 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         metrics.registry(),
     )?;
     crate::observe::install(observability);
+    crate::http::tunnel_metrics::register(metrics.registry())?;
     let store: Arc<SnapshotStore> = Arc::new(SnapshotStore::empty());
     let mesh_tls = Arc::new(MeshTls::new(metrics.security.clone()).map_err(StartError::Tls)?);
     let token = bootstrap
@@ -118,6 +122,8 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         .map(TokenSource::Inline)
         .or_else(|| bootstrap.join_token_file.clone().map(TokenSource::File));
     tls::install_refusal_metrics(metrics.security.origination_refused());
+    tls::install_handshake_metrics(&metrics.security);
+    let dns_metrics = crate::egress::metrics::DnsMetrics::register(metrics.registry())?;
     if token.is_some() {
         // This proxy has a mesh identity: mesh endpoints are dialled with mTLS.
         tls::install_origination(Arc::clone(&mesh_tls));
@@ -158,6 +164,11 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         node: Arc::new(node.clone()),
         draining: Arc::clone(&draining),
     };
+    let refresher = crate::egress::refresh::Refresher::new(
+        Arc::clone(&store),
+        Arc::clone(&listeners),
+        metrics.clone(),
+    );
     let applier = ConfigApplier::new(Arc::clone(&store), Arc::clone(&listeners), metrics)
         .with_trust(Arc::clone(mesh_tls.trust()));
     let mut discovery = Discovery::new(bootstrap.control_plane.clone(), node.clone(), applier)
@@ -193,6 +204,14 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
             which: "control",
             source,
         })?;
+    // DNS endpoints resolve on the control runtime, off the data path (`crate::egress`); the
+    // context is installed before the first snapshot is built.
+    let egress = {
+        let _in_control_runtime = control_rt.enter();
+        let resolver = crate::egress::resolver::DnsResolver::from_config(&bootstrap.dns)?;
+        crate::egress::EgressContext::new(Arc::new(resolver), dns_metrics)
+    };
+    crate::egress::install(Arc::clone(&egress));
     let admin_addr = bootstrap.admin;
     std::thread::Builder::new()
         .name("weft-control".into())
@@ -208,6 +227,7 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
                 if let Some(renewer) = renewer {
                     tokio::spawn(renewer.run());
                 }
+                tokio::spawn(refresher.run(egress));
                 discovery.run().await;
             });
         })

@@ -3,8 +3,17 @@
 //!
 //! A [`Cluster`] is immutable and belongs to one snapshot. What must survive a snapshot swap
 //! lives in [`ClusterState`] (round-robin position, breaker counters, retry budget, outlier and
-//! health-check state, keyed by cluster name) and in each [`Endpoint`]'s pool, load and health
-//! (keyed by address), which a new snapshot takes over from the previous one.
+//! health-check state, the resolver of its DNS endpoints, keyed by cluster name) and in each
+//! [`Endpoint`]'s pool, load and health (keyed by address), which a new snapshot takes over from
+//! the previous one.
+//!
+//! Endpoints are the control plane's (static `ip:port` ones and registered sidecars) followed
+//! by the addresses the cluster's `dns_endpoints` currently resolve to ([`crate::egress::dns`]).
+//! What a connection to each must be is decided here, once per snapshot
+//! ([`crate::tls::Expect`]): mTLS to a sidecar (an endpoint with an identity), TLS originated
+//! to a service outside the mesh when the cluster has `upstream_tls` (its
+//! [`OriginationConfig`], built here and reused while its inputs are unchanged), else
+//! plaintext.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -12,18 +21,23 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use http::HeaderMap;
 use prometheus::IntCounter;
 use weft_proto::v1;
 
 use crate::breaker::{BreakerLimits, BreakerState, ConnectionGate, Limit};
+use crate::egress::dns::{DnsEndpoints, DnsTarget};
+use crate::egress::EgressContext;
 use crate::health::{HealthCheckConfig, HealthChecker, Target};
-use crate::lb::{Balancer, EndpointLoad, HashOn, Policy};
+use crate::lb::{Avail, Balancer, EndpointLoad, HashOn, Policy};
 use crate::metrics::{Metrics, SeriesLease};
 use crate::outlier::{EndpointHealth, OutlierConfig, OutlierState};
 use crate::resilience_metrics::ClusterResilienceMetrics;
 use crate::retry::RetryBudget;
 use crate::snapshot::Rejection;
+use crate::tls::origination::{OriginationConfig, TlsTarget};
+use crate::tls::Expect;
 use crate::upstream::EndpointPool;
 
 /// Connect timeout used when the cluster leaves it at 0.
@@ -57,6 +71,9 @@ pub struct ClusterState {
     pub health: Arc<HealthChecker>,
     /// Retry/breaker/outlier/health metric handles.
     pub metrics: ClusterResilienceMetrics,
+    /// The resolver of the cluster's DNS endpoints, while it has some (dropping it ends its
+    /// task and its metric series).
+    pub dns: ArcSwapOption<DnsEndpoints>,
 }
 
 impl ClusterState {
@@ -71,6 +88,7 @@ impl ClusterState {
             health: Arc::new(HealthChecker::new(Arc::clone(&outlier), metrics.clone())),
             outlier,
             metrics,
+            dns: ArcSwapOption::empty(),
         }
     }
 }
@@ -111,9 +129,13 @@ pub struct Cluster {
     pub outlier: Option<OutlierConfig>,
     /// Active health check; `None` = off.
     pub health_check: Option<HealthCheckConfig>,
+    /// TLS originated to the endpoints outside the mesh (`upstream_tls`); `None` = plaintext.
+    pub upstream_tls: Option<Arc<OriginationConfig>>,
     balancer: Balancer,
     /// Panic threshold (percent of available endpoints below which all are used).
     min_healthy_percent: u32,
+    /// Zone preference: the endpoints in the caller's zone (`None`: no preference).
+    locality: Option<LocalZone>,
     state: Arc<ClusterState>,
     /// `weft_upstream_connect_errors_total{cluster}`.
     pub connect_errors: IntCounter,
@@ -122,8 +144,44 @@ pub struct Cluster {
     _connect_errors_series: SeriesLease,
 }
 
+/// The endpoints in the caller's zone, preferred while enough of them are healthy (Envoy's
+/// locality-weighted balancing and Istio's locality failover are the models).
+#[derive(Debug)]
+struct LocalZone {
+    /// Which endpoint indices are in the zone.
+    members: Avail,
+    /// How many.
+    count: usize,
+    /// Stay in the zone while at least this percent of its endpoints are available.
+    min_healthy_percent: u32,
+}
+
 fn reject(proto: &v1::Cluster, field: impl Into<String>, reason: impl Into<String>) -> Rejection {
     Rejection::new(format!("cluster {:?}", proto.name), field, reason)
+}
+
+/// Hands the cluster's DNS targets to its resolver (created on first use, dropped when the
+/// cluster has none) and returns the addresses they resolve to now.
+fn resolve_dns(
+    state: &ClusterState,
+    cluster: &str,
+    targets: Vec<DnsTarget>,
+    egress: Option<&Arc<EgressContext>>,
+) -> Vec<crate::egress::dns::ResolvedEndpoint> {
+    let Some(egress) = egress.filter(|_| !targets.is_empty()) else {
+        state.dns.store(None);
+        return Vec::new();
+    };
+    let dns = match state.dns.load_full() {
+        Some(d) => d,
+        None => {
+            let d = DnsEndpoints::new(cluster, egress);
+            state.dns.store(Some(Arc::clone(&d)));
+            d
+        }
+    };
+    dns.update(targets);
+    dns.endpoints()
 }
 
 fn lb_of(proto: &v1::Cluster, errors: &mut Vec<Rejection>) -> (Policy, Option<HashOn>) {
@@ -198,6 +256,20 @@ impl Cluster {
         if n == 0 {
             return None;
         }
+        if let Some(zone) = &self.locality {
+            // In the caller's zone while enough of it is available; else every zone.
+            let now = crate::lb::load::now_nanos();
+            let local = Avail::from_fn(n, |i| {
+                zone.members.contains(i) && self.endpoints[i].health.is_available(now)
+            });
+            let up = local.count(n);
+            if up > 0
+                && (up as u64) * 100 >= u64::from(zone.min_healthy_percent) * zone.count as u64
+            {
+                return self.balancer.pick(hash, &local, &self.state.position);
+            }
+            self.state.metrics.locality_spillover.inc();
+        }
         let avail = self.state.outlier.avail(
             |i| &*self.endpoints[i].health,
             n,
@@ -233,11 +305,30 @@ impl Cluster {
     }
 
     /// Builds a cluster from its proto and endpoint list, reusing state and pools of `previous`.
+    /// DNS endpoints resolve through the process's [`crate::egress::context`].
     pub fn build(
         proto: &v1::Cluster,
         endpoints: &[v1::Endpoint],
         previous: Option<&Cluster>,
         metrics: &Metrics,
+    ) -> Result<Self, Vec<Rejection>> {
+        Self::build_with(
+            proto,
+            endpoints,
+            previous,
+            metrics,
+            crate::egress::context(),
+        )
+    }
+
+    /// [`Cluster::build`], resolving DNS endpoints through `egress` (`None`: they never
+    /// resolve).
+    pub fn build_with(
+        proto: &v1::Cluster,
+        endpoints: &[v1::Endpoint],
+        previous: Option<&Cluster>,
+        metrics: &Metrics,
+        egress: Option<&Arc<EgressContext>>,
     ) -> Result<Self, Vec<Rejection>> {
         let mut errors = Vec::new();
         let protocol = match v1::UpstreamProtocol::try_from(proto.protocol) {
@@ -262,25 +353,51 @@ impl Cluster {
                 None
             });
         let outlier = OutlierConfig::from_proto(proto.outlier.as_ref());
+        let upstream_tls = match &proto.upstream_tls {
+            None => None,
+            Some(t) => {
+                match OriginationConfig::build(t, previous.and_then(|p| p.upstream_tls.as_ref())) {
+                    Ok(c) => Some(c),
+                    Err((field, reason)) => {
+                        errors.push(reject(proto, field, reason));
+                        None
+                    }
+                }
+            }
+        };
+        let mut dns_targets = Vec::with_capacity(proto.dns_endpoints.len());
+        for (i, d) in proto.dns_endpoints.iter().enumerate() {
+            match DnsTarget::from_proto(d) {
+                Ok(t) => dns_targets.push(t),
+                Err((field, reason)) => {
+                    errors.push(reject(proto, format!("dns_endpoints[{i}].{field}"), reason));
+                }
+            }
+        }
         let state = match previous {
             Some(p) => Arc::clone(&p.state),
             None => Arc::new(ClusterState::new(metrics.cluster_resilience(&proto.name))),
         };
+        // A rejected cluster changes no long-lived state.
+        let resolved = if errors.is_empty() {
+            resolve_dns(&state, &proto.name, dns_targets, egress)
+        } else {
+            Vec::new()
+        };
         let old: HashMap<SocketAddr, &Endpoint> = previous
             .map(|p| p.endpoints.iter().map(|e| (e.addr, e)).collect())
             .unwrap_or_default();
-        let mut eps = Vec::with_capacity(endpoints.len());
-        for (i, e) in endpoints.iter().enumerate() {
-            let Ok(addr) = e.address.parse::<SocketAddr>() else {
-                errors.push(Rejection::new(
-                    format!("endpoints of cluster {:?}", proto.name),
-                    format!("endpoints[{i}].address"),
-                    format!("invalid ip:port {:?}", e.address),
-                ));
-                continue;
-            };
-            // Pools are keyed by address and what connections must be (mTLS to an identity).
-            let expect = crate::tls::expectation(proto, e);
+        let mut eps = Vec::with_capacity(endpoints.len() + resolved.len());
+        // The caller's zone, and which endpoints are in it (by position in `eps`).
+        let zone = proto
+            .locality
+            .as_ref()
+            .filter(|l| !l.local_zone.is_empty())
+            .map(|l| (&l.zone_label, &l.local_zone));
+        let mut in_zone: Vec<bool> = Vec::with_capacity(endpoints.len() + resolved.len());
+        // Pools are keyed by address and what connections must be (mTLS to an identity, TLS to
+        // a server name, plaintext).
+        let mut add = |addr: SocketAddr, weight: u32, expect: Expect| {
             let (pool, load, health) = match old.get(&addr) {
                 Some(p) if *p.pool.expectation() == expect => (
                     Arc::clone(&p.pool),
@@ -298,11 +415,66 @@ impl Cluster {
             };
             eps.push(Endpoint {
                 addr,
-                weight: e.weight.max(1),
+                weight: weight.max(1),
                 pool,
                 load,
                 health,
             });
+        };
+        for (i, e) in endpoints.iter().enumerate() {
+            let Ok(addr) = e.address.parse::<SocketAddr>() else {
+                errors.push(Rejection::new(
+                    format!("endpoints of cluster {:?}", proto.name),
+                    format!("endpoints[{i}].address"),
+                    format!("invalid ip:port {:?}", e.address),
+                ));
+                continue;
+            };
+            let mesh = crate::tls::expectation(proto, e);
+            let expect = match &upstream_tls {
+                // An endpoint outside the mesh (no identity) of a cluster that originates TLS:
+                // only `sni` can name what its certificate must carry.
+                Some(tls) if e.identity.is_empty() => match tls.server_name(None) {
+                    Ok(name) => Expect::Tls(Arc::new(TlsTarget::new(Arc::clone(tls), name))),
+                    Err(reason) => {
+                        errors.push(reject(
+                            proto,
+                            "upstream_tls.sni",
+                            format!("endpoint {addr}: {reason}"),
+                        ));
+                        continue;
+                    }
+                },
+                _ => mesh,
+            };
+            in_zone.push(zone.is_some_and(|(label, local)| e.labels.get(label) == Some(local)));
+            add(addr, e.weight, expect);
+        }
+        let statics: std::collections::HashSet<SocketAddr> = endpoints
+            .iter()
+            .filter_map(|e| e.address.parse().ok())
+            .collect();
+        for r in resolved {
+            // An address listed statically too is that endpoint already.
+            if statics.contains(&r.addr) {
+                continue;
+            }
+            let expect = match &upstream_tls {
+                Some(tls) => match tls.server_name(Some(&r.host)) {
+                    Ok(name) => Expect::Tls(Arc::new(TlsTarget::new(Arc::clone(tls), name))),
+                    Err(reason) => {
+                        errors.push(reject(
+                            proto,
+                            "dns_endpoints.host",
+                            format!("{}: {reason}", r.host),
+                        ));
+                        continue;
+                    }
+                },
+                None => Expect::Plain,
+            };
+            in_zone.push(false);
+            add(r.addr, r.weight, expect);
         }
         if !errors.is_empty() {
             return Err(errors);
@@ -312,6 +484,14 @@ impl Cluster {
         for e in &eps {
             e.pool.set_idle_timeout(idle_timeout);
         }
+        let locality = proto.locality.as_ref().and_then(|l| {
+            let count = in_zone.iter().filter(|&&z| z).count();
+            (count > 0).then(|| LocalZone {
+                members: Avail::from_fn(in_zone.len(), |i| in_zone[i]),
+                count,
+                min_healthy_percent: l.min_healthy_percent.min(100),
+            })
+        });
         let weights: Vec<u32> = eps.iter().map(|e| e.weight).collect();
         let keys: Vec<String> = eps.iter().map(|e| e.addr.to_string()).collect();
         let loads = eps.iter().map(|e| Arc::clone(&e.load)).collect();
@@ -342,8 +522,10 @@ impl Cluster {
             protocol,
             balancer: Balancer::new(policy, hash_on, &keys, &weights, loads),
             min_healthy_percent: outlier.as_ref().map_or(0, |o| o.min_healthy_percent),
+            locality,
             outlier,
             health_check,
+            upstream_tls,
             breaker,
             endpoints: eps.into(),
             state,
@@ -421,6 +603,55 @@ mod tests {
     }
 
     #[test]
+    fn locality_prefers_the_callers_zone_until_too_few_are_available_there() {
+        let m = Metrics::new().unwrap();
+        let zoned = |addr: &str, zone: &str| v1::Endpoint {
+            address: addr.into(),
+            weight: 1,
+            labels: [("zone".to_owned(), zone.to_owned())].into(),
+            ..Default::default()
+        };
+        let proto = v1::Cluster {
+            locality: Some(v1::LocalityLb {
+                local_zone: "a".into(),
+                zone_label: "zone".into(),
+                min_healthy_percent: 60,
+            }),
+            ..rr("z")
+        };
+        let eps = [
+            zoned("127.0.0.1:1", "a"),
+            zoned("127.0.0.1:2", "a"),
+            zoned("127.0.0.1:3", "b"),
+            ep("127.0.0.1:4", 1),
+        ];
+        let c = Cluster::build(&proto, &eps, None, &m).unwrap();
+        let ports = |c: &Cluster, n: usize| -> std::collections::BTreeSet<u16> {
+            (0..n).map(|_| c.pick().unwrap().addr.port()).collect()
+        };
+        assert_eq!(ports(&c, 20), [1, 2].into(), "the caller's zone only");
+        // One of two in the zone down: 50% < 60%: every available endpoint.
+        c.endpoints[0].health.set_checked_healthy(false);
+        c.state().outlier.note_unavailable();
+        assert_eq!(ports(&c, 30), [2, 3, 4].into());
+        assert!(c.state().metrics.locality_spillover.get() > 0);
+        // Back: in the zone again.
+        c.endpoints[0].health.set_checked_healthy(true);
+        assert_eq!(ports(&c, 20), [1, 2].into());
+        // Without a zone for the caller, or no endpoint in its zone: no preference.
+        let elsewhere = v1::Cluster {
+            locality: Some(v1::LocalityLb {
+                local_zone: "c".into(),
+                zone_label: "zone".into(),
+                min_healthy_percent: 60,
+            }),
+            ..rr("y")
+        };
+        let c = Cluster::build(&elsewhere, &eps, None, &m).unwrap();
+        assert_eq!(ports(&c, 40), [1, 2, 3, 4].into());
+    }
+
+    #[test]
     fn empty_cluster_picks_nothing() {
         let m = Metrics::new().unwrap();
         let c = Cluster::build(&rr("e"), &[], None, &m).unwrap();
@@ -491,6 +722,166 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"weft_outlier_ejected_endpoints{cluster="o"} 1"#));
+    }
+
+    /// Answers every name with 127.0.0.5.
+    struct OneAddress;
+
+    impl crate::egress::resolver::Resolve for OneAddress {
+        fn resolve<'a>(
+            &'a self,
+            _host: &'a str,
+        ) -> futures::future::BoxFuture<
+            'a,
+            Result<crate::egress::resolver::Answer, crate::egress::resolver::ResolveError>,
+        > {
+            Box::pin(async {
+                Ok(crate::egress::resolver::Answer::new(
+                    vec![[127, 0, 0, 5].into()],
+                    None,
+                ))
+            })
+        }
+    }
+
+    fn external(tls: Option<v1::UpstreamTls>) -> v1::Cluster {
+        v1::Cluster {
+            name: "stripe.default".into(),
+            dns_endpoints: vec![v1::DnsEndpoint {
+                host: "api.external.test".into(),
+                port: 443,
+                weight: 3,
+                refresh_ms: 30_000,
+            }],
+            upstream_tls: tls,
+            ..rr("stripe.default")
+        }
+    }
+
+    fn roots() -> String {
+        rcgen::generate_simple_self_signed(vec!["root.test".to_owned()])
+            .unwrap()
+            .cert
+            .pem()
+    }
+
+    #[tokio::test]
+    async fn dns_endpoints_become_endpoints_with_tls_to_their_name() {
+        let m = Metrics::new().unwrap();
+        let ctx = crate::egress::EgressContext::new(
+            Arc::new(OneAddress),
+            crate::egress::metrics::DnsMetrics::unregistered(),
+        );
+        let tls = v1::UpstreamTls {
+            roots_pem: roots(),
+            ..Default::default()
+        };
+        let proto = external(Some(tls));
+        // Not resolved yet: no endpoints (503 no-endpoints), like a cluster without any.
+        let c1 = Cluster::build_with(&proto, &[], None, &m, Some(&ctx)).unwrap();
+        assert!(c1.pick().is_none());
+        tokio::time::timeout(Duration::from_secs(5), ctx.changed())
+            .await
+            .expect("the name resolves and the change is signalled");
+        let c2 = Cluster::build_with(&proto, &[], Some(&c1), &m, Some(&ctx)).unwrap();
+        assert_eq!(c2.endpoints.len(), 1);
+        let e = &c2.endpoints[0];
+        assert_eq!(e.addr.to_string(), "127.0.0.5:443");
+        assert_eq!(e.weight, 3);
+        let Expect::Tls(target) = e.pool.expectation() else {
+            panic!("TLS origination expected: {:?}", e.pool.expectation())
+        };
+        assert_eq!(target.server_name().to_str(), "api.external.test");
+        assert!(e.pool.mesh_identity().is_none());
+        // A rebuild (a push, a refresh) keeps the endpoint's pool and the TLS config.
+        let c3 = Cluster::build_with(&proto, &[], Some(&c2), &m, Some(&ctx)).unwrap();
+        assert!(Arc::ptr_eq(&c2.endpoints[0].pool, &c3.endpoints[0].pool));
+        assert!(Arc::ptr_eq(
+            c2.upstream_tls.as_ref().unwrap(),
+            c3.upstream_tls.as_ref().unwrap()
+        ));
+        // Without upstream_tls the same address is plaintext: a new pool.
+        let plain = Cluster::build_with(&external(None), &[], Some(&c3), &m, Some(&ctx)).unwrap();
+        assert_eq!(*plain.endpoints[0].pool.expectation(), Expect::Plain);
+        assert!(!Arc::ptr_eq(
+            &c3.endpoints[0].pool,
+            &plain.endpoints[0].pool
+        ));
+        // Without DNS endpoints the resolver state goes.
+        assert!(plain.state().dns.load().is_some());
+        let none =
+            Cluster::build_with(&rr("stripe.default"), &[], Some(&plain), &m, Some(&ctx)).unwrap();
+        assert!(none.state().dns.load().is_none());
+    }
+
+    #[test]
+    fn tls_origination_rejections_name_the_field() {
+        let m = Metrics::new().unwrap();
+        let tls = |sni: &str, cert: &str| v1::UpstreamTls {
+            sni: sni.into(),
+            roots_pem: roots(),
+            client_cert_file: cert.into(),
+            client_key_file: if cert.is_empty() {
+                ""
+            } else {
+                "/nonexistent/key.pem"
+            }
+            .into(),
+        };
+        // An ip:port endpoint has no name to verify without sni.
+        let proto = v1::Cluster {
+            upstream_tls: Some(tls("", "")),
+            ..rr("ext")
+        };
+        let errs = Cluster::build(&proto, &[ep("127.0.0.1:443", 1)], None, &m).unwrap_err();
+        assert!(
+            errs[0].to_string().starts_with(
+                r#"cluster "ext": upstream_tls.sni: endpoint 127.0.0.1:443: an ip:port endpoint needs upstream_tls.sni"#
+            ),
+            "{errs:?}"
+        );
+        let proto = v1::Cluster {
+            upstream_tls: Some(tls("api.external.test", "")),
+            ..rr("ext")
+        };
+        let c = Cluster::build(&proto, &[ep("127.0.0.1:443", 1)], None, &m).unwrap();
+        let Expect::Tls(t) = c.endpoints[0].pool.expectation() else {
+            panic!("TLS expected")
+        };
+        assert_eq!(t.server_name().to_str(), "api.external.test");
+        // Mesh endpoints (with an identity) keep mesh mTLS.
+        let mesh = v1::Endpoint {
+            identity: "spiffe://cluster.local/ns/default/sa/ext".into(),
+            ..ep("127.0.0.2:443", 1)
+        };
+        let c = Cluster::build(&proto, &[mesh], None, &m).unwrap();
+        assert!(c.endpoints[0].pool.mesh_identity().is_some());
+        // An unreadable client certificate file: a NACK naming it.
+        let proto = v1::Cluster {
+            upstream_tls: Some(tls("api.external.test", "/nonexistent/client.pem")),
+            ..rr("ext")
+        };
+        let errs = Cluster::build(&proto, &[], None, &m).unwrap_err();
+        assert!(
+            errs[0].to_string().starts_with(
+                r#"cluster "ext": upstream_tls.client_cert_file: cannot read /nonexistent/client.pem"#
+            ),
+            "{errs:?}"
+        );
+        // A bad DNS endpoint names its index.
+        let proto = v1::Cluster {
+            dns_endpoints: vec![v1::DnsEndpoint {
+                host: "api.external.test".into(),
+                port: 0,
+                ..Default::default()
+            }],
+            ..rr("ext")
+        };
+        let errs = Cluster::build(&proto, &[], None, &m).unwrap_err();
+        assert_eq!(
+            errs[0].to_string(),
+            r#"cluster "ext": dns_endpoints[0].port: 0 is out of range 1..=65535"#
+        );
     }
 
     #[test]

@@ -84,6 +84,96 @@ pub struct Bootstrap {
     /// Resource caps.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// How endpoints declared by DNS name are resolved (see [`crate::egress`]).
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// `dns:` of the bootstrap: the resolver of services' endpoints declared by DNS name
+/// (`endpoints: [{host, port}]`). Absent = the system's configuration (`/etc/resolv.conf`,
+/// `/etc/hosts`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Name servers to ask instead of `/etc/resolv.conf`'s: `ip` (port 53) or `ip:port`
+    /// (`[v6]:port`), asked over UDP with TCP for truncated answers. Empty = the system's.
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    /// How long one resolution of a name may take, every name server and retry included
+    /// (default 5s); a resolution that takes longer fails (the last good addresses stay).
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Which addresses a name resolves to.
+    #[serde(default)]
+    pub ip_family: IpFamily,
+}
+
+/// Which address records the resolver asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IpFamily {
+    /// A records; AAAA only when there are none (the default: IPv4 reachability is the common
+    /// case, and a dual-stack name then never yields unreachable IPv6 endpoints).
+    #[default]
+    V4Preferred,
+    /// AAAA records; A only when there are none.
+    V6Preferred,
+    /// A records only.
+    V4Only,
+    /// AAAA records only.
+    V6Only,
+    /// Both, every address an endpoint.
+    Both,
+}
+
+/// Longest `dns.timeout` accepted: a query slower than this is better counted as failed.
+pub const MAX_DNS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most `dns.nameservers`.
+pub const MAX_NAMESERVERS: usize = 8;
+
+impl DnsConfig {
+    /// The name servers as socket addresses (port 53 when not given). `Err` names the entry.
+    pub fn nameserver_addrs(&self) -> Result<Vec<SocketAddr>, String> {
+        self.nameservers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<SocketAddr>()
+                    .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| format!("[{i}]: {s:?} is not an ip or ip:port"))
+            })
+            .collect()
+    }
+
+    /// Checks the values serde cannot: (field, reason).
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let addrs = self
+            .nameserver_addrs()
+            .map_err(|e| ("dns.nameservers", e))?;
+        if addrs.len() > MAX_NAMESERVERS {
+            return Err((
+                "dns.nameservers",
+                format!("at most {MAX_NAMESERVERS} name servers"),
+            ));
+        }
+        if let Some(a) = addrs
+            .iter()
+            .find(|a| a.port() == 0 || a.ip().is_unspecified())
+        {
+            return Err((
+                "dns.nameservers",
+                format!("{a}: needs a reachable ip and a port other than 0"),
+            ));
+        }
+        match self.timeout {
+            Some(t) if t.is_zero() || t > MAX_DNS_TIMEOUT => Err((
+                "dns.timeout",
+                format!("{t:?} is outside 1ms..={MAX_DNS_TIMEOUT:?}"),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// `limits:` of the bootstrap.
@@ -271,6 +361,9 @@ impl Bootstrap {
         if let Err((field, reason)) = b.observability.validate() {
             return Err(invalid(field, reason));
         }
+        if let Err((field, reason)) = b.dns.validate() {
+            return Err(invalid(field, reason));
+        }
         match b.control_plane.parse::<http::Uri>() {
             Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}
             _ => {
@@ -414,6 +507,40 @@ worker_threads: 3
         assert!(e.to_string().contains("join_token"), "{e}");
         let b = Bootstrap::parse("node: {service: web}\njoin_token_file: /t", "b.yaml").unwrap();
         assert_eq!(b.join_token_file.as_deref(), Some(Path::new("/t")));
+    }
+
+    #[test]
+    fn dns_section() {
+        let b = Bootstrap::parse("node: {service: web}", "b.yaml").unwrap();
+        assert_eq!(b.dns, DnsConfig::default());
+        let b = Bootstrap::parse(
+            "node: {service: web}\ndns:\n  nameservers: [\"127.0.0.1:5353\", 10.0.0.2, \"[::1]:53\"]\n  timeout: 2s\n  ip_family: both",
+            "b.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            b.dns.nameserver_addrs().unwrap(),
+            [
+                "127.0.0.1:5353".parse::<SocketAddr>().unwrap(),
+                "10.0.0.2:53".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(b.dns.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(b.dns.ip_family, IpFamily::Both);
+        for (yaml, field) in [
+            ("dns: {nameservers: [localhost]}", "dns.nameservers"),
+            ("dns: {nameservers: [\"127.0.0.1:0\"]}", "dns.nameservers"),
+            ("dns: {nameservers: [0.0.0.0]}", "dns.nameservers"),
+            ("dns: {timeout: 0s}", "dns.timeout"),
+            ("dns: {timeout: 1h}", "dns.timeout"),
+            ("dns: {ip_family: v5}", "ip_family"),
+            ("dns: {servers: [127.0.0.1]}", "servers"),
+        ] {
+            let e =
+                Bootstrap::parse(&format!("node: {{service: web}}\n{yaml}"), "b.yaml").unwrap_err();
+            assert!(e.to_string().contains(field), "{yaml}: {e}");
+        }
     }
 
     #[test]

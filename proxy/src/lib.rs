@@ -2,12 +2,17 @@
 //!
 //! Module map (ARCHITECTURE.md describes the behaviour):
 //! - [`config`]: the bootstrap file.
+//! - [`detect`]: protocol detection from a connection's first bytes (TLS + SNI, HTTP/2, HTTP/1).
 //! - [`discovery`]: the control-plane client (Hello, ACK/NACK, reconnect with backoff).
+//! - [`egress`]: services outside the mesh: endpoints by DNS name (resolver, refresh), and
+//!   [`egress::is_declared`] for egress policy.
 //! - [`snapshot`]: held resource sets and the validated, immutable [`snapshot::Snapshot`].
 //! - [`listen`]: binding, swapping and draining listeners; accept loops.
 //! - [`pipeline`]: **the HTTP request path, assembled in one place**.
 //! - [`http`]: the hyper server connection, response bodies, header rewriting, error responses.
 //! - [`route`]: route tables and matching.
+//! - [`filters`]: route filters (header mutation, rewrites, redirects, direct responses, fault
+//!   injection, mirroring), compiled with the route and applied by the pipeline.
 //! - [`balance`]: weighted destination pick and weighted round robin.
 //! - [`cluster`]: clusters, endpoints and the state that survives snapshot swaps.
 //! - [`upstream`]: per-endpoint connection pools (HTTP/1.1 idle pool, shared HTTP/2).
@@ -27,6 +32,7 @@
 //! - [`health`]: active HTTP/TCP health checks.
 //! - [`ratelimit`]: local token-bucket rate limits.
 //! - [`resilience_metrics`]: the metric families of the above.
+//! - [`fuzzing`]: entry points of the `fuzz/` targets, replayed by `tests/fuzz_corpus.rs`.
 
 pub mod admin;
 pub mod alloc;
@@ -38,8 +44,12 @@ pub mod breaker;
 pub mod cluster;
 pub mod config;
 pub mod conn_limit;
+pub mod detect;
 pub mod discovery;
 pub mod drain;
+pub mod egress;
+pub mod filters;
+pub mod fuzzing;
 pub mod health;
 pub mod http;
 pub mod lb;

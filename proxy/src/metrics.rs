@@ -346,6 +346,8 @@ impl Metrics {
             )?,
             resilience: resilience.clone(),
             security: security.clone(),
+            registry: r.clone(),
+            features: Mutex::default(),
             live: Mutex::default(),
         };
         Ok(Self {
@@ -550,6 +552,33 @@ impl Metrics {
             counter,
             _lease: lease,
         }
+    }
+
+    /// The series `labels` of `family`, a counter family a feature module defines (registered
+    /// here on first use), exported while a holder of the returned counter lives: how feature
+    /// modules (`crate::filters`) lease per-route series without this file growing per family.
+    pub fn leased_counter(
+        &self,
+        family: &'static CounterFamily,
+        labels: &[&str],
+    ) -> Result<LeasedCounter, MetricsError> {
+        let f = &self.leased;
+        let vec = f.feature(family)?;
+        let counter =
+            vec.get_metric_with_label_values(labels)
+                .map_err(|source| MetricsError::Register {
+                    name: family.name,
+                    source,
+                })?;
+        let key = LeaseKey::Feature {
+            family: family.name,
+            labels: labels.iter().map(|l| Box::from(*l)).collect(),
+        };
+        let (lease, counter) = f.lease(key, || counter);
+        Ok(LeasedCounter {
+            counter,
+            _lease: lease,
+        })
     }
 
     /// The retry / breaker / outlier / health-check / rate-limit families.
@@ -1153,6 +1182,17 @@ impl LeasedCounter {
     }
 }
 
+/// A counter family defined by a feature module ([`Metrics::leased_counter`]).
+#[derive(Debug)]
+pub struct CounterFamily {
+    /// Metric name.
+    pub name: &'static str,
+    /// Help text.
+    pub help: &'static str,
+    /// Label names.
+    pub labels: &'static [&'static str],
+}
+
 /// The families whose series are held by [`SeriesLease`]s, and the live leases.
 struct LeasedSeries {
     tcp_connections_total: IntCounterVec,
@@ -1164,6 +1204,9 @@ struct LeasedSeries {
     resilience: crate::resilience_metrics::ResilienceMetrics,
     /// `weft_authz_denied_total`.
     security: crate::tls::metrics::SecurityMetrics,
+    /// Where feature families are registered, and those registered so far by name.
+    registry: Registry,
+    features: Mutex<HashMap<&'static str, IntCounterVec>>,
     live: Mutex<HashMap<LeaseKey, Weak<Lease>>>,
 }
 
@@ -1189,6 +1232,11 @@ enum LeaseKey {
         policy: Box<str>,
         protocol: Box<str>,
     },
+    /// One series of a feature family ([`Metrics::leased_counter`]).
+    Feature {
+        family: &'static str,
+        labels: Box<[Box<str>]>,
+    },
 }
 
 /// Keeps some series exported while held (cloned with what records into them); the last one
@@ -1211,6 +1259,25 @@ impl std::fmt::Debug for SeriesLease {
 impl LeasedSeries {
     fn lock_live(&self) -> MutexGuard<'_, HashMap<LeaseKey, Weak<Lease>>> {
         self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_features(&self) -> MutexGuard<'_, HashMap<&'static str, IntCounterVec>> {
+        self.features.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `family`'s vector, registered on first use.
+    fn feature(&self, family: &'static CounterFamily) -> Result<IntCounterVec, MetricsError> {
+        let mut features = self.lock_features();
+        if let Some(v) = features.get(family.name) {
+            return Ok(v.clone());
+        }
+        let v = register(
+            &self.registry,
+            family.name,
+            IntCounterVec::new(Opts::new(family.name, family.help), family.labels),
+        )?;
+        features.insert(family.name, v.clone());
+        Ok(v)
     }
 
     /// The live lease on `key` or a new one, and `resolve()`'s handles, resolved under the lock
@@ -1268,6 +1335,12 @@ impl LeasedSeries {
             } => self
                 .security
                 .remove_authz_denied(direction, policy, protocol),
+            LeaseKey::Feature { family, labels } => {
+                if let Some(v) = self.lock_features().get(family) {
+                    let labels: Vec<&str> = labels.iter().map(|l| &**l).collect();
+                    let _ = v.remove_label_values(&labels);
+                }
+            }
         }
     }
 }

@@ -4,8 +4,10 @@
 //! load snapshot (once) -> request hygiene (http/hygiene.rs): authority decides the host,
 //!   `_` header names dropped, path normalized (400 invalid-request / 307 on escaped slashes)
 //!   -> inbound: peer identity header, authorization (403)
-//!   -> listener's route table: match host, path, headers, method
+//!   -> listener's route table: match host, path, headers, method, query parameters
 //!   -> no match: the listener's catch-all cluster (inbound: the local app) or 404 no-route
+//!   -> route filters (`crate::filters`): fault delay / abort, redirect, direct response
+//!      (answered here); around `forward`: request headers, rewrite, mirror, response headers
 //!   -> weighted pick of a destination cluster -> round-robin endpoint (503 no-endpoints)
 //!   -> rewrite headers/URI for the upstream HTTP version
 //!   -> pooled upstream connection, under the route/cluster timeout (504 request-timeout)
@@ -32,7 +34,8 @@ use crate::attempts::{self, Answer};
 use crate::authz::{self, AuthzRequest};
 use crate::breaker::Limit;
 use crate::cluster::{Cluster, UpstreamProtocol};
-use crate::http::body::{Completion, CountedBody, ResponseBody};
+use crate::filters::{Decision, Forwarding, LocalAnswer};
+use crate::http::body::{BodyTap, Completion, CountedBody, ResponseBody};
 use crate::http::error::ProxyError;
 use crate::http::headers::{prepare_request, strip_hop_by_hop};
 use crate::http::hygiene;
@@ -78,6 +81,19 @@ struct Target {
     source: Option<IpAddr>,
     /// Held until the response ends (the connection is not idle meanwhile).
     in_flight: InFlight,
+    /// The route's filters still to apply around `forward` (`crate::filters`).
+    filters: Option<Forwarding>,
+    /// Sees the request body as it is forwarded (a mirror's copy).
+    body_tap: Option<Box<dyn BodyTap>>,
+}
+
+/// What `select` decided.
+enum Selected {
+    /// Forward to a cluster.
+    Forward(Target),
+    /// The route answers itself (fault abort, redirect, direct response), counted in these
+    /// handles; the request stays in flight until then.
+    Answer(LocalAnswer, Arc<RequestMetrics>, InFlight),
 }
 
 impl HttpProxy {
@@ -128,13 +144,15 @@ impl HttpProxy {
         }
     }
 
-    /// Routes `req` against the listener's current config: `Err` is a finished 404.
+    /// Routes `req` against the listener's current config: `Err` is a finished 404. A route's
+    /// filters decide here too (fault delay and abort, redirect, direct response:
+    /// [`Selected::Answer`]); the rest of them ride in the target.
     fn select(
         &self,
         http: &HttpListener,
         req: &Request<Incoming>,
         in_flight: InFlight,
-    ) -> Result<Target, ProxyError> {
+    ) -> Result<Selected, ProxyError> {
         let raw_host = req
             .uri()
             .authority()
@@ -149,18 +167,61 @@ impl HttpProxy {
         let info = RequestInfo {
             host: &host,
             path: req.uri().path(),
+            query: req.uri().query(),
             method: req.method(),
             headers: req.headers(),
         };
         if let Some(route) = http.routes.as_ref().and_then(|t| t.find(&info)) {
-            if let Some(dest) = route.destinations.pick() {
+            let dest = route.destinations.pick();
+            if dest.is_some() || route.filters.is_some() {
                 let rate_limited = route.rate_limit.as_ref().and_then(|(limit, refused)| {
                     limit.check().err().map(|wait| {
                         refused.inc();
                         retry_after_secs(wait)
                     })
                 });
-                return Ok(Target {
+                // A route without destinations answers itself: its own handles.
+                let answered_in = |f: &crate::filters::RouteFilters| {
+                    let base = match dest {
+                        Some(d) => d.metrics(),
+                        None => f.answer_metrics().unwrap_or(http.no_route_metrics()),
+                    };
+                    self.request_metrics(base)
+                };
+                // Route filters (a refused request gets none of them).
+                let mut filters = None;
+                if let (Some(f), None) = (&route.filters, rate_limited) {
+                    let peer = self.peer.as_deref().map(SpiffeId::as_str);
+                    let cluster = dest.map_or("", |d| &*d.cluster.name);
+                    match f.decide(req, peer, cluster) {
+                        Decision::Answer(answer) => {
+                            return Ok(Selected::Answer(answer, answered_in(f), in_flight));
+                        }
+                        Decision::Forward(forwarding) => filters = Some(forwarding),
+                    }
+                }
+                let dest = match (dest, rate_limited) {
+                    (Some(dest), _) => dest,
+                    // A redirect / direct response refused by the route's rate limit.
+                    (None, Some(secs)) => {
+                        let metrics = route.filters.as_deref().map_or_else(
+                            || self.request_metrics(http.no_route_metrics()),
+                            answered_in,
+                        );
+                        let e = ProxyError::RateLimited(secs);
+                        let answer = LocalAnswer::immediate(e.to_response());
+                        return Ok(Selected::Answer(answer, metrics, in_flight));
+                    }
+                    // Not reached: a route without destinations answers every request itself
+                    // (`Route::build` refuses any other).
+                    (None, None) => {
+                        return Err(ProxyError::NoRoute {
+                            host: host.to_string(),
+                            path: req.uri().path().into(),
+                        })
+                    }
+                };
+                return Ok(Selected::Forward(Target {
                     cluster: Arc::clone(&dest.cluster),
                     metrics: self.request_metrics(dest.metrics()),
                     route_timeout: route.timeout,
@@ -168,11 +229,13 @@ impl HttpProxy {
                     rate_limited,
                     source: self.source,
                     in_flight,
-                });
+                    filters,
+                    body_tap: None,
+                }));
             }
         }
         match &http.catch_all {
-            Some(c) => Ok(Target {
+            Some(c) => Ok(Selected::Forward(Target {
                 cluster: Arc::clone(&c.cluster),
                 metrics: self.request_metrics(&c.metrics),
                 route_timeout: None,
@@ -180,7 +243,9 @@ impl HttpProxy {
                 rate_limited: None,
                 source: self.source,
                 in_flight,
-            }),
+                filters: None,
+                body_tap: None,
+            })),
             None => Err(ProxyError::NoRoute {
                 host: host.to_string(),
                 path: req.uri().path().into(),
@@ -273,6 +338,55 @@ impl HttpProxy {
                 ProxyError::RateLimited(retry_after_secs(wait))
             })
         });
+        // ---- BEGIN upgrades and tunnels (`crate::http::upgrade`, `crate::http::connect`) ----
+        // HTTP/1.1 upgrades (WebSocket), RFC 8441 extended CONNECT and CONNECT host:port leave
+        // the request/response path here, after hygiene, authorization and the listener's rate
+        // limit: an upgrade is routed like any request, its answer relayed and, on a 101,
+        // spliced; a CONNECT is checked against the outbound listener's egress policy and
+        // tunneled. `Upgrade: h2c` is none of them (served as plain HTTP/1.1).
+        if limited.is_none() {
+            if let Some(kind) = crate::http::upgrade::Kind::of(&req) {
+                let down = crate::http::upgrade::Downstream {
+                    listener: Arc::clone(current),
+                    peer: self.peer.clone(),
+                    activity: Arc::clone(&self.activity),
+                };
+                if kind == crate::http::upgrade::Kind::Connect {
+                    let resources = snapshot.as_deref();
+                    return Box::pin(crate::http::connect::serve(
+                        req, resources, down, in_flight, start,
+                    ));
+                }
+                return match self.select(http, &req, in_flight) {
+                    // The route's own answer (a redirect, direct response or fault abort); the
+                    // other route filters do not apply to upgrades.
+                    Ok(Selected::Answer(answer, metrics, _in_flight)) => {
+                        Box::pin(async move { Ok(answer.respond(metrics, start).await) })
+                    }
+                    Ok(Selected::Forward(t)) => {
+                        // The route's timeout, else the cluster's, bounds the handshake.
+                        let routed = crate::http::upgrade::Routed {
+                            timeout: t.route_timeout.or(t.cluster.request_timeout),
+                            cluster: t.cluster,
+                            metrics: t.metrics,
+                            rate_limited: t.rate_limited,
+                            source: t.source,
+                            in_flight: t.in_flight,
+                        };
+                        Box::pin(crate::http::upgrade::forward(
+                            req, kind, routed, down, start,
+                        ))
+                    }
+                    Err(e) => {
+                        let m = self.request_metrics(http.no_route_metrics());
+                        m.record(e.status(), "", start.elapsed().as_secs_f64());
+                        let resp = e.to_response();
+                        Box::pin(async move { Ok(resp) })
+                    }
+                };
+            }
+        }
+        // ---- END upgrades and tunnels ----
         let target = match limited {
             Some(e) => Err(e),
             None => self.select(http, &req, in_flight),
@@ -283,8 +397,17 @@ impl HttpProxy {
         drop(snapshot);
         match target {
             // No wrapping `async` block: it would store the request and target a second time
-            // next to the `forward` future inside it, in every request's (boxed) future.
-            Ok(target) => Box::pin(forward(req, target, start)),
+            // next to the `forward` future inside it, in every request's (boxed) future. Only
+            // routes with filters pay for theirs.
+            Ok(Selected::Forward(mut target)) => match target.filters.take() {
+                None => Box::pin(forward(req, target, start)),
+                Some(filters) => Box::pin(forward_filtered(req, target, start, filters)),
+            },
+            Ok(Selected::Answer(answer, metrics, in_flight)) => Box::pin(async move {
+                let resp = answer.respond(metrics, start).await;
+                drop(in_flight);
+                Ok(resp)
+            }),
             Err(e) => {
                 if let Some(m) = no_route_metrics {
                     m.record(e.status(), "", start.elapsed().as_secs_f64());
@@ -295,6 +418,24 @@ impl HttpProxy {
             }
         }
     }
+}
+
+/// [`forward`] with the route's filters around it (`crate::filters`): the fault delay drawn in
+/// `select`, then request header mutation, path/host rewrite and the mirror's copy before it,
+/// and response header mutation on whatever it answers.
+async fn forward_filtered(
+    mut req: Request<Incoming>,
+    mut target: Target,
+    start: Instant,
+    filters: Forwarding,
+) -> Result<Response<ResponseBody>, Infallible> {
+    if let Some(delay) = filters.delay() {
+        tokio::time::sleep(delay).await;
+    }
+    target.body_tap = filters.before_forward(&mut req);
+    let mut resp = forward(req, target, start).await?;
+    filters.after_forward(&mut resp);
+    Ok(resp)
 }
 
 /// Sends `req` to `target` and builds the downstream response (never an `Err`: failures are
@@ -312,6 +453,8 @@ async fn forward(
         rate_limited,
         source,
         in_flight,
+        filters: _,
+        body_tap,
     } = target;
     let fail = |e: ProxyError| {
         tracing::debug!(cluster = %cluster.name, error = %e, "request failed");
@@ -349,7 +492,7 @@ async fn forward(
 
     let limit = route_timeout.or(cluster.request_timeout);
     let deadline = limit.map(|l| tokio::time::Instant::now() + l);
-    let req = req.map(|b| CountedBody::new(b, Arc::clone(&metrics)));
+    let req = req.map(|b| CountedBody::new(b, Arc::clone(&metrics)).with_tap(body_tap));
     let send = attempts::send(req, &cluster, retry.as_deref(), hash, wire, deadline);
     let result = match limit {
         Some(limit) => match tokio::time::timeout(limit, send).await {

@@ -22,6 +22,7 @@ pub struct ResilienceMetrics {
     outlier_ejections_total: IntCounterVec,
     outlier_ejected_endpoints: IntGaugeVec,
     health_check_failures_total: IntCounterVec,
+    locality_spillover_total: IntCounterVec,
     endpoint_healthy: IntGaugeVec,
     rate_limited_total: IntCounterVec,
     /// Rate-limit buckets by (scope, name): they outlive snapshots.
@@ -125,6 +126,12 @@ impl ResilienceMetrics {
                 "Failed active health checks",
                 &["cluster"],
             )?,
+            locality_spillover_total: counter(
+                r,
+                "weft_locality_spillover_total",
+                "Picks that left the caller's zone because too few of its endpoints were available there",
+                &["cluster"],
+            )?,
             endpoint_healthy: gauge(
                 r,
                 "weft_endpoint_healthy",
@@ -173,6 +180,7 @@ impl ResilienceMetrics {
             health_check_failures: self
                 .health_check_failures_total
                 .with_label_values(&[cluster]),
+            locality_spillover: self.locality_spillover_total.with_label_values(&[cluster]),
             endpoint_healthy: self.endpoint_healthy.clone(),
             cluster: cluster.into(),
             _lease: None,
@@ -207,6 +215,9 @@ impl ResilienceMetrics {
             .remove_label_values(&[cluster]);
         let _ = self
             .health_check_failures_total
+            .remove_label_values(&[cluster]);
+        let _ = self
+            .locality_spillover_total
             .remove_label_values(&[cluster]);
     }
 
@@ -271,6 +282,8 @@ pub struct ClusterResilienceMetrics {
     pub ejected_endpoints: IntGauge,
     /// `weft_health_check_failures_total`.
     pub health_check_failures: IntCounter,
+    /// `weft_locality_spillover_total`.
+    pub locality_spillover: IntCounter,
     endpoint_healthy: IntGaugeVec,
     cluster: Box<str>,
     /// Keeps this cluster's series exported ([`crate::metrics::Metrics::cluster_resilience`]).

@@ -1,10 +1,20 @@
 //! HTTP route tables: compiling the proto `RouteTable` into an indexed matcher, and matching a
-//! request (host, path, headers, method) to a route.
+//! request (host, path, headers, method, query parameters) to a route. Each route also carries
+//! its compiled filters ([`crate::filters`]), built here once per snapshot.
 //!
 //! Matching is "first match wins, in declared order". To avoid scanning every route for every
 //! request, routes are indexed by exact host name: each exact host maps to the ordered list of
 //! routes that can match it (routes naming it, wildcard routes covering it, host-less routes);
 //! hosts not in the index scan only the wildcard and host-less routes.
+//!
+//! Query parameters (`match.query`) are parsed at most once per request, and only when a
+//! candidate route has query conditions ([`QueryParams`]): split on `&`, each name and value
+//! decoded as `application/x-www-form-urlencoded` (the URL Standard: `+` is a space, `%XX` a
+//! byte, a malformed escape kept as is, invalid UTF-8 replaced by U+FFFD); decoding allocates
+//! only for a name or value that has an escape or `+`. A condition looks at the **first**
+//! occurrence of its name (the Gateway API's recommendation for repeated parameters): `exact`
+//! compares the decoded value, `regex` must match the whole decoded value, `present` holds for
+//! `?name`, `?name=` and any value. Names and values are case-sensitive.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -42,7 +52,8 @@ pub struct Route {
     path: PathMatcher,
     headers: Box<[HeaderMatcher]>,
     methods: Box<[Method]>,
-    /// Weighted clusters.
+    query: Box<[QueryMatcher]>,
+    /// Weighted clusters (none for a route whose filters answer every request).
     pub destinations: WeightedPick<Destination>,
     /// Route timeout overriding the cluster's default.
     pub timeout: Option<Duration>,
@@ -50,6 +61,8 @@ pub struct Route {
     pub retry: Option<Arc<crate::retry::RetryPolicy>>,
     /// Local rate limit and its `weft_rate_limited_total{scope="route"}` counter.
     pub rate_limit: Option<(crate::ratelimit::RateLimiter, crate::metrics::LeasedCounter)>,
+    /// Filters (`None` = none), compiled with the route.
+    pub filters: Option<Arc<crate::filters::RouteFilters>>,
 }
 
 /// A route's destination cluster and the lazily resolved metric handles for the pair.
@@ -103,6 +116,22 @@ enum HeaderKind {
     Present,
 }
 
+#[derive(Debug)]
+struct QueryMatcher {
+    /// Decoded name.
+    name: Box<str>,
+    kind: QueryKind,
+}
+
+#[derive(Debug)]
+enum QueryKind {
+    /// The decoded value.
+    Exact(Box<str>),
+    /// Matches the whole decoded value.
+    Regex(Regex),
+    Present,
+}
+
 /// The request facts routing looks at.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestInfo<'a> {
@@ -110,6 +139,8 @@ pub struct RequestInfo<'a> {
     pub host: &'a str,
     /// URI path without the query.
     pub path: &'a str,
+    /// The raw query (after `?`), if any.
+    pub query: Option<&'a str>,
     /// Method.
     pub method: &'a Method,
     /// Request headers.
@@ -174,16 +205,18 @@ impl RouteTable {
 
     /// The first route matching `req`, in declared order.
     pub fn find(&self, req: &RequestInfo<'_>) -> Option<&Route> {
+        // Parsed on first use by a route with query conditions, then shared by the rest.
+        let mut query = QueryParams::new(req.query);
         match self.by_host.get(req.host) {
             Some(candidates) => candidates
                 .iter()
                 .map(|&i| &self.routes[i as usize])
-                .find(|r| r.matches_rest(req)),
+                .find(|r| r.matches_rest(req, &mut query)),
             None => self
                 .fallback
                 .iter()
                 .map(|&i| &self.routes[i as usize])
-                .find(|r| r.matches_host(req.host) && r.matches_rest(req)),
+                .find(|r| r.matches_host(req.host) && r.matches_rest(req, &mut query)),
         }
     }
 
@@ -312,6 +345,40 @@ impl Route {
             });
         }
 
+        use v1::query_match::Kind as Q;
+        let mut query = Vec::new();
+        for (i, q) in m.query.iter().enumerate() {
+            if q.name.is_empty() {
+                reject(format!("match.query[{i}].name"), "must not be empty".into());
+                continue;
+            }
+            let kind = match &q.kind {
+                Some(Q::Exact(v)) => QueryKind::Exact(v.as_str().into()),
+                Some(Q::Regex(re)) => match full_regex(re) {
+                    Ok(re) => QueryKind::Regex(re),
+                    Err(e) => {
+                        reject(
+                            format!("match.query[{i}].regex"),
+                            format!("invalid regex {re:?}: {e}"),
+                        );
+                        continue;
+                    }
+                },
+                Some(Q::Present(true)) => QueryKind::Present,
+                Some(Q::Present(false)) | None => {
+                    reject(
+                        format!("match.query[{i}]"),
+                        "needs one of exact, regex or present: true".into(),
+                    );
+                    continue;
+                }
+            };
+            query.push(QueryMatcher {
+                name: q.name.as_str().into(),
+                kind,
+            });
+        }
+
         let mut methods = Vec::new();
         for (i, meth) in m.methods.iter().enumerate() {
             match Method::from_bytes(meth.to_ascii_uppercase().as_bytes()) {
@@ -339,11 +406,47 @@ impl Route {
             }
         };
 
+        let matched_prefix = match r.r#match.as_ref().and_then(|m| m.path.as_ref()) {
+            Some(v1::PathMatch {
+                kind: Some(P::Prefix(p)),
+            }) => Some(p.as_str()),
+            _ => None,
+        };
+        let filters = match &r.filters {
+            None => None,
+            Some(f) => {
+                let cx = crate::filters::BuildContext {
+                    route: &name,
+                    matched_prefix,
+                    has_destinations: !r.destinations.is_empty(),
+                    clusters,
+                    metrics,
+                    direction,
+                };
+                match crate::filters::RouteFilters::build(f, &cx) {
+                    Ok(f) => f.map(Arc::new),
+                    Err(errs) => {
+                        for (field, reason) in errs.into_vec() {
+                            reject(format!("filters.{field}"), reason);
+                        }
+                        None
+                    }
+                }
+            }
+        };
+        // A redirect or direct response answers every request: no destination needed (decided
+        // on the proto, so an invalid one is not also reported as a missing destination).
+        let terminal = r
+            .filters
+            .as_ref()
+            .is_some_and(|f| f.redirect.is_some() || f.direct_response.is_some());
+
         let mut dests = Vec::new();
-        if r.destinations.is_empty() {
+        if r.destinations.is_empty() && !terminal {
             reject(
                 "destinations".into(),
-                "must name at least one cluster".into(),
+                "must name at least one cluster (only a redirect or direct response needs none)"
+                    .into(),
             );
         }
         for (i, d) in r.destinations.iter().enumerate() {
@@ -378,10 +481,12 @@ impl Route {
             path,
             headers: headers.into(),
             methods: methods.into(),
+            query: query.into(),
             destinations: WeightedPick::new(dests),
             timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
             retry,
             rate_limit,
+            filters,
         })
     }
 
@@ -393,7 +498,7 @@ impl Route {
             })
     }
 
-    fn matches_rest(&self, req: &RequestInfo<'_>) -> bool {
+    fn matches_rest(&self, req: &RequestInfo<'_>, query: &mut QueryParams<'_>) -> bool {
         let path_ok = match &self.path {
             PathMatcher::Any => true,
             PathMatcher::Exact(p) => **p == *req.path,
@@ -403,6 +508,89 @@ impl Route {
         path_ok
             && (self.methods.is_empty() || self.methods.contains(req.method))
             && self.headers.iter().all(|h| h.matches(req.headers))
+            && (self.query.is_empty() || {
+                let params = query.get();
+                self.query.iter().all(|q| q.matches(params))
+            })
+    }
+}
+
+impl QueryMatcher {
+    fn matches(&self, params: &[(Cow<'_, str>, Cow<'_, str>)]) -> bool {
+        let Some((_, value)) = params.iter().find(|(n, _)| **n == *self.name) else {
+            return false;
+        };
+        match &self.kind {
+            QueryKind::Present => true,
+            QueryKind::Exact(v) => **v == **value,
+            QueryKind::Regex(re) => re.is_match(value),
+        }
+    }
+}
+
+/// A request's query parameters, parsed on first use (see the module docs).
+#[derive(Debug)]
+pub struct QueryParams<'a> {
+    raw: Option<&'a str>,
+    parsed: Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>,
+}
+
+impl<'a> QueryParams<'a> {
+    /// The parameters of `raw` (the part after `?`), not parsed yet.
+    pub fn new(raw: Option<&'a str>) -> Self {
+        Self { raw, parsed: None }
+    }
+
+    /// `(name, value)` pairs in request order, decoded; parsed on the first call.
+    pub fn get(&mut self) -> &[(Cow<'a, str>, Cow<'a, str>)] {
+        let raw = self.raw;
+        self.parsed.get_or_insert_with(|| {
+            raw.map(|q| {
+                q.split('&')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| {
+                        let (n, v) = p.split_once('=').unwrap_or((p, ""));
+                        (form_decode(n), form_decode(v))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+        })
+    }
+}
+
+/// Decodes one name or value of `application/x-www-form-urlencoded`: `+` is a space, `%XX` a
+/// byte (a malformed escape stays as is), the bytes then read as UTF-8 (invalid sequences
+/// replaced). Borrows when there is nothing to decode.
+fn form_decode(s: &str) -> Cow<'_, str> {
+    if !s.bytes().any(|b| b == b'%' || b == b'+') {
+        return Cow::Borrowed(s);
+    }
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        // Two hex digits: h, l < 16, the byte fits.
+                        out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    match String::from_utf8(out) {
+        Ok(s) => Cow::Owned(s),
+        Err(e) => Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
     }
 }
 
@@ -506,9 +694,14 @@ mod tests {
         }
         let method = Method::from_bytes(method.as_bytes()).unwrap();
         let host = normalize_host(host);
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
         let req = RequestInfo {
             host: &host,
             path,
+            query,
             method: &method,
             headers: &h,
         };
@@ -657,6 +850,125 @@ mod tests {
             r#"route table "outbound" route "bad-dest": destinations[0].cluster: unknown cluster "paymnts""#
         );
         assert!(text[2].contains("match.hosts[0]"), "{text:?}");
+    }
+
+    fn with_query(mut r: v1::Route, name: &str, kind: v1::query_match::Kind) -> v1::Route {
+        r.r#match
+            .get_or_insert_with(Default::default)
+            .query
+            .push(v1::QueryMatch {
+                name: name.into(),
+                kind: Some(kind),
+            });
+        r
+    }
+
+    #[test]
+    fn query_exact_regex_present() {
+        use v1::query_match::Kind;
+        let t = table(vec![
+            with_query(
+                route("beta", &["h"], "a"),
+                "version",
+                Kind::Exact("beta".into()),
+            ),
+            with_query(
+                route("users", &["h"], "a"),
+                "user",
+                Kind::Regex("u[0-9]+".into()),
+            ),
+            with_query(route("flag", &["h"], "a"), "flag", Kind::Present(true)),
+            with_query(
+                with_query(route("both", &["h"], "a"), "tag", Kind::Exact("a b".into())),
+                "lang",
+                Kind::Present(true),
+            ),
+            route("default", &["h"], "b"),
+        ]);
+        let cases = [
+            ("/?version=beta", "beta"),
+            ("/?x=1&version=beta&y", "beta"),
+            ("/?version=be%74a", "beta"),
+            ("/?version=Beta", "default"),
+            ("/?version=alpha&version=beta", "default"),
+            ("/?user=u42", "users"),
+            ("/?user=u42x", "default"),
+            ("/?flag", "flag"),
+            ("/?flag=", "flag"),
+            ("/?flags", "default"),
+            ("/?tag=a+b&lang", "both"),
+            ("/?tag=a%20b&lang=en", "both"),
+            ("/?tag=a%2Bb&lang", "default"),
+            ("/?tag=a+b", "default"),
+            ("/", "default"),
+            ("/?", "default"),
+        ];
+        for (path, want) in cases {
+            assert_eq!(find(&t, "h", "GET", path, &[]), Some(want), "{path}");
+        }
+    }
+
+    #[test]
+    fn form_decoding() {
+        assert!(matches!(form_decode("plain"), Cow::Borrowed("plain")));
+        assert_eq!(form_decode("a+b%20c"), "a b c");
+        assert_eq!(form_decode("%zz%4"), "%zz%4");
+        assert_eq!(form_decode("%C3%A9"), "\u{e9}");
+        assert_eq!(form_decode("%FF"), "\u{fffd}");
+        let mut q = QueryParams::new(Some("a=1&&b&c=x=y"));
+        let got: Vec<(String, String)> = q
+            .get()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a".into(), "1".into()),
+                ("b".into(), String::new()),
+                ("c".into(), "x=y".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn terminal_routes_need_no_destination() {
+        let mut direct = route("direct", &["h"], "a");
+        direct.destinations.clear();
+        direct.filters = Some(v1::RouteFilters {
+            direct_response: Some(v1::DirectResponse {
+                status: 200,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let mut empty = route("empty", &["h"], "a");
+        empty.destinations.clear();
+        let mut bad = route("bad-filter", &["h"], "a");
+        bad.filters = Some(v1::RouteFilters {
+            rewrite_path_prefix: "/x".into(),
+            ..Default::default()
+        });
+        let t = v1::RouteTable {
+            name: "outbound".into(),
+            routes: vec![direct.clone(), empty, bad],
+        };
+        let errs = RouteTable::build(&t, &clusters(&["a"]), &Metrics::new().unwrap(), "outbound")
+            .unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert_eq!(errs.len(), 2, "{text:?}");
+        assert!(
+            text[0].contains(r#"route "empty": destinations: must name"#),
+            "{text:?}"
+        );
+        assert!(
+            text[1].contains(r#"route "bad-filter": filters.rewrite.path_prefix"#),
+            "{text:?}"
+        );
+        let t = table(vec![direct]);
+        let r = t.routes.first().unwrap();
+        assert!(r.filters.as_ref().is_some_and(|f| f.is_terminal()));
+        assert!(r.destinations.pick().is_none());
     }
 
     #[test]

@@ -760,6 +760,7 @@ pub(crate) mod tests {
             let info = crate::route::RequestInfo {
                 host: "backend",
                 path: "/",
+                query: None,
                 method: &http::Method::GET,
                 headers: &headers,
             };
@@ -807,6 +808,7 @@ pub(crate) mod tests {
         let info = crate::route::RequestInfo {
             host,
             path: "/",
+            query: None,
             method: &http::Method::GET,
             headers: &headers,
         };

@@ -5,6 +5,10 @@
 //! keeps flowing. Bytes are counted per direction as they pass. A connection that moves no byte
 //! in either direction for the listener's `idle_timeout` is closed, and the listener's rate
 //! limit (connections per second) closes connections over it right after accept.
+//!
+//! The copy loop ([`splice`], with [`Counted`] for one connection's totals) is also what
+//! carries HTTP upgrades and CONNECT tunnels once their handshake is done
+//! (`crate::http::upgrade`).
 
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -185,7 +189,7 @@ async fn serve(
         tokio::time::sleep(drain_timeout).await;
     };
     tokio::select! {
-        res = copy_both_ways_tls(&mut client, &mut upstream, &metrics.rx, &metrics.tx, Some(listener.idle_timeout), sinks) => {
+        res = splice(&mut client, &mut upstream, &metrics.rx, &metrics.tx, Some(listener.idle_timeout), sinks) => {
             if let Err(e) = res {
                 if e.kind() == std::io::ErrorKind::TimedOut {
                     out.flags.insert(ResponseFlags::UPSTREAM_TIMEOUT);
@@ -203,19 +207,31 @@ async fn serve(
 
 /// A stream that counts the bytes read from and written to it (one connection's totals for its
 /// access log line; the metrics count per listener as bytes pass).
-struct Counted<S> {
+#[derive(Debug)]
+pub struct Counted<S> {
     inner: S,
     read: u64,
     written: u64,
 }
 
 impl<S> Counted<S> {
-    fn new(inner: S) -> Self {
+    /// `inner`, counted from now on.
+    pub fn new(inner: S) -> Self {
         Self {
             inner,
             read: 0,
             written: 0,
         }
+    }
+
+    /// Bytes read from the stream so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
+    }
+
+    /// Bytes written to the stream so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.written
     }
 }
 
@@ -307,17 +323,24 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    copy_both_ways_tls(client, upstream, rx, tx, idle, Sinks::default()).await
+    splice(client, upstream, rx, tx, idle, Sinks::default()).await
 }
 
 /// Which ends of a proxied connection are TLS: writes to a TLS end take [`write_all_tls`].
 #[derive(Debug, Clone, Copy, Default)]
-struct Sinks {
-    client_tls: bool,
-    upstream_tls: bool,
+pub struct Sinks {
+    /// The client (downstream) end is a rustls stream.
+    pub client_tls: bool,
+    /// The upstream end is a rustls stream.
+    pub upstream_tls: bool,
 }
 
-async fn copy_both_ways_tls<C, U>(
+/// The copy loop of every opaque byte stream the proxy carries (TCP listeners, HTTP upgrades,
+/// CONNECT tunnels): `client` <-> `upstream` with half-close, each direction's EOF forwarded as
+/// `shutdown(Write)` while the other keeps flowing; ends when both directions saw EOF, on the
+/// first error, or with a `TimedOut` error when no byte moved either way for `idle`. `rx`
+/// counts bytes read from the client, `tx` bytes written to it.
+pub async fn splice<C, U>(
     client: &mut C,
     upstream: &mut U,
     rx: &IntCounter,
@@ -629,7 +652,7 @@ mod tests {
                 client_tls: false,
                 upstream_tls: true,
             };
-            copy_both_ways_tls(&mut proxied, &mut upstream, &rx, &tx, None, sinks).await
+            splice(&mut proxied, &mut upstream, &rx, &tx, None, sinks).await
         };
         let client = async {
             let (mut r, mut w) = tokio::io::split(&mut app);

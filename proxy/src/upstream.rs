@@ -9,6 +9,10 @@
 //!
 //! A request that never reached a stale pooled connection is retried on another one, so an
 //! upstream closing an idle keep-alive connection does not surface as a 502.
+//!
+//! An upgrade request (WebSocket, `crate::http::upgrade`) gets a dedicated HTTP/1.1 connection
+//! instead ([`EndpointPool::connect_upgrade`]), never pooled: after a 101 it carries the
+//! tunnel, and after any other answer it is closed.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -114,7 +118,7 @@ impl UpstreamError {
     }
 
     /// Classifies an error from a request already handed to a connection.
-    fn after_send(addr: SocketAddr, source: hyper::Error) -> Self {
+    pub fn after_send(addr: SocketAddr, source: hyper::Error) -> Self {
         // hyper reports failures of the body *we* stream (the downstream request body) as
         // "user" errors; everything else is the upstream connection failing.
         if source.is_user() {
@@ -123,6 +127,18 @@ impl UpstreamError {
             Self::Reset { addr, source }
         }
     }
+}
+
+/// The stream of a dedicated upgrade connection whose upstream answered 101
+/// ([`EndpointPool::connect_upgrade`]).
+#[derive(Debug)]
+pub struct UpgradedUpstream {
+    /// The connection (mTLS to a mesh endpoint).
+    pub io: ClientIo,
+    /// Bytes the upstream sent after the 101 head (already tunnel data).
+    pub read_buf: bytes::Bytes,
+    /// The cluster's `max_connections` slot: held while the tunnel lives.
+    pub permit: Option<Permit>,
 }
 
 /// HTTP version to use towards the endpoint.
@@ -505,6 +521,53 @@ impl EndpointPool {
             }
         });
         Ok(tx)
+    }
+
+    /// A new HTTP/1.1 connection (mTLS to a mesh endpoint, ALPN `http/1.1`) for one upgrade
+    /// request, whatever the cluster's upstream protocol: never pooled, its `max_connections`
+    /// slot held as long as the connection lives. Send the request on the returned sender; if
+    /// the answer is a 101, the receiver yields the connection's stream (and any bytes the
+    /// upstream sent after the 101 head) for the tunnel, otherwise the connection closes once
+    /// the response is over.
+    pub async fn connect_upgrade<B>(
+        &self,
+        connect_timeout: Duration,
+        errors: &IntCounter,
+    ) -> Result<
+        (
+            http1::SendRequest<B>,
+            tokio::sync::oneshot::Receiver<UpgradedUpstream>,
+        ),
+        UpstreamError,
+    >
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let addr = self.addr;
+        let (io, permit) = self.connect(connect_timeout, errors, Wire::H1).await?;
+        let (tx, conn) = http1::handshake::<_, B>(io)
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        let (give, taken) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            // `without_shutdown`: after a 101 hyper hands the stream back instead of closing it
+            // (hyper's own `with_upgrades` would too, but would release the breaker slot with
+            // the connection future, while the tunnel still uses the connection).
+            match conn.without_shutdown().await {
+                Ok(parts) => {
+                    // Nobody waiting (not a 101): dropping the stream closes the connection.
+                    let _ = give.send(UpgradedUpstream {
+                        io: parts.io.into_inner(),
+                        read_buf: parts.read_buf,
+                        permit,
+                    });
+                }
+                Err(e) => tracing::debug!(%addr, error = %e, "upstream upgrade connection ended"),
+            }
+        });
+        Ok((tx, taken))
     }
 
     /// Records a request on the shared HTTP/2 connection and makes sure it is closed once idle

@@ -120,6 +120,7 @@ fn outbound_route<'s>(s: &'s Snapshot, host: &str) -> &'s weft_proxy::route::Rou
     let info = RequestInfo {
         host,
         path: "/",
+        query: None,
         method: &http::Method::GET,
         headers: &headers,
     };

@@ -47,6 +47,9 @@ pub struct ProxyConfig {
     pub secure: bool,
     /// `limits.max_connections_per_listener` (`None`: the proxy's default).
     pub max_connections_per_listener: Option<usize>,
+    /// `dns.nameservers`: where endpoints declared by DNS name are resolved (empty: the
+    /// system's resolver configuration).
+    pub dns_nameservers: Vec<SocketAddr>,
 }
 
 impl ProxyConfig {
@@ -84,6 +87,7 @@ impl ProxyConfig {
             cert_ttl: None,
             secure: true,
             max_connections_per_listener: None,
+            dns_nameservers: Vec::new(),
         }
     }
 
@@ -165,6 +169,14 @@ impl ProxyConfig {
         }
         if let Some(max) = self.max_connections_per_listener {
             out.push_str(&format!("limits:\n  max_connections_per_listener: {max}\n"));
+        }
+        if !self.dns_nameservers.is_empty() {
+            let servers: Vec<String> = self
+                .dns_nameservers
+                .iter()
+                .map(|a| q(&a.to_string()))
+                .collect();
+            out.push_str(&format!("dns:\n  nameservers: [{}]\n", servers.join(", ")));
         }
         out
     }

@@ -55,6 +55,21 @@ pub(super) fn dns_endpoints(s: &Service) -> Vec<DnsEndpoint> {
         .collect()
 }
 
+/// The host an external service's default route forwards with: its single DNS name (or its TLS
+/// `sni`), so an app calling `http://stripe/` reaches `api.stripe.com` as `Host:
+/// api.stripe.com`, the name the server's virtual host and certificate carry. `None` for a mesh
+/// service or several DNS names.
+pub(super) fn external_host(s: &Service) -> Option<String> {
+    if let Some(sni) = s.tls.as_ref().and_then(|t| t.sni.as_ref()) {
+        return Some(sni.to_ascii_lowercase());
+    }
+    let mut hosts = s.endpoints.iter().filter_map(|e| e.host.as_ref());
+    let first = hosts.next()?;
+    hosts
+        .all(|h| h.eq_ignore_ascii_case(first))
+        .then(|| first.to_ascii_lowercase())
+}
+
 /// Zone preference for a caller `node`: only when the service asks for it and the node has a
 /// zone label.
 pub(super) fn locality(s: &Service, node: &Node) -> Option<LocalityLb> {

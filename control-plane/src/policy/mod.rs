@@ -171,6 +171,8 @@ pub struct Route {
     pub hosts: Vec<String>,
     #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
     pub matcher: Option<RouteMatch>,
+    /// Absent or empty only for a route that answers itself (redirect, direct response).
+    #[serde(default)]
     pub destinations: Vec<Destination>,
     #[serde(
         default,

@@ -92,6 +92,16 @@ impl ResponseBody {
         }
     }
 
+    /// No body at all, ended from the start (a 101, or a 200 to CONNECT: what follows the head
+    /// is the tunnel, not a body).
+    pub fn empty() -> Self {
+        Self {
+            inner: Inner::Local(None),
+            completion: None,
+            observation: None,
+        }
+    }
+
     /// An upstream body streamed through; `completion` runs when it ends or is dropped.
     pub fn upstream(body: Incoming, completion: Completion) -> Self {
         Self {
@@ -200,12 +210,35 @@ impl Drop for ResponseBody {
 pub struct CountedBody {
     inner: Incoming,
     metrics: Arc<RequestMetrics>,
+    /// Sees each frame as it passes (route mirroring's bounded copy), if any.
+    tap: Option<Box<dyn BodyTap>>,
+}
+
+/// Sees the frames of a request body as they pass upstream, without changing or delaying them:
+/// route mirroring keeps its bounded copy this way (`crate::filters::mirror`).
+pub trait BodyTap: Send + Sync + std::fmt::Debug {
+    /// A frame read from the downstream body.
+    fn frame(&mut self, frame: &Frame<Bytes>);
+    /// The body ended with every frame seen. Not called when it failed or was dropped first
+    /// (the tap is dropped then).
+    fn end(self: Box<Self>);
 }
 
 impl CountedBody {
     /// Counts `inner`'s bytes in `metrics`.
     pub fn new(inner: Incoming, metrics: Arc<RequestMetrics>) -> Self {
-        Self { inner, metrics }
+        Self {
+            inner,
+            metrics,
+            tap: None,
+        }
+    }
+
+    /// Shows every frame to `tap` as well.
+    #[must_use]
+    pub fn with_tap(mut self, tap: Option<Box<dyn BodyTap>>) -> Self {
+        self.tap = tap;
+        self
     }
 }
 
@@ -222,6 +255,28 @@ impl Body for CountedBody {
         if let Some(Ok(f)) = &frame {
             if let Some(data) = f.data_ref() {
                 this.metrics.add_request_bytes(data.len());
+            }
+        }
+        if this.tap.is_some() {
+            match &frame {
+                Some(Ok(f)) => {
+                    if let Some(tap) = &mut this.tap {
+                        tap.frame(f);
+                    }
+                    // A body whose length is known may not be polled again after its last
+                    // frame: its end is seen here.
+                    if this.inner.is_end_stream() {
+                        if let Some(tap) = this.tap.take() {
+                            tap.end();
+                        }
+                    }
+                }
+                None => {
+                    if let Some(tap) = this.tap.take() {
+                        tap.end();
+                    }
+                }
+                Some(Err(_)) => this.tap = None,
             }
         }
         Poll::Ready(frame)

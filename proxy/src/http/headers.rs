@@ -1,6 +1,11 @@
 //! Header and URI rewriting between downstream and upstream: hop-by-hop headers are removed and
 //! the request target is put in the form the upstream HTTP version wants (origin-form + `Host`
 //! for HTTP/1.1, scheme + authority in the URI for HTTP/2), keeping the host the client sent.
+//!
+//! `Upgrade` and `Connection` are hop-by-hop too: an upgrade request (`crate::http::upgrade`)
+//! loses them like any request and gets exactly `Connection: upgrade` and the protocols it asked
+//! for back ([`prepare_upgrade_request`], [`upgrade_protocols`]); `h2c` is never among them
+//! (RFC 9113 §3.1 deprecates the h2c upgrade: such a request is served as plain HTTP/1.1).
 
 use std::net::SocketAddr;
 
@@ -92,6 +97,62 @@ fn remove_connection_options(headers: &mut HeaderMap, list: &str) {
     }
 }
 
+/// Whether a `Connection` header of `headers` lists `token` (case-insensitive).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|list| {
+            list.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case(token))
+        })
+    })
+}
+
+/// The protocols an HTTP/1.1 upgrade request asks for: its `Upgrade` values without `h2c`, if
+/// `Connection` lists `upgrade` (RFC 9110 §7.8) and any protocol is left. `None`: not an upgrade
+/// the proxy carries (the request is forwarded as a plain request, without `Upgrade`).
+pub fn upgrade_protocols(headers: &HeaderMap) -> Option<HeaderValue> {
+    if !headers.contains_key(header::UPGRADE) || !connection_has(headers, "upgrade") {
+        return None;
+    }
+    let mut kept = String::new();
+    for v in headers.get_all(header::UPGRADE) {
+        let list = v.to_str().ok()?;
+        for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            // `h2c` and `h2c/<version>`: refused, see the module docs.
+            let name = p.split('/').next().unwrap_or(p);
+            if name.eq_ignore_ascii_case("h2c") {
+                continue;
+            }
+            if !kept.is_empty() {
+                kept.push_str(", ");
+            }
+            kept.push_str(p);
+        }
+    }
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept).ok()
+}
+
+/// Rewrites a downstream upgrade request for its dedicated HTTP/1.1 upstream connection: like
+/// [`prepare_request`] for HTTP/1.1 (hop-by-hop headers removed, origin-form, `Host`), then
+/// `Connection: upgrade` and `Upgrade: <protocols>` set again.
+pub fn prepare_upgrade_request<B>(
+    req: &mut Request<B>,
+    protocols: HeaderValue,
+    endpoint: SocketAddr,
+) {
+    prepare_request(req, Wire::H1, endpoint);
+    set_upgrade(req.headers_mut(), protocols);
+}
+
+/// Sets `Connection: upgrade` and `Upgrade: protocols` (after hop-by-hop headers were removed).
+pub fn set_upgrade(headers: &mut HeaderMap, protocols: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocols);
+}
+
 /// Rewrites a downstream request for the upstream `wire`; `endpoint` is the authority of last
 /// resort when the client sent no host at all.
 pub fn prepare_request<B>(req: &mut Request<B>, wire: Wire, endpoint: SocketAddr) {
@@ -170,6 +231,70 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty());
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn upgrade_protocols_need_connection_upgrade_and_drop_h2c() {
+        let ws = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(upgrade_protocols(&ws).unwrap(), "websocket");
+        // Without `Connection: upgrade`, `Upgrade` is not an upgrade request.
+        assert!(upgrade_protocols(&headers(&[("upgrade", "websocket")])).is_none());
+        assert!(upgrade_protocols(&headers(&[("connection", "upgrade")])).is_none());
+        // h2c alone: refused (served as plain HTTP/1.1); with others: dropped from the list.
+        let h2c = headers(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ]);
+        assert!(upgrade_protocols(&h2c).is_none());
+        let mixed = headers(&[
+            ("connection", "upgrade"),
+            ("upgrade", "H2C, foo/2"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(upgrade_protocols(&mixed).unwrap(), "foo/2, websocket");
+        assert!(connection_has(&mixed, "UPGRADE"));
+        assert!(!connection_has(&mixed, "close"));
+    }
+
+    #[test]
+    fn upgrade_request_keeps_exactly_its_upgrade_headers() {
+        let mut req = Request::builder()
+            .uri("http://backend:80/chat?room=1")
+            .header(header::CONNECTION, "Upgrade, x-private, keep-alive")
+            .header(header::UPGRADE, "websocket")
+            .header("x-private", "1")
+            .header("keep-alive", "timeout=5")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+            .body(())
+            .unwrap();
+        let protocols = upgrade_protocols(req.headers()).unwrap();
+        prepare_upgrade_request(&mut req, protocols, ep());
+        assert_eq!(req.uri(), "/chat?room=1");
+        assert_eq!(req.version(), Version::HTTP_11);
+        let h = req.headers();
+        assert_eq!(h[header::HOST], "backend:80");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(h["sec-websocket-version"], "13");
+        assert!(!h.contains_key("x-private"));
+        assert!(!h.contains_key("keep-alive"));
     }
 
     #[test]

@@ -21,6 +21,11 @@
 //!
 //! Only plain and TLS HTTP/1.1 served by hyper's `http1` builder hibernate; HTTP/2 keeps its
 //! connection (its idle cost is the h2 codec's, and one h2 connection carries many requests).
+//! A connection that became a tunnel (a 101 to an upgrade, a 200 to CONNECT:
+//! [`super::upgrade`]) never hibernates: the tunnel holds the request in flight until it closes,
+//! and the socket is spliced, never handed back to a hyper connection. An upgrade the upstream
+//! declined (any other answer) leaves an ordinary keep-alive connection, which hibernates as
+//! usual.
 //!
 //! Freed must also be returned: glibc's malloc would keep the holes the released buffers leave
 //! between the connections' live allocations, so the proxy runs on jemalloc ([`crate::alloc`]),

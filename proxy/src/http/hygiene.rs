@@ -165,8 +165,10 @@ fn underscores<B>(action: Underscores, req: &mut Request<B>) -> Result<(), Outco
 }
 
 fn normalize_path<B>(opts: &PathOptions, req: &mut Request<B>) -> Result<(), Outcome> {
-    // CONNECT has an authority-form target and `OPTIONS *` no path: nothing to normalize.
-    if req.method() == Method::CONNECT {
+    // CONNECT has an authority-form target and `OPTIONS *` no path: nothing to normalize. An
+    // extended CONNECT (RFC 8441, `:protocol`: WebSocket over HTTP/2) has a `:path` like any
+    // request, which authorization and routing match: normalized like any path.
+    if req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_none() {
         return Ok(());
     }
     let Some(pq) = req.uri().path_and_query() else {
@@ -239,6 +241,28 @@ mod tests {
         let mut r = req(Version::HTTP_2, "http://api/x/../y", &[]);
         apply(&h, &mut r).unwrap();
         assert_eq!(r.uri().to_string(), "http://api/y");
+    }
+
+    #[test]
+    fn extended_connect_paths_are_normalized_plain_connect_is_left_alone() {
+        let h = Hygiene::default();
+        let mut ws = Request::builder()
+            .method(Method::CONNECT)
+            .version(Version::HTTP_2)
+            .uri("http://chat/public/../admin")
+            .body(())
+            .unwrap();
+        ws.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        apply(&h, &mut ws).unwrap();
+        assert_eq!(ws.uri().to_string(), "http://chat/admin");
+        let mut tunnel = Request::builder()
+            .method(Method::CONNECT)
+            .uri("example.com:443")
+            .body(())
+            .unwrap();
+        apply(&h, &mut tunnel).unwrap();
+        assert_eq!(tunnel.uri().to_string(), "example.com:443");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! guard's drop); the connection's timer is only polled when it fires.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::lb::load::now_nanos;
@@ -23,6 +23,13 @@ pub struct Activity {
     /// Bytes were read since the last request ended: they may be the start of the next request
     /// head, sitting in the server's buffer, so the connection must not hibernate.
     dirty: AtomicBool,
+    /// The connection is served by the proxy's own HTTP/1.1 loop (`super::serve_connection`'s
+    /// `serve_h1`), which hands its socket to an agreed tunnel itself: hyper's upgrade API
+    /// (`hyper::upgrade::on`) does not apply there.
+    manual_upgrades: AtomicBool,
+    /// An agreed tunnel (101, or 200 to CONNECT) waiting for that loop to finish writing the
+    /// response and hand it the socket ([`super::upgrade`]).
+    tunnel: Mutex<Option<Box<super::upgrade::Tunnel>>>,
 }
 
 impl Activity {
@@ -33,7 +40,34 @@ impl Activity {
             last: AtomicU64::new(now_nanos()),
             hibernate: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
+            manual_upgrades: AtomicBool::new(false),
+            tunnel: Mutex::new(None),
         })
+    }
+
+    /// Marks the connection as served by the HTTP/1.1 loop that hands agreed tunnels their
+    /// socket (see `manual_upgrades`).
+    pub fn set_manual_upgrades(&self) {
+        self.manual_upgrades.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether agreed tunnels of this connection go through [`Activity::deposit_tunnel`].
+    pub fn manual_upgrades(&self) -> bool {
+        self.manual_upgrades.load(Ordering::Relaxed)
+    }
+
+    /// Leaves an agreed tunnel for the connection's HTTP/1.1 loop, which runs it once the
+    /// response that agreed to it is written.
+    pub fn deposit_tunnel(&self, tunnel: Box<super::upgrade::Tunnel>) {
+        *self.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(tunnel);
+    }
+
+    /// The agreed tunnel waiting for this connection's socket, if any.
+    pub fn take_tunnel(&self) -> Option<Box<super::upgrade::Tunnel>> {
+        self.tunnel
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// Asks the connection's HTTP/1 server to hibernate at its next read that would block

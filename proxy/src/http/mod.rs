@@ -1,15 +1,24 @@
 //! The HTTP server side: one connection (HTTP/1.1 keep-alive or HTTP/2, told apart by ALPN over
 //! mTLS and by the first bytes otherwise) per accepted socket, drained gracefully, plus the pieces
-//! the request path uses: response bodies ([`body`]), header rewriting ([`headers`]) and
-//! proxy-generated errors ([`error`]).
+//! the request path uses: response bodies ([`body`]), header rewriting ([`headers`]),
+//! proxy-generated errors ([`error`]) and tunnels ([`upgrade`], [`connect`]).
+//!
+//! Tunnels: an HTTP/1.1 connection served by [`serve_connection`]'s own loop hands its socket to
+//! the tunnel its last request agreed to (a 101, or a 200 to CONNECT) once hyper wrote that
+//! response, and runs the tunnel in its task (so a drain cuts it like a TCP connection after
+//! `drain_timeout`); it never hibernates then. HTTP/2 streams (extended CONNECT, CONNECT) and
+//! connections whose protocol hyper-util's `auto` detected use hyper's upgrade API instead.
 
 pub mod body;
+pub mod connect;
 pub mod error;
 pub mod headers;
 pub mod hibernate;
 pub mod hygiene;
 pub mod idle;
 pub mod normalize;
+pub mod tunnel_metrics;
+pub mod upgrade;
 
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -70,7 +79,9 @@ pub fn server_builder() -> ServerBuilder {
         .timer(TokioTimer::new())
         .keep_alive(true)
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    // RFC 8441 extended CONNECT (WebSocket over HTTP/2): `SETTINGS_ENABLE_CONNECT_PROTOCOL`.
     b.http2()
+        .enable_connect_protocol()
         .timer(TokioTimer::new())
         .max_concurrent_streams(1024)
         .keep_alive_interval(Duration::from_secs(30))
@@ -232,7 +243,8 @@ pub async fn serve_connection<S>(
                 &builder.auto
             };
             Box::pin(async {
-                let conn = auto.serve_connection(TokioIo::new(stream), service);
+                // With upgrades: an HTTP/1.1 upgrade here goes through hyper's upgrade API.
+                let conn = auto.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 drive(pin!(conn), &activity, idle, None, &mut drain, drain_timeout).await
             })
             .await;
@@ -242,7 +254,8 @@ pub async fn serve_connection<S>(
 
 /// Serves an HTTP/1.1 connection with hyper's `http1`, hibernating it whenever it has been idle
 /// for [`HIBERNATE_AFTER`] ([`hibernate`]): hyper's connection (and its buffers) is dropped and
-/// the socket waits for its next bytes alone.
+/// the socket waits for its next bytes alone. A connection whose request agreed to a tunnel
+/// (see the module docs) becomes that tunnel once hyper wrote the response.
 async fn serve_h1<S: ServerStream>(
     mut stream: S,
     h1: &http1::Builder,
@@ -252,6 +265,7 @@ async fn serve_h1<S: ServerStream>(
     mut drain: DrainWatch,
     drain_timeout: Duration,
 ) {
+    activity.set_manual_upgrades();
     loop {
         let io = TokioIo::new(Hibernating::new(stream, Arc::clone(&activity)));
         // Boxed: freed while the connection hibernates (this task keeps only the socket).
@@ -268,6 +282,27 @@ async fn serve_h1<S: ServerStream>(
         .await;
         let parts = Pin::into_inner(conn).into_parts();
         let io = parts.io.into_inner();
+        // hyper's connection (and the request future in it) is gone: no tunnel can be agreed
+        // after this look.
+        if let Some(tunnel) = activity.take_tunnel() {
+            if ended == Ended::Closed {
+                // hyper finished with the 101 / 200 written: what it read past that request's
+                // head already belongs to the tunnel.
+                let stream = io.into_inner();
+                let tls = matches!(stream.protocol_hint(), ProtocolHint::Alpn(_));
+                let downstream = upgrade::Prefixed::new(stream, parts.read_buf);
+                tunnel
+                    .run(downstream, tls, Some((&mut drain, drain_timeout)))
+                    .await;
+            } else {
+                tracing::debug!(
+                    ?ended,
+                    "downstream connection ended before its tunnel started"
+                );
+                close(io.into_inner(), drain_timeout).await;
+            }
+            return;
+        }
         let unread = parts.read_buf.len();
         // Even empty, it may still own hyper's read buffer: free it before sleeping.
         drop(parts.read_buf);
@@ -332,6 +367,18 @@ impl<S: ServerStream> GracefulConnection for http1::Connection<TokioIo<Hibernati
 
 impl<S: ServerStream> GracefulConnection
     for auto::Connection<'_, TokioIo<S>, HttpProxy, TokioExecutor>
+{
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_serve(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.poll(cx)
+    }
+    fn shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<S: ServerStream> GracefulConnection
+    for auto::UpgradeableConnection<'_, TokioIo<S>, HttpProxy, TokioExecutor>
 {
     type Error = Box<dyn std::error::Error + Send + Sync>;
     fn poll_serve(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {

@@ -2,6 +2,10 @@
 //! by a background thread. The request path only formats the line and `try_send`s it into a
 //! bounded channel: when the writer falls behind, lines are dropped and counted
 //! (`weft_access_log_dropped_total`) instead of blocking requests.
+//!
+//! Besides requests (`super::Observation`) and TCP connections (`super::log_tcp_connection`),
+//! a tunnel (HTTP/1.1 upgrade, extended CONNECT, CONNECT: `crate::http::upgrade`) gets a line of
+//! its own when it closes ([`log_tunnel`]), after the line of the request that opened it.
 
 use std::fmt::Write as _;
 use std::io::Write;
@@ -58,8 +62,79 @@ pub struct AccessLogEntry<'a> {
     pub peer_identity: Option<&'a str>,
     /// The trace the request belongs to, if any.
     pub trace_id: Option<TraceId>,
-    /// TCP connections: bytes read from and written to the downstream (`None` for HTTP).
+    /// TCP connections and tunnels: bytes read from and written to the downstream (`None` for
+    /// HTTP requests).
     pub bytes: Option<(u64, u64)>,
+}
+
+/// What the line of a tunnel that closed says ([`log_tunnel`]).
+#[derive(Debug)]
+pub struct TunnelLog<'a> {
+    /// When the request that opened it arrived.
+    pub start: SystemTime,
+    /// Arrival of that request to the tunnel's close.
+    pub duration: Duration,
+    /// Arrival to the upstream's answer (101, or the TCP connect of a CONNECT).
+    pub response_duration: Duration,
+    /// How it ended: UT = idle timeout, UC = an error on either side, `-` = both sides closed.
+    pub flags: ResponseFlags,
+    /// The request method (`GET`, `CONNECT`).
+    pub method: &'a str,
+    /// The request authority (`CONNECT`: the destination host:port).
+    pub authority: &'a str,
+    /// The request path (`""` for CONNECT).
+    pub path: &'a str,
+    /// What the tunnel carries: `websocket`, another upgrade token, or `TCP` (CONNECT).
+    pub protocol: &'a str,
+    /// The status the downstream got (101, or 200).
+    pub status: u16,
+    /// The endpoint tunneled to.
+    pub upstream: Option<SocketAddr>,
+    /// Route name ("" for CONNECT).
+    pub route: &'a str,
+    /// Cluster name ("" for CONNECT).
+    pub cluster: &'a str,
+    /// The verified peer identity (inbound mTLS).
+    pub peer_identity: Option<&'a str>,
+    /// Bytes read from the downstream while spliced.
+    pub bytes_received: u64,
+    /// Bytes written to the downstream while spliced.
+    pub bytes_sent: u64,
+}
+
+/// Writes the line of a tunnel that closed, if the installed access log covers `listener` (a
+/// lookup and nothing else when it does not).
+pub fn log_tunnel(listener: &crate::snapshot::Listener, t: &TunnelLog<'_>) {
+    let Some(log) = super::INSTALLED
+        .get()
+        .and_then(|o| o.inner.access_log.as_ref())
+    else {
+        return;
+    };
+    if !log.applies_to(&listener.name) {
+        return;
+    }
+    let entry = AccessLogEntry {
+        start: t.start,
+        listener: &listener.name,
+        direction: listener.direction.as_str(),
+        method: t.method,
+        authority: t.authority,
+        path: t.path,
+        protocol: t.protocol,
+        status: t.status,
+        flags: t.flags,
+        duration: t.duration,
+        response_duration: Some(t.response_duration),
+        upstream: t.upstream,
+        route: t.route,
+        cluster: t.cluster,
+        retries: 0,
+        peer_identity: t.peer_identity,
+        trace_id: None,
+        bytes: Some((t.bytes_received, t.bytes_sent)),
+    };
+    log.sink.send(entry.format(log.format));
 }
 
 /// Milliseconds with microsecond precision.

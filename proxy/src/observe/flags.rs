@@ -1,7 +1,10 @@
 //! Response flags (Envoy's short codes) for access logs and spans: why a request did not get a
 //! plain upstream answer. Derived from the errors the pipeline answers with (the `x-weft-error`
 //! code of [`crate::http::error::ProxyError`] and the resilience layer's responses) and from how
-//! the response body ended.
+//! the response body ended, and from what the request path noted (a fault delay).
+//!
+//! The codes follow Envoy's: `FI` is a fault abort and `DI` a fault delay, so an authorization
+//! denial is `RBAC` (Envoy's `RBAC` / `rbac_access_denied`), not `DI`.
 
 use std::fmt;
 
@@ -10,7 +13,7 @@ use std::fmt;
 pub struct ResponseFlags(u16);
 
 /// One flag: its bit and its code.
-const FLAGS: [(u16, &str); 10] = [
+const FLAGS: [(u16, &str); 12] = [
     (1 << 0, "NR"),
     (1 << 1, "UH"),
     (1 << 2, "UF"),
@@ -20,7 +23,9 @@ const FLAGS: [(u16, &str); 10] = [
     (1 << 6, "UR"),
     (1 << 7, "UC"),
     (1 << 8, "DC"),
-    (1 << 9, "DI"),
+    (1 << 9, "RBAC"),
+    (1 << 10, "FI"),
+    (1 << 11, "DI"),
 ];
 
 impl ResponseFlags {
@@ -42,8 +47,12 @@ impl ResponseFlags {
     pub const UPSTREAM_CONNECTION_TERMINATION: Self = Self(1 << 7);
     /// DC: the downstream went away before the response finished.
     pub const DOWNSTREAM_DISCONNECT: Self = Self(1 << 8);
-    /// DI: denied (authorization policy).
+    /// RBAC: denied by the authorization policy.
     pub const DENIED: Self = Self(1 << 9);
+    /// FI: aborted by fault injection.
+    pub const FAULT_INJECTED: Self = Self(1 << 10);
+    /// DI: delayed by fault injection.
+    pub const DELAY_INJECTED: Self = Self(1 << 11);
 
     /// No flag.
     pub fn is_empty(self) -> bool {
@@ -63,7 +72,8 @@ impl ResponseFlags {
     /// The flag of a proxy-generated response with `x-weft-error: code` and `status`.
     ///
     /// The codes are [`crate::http::error::ProxyError::code`]'s plus the resilience layer's
-    /// (breaker `overloaded`, `rate-limited`) and authorization's; an unknown code on a 429 is a
+    /// (breaker `overloaded`, `rate-limited`), authorization's and fault injection's
+    /// (`fault-abort`); an unknown code on a 429 is a
     /// rate limit, any other unknown code no flag.
     pub fn from_error_code(code: &str, status: u16) -> Self {
         match code {
@@ -75,6 +85,7 @@ impl ResponseFlags {
             "overloaded" | "overflow" | "circuit-open" | "breaker-open" => Self::UPSTREAM_OVERFLOW,
             "rate-limited" | "rate-limit" => Self::RATE_LIMITED,
             "forbidden" | "denied" | "unauthorized" | "authz-denied" => Self::DENIED,
+            "fault-abort" => Self::FAULT_INJECTED,
             _ if status == 429 => Self::RATE_LIMITED,
             _ => Self::default(),
         }
@@ -165,7 +176,7 @@ mod tests {
             ),
             (ProxyError::Overloaded(Limit::Pending), "UO"),
             (ProxyError::RateLimited(1), "RL"),
-            (ProxyError::Forbidden("deny-all".into()), "DI"),
+            (ProxyError::Forbidden("deny-all".into()), "RBAC"),
         ];
         for (e, want) in cases {
             assert_eq!(ResponseFlags::from_error(&e).to_string(), want, "{e}");
@@ -203,6 +214,24 @@ mod tests {
             ResponseFlags::RATE_LIMITED
         );
         assert!(ResponseFlags::from_error_code("whatever", 500).is_empty());
+    }
+
+    #[test]
+    fn fault_flags_are_envoys() {
+        assert_eq!(
+            ResponseFlags::from_error_code("fault-abort", 503).to_string(),
+            "FI"
+        );
+        // A gRPC abort is an HTTP 200.
+        assert_eq!(
+            ResponseFlags::from_error_code("fault-abort", 200).to_string(),
+            "FI"
+        );
+        let mut f = ResponseFlags::DELAY_INJECTED;
+        assert_eq!(f.to_string(), "DI");
+        f.insert(ResponseFlags::FAULT_INJECTED);
+        assert_eq!(f.to_string(), "FI,DI");
+        assert_eq!(ResponseFlags::DENIED.to_string(), "RBAC");
     }
 
     #[test]

@@ -146,7 +146,7 @@ pub struct TcpConnectionLog<'a> {
     pub start: std::time::SystemTime,
     /// Accept to close.
     pub duration: std::time::Duration,
-    /// Why it did not get a plain upstream connection (RL, DI, UH, UF, UT = idle timeout,
+    /// Why it did not get a plain upstream connection (RL, RBAC, UH, UF, UT = idle timeout,
     /// UC = ended with an error).
     pub flags: ResponseFlags,
     /// The endpoint connected to.
@@ -525,6 +525,8 @@ struct NoteData {
     endpoint: Option<SocketAddr>,
     attempts: u32,
     peer_identity: Option<Box<str>>,
+    /// Flags the request path set on its way (a fault delay: `DI`).
+    flags: ResponseFlags,
 }
 
 impl UpstreamNote {
@@ -546,6 +548,13 @@ pub fn note_route<B>(req: &Request<B>, route: &str, cluster: &str) {
         let mut n = note.data();
         n.route = Some(route.into());
         n.cluster = Some(cluster.into());
+    }
+}
+
+/// Adds `flags` to what the access log and span of `req` report (route filters: a fault delay).
+pub fn note_flags<B>(req: &Request<B>, flags: ResponseFlags) {
+    if let Some(note) = req.extensions().get::<UpstreamNote>() {
+        note.data().flags.insert(flags);
     }
 }
 
@@ -663,6 +672,7 @@ fn finish(mut p: Pending, how: BodyEnd) {
         BodyEnd::Abandoned => p.flags.insert(ResponseFlags::DOWNSTREAM_DISCONNECT),
     }
     let note = std::mem::take(&mut *p.note.data());
+    p.flags.insert(note.flags);
     let status = p.status.map_or(0, |s| s.as_u16());
     if p.log {
         if let Some(log) = &p.owner.access_log {

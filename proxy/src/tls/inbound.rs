@@ -13,7 +13,8 @@ use weft_proto::v1;
 
 use super::io::ServerIo;
 use super::spiffe::SpiffeId;
-use super::{looks_like_tls, MeshTls};
+use super::MeshTls;
+use crate::detect::is_tls_prefix;
 
 /// How long to wait for a client's first bytes on a TCP listener.
 pub const DETECT_TIMEOUT_TCP: Duration = Duration::from_millis(500);
@@ -64,13 +65,14 @@ pub enum Detected {
     Closed,
 }
 
-/// Peeks at the first bytes of `stream`.
+/// Peeks at the first bytes of `stream`: TLS as [`crate::detect::classify`] sees 3 bytes (a
+/// handshake record with a 3.x version, or a prefix of one).
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<Detected> {
     let mut buf = [0u8; 3];
     match tokio::time::timeout(timeout, stream.peek(&mut buf)).await {
         Err(_) => Ok(Detected::Silent),
         Ok(Ok(0)) => Ok(Detected::Closed),
-        Ok(Ok(n)) if looks_like_tls(&buf[..n]) => Ok(Detected::Tls),
+        Ok(Ok(n)) if is_tls_prefix(&buf[..n]) => Ok(Detected::Tls),
         Ok(Ok(_)) => Ok(Detected::Plaintext),
         Ok(Err(e)) => Err(e),
     }

@@ -6,6 +6,7 @@
 //! - [`certs`]: this proxy's certificate, swapped in on renewal; the rustls cert resolver.
 //! - [`renew`]: key + CSR generation, `Identity.Certify`, renewal at ~2/3 of the lifetime.
 //! - [`metrics`]: handshake / expiry / inbound transport / authz-denial metric families.
+//! - [`origination`]: TLS originated to services outside the mesh (`Cluster.upstream_tls`).
 //!
 //! [`MeshTls`] ties them together: one server config for every inbound listener, and one client
 //! config per (expected server identity, ALPN) for outbound connections. Every config reads the
@@ -18,6 +19,7 @@ pub mod control;
 pub mod inbound;
 pub mod io;
 pub mod metrics;
+pub mod origination;
 pub mod renew;
 pub mod spiffe;
 pub mod trust;
@@ -292,6 +294,11 @@ static ORIGINATION: OnceLock<Arc<MeshTls>> = OnceLock::new();
 /// `weft_tls_origination_refused_total`, installed at start (absent in unit tests).
 static REFUSALS: OnceLock<IntCounterVec> = OnceLock::new();
 
+/// `weft_tls_handshakes_total{direction="outbound",result=ok|error}` for TLS originated to
+/// services outside the mesh, installed at start (absent in unit tests). Mesh handshakes are
+/// counted by [`MeshTls`] into the same series.
+static EXTERNAL_HANDSHAKES: OnceLock<(IntCounter, IntCounter)> = OnceLock::new();
+
 /// Makes `tls` the context outbound connections to mesh endpoints use (first call wins).
 pub fn install_origination(tls: Arc<MeshTls>) {
     let _ = ORIGINATION.set(tls);
@@ -300,6 +307,15 @@ pub fn install_origination(tls: Arc<MeshTls>) {
 /// Counts refused originations into `counter` (first call wins).
 pub fn install_refusal_metrics(counter: IntCounterVec) {
     let _ = REFUSALS.set(counter);
+}
+
+/// Counts TLS handshakes with services outside the mesh in `metrics`' outbound handshake
+/// series (first call wins).
+pub fn install_handshake_metrics(metrics: &SecurityMetrics) {
+    let _ = EXTERNAL_HANDSHAKES.set((
+        metrics.handshake("outbound", true),
+        metrics.handshake("outbound", false),
+    ));
 }
 
 /// The context for outbound mTLS, if this proxy has a mesh identity.
@@ -316,6 +332,9 @@ pub enum Expect {
     Plain,
     /// mTLS, and the server must present this identity.
     Mtls(SpiffeId),
+    /// TLS to a service outside the mesh (the cluster's `upstream_tls`): WebPKI verification of
+    /// the target's server name, optional client certificate. Never plaintext.
+    Tls(Arc<origination::TlsTarget>),
     /// Nothing: the endpoint's identity does not parse (the reason). Never plaintext.
     Invalid(Arc<str>),
 }
@@ -339,10 +358,12 @@ fn refused(reason: &'static str, message: String) -> std::io::Error {
 }
 
 /// Wraps a freshly connected `tcp` to an endpoint as `expect` says: mTLS verifying the
-/// endpoint's identity, or plaintext to a non-mesh endpoint. Fails closed: an endpoint that
-/// expects mTLS is never sent plaintext, so without a mesh identity of our own (no join token)
-/// or with an unparsable endpoint identity the connection is refused (a connect failure, 503
-/// `connect-failed` for HTTP) and counted in `weft_tls_origination_refused_total{reason}`.
+/// endpoint's identity, TLS to a service outside the mesh verifying its name, or plaintext to a
+/// non-mesh endpoint. Fails closed: an endpoint that expects mTLS or TLS is never sent
+/// plaintext, so without a mesh identity of our own (no join token) or with an unparsable
+/// endpoint identity the connection is refused (a connect failure, 503 `connect-failed` for
+/// HTTP) and counted in `weft_tls_origination_refused_total{reason}`; a failed handshake is a
+/// connect failure too, counted in `weft_tls_handshakes_total{direction="outbound"}`.
 pub async fn originate(
     tcp: tokio::net::TcpStream,
     ip: IpAddr,
@@ -361,6 +382,13 @@ pub async fn originate(
                 format!("{id} expects mTLS and this sidecar has no mesh identity (no join_token): refusing to send plaintext"),
             )),
         },
+        Expect::Tls(target) => {
+            let result = target.connect(tcp, alpn).await;
+            if let Some((ok, err)) = EXTERNAL_HANDSHAKES.get() {
+                if result.is_ok() { ok } else { err }.inc();
+            }
+            Ok(io::ClientIo::Tls(Box::new(result?)))
+        }
         Expect::Invalid(reason) => Err(refused(
             "invalid_identity",
             format!("endpoint identity is not a SPIFFE ID ({reason}): refusing to connect"),

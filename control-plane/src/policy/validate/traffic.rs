@@ -8,23 +8,6 @@ use crate::policy::{resolve_reference, Protocol, Route, UpstreamProtocol};
 /// Variables header values may use.
 const VARIABLES: [&str; 3] = ["peer_identity", "route", "request_id"];
 
-/// Fields whose sidecar side has not landed yet: refused, so a policy never asks for what
-/// the sidecars would silently ignore. Emptied as each lands.
-const NOT_YET: &[&str] = &[
-    "filters",
-    "match.query",
-    "endpoints.host",
-    "tls",
-    "locality",
-    "mesh.egress",
-];
-
-fn not_yet(c: &mut Collector<'_>, fi: usize, field: String, what: &str) {
-    if NOT_YET.contains(&what) {
-        c.push(fi, field, "not supported by this version's sidecars yet");
-    }
-}
-
 /// Largest direct-response body.
 const MAX_DIRECT_BODY: usize = 64 * 1024;
 
@@ -45,15 +28,6 @@ pub(super) fn is_dns_name(s: &str) -> bool {
 }
 
 pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &str, s: &Service) {
-    if s.endpoints.iter().any(|e| e.host.is_some()) {
-        not_yet(c, fi, format!("{path}.endpoints"), "endpoints.host");
-    }
-    if s.tls.is_some() {
-        not_yet(c, fi, format!("{path}.tls"), "tls");
-    }
-    if s.locality.is_some() {
-        not_yet(c, fi, format!("{path}.locality"), "locality");
-    }
     for (ei, e) in s.endpoints.iter().enumerate() {
         let epath = format!("{path}.endpoints[{ei}]");
         match (&e.host, e.port, e.address.is_empty()) {
@@ -106,6 +80,13 @@ pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &str, s: &Se
                 "TLS origination is for static endpoints (services outside the mesh): declare endpoints",
             );
         }
+        if tls.sni.is_none() && s.endpoints.iter().any(|e| e.host.is_none()) {
+            c.push(
+                fi,
+                format!("{tpath}.sni"),
+                "required with address (ip:port) endpoints: the name the server's certificate must carry",
+            );
+        }
         if let Some(sni) = &tls.sni {
             if !is_dns_name(sni) {
                 c.push(
@@ -140,7 +121,7 @@ pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &str, s: &Se
             (None, None) => {}
             _ => c.push(
                 fi,
-                tpath.clone(),
+                tpath,
                 "client_cert_file and client_key_file go together",
             ),
         }
@@ -472,12 +453,6 @@ pub(super) fn check_route(
     all: &[Service],
     namespace: Option<&str>,
 ) {
-    if route.matcher.as_ref().is_some_and(|m| !m.query.is_empty()) {
-        not_yet(c, fi, format!("{path}.match.query"), "match.query");
-    }
-    if route.filters.is_some() {
-        not_yet(c, fi, format!("{path}.filters"), "filters");
-    }
     if let Some(m) = &route.matcher {
         for (qi, q) in m.query.iter().enumerate() {
             let qpath = format!("{path}.match.query[{qi}]");
@@ -523,9 +498,6 @@ pub(super) fn check_route(
 
 /// `mesh.egress`.
 pub(super) fn check_egress(c: &mut Collector<'_>, fi: usize, egress: &crate::policy::Egress) {
-    if *egress != crate::policy::Egress::default() {
-        not_yet(c, fi, "mesh.egress".to_owned(), "mesh.egress");
-    }
     for (hi, h) in egress.allow_hosts.iter().enumerate() {
         let name = h.strip_prefix("*.").unwrap_or(h);
         if !is_dns_name(name) {
