@@ -7,12 +7,15 @@
 #   dnsmasq-base     a real DNS server the egress tests point the sidecar at (e2e/tests/egress.rs)
 #   openssl          the egress tests' CA, server and client certificates
 #   python3          the egress tests' HTTPS server outside the mesh (http.server + ssl)
+#   iptables         `weft-proxy init`'s capture rules in the transparent-mode tests
+#                    (e2e/tests/transparent.rs; iptables-nft-*, ip6tables-*)
+#   iproute2         `ip netns` / veth for those tests' hosts
 # Idempotent: does nothing (no `apt-get update`) when everything is installed.
 # Runs `apt-get update` at most once, then installs only what is missing, without
 # recommended packages. Prints what it installed.
 set -euo pipefail
 
-PACKAGES=(curl netcat-openbsd prometheus make gcc dnsmasq-base openssl python3)
+PACKAGES=(curl netcat-openbsd prometheus make gcc dnsmasq-base openssl python3 iptables iproute2)
 
 installed() { # package
   [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
@@ -49,7 +52,7 @@ for p in "${missing[@]}"; do
   installed "$p" || failed+=("$p")
 done
 # dnsmasq lives in /usr/sbin, which a non-root PATH may lack (the tests look there too).
-for tool in curl nc prometheus promtool dnsmasq openssl python3; do
+for tool in curl nc prometheus promtool dnsmasq openssl python3 iptables-nft-restore ip6tables-nft-restore ip; do
   command -v "$tool" >/dev/null 2>&1 || [[ -x "/usr/sbin/$tool" ]] || failed+=("$tool (command)")
 done
 if ((${#failed[@]})); then

@@ -42,6 +42,15 @@
 //!
 //! Answers other than [`Detection::NeedMore`] are stable: appending bytes to an input never
 //! changes them (the `detect` fuzz target checks it).
+//!
+//! # Original destination
+//!
+//! A connection redirected by the capture rules ([`crate::capture`]) arrives at a proxy
+//! listener; where the app meant it to go is the conntrack entry's original destination,
+//! [`original_destination`] (`SO_ORIGINAL_DST`, `IP6T_SO_ORIGINAL_DST` for IPv6), read through
+//! socket2's safe wrappers.
+
+use std::net::SocketAddr;
 
 use rustls::server::Acceptor;
 
@@ -112,6 +121,26 @@ pub fn is_tls_prefix(first: &[u8]) -> bool {
         Detection::NeedMore => first.first() == Some(&TLS_HANDSHAKE),
         _ => false,
     }
+}
+
+/// Where a connection accepted on `stream` was addressed before the capture rules redirected
+/// it: `SO_ORIGINAL_DST` (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6, by the socket's family). For a
+/// connection that was not redirected this is its local address (when conntrack tracks it) or
+/// an error (`ENOENT`: no NAT entry), so callers compare with the listener's own address.
+pub fn original_destination<S: std::os::fd::AsFd>(stream: &S) -> std::io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let local = sock
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an IP socket"))?;
+    let original = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    original
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
 }
 
 fn tls(first: &[u8]) -> Detection {

@@ -2,6 +2,7 @@
 //!
 //! Module map (ARCHITECTURE.md describes the behaviour):
 //! - [`config`]: the bootstrap file.
+//! - [`capture`]: transparent mode's capture rules (`weft-proxy init`: iptables, IPv4 + IPv6).
 //! - [`detect`]: protocol detection from a connection's first bytes (TLS + SNI, HTTP/2, HTTP/1).
 //! - [`discovery`]: the control-plane client (Hello, ACK/NACK, reconnect with backoff).
 //! - [`egress`]: services outside the mesh: endpoints by DNS name (resolver, refresh), and
@@ -41,6 +42,7 @@ pub mod attempts;
 pub mod authz;
 pub mod balance;
 pub mod breaker;
+pub mod capture;
 pub mod cluster;
 pub mod config;
 pub mod conn_limit;
