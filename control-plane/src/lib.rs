@@ -1,8 +1,8 @@
 //! Weft's control plane: policies in, per-proxy configuration out.
 //!
 //! ```text
-//! policy dir (watched) -> policy::PolicySet (validated, versioned)
-//! registry (static endpoints + connected sidecars), persisted (persist) across restarts
+//! store (file directory | etcd), watched -> policy::PolicySet (validated, versioned)
+//! registry (static endpoints + connected sidecars), persisted by the store across restarts
 //! compile(policy, registry, node) -> listeners, routes, clusters, endpoints
 //! discovery: push only changed types, track ACK/NACK per proxy
 //! diff: what a policy change would do, per proxy   inventory: compiled clusters + endpoints
@@ -29,6 +29,7 @@ pub mod push;
 pub mod registry;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod tls;
 pub mod token;
 pub mod watch;

@@ -3,30 +3,27 @@
 //!
 //! `<state dir>/registry.json` (default state dir: `<policies>/.weft-state`, a dot-directory the
 //! policy loader and watcher ignore) is rewritten atomically (temporary file + fsync + rename)
-//! after registry changes, off the request path and at most every [`WRITE_INTERVAL`]
-//! (changes in between coalesce into one write). At start the registrations it holds come back
+//! after registry changes, off the request path and at most every
+//! [`crate::store::file::WRITE_INTERVAL`] (changes in between coalesce into one write): the file
+//! backend's half of [`crate::store::Store`]. At start the registrations it holds come back
 //! as disconnected within the restart grace (see [`crate::registry::Registry::restore`]). A
 //! missing file is an empty registry; an unreadable or corrupt one is logged (naming the file)
 //! and ignored (it is overwritten by the next write).
 
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Mutex;
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::registry::PersistedProxy;
-use crate::state::ControlPlane;
 
 /// Name of the default state directory inside the policy directory.
 pub const DEFAULT_STATE_DIR_NAME: &str = ".weft-state";
 
 /// The registry's file in the state directory.
 pub const REGISTRY_FILE: &str = "registry.json";
-
-/// Minimum time between two writes of the state file.
-pub const WRITE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Format version of `registry.json`.
 const FORMAT: u32 = 1;
@@ -204,26 +201,6 @@ impl StateStore {
         self.write(snapshot);
         self.writer.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
     }
-}
-
-/// Persists the registry of `cp` after every change, at most every [`WRITE_INTERVAL`], until
-/// aborted. Does nothing without a state store.
-pub async fn write_registry_forever(cp: Arc<ControlPlane>) {
-    if cp.state_store().is_none() {
-        return;
-    }
-    loop {
-        cp.registry_changes().notified().await;
-        let writer = Arc::clone(&cp);
-        let _ = tokio::task::spawn_blocking(move || writer.persist_registry()).await;
-        tokio::time::sleep(WRITE_INTERVAL).await;
-    }
-}
-
-/// A snapshot of `cp`'s registry as persisted.
-pub(crate) fn snapshot(cp: &ControlPlane) -> Vec<PersistedProxy> {
-    let (now, wall_now) = (Instant::now(), SystemTime::now());
-    cp.with_registry(|r| r.persisted(now, wall_now))
 }
 
 #[cfg(test)]

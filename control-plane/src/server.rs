@@ -1,7 +1,8 @@
-//! Assembles the control plane: binds the gRPC and admin listeners, loads the policy store,
-//! loads or creates the CA (with `--ca-dir`), restores the persisted registry (`--state-dir`),
-//! starts the watcher, the registry sweeper and the registry writer, and serves until shutdown: Discovery, Identity, health and reflection on the gRPC port (over TLS
-//! with `--grpc-tls`), the admin API on the admin port.
+//! Assembles the control plane: binds the gRPC and admin listeners, opens the store backend
+//! ([`crate::store`]) and loads its policies, loads or creates the CA (with `--ca-dir`), restores
+//! the persisted registry, starts the watcher, the registry sweeper and the store's registry
+//! sync, and serves until shutdown: Discovery, Identity, health and reflection on the gRPC port
+//! (over TLS with `--grpc-tls`), the admin API on the admin port.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,9 +19,8 @@ use crate::ca::{Ca, CaConfig, CaError};
 use crate::discovery::{DiscoveryService, RegistrationAuth};
 use crate::identity::IdentityService;
 use crate::metrics::{Metrics, MetricsError};
-use crate::persist::StateStore;
-use crate::policy::PolicyStore;
 use crate::state::ControlPlane;
+use crate::store::{FileStore, SharedStore, StoreError, WatchGuard};
 use crate::tls::{plain_incoming, ConnectionSlots, ServerTls, TlsError};
 
 /// How often expired registrations are swept.
@@ -146,8 +146,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("watching the policy directory: {0}")]
-    Watch(#[from] notify::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     #[error("building the reflection service: {0}")]
@@ -177,7 +177,7 @@ pub struct Server {
     admin_tls: bool,
     admin_auth: Arc<AdminAuth>,
     config: Config,
-    _watcher: notify::RecommendedWatcher,
+    _watcher: WatchGuard,
 }
 
 /// Re-reads what SIGHUP re-reads: the extra roots (a changed trust bundle is pushed to every
@@ -225,30 +225,22 @@ impl Server {
         }
         let metrics = Metrics::new()?;
         let state_dir = config.state_dir();
+        let store: SharedStore = Arc::new(FileStore::new(&config.policies, &state_dir));
         let cp = Arc::new(
-            ControlPlane::new(
-                PolicyStore::new(&config.policies),
-                config.deregister_grace,
-                metrics,
-            )
-            .with_push_timeout(config.push_timeout)
-            .with_push_debounce(config.push_debounce)
-            .with_limits(config.limits.clone())
-            .with_state_store(StateStore::new(&state_dir)),
+            ControlPlane::new(Arc::clone(&store), config.deregister_grace, metrics)
+                .with_push_timeout(config.push_timeout)
+                .with_push_debounce(config.push_debounce)
+                .with_limits(config.limits.clone())
+                .with_restart_grace(config.restart_grace),
         );
         // Before serving: the first proxy to reconnect must see every registration.
-        let restart_grace = config.restart_grace;
-        let restore_cp = Arc::clone(&cp);
-        let restored =
-            tokio::task::spawn_blocking(move || restore_cp.restore_registry(restart_grace))
-                .await
-                .expect("restoring the registry panicked");
+        let restored = store.load_registrations(Arc::clone(&cp) as _).await?;
         tracing::debug!(dir = %state_dir.display(), restored, "registry state directory");
         // Watch before the first load so no change in between is missed.
         let watcher = crate::watch::spawn_watcher(Arc::clone(&cp))?;
         if cp.reload().await.is_err() {
             tracing::error!(
-                dir = %config.policies.display(),
+                store = %store.describe(),
                 "the initial policy set is invalid: serving an empty set until it is fixed"
             );
         }
@@ -399,7 +391,11 @@ impl Server {
                 sweeper_cp.expire_registrations();
             }
         });
-        let state_writer = tokio::spawn(crate::persist::write_registry_forever(Arc::clone(&cp)));
+        let store = Arc::clone(cp.store());
+        let state_writer = {
+            let (store, host) = (Arc::clone(&store), Arc::clone(&cp));
+            tokio::spawn(async move { store.sync_registrations(host).await })
+        };
 
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
@@ -426,7 +422,7 @@ impl Server {
             grpc_tls,
             admin_tls,
             ca = ?ca.as_ref().map(|ca| ca.dir().display().to_string()),
-            policies = %cp.store().dir().display(),
+            store = %store.describe(),
             version = cp.policy().version(),
             "weft-control listening"
         );
@@ -489,8 +485,7 @@ impl Server {
         // ends are our shutdown, not the proxies going away.
         sweeper.abort();
         state_writer.abort();
-        let closing = Arc::clone(&cp);
-        let _ = tokio::task::spawn_blocking(move || closing.close_state()).await;
+        store.close_registrations(Arc::clone(&cp) as _).await;
         let _ = stop_tx.send(true);
         for task in [expiry_task, rotation_task].into_iter().flatten() {
             task.abort();

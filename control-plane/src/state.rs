@@ -9,9 +9,11 @@
 //! A proxy's status outlives its stream by the deregistration grace: it is listed as
 //! disconnected (with the time left before removal) until its registration expires.
 //!
-//! With a state store (`--state-dir`) every registry change wakes the writer task
-//! ([`crate::persist::write_registry_forever`]), and [`ControlPlane::restore_registry`] brings the
-//! persisted registrations back at start (disconnected, within the restart grace).
+//! The policies and the registry's persistence live in a [`crate::store::Store`] backend: every
+//! registry change wakes the backend's sync task ([`crate::store::Store::sync_registrations`]
+//! through [`crate::store::RegistryHost`]), and at start the backend hands back what it holds
+//! ([`crate::store::Store::load_registrations`]: the file backend's registrations come back as
+//! disconnected, within the restart grace).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,11 +27,12 @@ use weft_proto::v1::Node;
 use crate::compile::{compile, Resources, TrustBundle};
 use crate::diff::{policy_changes, resource_diff, PolicyDiff, ProxyDiff};
 use crate::metrics::Metrics;
-use crate::persist::StateStore;
 use crate::policy::store::is_valid_file_name;
-use crate::policy::{PolicyErrors, PolicySet, PolicyStore, SourceFile, StoreError};
-use crate::registry::Registry;
+use crate::policy::{PolicyErrors, PolicySet, SourceFile};
+use crate::registry::{PersistedProxy, Registry};
+use crate::store::{PolicyWrite, SharedStore, StoreError};
 
+mod host;
 mod proxies;
 
 pub use proxies::{LogLevelError, ProxyState, ProxyStatus};
@@ -50,6 +53,9 @@ pub struct ApplyOutcome {
     pub version: String,
     /// Human-readable changes, e.g. `service/backend.default created`.
     pub changed: Vec<String>,
+    /// The store's revision of the policies after the write (etcd; absent for a directory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
 }
 
 /// Default pause between a change and compiling it, which coalesces bursts.
@@ -65,16 +71,17 @@ const CHANGE_HISTORY: usize = 1024;
 /// Shared state of one control plane.
 #[derive(Debug)]
 pub struct ControlPlane {
-    store: PolicyStore,
+    store: SharedStore,
     policy: ArcSwap<PolicySet>,
     policy_error: Mutex<Option<String>>,
     /// The CA's trust domain and roots, pushed to every proxy as TRUST.
     trust: ArcSwap<TrustBundle>,
     registry: Mutex<Registry>,
-    /// Notified on every registry change (the state writer waits on it).
+    /// Notified on every registry change (the store's sync task waits on it).
     registry_changes: tokio::sync::Notify,
-    /// Where the registry is persisted (`--state-dir`); `None`: not persisted.
-    state: Option<StateStore>,
+    /// How long registrations restored at start keep their endpoints for their proxies to
+    /// reconnect.
+    restart_grace: Duration,
     statuses: Mutex<BTreeMap<String, ProxyStatus>>,
     generation: watch::Sender<u64>,
     /// Instants of recent generations, oldest first: `(generation, when it was bumped)`.
@@ -97,7 +104,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ControlPlane {
-    pub fn new(store: PolicyStore, deregister_grace: Duration, metrics: Metrics) -> Self {
+    pub fn new(store: SharedStore, deregister_grace: Duration, metrics: Metrics) -> Self {
         let policy = PolicySet::empty();
         metrics.set_policy_version(policy.version());
         Self {
@@ -107,7 +114,7 @@ impl ControlPlane {
             trust: ArcSwap::from_pointee(TrustBundle::default()),
             registry: Mutex::new(Registry::new(deregister_grace)),
             registry_changes: tokio::sync::Notify::new(),
-            state: None,
+            restart_grace: crate::server::DEFAULT_RESTART_GRACE,
             statuses: Mutex::new(BTreeMap::new()),
             generation: watch::Sender::new(0),
             changes: Mutex::new(VecDeque::new()),
@@ -158,16 +165,11 @@ impl ControlPlane {
         self.push_timeout
     }
 
-    /// Persists the registry in `store` (see [`crate::persist`]).
+    /// How long registrations restored at start (file backend) keep their endpoints.
     #[must_use]
-    pub fn with_state_store(mut self, store: StateStore) -> Self {
-        self.state = Some(store);
+    pub fn with_restart_grace(mut self, grace: Duration) -> Self {
+        self.restart_grace = grace;
         self
-    }
-
-    /// Where the registry is persisted, if it is.
-    pub fn state_store(&self) -> Option<&StateStore> {
-        self.state.as_ref()
     }
 
     /// Notified after every registry change.
@@ -179,28 +181,11 @@ impl ControlPlane {
         self.registry_changes.notify_one();
     }
 
-    /// Writes the registry to the state store now (blocking file I/O).
-    pub fn persist_registry(&self) {
-        if let Some(state) = &self.state {
-            state.write(|| crate::persist::snapshot(self));
-        }
-    }
-
-    /// Writes the registry a last time and stops persisting it (shutdown).
-    pub fn close_state(&self) {
-        if let Some(state) = &self.state {
-            state.close(|| crate::persist::snapshot(self));
-        }
-    }
-
-    /// Loads the persisted registry (if there is a state store) and restores its entries as
-    /// disconnected proxies whose endpoints stay until `restart_grace` ends, unless the same
-    /// node id reconnects first. Returns how many were restored.
-    pub fn restore_registry(&self, restart_grace: Duration) -> usize {
-        let Some(state) = &self.state else {
-            return 0;
-        };
-        let entries = state.load();
+    /// Brings registrations a previous run persisted back as disconnected proxies whose
+    /// endpoints stay until the restart grace ends, unless the same node id reconnects first.
+    /// Returns how many were restored.
+    pub fn restore_registry(&self, entries: Vec<PersistedProxy>) -> usize {
+        let restart_grace = self.restart_grace;
         let (now, wall_now) = (Instant::now(), SystemTime::now());
         let disconnected_since = humantime::format_rfc3339_seconds(wall_now).to_string();
         let mut registry = lock(&self.registry);
@@ -233,22 +218,23 @@ impl ControlPlane {
         drop(statuses);
         drop(registry);
         if !ids.is_empty() {
-            tracing::info!(
-                restored = ids.len(),
-                dir = %state.dir().display(),
-                grace = ?restart_grace,
-                "restored the persisted registry: endpoints are kept until their proxies reconnect or the restart grace ends"
-            );
             self.bump();
         }
         ids.len()
+    }
+
+    /// The registry as a store persists it.
+    pub fn persisted_registry(&self) -> Vec<PersistedProxy> {
+        let (now, wall_now) = (Instant::now(), SystemTime::now());
+        lock(&self.registry).persisted(now, wall_now)
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
-    pub fn store(&self) -> &PolicyStore {
+    /// The store backend.
+    pub fn store(&self) -> &SharedStore {
         &self.store
     }
 
@@ -332,13 +318,13 @@ impl ControlPlane {
         changed
     }
 
-    /// Reloads the store from disk: serves it if valid, else keeps the last good set and
-    /// records the error. Returns the new version on success.
+    /// Reloads the store: serves it if valid, else keeps the last good set and records the
+    /// error. Returns the new version on success.
     pub async fn reload(&self) -> Result<String, ApplyError> {
         let _guard = self.apply_lock.lock().await;
-        let result = self.store.read_files().map_err(ApplyError::from);
+        let result = self.store.read_policies().await.map_err(ApplyError::from);
         let result = match result {
-            Ok(files) => PolicySet::from_files_blocking(files)
+            Ok(stored) => PolicySet::from_files_blocking(stored.files)
                 .await
                 .map_err(ApplyError::from),
             Err(e) => Err(e),
@@ -395,21 +381,19 @@ impl ControlPlane {
         dry_run: bool,
     ) -> Result<ApplyOutcome, ApplyError> {
         let _guard = self.apply_lock.lock().await;
-        let (files, writes) = self.merged_files(changes)?;
+        let (files, writes, base) = self.merged_files(changes).await?;
         let set = PolicySet::from_files_blocking(files).await?;
         let changed = policy_changes(&self.policy.load(), &set);
-        let outcome = ApplyOutcome {
+        let mut outcome = ApplyOutcome {
             version: set.version().to_owned(),
             changed,
+            revision: base,
         };
         if dry_run {
             return Ok(outcome);
         }
-        for (name, content) in writes {
-            match content {
-                Some(c) => self.store.write(name, c)?,
-                None => self.store.remove(name)?,
-            }
+        if !writes.is_empty() {
+            outcome.revision = self.store.write_policies(base, &writes).await?;
         }
         let names: Vec<&str> = changes.iter().map(|(n, _)| n.as_str()).collect();
         tracing::info!(files = ?names, version = %outcome.version, changes = ?outcome.changed, "policy applied via admin API");
@@ -431,7 +415,7 @@ impl ControlPlane {
     ) -> Result<PolicyDiff, ApplyError> {
         let proposed = {
             let _guard = self.apply_lock.lock().await;
-            let (files, _) = self.merged_files(changes)?;
+            let (files, _, _) = self.merged_files(changes).await?;
             PolicySet::from_files_blocking(files).await?
         };
         let current = self.policy.load_full();
@@ -461,44 +445,45 @@ impl ControlPlane {
         })
     }
 
-    /// The store's files with `changes` applied (`None` content: removed), and the writes that
-    /// would make it so (unchanged files are not rewritten). Call with `apply_lock` held.
-    #[allow(clippy::type_complexity)]
-    fn merged_files<'a>(
+    /// The store's files with `changes` applied (`None` content: removed), the writes that
+    /// would make it so (unchanged files are not rewritten), and the revision the files were
+    /// read at (the base of the write). Call with `apply_lock` held.
+    async fn merged_files(
         &self,
-        changes: &'a [(String, Option<String>)],
-    ) -> Result<(Vec<SourceFile>, Vec<(&'a String, Option<&'a String>)>), ApplyError> {
+        changes: &[(String, Option<String>)],
+    ) -> Result<(Vec<SourceFile>, Vec<PolicyWrite>, Option<i64>), ApplyError> {
         for (name, _) in changes {
             if !is_valid_file_name(name) {
                 return Err(StoreError::InvalidName(name.clone()).into());
             }
         }
-        let mut files = self.store.read_files()?;
+        let stored = self.store.read_policies().await?;
+        let mut files = stored.files;
         let mut writes = Vec::new();
         for (name, content) in changes {
             let existing = files.iter().position(|f| &f.name == name);
             match (existing, content) {
                 (Some(i), Some(c)) => {
                     if files[i].content != *c {
-                        writes.push((name, Some(c)));
+                        writes.push((name.clone(), Some(c.clone())));
                     }
                     files[i].content.clone_from(c);
                 }
                 (None, Some(c)) => {
-                    writes.push((name, Some(c)));
+                    writes.push((name.clone(), Some(c.clone())));
                     files.push(SourceFile {
                         name: name.clone(),
                         content: c.clone(),
                     });
                 }
                 (Some(i), None) => {
-                    writes.push((name, None));
+                    writes.push((name.clone(), None));
                     files.remove(i);
                 }
                 (None, None) => return Err(StoreError::NotFound(name.clone()).into()),
             }
         }
-        Ok((files, writes))
+        Ok((files, writes, stored.revision))
     }
 
     /// A snapshot of the registry, for read-only views (`GET /v1/clusters`).
@@ -521,11 +506,12 @@ impl ControlPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store as _;
     use std::collections::HashMap;
 
     fn cp(dir: &std::path::Path) -> ControlPlane {
         ControlPlane::new(
-            PolicyStore::new(dir),
+            Arc::new(crate::store::FileStore::in_dir(dir)),
             Duration::from_secs(5),
             Metrics::new().unwrap(),
         )
@@ -594,7 +580,7 @@ mod tests {
             out.changed,
             ["service/a.default created", "route/r created"]
         );
-        assert_eq!(cp.store().read_files().unwrap().len(), 2);
+        assert_eq!(cp.store().read_policies().await.unwrap().files.len(), 2);
     }
 
     #[tokio::test]
@@ -632,7 +618,7 @@ mod tests {
     fn disconnected_proxies_stay_listed_until_their_grace_expires() {
         let dir = tempfile::tempdir().unwrap();
         let cp = ControlPlane::new(
-            PolicyStore::new(dir.path()),
+            Arc::new(crate::store::FileStore::in_dir(dir.path())),
             Duration::from_millis(300),
             Metrics::new().unwrap(),
         );
@@ -771,11 +757,24 @@ mod tests {
         )
         .unwrap();
         let state = dir.path().join(".weft-state");
-        let with_state =
-            || cp(dir.path()).with_state_store(crate::persist::StateStore::new(&state));
-        let before = with_state();
+        let with_state = || {
+            let store = Arc::new(crate::store::FileStore::in_dir(dir.path()));
+            let cp = Arc::new(
+                ControlPlane::new(
+                    Arc::clone(&store) as SharedStore,
+                    Duration::from_secs(5),
+                    Metrics::new().unwrap(),
+                )
+                .with_restart_grace(Duration::from_millis(300)),
+            );
+            (store, cp)
+        };
+        let (store, before) = with_state();
         assert_eq!(
-            before.restore_registry(Duration::from_secs(1)),
+            store
+                .load_registrations(Arc::clone(&before) as _)
+                .await
+                .unwrap(),
             0,
             "no file yet"
         );
@@ -785,16 +784,23 @@ mod tests {
         before
             .connect(&node("b-1", "b", "127.0.0.3:15006"))
             .unwrap();
-        before.close_state();
+        store.close_registrations(Arc::clone(&before) as _).await;
         // Closed: a stream ending during shutdown does not persist its proxy as disconnected.
         before.disconnect("a-1", 1);
+        store.persist(&*before);
         drop(before);
 
-        let after = with_state();
+        let (store, after) = with_state();
         after.reload().await.unwrap();
         let mut rx = after.subscribe();
         rx.borrow_and_update();
-        assert_eq!(after.restore_registry(Duration::from_millis(300)), 2);
+        assert_eq!(
+            store
+                .load_registrations(Arc::clone(&after) as _)
+                .await
+                .unwrap(),
+            2
+        );
         assert!(rx.has_changed().unwrap());
         let statuses = after.proxy_statuses();
         assert_eq!(statuses.len(), 2);
@@ -805,7 +811,7 @@ mod tests {
         assert_eq!(statuses[0].inbound_address, "127.0.0.2:15006");
         assert_eq!(after.metrics().proxies_connected.get(), 0);
         let web = node("web-1", "web", "127.0.0.4:15006");
-        let endpoints = |cp: &ControlPlane| {
+        let endpoints = |cp: &Arc<ControlPlane>| {
             let r = cp.compile_for(&web);
             r.endpoints
                 .clusters
@@ -824,7 +830,7 @@ mod tests {
         let statuses = after.proxy_statuses();
         assert_eq!(statuses.len(), 1);
         assert_eq!(statuses[0].state, ProxyState::Connected);
-        after.persist_registry();
+        store.persist(&*after);
         let persisted = crate::persist::load_registry(&state).unwrap();
         assert_eq!(persisted.len(), 1);
         assert_eq!(persisted[0].id, "a-1");

@@ -460,6 +460,15 @@ fn outcome_response(result: Result<crate::state::ApplyOutcome, ApplyError>) -> R
         Err(ApplyError::Store(e @ StoreError::NotFound(_))) => {
             errors_response(StatusCode::NOT_FOUND, &[e.to_string()])
         }
+        // Another apply (through this replica or another) won the compare-and-swap.
+        Err(ApplyError::Store(e @ StoreError::Conflict { base, current })) => json_response(
+            StatusCode::CONFLICT,
+            &json!({"errors": [e.to_string()], "revision": current, "base_revision": base}),
+        ),
+        Err(ApplyError::Store(e @ StoreError::Unavailable { .. })) => {
+            tracing::error!(error = %e, "policy store");
+            errors_response(StatusCode::SERVICE_UNAVAILABLE, &[e.to_string()])
+        }
         Err(ApplyError::Store(e)) => {
             tracing::error!(error = %e, "policy store");
             errors_response(StatusCode::INTERNAL_SERVER_ERROR, &[e.to_string()])

@@ -146,6 +146,11 @@ pub(super) async fn apply(
                 format!("{label}: rejected, nothing changed")
             }))
         }
+        // The store moved on while this apply was validated: nothing was written.
+        StatusCode::CONFLICT => Err(CtlError::rejected(format!(
+            "{label}: not applied: {}",
+            reply_errors(&reply).join("; ")
+        ))),
         _ => Err(CtlError::rejected(format!(
             "{label}: {}",
             reply_errors(&reply).join("; ")

@@ -1,4 +1,4 @@
-//! The embedded file store: a directory of `*.yaml` / `*.yml` policy files.
+//! The policy directory of the file store ([`crate::store::file`]): `*.yaml` / `*.yml` files.
 //!
 //! Writes are atomic (temporary file + rename) so a reader (the watcher, a restart) never sees
 //! a half-written file. Hidden files (`.name`) are ignored, which also hides our temporaries
@@ -9,25 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::SourceFile;
 
-/// Errors of the file store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("invalid policy file name {0:?}: use <name>.yaml or <name>.yml, without '/' or '..'")]
-    InvalidName(String),
-    #[error("policy file {0:?} does not exist")]
-    NotFound(String),
-    #[error(
-        "{path}: {size} bytes, more than the {}-byte limit of a policy file",
-        super::MAX_FILE_BYTES
-    )]
-    TooLarge { path: PathBuf, size: u64 },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-}
+pub use crate::store::StoreError;
 
 /// Whether `name` may name a policy file in the store.
 pub fn is_valid_file_name(name: &str) -> bool {
