@@ -10,12 +10,19 @@
 #   iptables         `weft-proxy init`'s capture rules in the transparent-mode tests
 #                    (e2e/tests/transparent.rs; iptables-nft-*, ip6tables-*)
 #   iproute2         `ip netns` / veth for those tests' hosts
+#   etcd-server      a real etcd v3 the etcd store's tests start (`etcd`; control-plane unit tests
+#                    of store/etcd.rs, e2e/tests/ha.rs)
+#   etcd-client      `etcdctl`: those tests read the keys with etcd's own client
+#   protobuf-compiler  `protoc`: the etcd-client crate's build compiles etcd's .proto files
+#   libprotobuf-dev  google/protobuf/*.proto, which etcd's .proto files import (protoc alone
+#                    lacks them without recommended packages)
 # Idempotent: does nothing (no `apt-get update`) when everything is installed.
 # Runs `apt-get update` at most once, then installs only what is missing, without
 # recommended packages. Prints what it installed.
 set -euo pipefail
 
-PACKAGES=(curl netcat-openbsd prometheus make gcc dnsmasq-base openssl python3 iptables iproute2)
+PACKAGES=(curl netcat-openbsd prometheus make gcc dnsmasq-base openssl python3 iptables iproute2
+  etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 
 installed() { # package
   [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
@@ -52,9 +59,11 @@ for p in "${missing[@]}"; do
   installed "$p" || failed+=("$p")
 done
 # dnsmasq lives in /usr/sbin, which a non-root PATH may lack (the tests look there too).
-for tool in curl nc prometheus promtool dnsmasq openssl python3 iptables-nft-restore ip6tables-nft-restore ip; do
+for tool in curl nc prometheus promtool dnsmasq openssl python3 iptables-nft-restore ip6tables-nft-restore ip \
+  etcd etcdctl protoc; do
   command -v "$tool" >/dev/null 2>&1 || [[ -x "/usr/sbin/$tool" ]] || failed+=("$tool (command)")
 done
+[[ -f /usr/include/google/protobuf/descriptor.proto ]] || failed+=("google/protobuf/descriptor.proto (libprotobuf-dev)")
 if ((${#failed[@]})); then
   echo "install-test-deps: still missing after install: ${failed[*]}" >&2
   exit 1

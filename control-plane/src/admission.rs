@@ -179,6 +179,65 @@ fn socket_addr(field: &str, value: &str, required: bool) -> Result<Option<Socket
         .map_err(|_| invalid(field, format!("{value:?} is not ip:port")))
 }
 
+/// Most `app_ports` one node may announce.
+pub const MAX_APP_PORTS: usize = 64;
+
+/// Transparent mode's fields: `instance_ip` an address callers can reach (with
+/// `--require-peer-address`, the inbound address's IP, itself checked against the stream's),
+/// `app_ports` distinct ports `1..=65535`, at most [`MAX_APP_PORTS`], and only with an
+/// `instance_ip`.
+fn transparent(node: &Node, limits: &Limits) -> Result<(), Refusal> {
+    if node.instance_ip.is_empty() {
+        if !node.app_ports.is_empty() {
+            return Err(invalid("app_ports", "given without an instance_ip"));
+        }
+        return Ok(());
+    }
+    let ip: IpAddr = node.instance_ip.parse().map_err(|_| {
+        invalid(
+            "instance_ip",
+            format!("{:.64?} is not an IP address", node.instance_ip),
+        )
+    })?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(invalid(
+            "instance_ip",
+            format!("{ip} is not an address callers can reach"),
+        ));
+    }
+    if limits.require_peer_address {
+        let inbound = node.inbound_address.parse::<SocketAddr>().ok();
+        if inbound.is_some_and(|a| a.ip() != ip) {
+            return Err(invalid(
+                "instance_ip",
+                format!("{ip} is not the inbound address's IP; --require-peer-address is on"),
+            ));
+        }
+    }
+    if node.app_ports.len() > MAX_APP_PORTS {
+        return Err(invalid(
+            "app_ports",
+            format!(
+                "{} ports, at most {MAX_APP_PORTS} allowed",
+                node.app_ports.len()
+            ),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for p in &node.app_ports {
+        if !(1..=65535).contains(p) {
+            return Err(invalid(
+                "app_ports",
+                format!("{p} is not a port (1..=65535)"),
+            ));
+        }
+        if !seen.insert(*p) {
+            return Err(invalid("app_ports", format!("port {p} is listed twice")));
+        }
+    }
+    Ok(())
+}
+
 /// Checks `node` (from a `Hello`) against `caller` and `limits`; returns the node to register:
 /// service and namespace taken from the verified identity, namespace defaulted. `peer` is the
 /// address the stream comes from.
@@ -264,6 +323,7 @@ pub fn admit(
             format!("{:.64?} is not an IP address", node.tcp_bind_ip),
         ));
     }
+    transparent(&node, limits)?;
     if node.build_version.len() > 64 || !printable(&node.build_version) {
         return Err(invalid(
             "build_version",
@@ -401,6 +461,43 @@ mod tests {
                 .reason(),
             "invalid"
         );
+    }
+
+    #[test]
+    fn transparent_fields_are_bounded() {
+        let limits = Limits::default();
+        let check = |n: Node| admit(n, &web(), None, &limits);
+        let mut n = node("w", "web", "10.0.0.2:15006");
+        n.instance_ip = "10.0.0.2".into();
+        n.app_ports = vec![8080, 9000];
+        assert!(check(n.clone()).is_ok());
+        for (ip, ports, field) in [
+            ("x", vec![], "instance_ip"),
+            ("0.0.0.0", vec![], "instance_ip"),
+            ("", vec![80], "app_ports"),
+            ("10.0.0.2", vec![0], "app_ports"),
+            ("10.0.0.2", vec![70000], "app_ports"),
+            ("10.0.0.2", vec![80, 80], "app_ports"),
+            ("10.0.0.2", (1..=65).collect(), "app_ports"),
+        ] {
+            let mut bad = n.clone();
+            bad.instance_ip = ip.into();
+            bad.app_ports = ports;
+            let e = check(bad).unwrap_err();
+            assert!(e.to_string().contains(field), "{ip}: {e}");
+            assert_eq!(e.reason(), "invalid");
+        }
+        let strict = Limits {
+            require_peer_address: true,
+            ..Limits::default()
+        };
+        let peer: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        assert!(admit(n.clone(), &web(), Some(peer), &strict).is_ok());
+        n.instance_ip = "10.0.0.3".into();
+        assert!(admit(n, &web(), Some(peer), &strict)
+            .unwrap_err()
+            .to_string()
+            .contains("instance_ip"));
     }
 
     #[test]

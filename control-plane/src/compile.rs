@@ -12,6 +12,7 @@ mod authz;
 mod resilience;
 mod scope;
 pub mod traffic;
+pub mod transparent;
 
 pub use scope::{compile_scope, ScopeResources};
 
@@ -159,6 +160,16 @@ pub fn assemble(
         }
     }
 
+    // Transparent nodes: a cluster per app port, for captured inbound connections.
+    let (port_clusters, port_endpoints) = transparent::inbound_port_clusters(
+        node,
+        clusters.clusters.iter().find(|c| c.name == INBOUND),
+    );
+    if !port_clusters.is_empty() {
+        clusters.clusters.extend(port_clusters);
+        clusters.clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        clusters.version = version_of_messages(&clusters.clusters);
+    }
     let inbound = ClusterEndpoints {
         cluster: INBOUND.to_owned(),
         endpoints: if node.app_address.is_empty() {
@@ -174,10 +185,15 @@ pub fn assemble(
     let mut h = StableHasher::new();
     h.write_field(scope.endpoints_version.as_bytes());
     h.write_field(&inbound.encode_to_vec());
+    for e in &port_endpoints {
+        h.write_field(&e.encode_to_vec());
+    }
     let version = h.finish_hex();
     let mut sets = scope.endpoints.clone();
-    let at = sets.partition_point(|e| e.cluster.as_str() < INBOUND);
-    sets.insert(at, inbound);
+    for set in std::iter::once(inbound).chain(port_endpoints) {
+        let at = sets.partition_point(|e| e.cluster < set.cluster);
+        sets.insert(at, set);
+    }
     Resources {
         listeners,
         routes: scope.routes.clone(),
@@ -217,6 +233,11 @@ pub fn service_cluster(policy: &PolicySet, s: &Service) -> Cluster {
         upstream_tls: traffic::upstream_tls(s),
         locality: None,
         dns_endpoints: traffic::dns_endpoints(s),
+        vip: policy
+            .vip_of(&key_of(s))
+            .map(|ip| ip.to_string())
+            .unwrap_or_default(),
+        port: 0,
     }
 }
 
@@ -269,6 +290,8 @@ fn compile_listeners(
 ) -> Vec<Listener> {
     let mut listeners = Vec::new();
     let idle_timeout_ms = millis(idle_timeout_of(local));
+    let detection = transparent::detection(policy, node);
+    let captured = detection.is_some();
     if !node.outbound_address.is_empty() {
         listeners.push(Listener {
             name: OUTBOUND.to_owned(),
@@ -281,6 +304,8 @@ fn compile_listeners(
             idle_timeout_ms,
             hygiene: authz::hygiene(policy),
             egress: traffic::egress(policy),
+            captured,
+            detection: detection.clone(),
             ..Default::default()
         });
     }
@@ -305,6 +330,8 @@ fn compile_listeners(
             authorization: authorization.unwrap_or_default().to_owned(),
             hygiene: if tcp { None } else { authz::hygiene(policy) },
             egress: None,
+            captured,
+            detection,
         });
     }
     let bind_ip = tcp_bind_ip(node);
@@ -553,3 +580,5 @@ mod tests_resilience;
 mod tests_security;
 #[cfg(test)]
 mod tests_traffic;
+#[cfg(test)]
+mod tests_transparent;

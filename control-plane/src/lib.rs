@@ -34,4 +34,4 @@ pub mod tls;
 pub mod token;
 pub mod watch;
 
-pub use server::{Config, ServeError, Server};
+pub use server::{Config, ServeError, Server, StoreConfig};

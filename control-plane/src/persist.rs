@@ -218,8 +218,12 @@ mod tests {
             app_address: "127.0.0.1:8080".into(),
             tcp_bind_ip: "127.0.0.1".into(),
             build_version: "0.1.0".into(),
+            instance_ip: "10.0.0.2".into(),
+            app_ports: vec![8080, 9090],
             connected_since_unix_ms: 1_700_000_000_000,
             remove_at_unix_ms: None,
+            log_level: None,
+            replica: None,
         }
     }
 

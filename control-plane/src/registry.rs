@@ -8,6 +8,14 @@
 //! (`registry.json`, see `persist`) holds, and [`Registry::restore`] brings those entries back as
 //! disconnected, each within a restart grace. A proxy that reconnects (same node id) within it
 //! reclaims its entry; the others are dropped by [`Registry::expire`] when it ends.
+//!
+//! With several replicas (the etcd store) the registry also holds the registrations other
+//! replicas own, as the store shows them ([`Registry::upsert_remote`]): they are endpoints like
+//! any other, bind their node id to their identity the same way, and are replaced by a local
+//! registration when their proxy connects here. When one's key disappears from the store (its
+//! replica's lease expired: the replica died or lost etcd), it gets the deregistration grace
+//! from then ([`Registry::remote_gone`]), so a proxy moving to another replica keeps its
+//! endpoint and a dead one is gone within the lease TTL plus the grace.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,8 +42,19 @@ pub struct RegisteredProxy {
     /// shorten a proxy's chance to reconnect).
     pub restored: Option<Restored>,
     /// The log filter an operator set for this proxy (`weftctl log-level`), pushed in its
-    /// LISTENERS set; runtime only (not persisted), kept across reconnects of the same id.
+    /// LISTENERS set; persisted with the registration, kept across reconnects of the same id.
     pub log_level: Option<String>,
+    /// Set on a registration another replica owns (etcd store): never connected here.
+    pub remote: Option<Remote>,
+}
+
+/// Where a registration another replica owns stands, as its key in the store says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// The owning replica (`--replica-id`).
+    pub replica: String,
+    /// Whether its proxy is connected to that replica (else it is within its grace there).
+    pub connected: bool,
 }
 
 /// How a restored entry was persisted.
@@ -64,12 +83,24 @@ pub struct PersistedProxy {
     pub tcp_bind_ip: String,
     #[serde(default)]
     pub build_version: String,
+    /// Transparent mode: the address callers reach this instance at (empty otherwise).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance_ip: String,
+    /// Transparent mode: the application's ports on `instance_ip`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub app_ports: Vec<u32>,
     /// Unix milliseconds.
     #[serde(default)]
     pub connected_since_unix_ms: u64,
     /// Unix milliseconds: the end of a disconnected entry's deregistration grace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remove_at_unix_ms: Option<u64>,
+    /// The log filter an operator set for this proxy (`weftctl log-level`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    /// The replica that owns the registration (etcd store; absent in `registry.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -97,13 +128,33 @@ impl PersistedProxy {
             app_address: self.app_address.clone(),
             tcp_bind_ip: self.tcp_bind_ip.clone(),
             build_version: self.build_version.clone(),
+            instance_ip: self.instance_ip.clone(),
+            app_ports: self.app_ports.clone(),
         }
     }
 }
 
-impl RegisteredProxy {
+impl PersistedProxy {
+    /// Whether its proxy is connected (no removal deadline).
     pub fn is_connected(&self) -> bool {
-        self.remove_at.is_none()
+        self.remove_at_unix_ms.is_none()
+    }
+
+    /// When its current stream started.
+    pub fn connected_since(&self) -> SystemTime {
+        from_unix_ms(self.connected_since_unix_ms)
+    }
+}
+
+impl RegisteredProxy {
+    /// Connected: to this replica, or (a remote entry whose key is in the store) to its own.
+    pub fn is_connected(&self) -> bool {
+        self.remove_at.is_none() && self.remote.as_ref().is_none_or(|r| r.connected)
+    }
+
+    /// Whether another replica owns it.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
     }
 }
 
@@ -160,6 +211,7 @@ impl Registry {
                 remove_at: None,
                 restored: None,
                 log_level,
+                remote: None,
             },
         );
         if let Some(old) = replaced.filter(|old| old.service != service) {
@@ -255,11 +307,13 @@ impl Registry {
         Ok(self.register(node, connected_since))
     }
 
-    /// Every registration as the state file holds it, sorted by id. A disconnected entry's
-    /// deadline is converted to wall-clock time (`now` and `wall_now` are the same moment).
+    /// Every registration this replica owns (not the remote ones) as the store holds it,
+    /// sorted by id. A disconnected entry's deadline is converted to wall-clock time (`now` and
+    /// `wall_now` are the same moment).
     pub fn persisted(&self, now: Instant, wall_now: SystemTime) -> Vec<PersistedProxy> {
         self.proxies
             .values()
+            .filter(|p| p.remote.is_none())
             .map(|p| {
                 let remove_at = match p.restored {
                     Some(r) => r.remove_at,
@@ -282,11 +336,93 @@ impl Registry {
                     app_address: n.app_address.clone(),
                     tcp_bind_ip: n.tcp_bind_ip.clone(),
                     build_version: n.build_version.clone(),
+                    instance_ip: n.instance_ip.clone(),
+                    app_ports: n.app_ports.clone(),
                     connected_since_unix_ms: unix_ms(p.connected_since),
                     remove_at_unix_ms: remove_at.map(unix_ms),
+                    log_level: p.log_level.clone(),
+                    replica: None,
                 }
             })
             .collect()
+    }
+
+    /// Records a registration another replica owns, as the store holds it, replacing whatever
+    /// this registry had for its id (a local entry too: the caller decided the other replica
+    /// has it now). Its endpoint counts as changed (and its service's version moves) only when
+    /// its service, address or labels did. Returns whether they did. Entries without id or
+    /// service are ignored.
+    pub fn upsert_remote(&mut self, entry: PersistedProxy, replica: String) -> bool {
+        if entry.id.is_empty() || entry.service.is_empty() {
+            return false;
+        }
+        let mut node = entry.node();
+        if node.namespace.is_empty() {
+            node.namespace = "default".to_owned();
+        }
+        let service = ServiceKey::new(&node.service, &node.namespace);
+        let existing = self.proxies.get(&entry.id);
+        let same_endpoint = existing.is_some_and(|p| {
+            p.service == service
+                && p.node.inbound_address == node.inbound_address
+                && p.node.labels == node.labels
+        });
+        // A remote entry keeps its session; one replacing a local entry gets a new one, so
+        // the end of a stream still open here is stale and changes nothing.
+        let session = match existing {
+            Some(p) if p.remote.is_some() => p.session,
+            _ => {
+                let s = self.next_session;
+                self.next_session += 1;
+                s
+            }
+        };
+        let old_service = existing.map(|p| p.service.clone());
+        if !same_endpoint {
+            if let Some(old) = old_service {
+                self.unindex(&entry.id, &old);
+            }
+            self.index(&entry.id, &service);
+        }
+        let connected = entry.is_connected();
+        let connected_since = entry.connected_since();
+        self.proxies.insert(
+            entry.id,
+            RegisteredProxy {
+                node,
+                service,
+                session,
+                connected_since,
+                remove_at: None,
+                restored: None,
+                log_level: entry.log_level,
+                remote: Some(Remote { replica, connected }),
+            },
+        );
+        !same_endpoint
+    }
+
+    /// The store no longer holds remote registration `id` (local entries are untouched): one
+    /// whose proxy was connected gets the deregistration grace from `now` (its replica's lease
+    /// expired: the proxy may be reconnecting elsewhere); one already disconnected there (its
+    /// owner ended it) is dropped now. Returns whether the entry was dropped.
+    pub fn remote_gone(&mut self, id: &str, now: Instant) -> bool {
+        let Some(p) = self.proxies.get_mut(id) else {
+            return false;
+        };
+        let Some(remote) = &p.remote else {
+            return false;
+        };
+        if remote.connected {
+            if p.remove_at.is_none() {
+                p.remove_at = Some(now + self.grace);
+            }
+            return false;
+        }
+        let service = p.service.clone();
+        self.proxies.remove(id);
+        self.unindex(id, &service);
+        true
     }
 
     /// Brings persisted registrations back after a restart, each as disconnected and removed
@@ -334,7 +470,8 @@ impl Registry {
                     restored: Some(Restored {
                         remove_at: persisted_deadline,
                     }),
-                    log_level: None,
+                    log_level: e.log_level,
+                    remote: None,
                 },
             );
         }
@@ -618,6 +755,77 @@ mod tests {
         );
         assert!(ids.is_empty());
         assert!(late.get("a-1").is_none());
+    }
+
+    fn remote(id: &str, service: &str, addr: &str, connected: bool) -> PersistedProxy {
+        let mut r = Registry::new(Duration::from_secs(5));
+        r.register(node(id, service, addr), SystemTime::now());
+        let mut e = r.persisted(Instant::now(), SystemTime::now()).remove(0);
+        e.remove_at_unix_ms = (!connected).then_some(e.connected_since_unix_ms + 5000);
+        e.replica = Some("cp-2".into());
+        e
+    }
+
+    #[test]
+    fn remote_registrations_are_endpoints_and_not_persisted_here() {
+        let mut r = Registry::new(Duration::from_secs(5));
+        let key = ServiceKey::new("a", "default");
+        assert!(r.upsert_remote(remote("a-1", "a", "127.0.0.2:15006", true), "cp-2".into()));
+        let v = r.service_version(&key);
+        assert_eq!(addrs(&r, "a"), ["127.0.0.2:15006"]);
+        assert!(r.get("a-1").unwrap().is_connected());
+        assert!(r.persisted(Instant::now(), SystemTime::now()).is_empty());
+        // The same endpoint again (e.g. its log level changed): no recompilation.
+        let mut again = remote("a-1", "a", "127.0.0.2:15006", false);
+        again.log_level = Some("debug".into());
+        assert!(!r.upsert_remote(again, "cp-2".into()));
+        assert_eq!(r.service_version(&key), v);
+        assert!(!r.get("a-1").unwrap().is_connected());
+        assert_eq!(r.get("a-1").unwrap().log_level.as_deref(), Some("debug"));
+        // The id stays bound to its identity; its proxy connecting here makes it local.
+        let err = r
+            .try_register(
+                node("a-1", "b", "127.0.0.9:15006"),
+                SystemTime::now(),
+                10,
+                10,
+            )
+            .unwrap_err();
+        assert_eq!(err.reason(), "id_taken");
+        r.try_register(
+            node("a-1", "a", "127.0.0.2:15006"),
+            SystemTime::now(),
+            10,
+            10,
+        )
+        .unwrap();
+        assert!(!r.get("a-1").unwrap().is_remote());
+        assert_eq!(r.get("a-1").unwrap().log_level.as_deref(), Some("debug"));
+        assert_eq!(r.persisted(Instant::now(), SystemTime::now()).len(), 1);
+    }
+
+    #[test]
+    fn a_gone_remote_key_gets_the_grace_if_its_proxy_was_connected() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Duration::from_secs(5));
+        r.upsert_remote(remote("a-1", "a", "127.0.0.2:15006", true), "cp-2".into());
+        r.upsert_remote(remote("b-1", "b", "127.0.0.3:15006", false), "cp-2".into());
+        // Its replica's lease expired: kept for the grace, then removed.
+        assert!(!r.remote_gone("a-1", t0));
+        assert!(!r.get("a-1").unwrap().is_connected());
+        assert_eq!(r.next_expiry(), Some(t0 + Duration::from_secs(5)));
+        // Ended by its replica after its grace there: removed now.
+        assert!(r.remote_gone("b-1", t0));
+        assert!(r.get("b-1").is_none());
+        // Local entries are not the store's to remove.
+        r.register(node("c-1", "c", "127.0.0.4:15006"), SystemTime::now());
+        assert!(!r.remote_gone("c-1", t0));
+        assert!(r.get("c-1").unwrap().is_connected());
+        // Back in the store within the grace: kept.
+        r.upsert_remote(remote("a-1", "a", "127.0.0.2:15006", true), "cp-3".into());
+        assert!(r.get("a-1").unwrap().is_connected());
+        assert!(!r.expire(t0 + Duration::from_secs(6)));
+        assert_eq!(addrs(&r, "a"), ["127.0.0.2:15006"]);
     }
 
     #[test]

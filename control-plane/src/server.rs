@@ -20,7 +20,8 @@ use crate::discovery::{DiscoveryService, RegistrationAuth};
 use crate::identity::IdentityService;
 use crate::metrics::{Metrics, MetricsError};
 use crate::state::ControlPlane;
-use crate::store::{FileStore, SharedStore, StoreError, WatchGuard};
+use crate::store::etcd::ca::{CaCheck, CaFingerprint};
+use crate::store::{EtcdConfig, EtcdStore, FileStore, SharedStore, StoreError, WatchGuard};
 use crate::tls::{plain_incoming, ConnectionSlots, ServerTls, TlsError};
 
 /// How often expired registrations are swept.
@@ -44,10 +45,24 @@ pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 256;
 /// Largest gRPC message the control plane accepts (Hello, Ack/Nack, CSR).
 const MAX_GRPC_MESSAGE: usize = 1 << 20;
 
+/// Where the policies and the registry live.
+#[derive(Debug, Clone, Default)]
+pub enum StoreConfig {
+    /// One replica: the policy directory ([`Config::policies`]) and `registry.json` in the state
+    /// directory.
+    #[default]
+    Files,
+    /// Several replicas sharing etcd.
+    Etcd(Box<EtcdConfig>),
+}
+
 /// Settings of one control plane.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The policy directory (file store).
     pub policies: PathBuf,
+    /// The store backend.
+    pub store: StoreConfig,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub deregister_grace: Duration,
@@ -85,6 +100,7 @@ impl Config {
     pub fn new(policies: impl Into<PathBuf>) -> Self {
         Self {
             policies: policies.into(),
+            store: StoreConfig::Files,
             grpc: SocketAddr::from(([127, 0, 0, 1], 15010)),
             admin: SocketAddr::from(([127, 0, 0, 1], 15011)),
             deregister_grace: DEFAULT_DEREGISTER_GRACE,
@@ -162,6 +178,8 @@ pub enum ServeError {
     AdminAuth(#[from] crate::admin::auth::AuthError),
     #[error("refusing to serve the admin API on {0} without authentication: bind a loopback address, or drop --insecure-admin (and run with a CA)")]
     OpenAdmin(SocketAddr),
+    #[error("refusing to start: {0}")]
+    CaMismatch(String),
 }
 
 /// A control plane whose listeners are bound and whose initial policy set is loaded.
@@ -220,12 +238,22 @@ impl Server {
         config: Config,
         identity: Option<IdentityConfig>,
     ) -> Result<Self, ServeError> {
-        if !config.policies.is_dir() {
-            return Err(ServeError::NoPolicyDir(config.policies));
-        }
         let metrics = Metrics::new()?;
-        let state_dir = config.state_dir();
-        let store: SharedStore = Arc::new(FileStore::new(&config.policies, &state_dir));
+        let (store, etcd): (SharedStore, Option<Arc<EtcdStore>>) = match &config.store {
+            StoreConfig::Files => {
+                if !config.policies.is_dir() {
+                    return Err(ServeError::NoPolicyDir(config.policies));
+                }
+                let state_dir = config.state_dir();
+                tracing::debug!(dir = %state_dir.display(), "registry state directory");
+                (Arc::new(FileStore::new(&config.policies, &state_dir)), None)
+            }
+            StoreConfig::Etcd(etcd) => {
+                let etcd = Arc::new(EtcdStore::connect((**etcd).clone()).await?);
+                etcd.wait_ready().await?;
+                (Arc::clone(&etcd) as SharedStore, Some(etcd))
+            }
+        };
         let cp = Arc::new(
             ControlPlane::new(Arc::clone(&store), config.deregister_grace, metrics)
                 .with_push_timeout(config.push_timeout)
@@ -234,8 +262,7 @@ impl Server {
                 .with_restart_grace(config.restart_grace),
         );
         // Before serving: the first proxy to reconnect must see every registration.
-        let restored = store.load_registrations(Arc::clone(&cp) as _).await?;
-        tracing::debug!(dir = %state_dir.display(), restored, "registry state directory");
+        store.load_registrations(Arc::clone(&cp) as _).await?;
         // Watch before the first load so no change in between is missed.
         let watcher = crate::watch::spawn_watcher(Arc::clone(&cp))?;
         if cp.reload().await.is_err() {
@@ -265,6 +292,9 @@ impl Server {
                         .await
                         .expect("CA loading panicked")?,
                 );
+                if let Some(etcd) = &etcd {
+                    check_shared_ca(etcd, &ca).await?;
+                }
                 check_expiry(&cp, &ca);
                 push_trust(&cp, &ca);
                 let tls = if identity.grpc_tls || !config.insecure_admin {
@@ -497,6 +527,25 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// With several replicas: records this replica's CA in etcd if it is the first, else refuses
+/// to start unless it is the CA the others share (see [`crate::store::etcd::ca`]).
+async fn check_shared_ca(etcd: &EtcdStore, ca: &Ca) -> Result<(), ServeError> {
+    let fingerprint = CaFingerprint::of(ca).map_err(ServeError::CaMismatch)?;
+    match etcd.check_ca(&fingerprint).await? {
+        CaCheck::Recorded => tracing::info!(
+            root_sha256 = %fingerprint.root_sha256,
+            "recorded this replica's CA as the one every replica must share"
+        ),
+        CaCheck::Same { replica } => tracing::info!(
+            root_sha256 = %fingerprint.root_sha256,
+            recorded_by = %replica,
+            "this replica's CA is the one the replicas share"
+        ),
+        CaCheck::Differs(message) => return Err(ServeError::CaMismatch(message)),
+    }
+    Ok(())
 }
 
 /// Logs a warning when the CA's issuer expires within 30 days (an error once expired) and sets

@@ -34,6 +34,7 @@ use crate::store::{PolicyWrite, SharedStore, StoreError};
 
 mod host;
 mod proxies;
+mod remote;
 
 pub use proxies::{LogLevelError, ProxyState, ProxyStatus};
 
@@ -73,6 +74,8 @@ const CHANGE_HISTORY: usize = 1024;
 pub struct ControlPlane {
     store: SharedStore,
     policy: ArcSwap<PolicySet>,
+    /// The store's revision of the policies served (etcd; `None` for a directory).
+    policy_revision: Mutex<Option<i64>>,
     policy_error: Mutex<Option<String>>,
     /// The CA's trust domain and roots, pushed to every proxy as TRUST.
     trust: ArcSwap<TrustBundle>,
@@ -110,6 +113,7 @@ impl ControlPlane {
         Self {
             store,
             policy: ArcSwap::from_pointee(policy),
+            policy_revision: Mutex::new(None),
             policy_error: Mutex::new(None),
             trust: ArcSwap::from_pointee(TrustBundle::default()),
             registry: Mutex::new(Registry::new(deregister_grace)),
@@ -210,6 +214,7 @@ impl ControlPlane {
                     last_nack: None,
                     last_nack_at: None,
                     nacking: false,
+                    replica: None,
                     session: p.session,
                     remove_at: p.remove_at,
                 },
@@ -263,6 +268,12 @@ impl ControlPlane {
             self.bump();
         }
         changed
+    }
+
+    /// The store's revision of the policies served (etcd: every replica serving the same
+    /// revision serves the same set); `None` for a directory.
+    pub fn policy_revision(&self) -> Option<i64> {
+        *lock(&self.policy_revision)
     }
 
     /// Why the store's current content was rejected, if it was.
@@ -326,12 +337,14 @@ impl ControlPlane {
         let result = match result {
             Ok(stored) => PolicySet::from_files_blocking(stored.files)
                 .await
+                .map(|set| (set, stored.revision))
                 .map_err(ApplyError::from),
             Err(e) => Err(e),
         };
         match result {
-            Ok(set) => {
+            Ok((set, revision)) => {
                 let version = set.version().to_owned();
+                *lock(&self.policy_revision) = revision;
                 self.install(set);
                 self.set_error(None);
                 self.metrics
@@ -395,6 +408,7 @@ impl ControlPlane {
         if !writes.is_empty() {
             outcome.revision = self.store.write_policies(base, &writes).await?;
         }
+        *lock(&self.policy_revision) = outcome.revision;
         let names: Vec<&str> = changes.iter().map(|(n, _)| n.as_str()).collect();
         tracing::info!(files = ?names, version = %outcome.version, changes = ?outcome.changed, "policy applied via admin API");
         self.install(set);

@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
             ),
             limits: weft_proxy::conn_limit::RefusalMetrics::unregistered(),
             max_connections: weft_proxy::conn_limit::DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
+            transparent: Arc::new(weft_proxy::transparent::Transparent::unregistered()),
         };
         let manager = ListenerManager::new(tokio::runtime::Handle::current(), plane);
         let applier = ConfigApplier::new(store, Arc::new(Mutex::new(manager)), Metrics::new()?);

@@ -68,6 +68,16 @@ pub fn node(b: &Bootstrap) -> v1::Node {
         app_address: b.inbound.app.to_string(),
         tcp_bind_ip: b.outbound.tcp_bind_ip.to_string(),
         build_version: env!("CARGO_PKG_VERSION").to_owned(),
+        instance_ip: b
+            .transparent
+            .as_ref()
+            .map(|t| t.instance_ip.to_string())
+            .unwrap_or_default(),
+        app_ports: b
+            .transparent
+            .as_ref()
+            .map(|t| t.app_ports.iter().map(|p| u32::from(*p)).collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -114,6 +124,9 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
     )?;
     crate::observe::install(observability);
     crate::http::tunnel_metrics::register(metrics.registry())?;
+    let transparent = Arc::new(crate::transparent::Transparent::new(
+        crate::transparent::metrics::DetectionMetrics::register(metrics.registry())?,
+    ));
     let store: Arc<SnapshotStore> = Arc::new(SnapshotStore::empty());
     let mesh_tls = Arc::new(MeshTls::new(metrics.security.clone()).map_err(StartError::Tls)?);
     let token = bootstrap
@@ -144,6 +157,7 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         tls: Arc::clone(&mesh_tls),
         limits: connection_limits.clone(),
         max_connections: bootstrap.limits.max_connections_per_listener,
+        transparent,
     };
     let listeners = Arc::new(Mutex::new(ListenerManager::new(
         data_rt.handle().clone(),

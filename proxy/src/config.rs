@@ -87,6 +87,52 @@ pub struct Bootstrap {
     /// How endpoints declared by DNS name are resolved (see [`crate::egress`]).
     #[serde(default)]
     pub dns: DnsConfig,
+    /// Transparent mode (the namespace's traffic is captured by `weft-proxy init`): this
+    /// instance's address and app ports, announced to the control plane. Absent = explicit
+    /// mode (the app calls the sidecar's own ports).
+    #[serde(default)]
+    pub transparent: Option<TransparentConfig>,
+}
+
+/// `transparent:` of the bootstrap.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentConfig {
+    /// This instance's own IP (the pod / namespace address): callers reach its app ports there.
+    pub instance_ip: IpAddr,
+    /// The ports the app serves on it (at most [`MAX_APP_PORTS`]).
+    #[serde(default)]
+    pub app_ports: Vec<u16>,
+}
+
+/// Most `transparent.app_ports`.
+pub const MAX_APP_PORTS: usize = 64;
+
+impl TransparentConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.instance_ip.is_unspecified() || self.instance_ip.is_multicast() {
+            return Err((
+                "transparent.instance_ip",
+                format!("{} is not an address callers can reach", self.instance_ip),
+            ));
+        }
+        if self.app_ports.len() > MAX_APP_PORTS {
+            return Err((
+                "transparent.app_ports",
+                format!("at most {MAX_APP_PORTS} ports"),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.app_ports {
+            if *p == 0 || !seen.insert(*p) {
+                return Err((
+                    "transparent.app_ports",
+                    format!("{p}: ports must be 1..=65535 and distinct"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `dns:` of the bootstrap: the resolver of services' endpoints declared by DNS name
@@ -362,6 +408,10 @@ impl Bootstrap {
             return Err(invalid(field, reason));
         }
         if let Err((field, reason)) = b.dns.validate() {
+            return Err(invalid(field, reason));
+        }
+        if let Some(Err((field, reason))) = b.transparent.as_ref().map(TransparentConfig::validate)
+        {
             return Err(invalid(field, reason));
         }
         match b.control_plane.parse::<http::Uri>() {

@@ -18,6 +18,8 @@
 //! - [`cluster`]: clusters, endpoints and the state that survives snapshot swaps.
 //! - [`upstream`]: per-endpoint connection pools (HTTP/1.1 idle pool, shared HTTP/2).
 //! - [`tcp`]: opaque TCP proxying with half-close.
+//! - [`transparent`]: transparent mode's data path: captured connections routed by original
+//!   destination (service VIP, registered instance, passthrough), protocol detection.
 //! - [`drain`]: drain signalling between listeners and connections.
 //! - [`metrics`]: Prometheus families and pre-resolved handles.
 //! - [`observe`]: access logs, trace propagation and OTLP span export.
@@ -68,4 +70,5 @@ pub mod route;
 pub mod snapshot;
 pub mod tcp;
 pub mod tls;
+pub mod transparent;
 pub mod upstream;

@@ -8,6 +8,9 @@
 //! connection / request); one whose address changed is bound anew before the old one drains.
 //! Draining stops accepting at once; open HTTP connections shut down gracefully and TCP
 //! connections get `drain_timeout` before being cut.
+//!
+//! A `captured` listener (transparent mode) hands connections whose original destination is
+//! not their own address to `crate::transparent`; the others take the path below.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,6 +50,8 @@ pub struct DataPlane {
     pub limits: RefusalMetrics,
     /// Most connections one listener keeps open.
     pub max_connections: usize,
+    /// Transparent mode: captured connections' lookup tables and detection metrics.
+    pub transparent: Arc<crate::transparent::Transparent>,
 }
 
 struct Running {
@@ -240,17 +245,30 @@ fn dispatch(
     let _ = stream.set_nodelay(true);
     let drain = drain.clone();
     let timeout = plane.drain_timeout;
+    // Transparent mode: a connection the capture rules redirected here goes where it was sent.
+    if listener.capture.is_some() {
+        if let Some(original) = crate::transparent::captured_destination(&stream) {
+            let captured = crate::transparent::Captured {
+                stream,
+                peer,
+                original,
+                listener,
+            };
+            let plane = plane.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                crate::transparent::serve(captured, plane, drain, timeout).await;
+            });
+            return;
+        }
+    }
     if listener.direction == Direction::Inbound {
         // Peers' sidecars (mTLS) or plaintext clients, as the listener's mode allows.
         let plane = plane.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let detect_timeout = match listener.kind {
-                ListenerKind::Http(_) => inbound::DETECT_TIMEOUT_HTTP,
-                ListenerKind::Tcp { .. } => inbound::DETECT_TIMEOUT_TCP,
-            };
             let Some(conn) =
-                inbound::accept(stream, listener.mtls, &plane.tls, detect_timeout).await
+                inbound::accept(stream, listener.mtls, &plane.tls, inbound::DETECT_TIMEOUT).await
             else {
                 return;
             };

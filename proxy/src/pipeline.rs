@@ -43,10 +43,31 @@ use crate::http::idle::{Activity, InFlight};
 use crate::metrics::{PeerHandles, RequestMetrics};
 use crate::ratelimit::retry_after_secs;
 use crate::retry::RetryPolicy;
-use crate::route::{normalize_host, RequestInfo};
-use crate::snapshot::{Direction, HttpListener, Listener, ListenerKind, SnapshotStore};
+use crate::route::{normalize_host, RequestInfo, RouteTable};
+use crate::snapshot::{
+    CatchAll, Direction, HttpListener, Listener, ListenerKind, Snapshot, SnapshotStore,
+};
 use crate::tls::spiffe::SpiffeId;
 use crate::upstream::Wire;
+
+/// Where a captured connection's requests go (transparent mode): decided by the connection's
+/// original destination, not by the listener's routing, and resolved per request against the
+/// snapshot in force so a push reaches long-lived connections. `crate::transparent` implements
+/// it; the request path only asks.
+pub trait CapturedRouting: Send + Sync {
+    /// The routing of this connection's destination in `snapshot`.
+    fn resolve(&self, snapshot: Option<&Arc<Snapshot>>) -> Routing;
+}
+
+/// A captured destination's routing: its route table (outbound: the destination service's
+/// per-port table) and / or its catch-all (inbound: the app port's cluster).
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    /// Matched first.
+    pub routes: Option<Arc<RouteTable>>,
+    /// Where requests no route matches go.
+    pub catch_all: Option<Arc<CatchAll>>,
+}
 
 /// The hyper service of one downstream HTTP connection.
 #[derive(Clone)]
@@ -64,6 +85,9 @@ pub struct HttpProxy {
     source: Option<IpAddr>,
     /// Requests in flight on this connection (the listener's idle timeout).
     activity: Arc<Activity>,
+    /// Transparent mode: the routing of a captured connection's destination, instead of the
+    /// listener's.
+    captured: Option<Arc<dyn CapturedRouting>>,
 }
 
 type ResponseFuture =
@@ -106,7 +130,16 @@ impl HttpProxy {
             peer_metrics: None,
             source: None,
             activity: Activity::new(),
+            captured: None,
         }
+    }
+
+    /// This service for a captured connection: its requests are routed as `routing` says
+    /// (transparent mode), not by the listener's route table and catch-all.
+    #[must_use]
+    pub fn with_captured(mut self, routing: Arc<dyn CapturedRouting>) -> Self {
+        self.captured = Some(routing);
+        self
     }
 
     /// This service for a connection from `addr` (the source IP a `source_ip` ring hash uses).
@@ -150,6 +183,7 @@ impl HttpProxy {
     fn select(
         &self,
         http: &HttpListener,
+        routing: (Option<&RouteTable>, Option<&CatchAll>),
         req: &Request<Incoming>,
         in_flight: InFlight,
     ) -> Result<Selected, ProxyError> {
@@ -171,7 +205,8 @@ impl HttpProxy {
             method: req.method(),
             headers: req.headers(),
         };
-        if let Some(route) = http.routes.as_ref().and_then(|t| t.find(&info)) {
+        let (routes, catch_all) = routing;
+        if let Some(route) = routes.and_then(|t| t.find(&info)) {
             let dest = route.destinations.pick();
             if dest.is_some() || route.filters.is_some() {
                 let rate_limited = route.rate_limit.as_ref().and_then(|(limit, refused)| {
@@ -234,7 +269,7 @@ impl HttpProxy {
                 }));
             }
         }
-        match &http.catch_all {
+        match catch_all {
             Some(c) => Ok(Selected::Forward(Target {
                 cluster: Arc::clone(&c.cluster),
                 metrics: self.request_metrics(&c.metrics),
@@ -292,6 +327,12 @@ impl HttpProxy {
             // Connections are only served as HTTP when accepted on an HTTP listener.
             return Box::pin(async { Ok(Response::new(ResponseBody::local(Default::default()))) });
         };
+        // A captured connection goes where its original destination says (transparent mode).
+        let captured = self.captured.as_ref().map(|c| c.resolve(snapshot.as_ref()));
+        let routing = match &captured {
+            Some(r) => (r.routes.as_deref(), r.catch_all.as_deref()),
+            None => (http.routes.as_ref(), http.catch_all.as_ref()),
+        };
         // Authorization and routing decide on the path and host the app will act on
         // (`crate::http::hygiene`).
         if let Err(outcome) = hygiene::apply(&http.hygiene, &mut req) {
@@ -323,8 +364,8 @@ impl HttpProxy {
                 // Counted like a response of the catch-all (`route` = listener name), else as
                 // unrouted; attributed to the caller.
                 let metrics = self.request_metrics(
-                    http.catch_all
-                        .as_ref()
+                    routing
+                        .1
                         .map_or_else(|| http.no_route_metrics(), |c| &c.metrics),
                 );
                 metrics.record(e.status(), "", start.elapsed().as_secs_f64());
@@ -357,7 +398,7 @@ impl HttpProxy {
                         req, resources, down, in_flight, start,
                     ));
                 }
-                return match self.select(http, &req, in_flight) {
+                return match self.select(http, routing, &req, in_flight) {
                     // The route's own answer (a redirect, direct response or fault abort); the
                     // other route filters do not apply to upgrades.
                     Ok(Selected::Answer(answer, metrics, _in_flight)) => {
@@ -389,7 +430,7 @@ impl HttpProxy {
         // ---- END upgrades and tunnels ----
         let target = match limited {
             Some(e) => Err(e),
-            None => self.select(http, &req, in_flight),
+            None => self.select(http, routing, &req, in_flight),
         };
         let no_route_metrics = target
             .is_err()

@@ -235,10 +235,72 @@ pub struct Listener {
     /// Downstream connections with nothing in flight this long are closed (HTTP keep-alive,
     /// TCP with no bytes either way). 0 in the proto = [`DEFAULT_IDLE_TIMEOUT`].
     pub idle_timeout: Duration,
+    /// Transparent mode (`Listener.captured`): connections the capture rules redirected here
+    /// are routed by their original destination (`crate::transparent`); `None` = not captured.
+    pub capture: Option<Capture>,
 }
 
 /// Idle timeout of listeners whose proto leaves it at 0.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Wait for a captured connection's first bytes when the listener's `detection` leaves it at 0.
+pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Longest detection wait accepted from the control plane.
+pub const MAX_DETECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a captured listener detects its connections' protocol (`Listener.detection`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    /// How long to wait for a client's first bytes; silent longer = opaque TCP.
+    pub detect_timeout: Duration,
+    /// Destination ports never sniffed (server-speaks-first, opaque): TCP at once. Sorted.
+    pub skip_ports: Box<[u16]>,
+}
+
+impl Capture {
+    fn from_proto(d: Option<&v1::ProtocolDetection>) -> Result<Self, (&'static str, String)> {
+        let Some(d) = d else {
+            return Ok(Self {
+                detect_timeout: DEFAULT_DETECT_TIMEOUT,
+                skip_ports: Box::new([]),
+            });
+        };
+        let detect_timeout = match d.timeout_ms {
+            0 => DEFAULT_DETECT_TIMEOUT,
+            ms if Duration::from_millis(ms) > MAX_DETECT_TIMEOUT => {
+                return Err((
+                    "detection.timeout_ms",
+                    format!("{ms} is more than {MAX_DETECT_TIMEOUT:?}"),
+                ))
+            }
+            ms => Duration::from_millis(ms),
+        };
+        let mut skip_ports = Vec::with_capacity(d.skip_ports.len());
+        for p in &d.skip_ports {
+            match u16::try_from(*p) {
+                Ok(port) if port != 0 => skip_ports.push(port),
+                _ => {
+                    return Err((
+                        "detection.skip_ports",
+                        format!("{p} is not a port (1..=65535)"),
+                    ))
+                }
+            }
+        }
+        skip_ports.sort_unstable();
+        skip_ports.dedup();
+        Ok(Self {
+            detect_timeout,
+            skip_ports: skip_ports.into(),
+        })
+    }
+
+    /// Whether connections to `port` skip detection.
+    pub fn skips(&self, port: u16) -> bool {
+        self.skip_ports.binary_search(&port).is_ok()
+    }
+}
 
 /// HTTP routing or opaque TCP forwarding.
 #[derive(Debug)]
@@ -301,6 +363,12 @@ pub struct Snapshot {
     pub policies: Policies,
     /// The `TRUST` resource, parsed (`None` until the control plane sends one).
     pub trust: Option<Arc<TrustBundle>>,
+    /// Route tables no listener names, by name: transparent mode's per-destination tables
+    /// (`<service>.<namespace>:<port>`), which captured connections are routed with.
+    pub tables: HashMap<Arc<str>, Arc<RouteTable>>,
+    /// The metric families this snapshot's handles were made with (outbound `tls` / `peer` of
+    /// its clusters): what handles resolved later for it (captured destinations) use.
+    pub metrics: Metrics,
 }
 
 impl Snapshot {
@@ -514,6 +582,17 @@ impl Snapshot {
             let authz_denied = authz
                 .as_ref()
                 .map(|p| metrics.authz_denied(direction.as_str(), &p.name, protocol));
+            let capture = if l.captured {
+                match Capture::from_proto(l.detection.as_ref()) {
+                    Ok(c) => Some(c),
+                    Err((field, reason)) => {
+                        errors.push(Rejection::new(res, field, reason));
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             let listener = Listener {
                 name: l.name.as_str().into(),
                 addr,
@@ -524,6 +603,7 @@ impl Snapshot {
                 authz_denied,
                 rate_limit,
                 idle_timeout,
+                capture,
             };
             if let Some(other) = listeners.insert(addr, Arc::new(listener)) {
                 errors.push(Rejection::new(
@@ -534,13 +614,18 @@ impl Snapshot {
             }
         }
         // Tables no listener uses are still validated, so a bad one is NACKed when pushed rather
-        // than when a listener starts using it.
+        // than when a listener starts using it, and kept: captured connections are routed with
+        // them (transparent mode's per-destination tables).
+        let mut detached = HashMap::new();
         for t in tables
             .values()
             .filter(|t| !referenced.contains(t.name.as_str()))
         {
-            if let Err(mut e) = RouteTable::build(t, &clusters, metrics, "outbound") {
-                errors.append(&mut e);
+            match RouteTable::build(t, &clusters, metrics, "outbound") {
+                Ok(built) => {
+                    detached.insert(Arc::from(t.name.as_str()), Arc::new(built));
+                }
+                Err(mut e) => errors.append(&mut e),
             }
         }
         if !errors.is_empty() {
@@ -552,6 +637,8 @@ impl Snapshot {
             clusters,
             policies,
             trust,
+            tables: detached,
+            metrics: metrics.clone(),
         })
     }
 }
@@ -875,6 +962,35 @@ pub(crate) mod tests {
             panic!("http")
         };
         assert_eq!(labels(h.no_route_metrics()), none());
+    }
+
+    #[test]
+    fn captured_listeners_carry_their_detection_settings() {
+        let mut r = resources();
+        let l = &mut r.listeners.as_mut().unwrap().listeners[0];
+        l.captured = true;
+        l.detection = Some(v1::ProtocolDetection {
+            timeout_ms: 150,
+            skip_ports: vec![3306, 25, 3306],
+        });
+        r.listeners.as_mut().unwrap().listeners[1].captured = true;
+        let s = Snapshot::build(r.clone(), None, &Metrics::new().unwrap()).unwrap();
+        let cap = |addr: &str| s.listeners[&addr.parse().unwrap()].capture.clone();
+        let out = cap("127.0.0.1:15001").unwrap();
+        assert_eq!(out.detect_timeout, Duration::from_millis(150));
+        assert_eq!(&*out.skip_ports, [25, 3306]);
+        assert!(out.skips(3306) && !out.skips(5432));
+        assert_eq!(
+            cap("127.0.0.1:15006").unwrap().detect_timeout,
+            DEFAULT_DETECT_TIMEOUT
+        );
+        assert_eq!(cap("127.0.0.1:7000"), None);
+        r.listeners.as_mut().unwrap().listeners[0]
+            .detection
+            .as_mut()
+            .unwrap()
+            .skip_ports = vec![70000];
+        assert!(reasons(r)[0].contains("detection.skip_ports"));
     }
 
     #[test]

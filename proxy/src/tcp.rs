@@ -27,7 +27,7 @@ use crate::lb::load::now_nanos;
 use crate::snapshot::{Listener, ListenerKind};
 use crate::tls::io::{ClientIo, ServerIo};
 use crate::tls::spiffe::SpiffeId;
-use crate::tls::{originate, Alpn};
+use crate::tls::{originate, Alpn, Expect};
 
 /// Each direction's buffer starts at this size ...
 const BUF_INITIAL: usize = 16 * 1024;
@@ -60,33 +60,92 @@ pub async fn proxy_connection(
     drain: DrainWatch,
     drain_timeout: Duration,
 ) {
+    let ListenerKind::Tcp { cluster, metrics } = &listener.kind else {
+        return;
+    };
+    let target = TcpTarget {
+        upstream: Upstream::Cluster(Arc::clone(cluster)),
+        metrics,
+        authority: None,
+    };
+    proxy_to(client, peer, &listener, target, drain, drain_timeout).await;
+}
+
+/// Where [`proxy_to`] sends a connection's bytes.
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    /// A balanced endpoint of a cluster (mTLS to mesh endpoints).
+    Cluster(Arc<crate::cluster::Cluster>),
+    /// Straight to this address in plaintext, as the client meant (transparent mode's
+    /// passthrough of an unknown destination, or an app port no cluster names).
+    Direct {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Metric / access-log name (`passthrough`, `inbound-passthrough`).
+        name: Arc<str>,
+        /// Connect timeout.
+        connect_timeout: Duration,
+    },
+}
+
+impl Upstream {
+    fn name(&self) -> &str {
+        match self {
+            Self::Cluster(c) => &c.name,
+            Self::Direct { name, .. } => name,
+        }
+    }
+}
+
+/// One connection's destination and what it is counted in.
+#[derive(Debug)]
+pub struct TcpTarget<'a> {
+    /// Where the bytes go.
+    pub upstream: Upstream,
+    /// `weft_tcp_*` handles of (listener direction, destination).
+    pub metrics: &'a crate::metrics::TcpMetrics,
+    /// What the access log shows as the authority (a TLS ClientHello's SNI).
+    pub authority: Option<&'a str>,
+}
+
+/// Proxies one accepted connection of `listener` to `target` (its rate limit, authorization and
+/// idle timeout apply): what [`proxy_connection`] does for a TCP listener's own cluster, and
+/// transparent mode for a captured connection's destination.
+pub async fn proxy_to(
+    client: ServerIo,
+    peer: Option<SpiffeId>,
+    listener: &Listener,
+    target: TcpTarget<'_>,
+    drain: DrainWatch,
+    drain_timeout: Duration,
+) {
     let start = std::time::Instant::now();
     let start_wall = std::time::SystemTime::now();
     let mut out = Outcome::default();
     serve(
         client,
         peer.as_ref(),
-        &listener,
+        listener,
+        &target,
         drain,
         drain_timeout,
         &mut out,
     )
     .await;
-    if let ListenerKind::Tcp { cluster, .. } = &listener.kind {
-        crate::observe::log_tcp_connection(
-            &listener,
-            &crate::observe::TcpConnectionLog {
-                start: start_wall,
-                duration: start.elapsed(),
-                flags: out.flags,
-                upstream: out.upstream,
-                cluster: &cluster.name,
-                peer_identity: peer.as_ref().map(SpiffeId::as_str),
-                bytes_received: out.received,
-                bytes_sent: out.sent,
-            },
-        );
-    }
+    crate::observe::log_tcp_connection(
+        listener,
+        &crate::observe::TcpConnectionLog {
+            start: start_wall,
+            duration: start.elapsed(),
+            flags: out.flags,
+            upstream: out.upstream,
+            cluster: target.upstream.name(),
+            peer_identity: peer.as_ref().map(SpiffeId::as_str),
+            bytes_received: out.received,
+            bytes_sent: out.sent,
+            authority: target.authority,
+        },
+    );
 }
 
 /// How a TCP connection went (its access log line).
@@ -104,22 +163,20 @@ async fn serve(
     client: ServerIo,
     peer: Option<&SpiffeId>,
     listener: &Listener,
+    target: &TcpTarget<'_>,
     mut drain: DrainWatch,
     drain_timeout: Duration,
     out: &mut Outcome,
 ) {
     use crate::observe::ResponseFlags;
-    let ListenerKind::Tcp { cluster, metrics } = &listener.kind else {
-        return;
-    };
     // An inbound mTLS client's connections count under its identity (bounded per listener).
     let caller;
     let metrics = match peer {
         Some(p) => {
-            caller = metrics.for_peer(p.as_str());
+            caller = target.metrics.for_peer(p.as_str());
             &*caller
         }
-        None => metrics,
+        None => target.metrics,
     };
     metrics.accepted.inc();
     metrics.open.inc();
@@ -145,36 +202,52 @@ async fn serve(
         tracing::debug!(%policy, peer = ?peer.map(SpiffeId::as_str), "tcp: denied by authorization policy; closing");
         return;
     }
-    // The client's address, for a ring hash on `source_ip`.
-    let source = crate::http::ServerStream::tcp(&client)
-        .peer_addr()
-        .ok()
-        .map(|a| a.ip());
-    let Some(endpoint) = cluster.pick_for(source) else {
-        out.flags.insert(ResponseFlags::NO_HEALTHY_UPSTREAM);
-        tracing::debug!(cluster = %cluster.name, "tcp: cluster has no endpoints; closing");
-        return;
+    let (addr, expect, connect_timeout, connect_errors) = match &target.upstream {
+        Upstream::Cluster(cluster) => {
+            // The client's address, for a ring hash on `source_ip`.
+            let source = crate::http::ServerStream::tcp(&client)
+                .peer_addr()
+                .ok()
+                .map(|a| a.ip());
+            let Some(endpoint) = cluster.pick_for(source) else {
+                out.flags.insert(ResponseFlags::NO_HEALTHY_UPSTREAM);
+                tracing::debug!(cluster = %cluster.name, "tcp: cluster has no endpoints; closing");
+                return;
+            };
+            (
+                endpoint.addr,
+                endpoint.pool.expectation().clone(),
+                cluster.connect_timeout,
+                Some(&cluster.connect_errors),
+            )
+        }
+        Upstream::Direct {
+            addr,
+            connect_timeout,
+            ..
+        } => (*addr, Expect::Plain, *connect_timeout, None),
     };
-    let addr = endpoint.addr;
     out.upstream = Some(addr);
-    let expect = endpoint.pool.expectation().clone();
     let connect = async {
         let tcp = TcpStream::connect(addr).await?;
         let _ = tcp.set_nodelay(true);
         originate(tcp, addr.ip(), &expect, Alpn::None).await
     };
-    let mut upstream: ClientIo = match tokio::time::timeout(cluster.connect_timeout, connect).await
-    {
+    let failed = |out: &mut Outcome| {
+        if let Some(c) = connect_errors {
+            c.inc();
+        }
+        out.flags.insert(ResponseFlags::UPSTREAM_CONNECT_FAILURE);
+    };
+    let mut upstream: ClientIo = match tokio::time::timeout(connect_timeout, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            cluster.connect_errors.inc();
-            out.flags.insert(ResponseFlags::UPSTREAM_CONNECT_FAILURE);
+            failed(out);
             tracing::debug!(%addr, error = %e, "tcp: connect failed; closing client");
             return;
         }
         Err(_) => {
-            cluster.connect_errors.inc();
-            out.flags.insert(ResponseFlags::UPSTREAM_CONNECT_FAILURE);
+            failed(out);
             tracing::debug!(%addr, "tcp: connect timed out; closing client");
             return;
         }

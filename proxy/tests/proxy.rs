@@ -117,6 +117,7 @@ impl Proxy {
             ),
             limits: weft_proxy::conn_limit::RefusalMetrics::unregistered(),
             max_connections: weft_proxy::conn_limit::DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
+            transparent: Arc::new(weft_proxy::transparent::Transparent::unregistered()),
         };
         let manager = ListenerManager::new(tokio::runtime::Handle::current(), plane);
         let applier = ConfigApplier::new(

@@ -323,13 +323,16 @@ async fn route(
             return method_not_allowed("PUT");
         }
         return match read_body(req).await {
-            Ok(level) => match cp.set_log_level(id, level.trim()) {
+            Ok(level) => match cp.set_log_level(id, level.trim()).await {
                 Ok(()) => json_response(
                     StatusCode::OK,
                     &json!({"proxy": id, "log_level": level.trim()}),
                 ),
                 Err(e @ crate::state::LogLevelError::NoSuchProxy(_)) => {
                     errors_response(StatusCode::NOT_FOUND, &[e.to_string()])
+                }
+                Err(crate::state::LogLevelError::Store(e)) => {
+                    outcome_response(Err(ApplyError::Store(e)))
                 }
                 Err(e) => errors_response(StatusCode::BAD_REQUEST, &[e.to_string()]),
             },
@@ -381,6 +384,7 @@ async fn route(
                 StatusCode::OK,
                 &json!({
                     "version": policy.version(),
+                    "revision": cp.policy_revision(),
                     "files": policy.files(),
                     "error": cp.policy_error(),
                 }),

@@ -10,8 +10,10 @@ use tracing_subscriber::EnvFilter;
 use weft_control::admission::Limits;
 use weft_control::ca::{self, CaConfig};
 use weft_control::server::IdentityConfig;
+use weft_control::store::etcd::EtcdTls;
+use weft_control::store::EtcdConfig;
 use weft_control::token::TokenSecret;
-use weft_control::{Config, Server};
+use weft_control::{Config, Server, StoreConfig};
 
 /// Weft control plane: serves policies from a directory to every proxy over gRPC, and signs
 /// the proxies' certificates. Without a subcommand, `serve` is assumed.
@@ -75,12 +77,67 @@ struct TokenArgs {
     namespace: String,
 }
 
+/// Where policies and registrations live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    /// One replica: --policies DIR and registry.json in --state-dir.
+    Files,
+    /// Several replicas sharing etcd v3 (--etcd-endpoints).
+    Etcd,
+}
+
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
     /// Directory of policy files (*.yaml, *.yml): the store, watched for changes and written
-    /// by the admin API.
+    /// by the admin API. Required with --store files (the default).
     #[arg(long, value_name = "DIR")]
-    policies: PathBuf,
+    policies: Option<PathBuf>,
+    /// Where policies and registrations live: `files` (one replica, the default) or `etcd`
+    /// (several replicas share policies and registrations; every replica needs the same CA
+    /// files, so --ca-dir is required).
+    #[arg(long, value_enum, default_value = "files")]
+    store: StoreKind,
+    /// etcd members, comma-separated: http://host:port or https://host:port (with --etcd-ca).
+    #[arg(
+        long,
+        value_name = "URLS",
+        value_delimiter = ',',
+        required_if_eq("store", "etcd")
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this mesh in etcd (several meshes can share one etcd).
+    #[arg(long, value_name = "PREFIX", default_value = "/weft")]
+    etcd_prefix: String,
+    /// TTL of this replica's etcd lease (whole seconds, at least 2s): if the replica dies or
+    /// loses etcd, its proxies' registrations disappear this long after, and are removed
+    /// --deregister-grace later unless the proxies reconnected to another replica.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    etcd_lease_ttl: Duration,
+    /// Time limit of one etcd request (an apply then fails with 503).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    etcd_timeout: Duration,
+    /// How long a starting replica waits for etcd to answer before it gives up.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    etcd_start_timeout: Duration,
+    /// PEM of the CA that signed etcd's server certificates (https:// endpoints).
+    #[arg(long, value_name = "PEM")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's --client-cert-auth, with --etcd-key.
+    #[arg(long, value_name = "PEM", requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "PEM", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user (etcd authentication), with --etcd-password-file.
+    #[arg(long, value_name = "NAME", requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    /// A file holding the password of --etcd-user (its first line).
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+    /// This replica's name, unique among the replicas sharing etcd (it is recorded in the
+    /// registrations of its proxies). Default: <hostname>-<grpc address>.
+    #[arg(long, value_name = "NAME")]
+    replica_id: Option<String>,
     /// Address of the gRPC server (weft.v1.Discovery, grpc.health.v1, reflection).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15010")]
     grpc: SocketAddr,
@@ -301,9 +358,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let ca_dir = args
-        .ca_dir
-        .unwrap_or_else(|| args.policies.join(".weft-ca"));
+    let store = store_config(&args)?;
+    let policies = args.policies.clone().unwrap_or_default();
+    let ca_dir = match (args.ca_dir, &store) {
+        (Some(dir), _) => dir,
+        (None, StoreConfig::Files) => policies.join(".weft-ca"),
+        (None, StoreConfig::Etcd(_)) => anyhow::bail!(
+            "--store etcd needs --ca-dir: every replica must have the same CA files (root, its \
+             key or --root-cert/--root-key, token.key), so they cannot default to a directory \
+             of this replica's own"
+        ),
+    };
     let identity = Some(IdentityConfig {
         ca: CaConfig {
             dir: ca_dir,
@@ -318,7 +383,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     let server = Server::bind_with(
         Config {
-            policies: args.policies,
+            policies,
+            store,
             grpc: args.grpc,
             admin: args.admin,
             deregister_grace: args.deregister_grace,
@@ -350,6 +416,45 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     spawn_sighup_reload(server.reloader());
     server.serve(shutdown_signal()).await?;
     Ok(())
+}
+
+/// The store backend the flags select.
+fn store_config(args: &ServeArgs) -> anyhow::Result<StoreConfig> {
+    if args.store == StoreKind::Files {
+        anyhow::ensure!(
+            args.policies.is_some(),
+            "--policies DIR is required with --store files (the default)"
+        );
+        return Ok(StoreConfig::Files);
+    }
+    let replica_id = match &args.replica_id {
+        Some(id) => id.clone(),
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "weft-control".to_owned());
+            format!("{host}-{}", args.grpc)
+        }
+    };
+    let mut etcd = EtcdConfig::new(args.etcd_endpoints.clone(), replica_id);
+    etcd.prefix.clone_from(&args.etcd_prefix);
+    etcd.lease_ttl = args.etcd_lease_ttl;
+    etcd.request_timeout = args.etcd_timeout;
+    etcd.start_timeout = args.etcd_start_timeout;
+    etcd.tls = args.etcd_ca.clone().map(|ca| EtcdTls {
+        ca,
+        identity: args.etcd_cert.clone().zip(args.etcd_key.clone()),
+    });
+    if let (Some(user), Some(file)) = (&args.etcd_user, &args.etcd_password_file) {
+        let password = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("--etcd-password-file {}: {e}", file.display()))?;
+        let password = password.lines().next().unwrap_or_default().to_owned();
+        etcd.user = Some((user.clone(), password));
+    }
+    etcd.validate().map_err(anyhow::Error::msg)?;
+    Ok(StoreConfig::Etcd(Box::new(etcd)))
 }
 
 /// SIGHUP re-reads the --extra-root files (pushing a changed trust bundle) and the admin

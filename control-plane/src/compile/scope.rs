@@ -12,8 +12,8 @@ use weft_proto::v1::{
 
 use super::{
     authz, callable_services, compile_route_table, endpoints_of, idle_timeout_of, key_of, millis,
-    routes_of_services, service_cluster, traffic, version_of_endpoints, version_of_messages,
-    TrustBundle, INBOUND,
+    routes_of_services, service_cluster, traffic, transparent, version_of_endpoints,
+    version_of_messages, TrustBundle, INBOUND,
 };
 use crate::policy::{PolicySet, Protocol, Service, ServiceKey};
 use crate::registry::Registry;
@@ -104,6 +104,21 @@ pub fn compile_scope(
         .values()
         .chain(subsets.values().map(|(s, _)| s))
         .any(|s| s.locality.is_some());
+    // Transparent mode: per-port clusters of the same services and their route tables.
+    let base: BTreeMap<String, Cluster> = clusters
+        .iter()
+        .filter(|c| cluster_services.contains_key(&c.name))
+        .map(|c| (c.name.clone(), c.clone()))
+        .collect();
+    let ports = transparent::port_resources(
+        policy,
+        registry,
+        trust_domain,
+        &cluster_services,
+        &callable,
+        &base,
+    );
+    clusters.extend(ports.clusters);
     clusters.push(Cluster {
         name: INBOUND.to_owned(),
         service: String::new(),
@@ -135,6 +150,7 @@ pub fn compile_scope(
                     .collect(),
             }
         }))
+        .chain(ports.endpoints)
         .collect();
     endpoints.sort_by(|a, b| a.cluster.cmp(&b.cluster));
     let mut depends_on: Vec<ServiceKey> = cluster_services
@@ -145,7 +161,8 @@ pub fn compile_scope(
     depends_on.sort();
     depends_on.dedup();
 
-    let tables = vec![table];
+    let mut tables = vec![table];
+    tables.extend(ports.tables);
     let authorization_name = authorization.as_ref().map(|p| p.name.clone());
     let policies: Vec<_> = authorization.into_iter().collect();
     let trust_set = TrustSet {

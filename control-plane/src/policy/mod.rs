@@ -10,6 +10,7 @@ pub mod resilience;
 pub mod security;
 pub mod store;
 pub mod traffic;
+pub mod transparent;
 mod validate;
 
 use std::fmt;
@@ -143,6 +144,9 @@ pub struct Service {
     /// Prefer endpoints in the caller's zone (absent: no preference).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality: Option<Locality>,
+    /// Transparent mode: the service's virtual IP (absent: one from `mesh.vip_range`, if set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<String>,
 }
 
 /// An endpoint declared in YAML (outside the mesh).
@@ -322,6 +326,8 @@ pub struct PolicySet {
     routes: Vec<Route>,
     authorization: Vec<AuthorizationPolicy>,
     index: index::PolicyIndex,
+    /// Every service's virtual IP (declared, or allocated from `mesh.vip_range`).
+    vips: std::collections::BTreeMap<ServiceKey, std::net::IpAddr>,
 }
 
 impl Default for PolicySet {
@@ -341,6 +347,7 @@ impl PolicySet {
             routes: Vec::new(),
             authorization: Vec::new(),
             index: index::PolicyIndex::default(),
+            vips: std::collections::BTreeMap::new(),
         }
     }
 
@@ -393,6 +400,13 @@ impl PolicySet {
             .iter()
             .find_map(|p| p.mesh.clone())
             .unwrap_or_default();
+        // Validation checked the range and that it has room; a failure here leaves the
+        // services without one (never reached).
+        let range = mesh
+            .vip_range
+            .as_deref()
+            .and_then(|r| transparent::IpRange::parse(r).ok());
+        let vips = transparent::allocate_vips(&services, range.as_ref()).unwrap_or_default();
         Ok(Self {
             version: version_of(&files),
             files,
@@ -401,6 +415,7 @@ impl PolicySet {
             routes,
             authorization,
             index,
+            vips,
         })
     }
 
@@ -457,6 +472,11 @@ impl PolicySet {
             .namespaces
             .get(namespace)
             .map_or(AuthzAction::Allow, |n| n.default_authorization)
+    }
+
+    /// The virtual IP of a service (transparent mode), if it has one.
+    pub fn vip_of(&self, key: &ServiceKey) -> Option<std::net::IpAddr> {
+        self.vips.get(key).copied()
     }
 
     /// The service with this identity.

@@ -52,6 +52,13 @@ pub struct Mesh {
     /// What may leave the mesh (CONNECT tunnels, unknown destinations).
     #[serde(default)]
     pub egress: super::traffic::Egress,
+    /// Transparent mode: the range services without a declared `vip` get theirs from
+    /// (`240.240.0.0/16`); absent = only declared VIPs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip_range: Option<String>,
+    /// Transparent mode: how sidecars detect the protocol of captured connections.
+    #[serde(default)]
+    pub protocol_detection: super::transparent::ProtocolDetection,
 }
 
 /// `mesh.http`: request normalization, applied by every HTTP listener before routing and

@@ -11,6 +11,7 @@ use super::{
 mod resilience;
 mod security;
 mod traffic;
+mod transparent;
 
 /// Collects errors with their file and field path; lines are looked up at the end.
 pub(super) struct Collector<'a> {
@@ -106,6 +107,7 @@ pub(super) fn validate(files: &[SourceFile], parsed: &[PolicyFile]) -> Result<()
         }
     }
     security::check(&mut c, parsed, &all_services);
+    transparent::check(&mut c, parsed, &all_services);
     for (fi, file) in parsed.iter().enumerate() {
         if let Some(mesh) = &file.mesh {
             traffic::check_egress(&mut c, fi, &mesh.egress);

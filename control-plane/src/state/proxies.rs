@@ -45,6 +45,11 @@ pub struct ProxyStatus {
     pub last_nack_at: Option<String>,
     /// Whether the proxy's latest answer was a NACK: it runs an older config than it was sent.
     pub nacking: bool,
+    /// With several replicas (etcd store): the replica the proxy is (or was) connected to. A
+    /// proxy of another replica is listed from the store (its versions are that replica's to
+    /// know: empty here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
     #[serde(skip)]
     pub(super) session: u64,
     #[serde(skip)]
@@ -86,6 +91,7 @@ impl ControlPlane {
                 last_nack: None,
                 last_nack_at: None,
                 nacking: false,
+                replica: self.store.replica().map(str::to_owned),
                 session,
                 remove_at: None,
             },
@@ -181,24 +187,60 @@ impl ControlPlane {
         self.refresh_nacking_gauge();
     }
 
-    /// Every proxy's status (connected, or disconnected within its grace), sorted by id.
+    /// Every proxy's status (connected, or disconnected within its grace), sorted by id: this
+    /// replica's, and those other replicas own (etcd store).
     pub fn proxy_statuses(&self) -> Vec<ProxyStatus> {
         let now = Instant::now();
-        lock(&self.statuses)
+        let seconds_left = |at: Instant| {
+            let left = at.saturating_duration_since(now);
+            left.as_secs() + u64::from(left.subsec_nanos() > 0)
+        };
+        let mut all: BTreeMap<String, ProxyStatus> = lock(&self.statuses)
             .values()
             .map(|s| {
                 let mut s = s.clone();
-                s.removing_in_seconds = s.remove_at.map(|at| {
-                    let left = at.saturating_duration_since(now);
-                    left.as_secs() + u64::from(left.subsec_nanos() > 0)
-                });
-                s
+                s.removing_in_seconds = s.remove_at.map(seconds_left);
+                (s.id.clone(), s)
             })
-            .collect()
+            .collect();
+        let registry = lock(&self.registry);
+        for p in registry.proxies() {
+            let Some(remote) = &p.remote else { continue };
+            let connected = p.is_connected();
+            all.insert(
+                p.node.id.clone(),
+                ProxyStatus {
+                    id: p.node.id.clone(),
+                    service: p.service.name.clone(),
+                    namespace: p.service.namespace.clone(),
+                    inbound_address: p.node.inbound_address.clone(),
+                    build_version: p.node.build_version.clone(),
+                    connected_since: humantime::format_rfc3339_seconds(p.connected_since)
+                        .to_string(),
+                    state: if connected {
+                        ProxyState::Connected
+                    } else {
+                        ProxyState::Disconnected
+                    },
+                    disconnected_since: None,
+                    removing_in_seconds: p.remove_at.map(seconds_left),
+                    versions: BTreeMap::new(),
+                    last_nack: None,
+                    last_nack_at: None,
+                    nacking: false,
+                    replica: Some(remote.replica.clone()),
+                    session: p.session,
+                    remove_at: p.remove_at,
+                },
+            );
+        }
+        all.into_values().collect()
     }
 
-    /// Sets the log filter pushed to proxy `id` ("" = its own setting) and pushes it.
-    pub fn set_log_level(&self, id: &str, level: &str) -> Result<(), LogLevelError> {
+    /// Sets the log filter pushed to proxy `id` ("" = its own setting) and pushes it. The
+    /// level is part of the registration: for a proxy another replica owns it is written into
+    /// its registration in the store, and that replica pushes it.
+    pub async fn set_log_level(&self, id: &str, level: &str) -> Result<(), LogLevelError> {
         let level = if level.is_empty() {
             None
         } else {
@@ -209,9 +251,28 @@ impl ControlPlane {
                 .map_err(|e| LogLevelError::Invalid(e.to_string()))?;
             Some(level.to_owned())
         };
-        if !lock(&self.registry).set_log_level(id, level) {
-            return Err(LogLevelError::NoSuchProxy(id.to_owned()));
+        let remote = {
+            let mut registry = lock(&self.registry);
+            match registry.get(id) {
+                None => return Err(LogLevelError::NoSuchProxy(id.to_owned())),
+                Some(p) if p.is_remote() => true,
+                Some(_) => {
+                    registry.set_log_level(id, level.clone());
+                    false
+                }
+            }
+        };
+        if remote {
+            if !self
+                .store
+                .set_remote_log_level(id, level.as_deref())
+                .await?
+            {
+                return Err(LogLevelError::NoSuchProxy(id.to_owned()));
+            }
+            return Ok(());
         }
+        self.registry_changed();
         self.bump();
         Ok(())
     }
@@ -224,4 +285,7 @@ pub enum LogLevelError {
     NoSuchProxy(String),
     #[error("not a log filter: {0}")]
     Invalid(String),
+    /// The proxy is another replica's and the store could not be written.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }

@@ -10,17 +10,20 @@
 //! through [`Store`], learns of changes through [`Store::watch_policies`], and hands its registry
 //! to the backend as a [`RegistryHost`].
 
+pub mod etcd;
 pub mod file;
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tokio::sync::mpsc;
 
 use crate::policy::SourceFile;
 use crate::registry::PersistedProxy;
 
+pub use etcd::{EtcdConfig, EtcdStore};
 pub use file::FileStore;
 
 /// The policy files of a store, read at one revision.
@@ -100,6 +103,31 @@ pub trait RegistryHost: Send + Sync {
     /// Registrations a previous run of this replica persisted: brought back as disconnected
     /// within the restart grace. Returns how many were restored.
     fn restore_registrations(&self, entries: Vec<PersistedProxy>) -> usize;
+
+    /// Other replicas' registrations as the store holds them now (each with its `replica`):
+    /// the host's remote registrations become these; one it had that is missing is gone (a
+    /// connected one gets the deregistration grace from now). Returns how many there are.
+    fn replace_remote_registrations(&self, entries: Vec<PersistedProxy>) -> usize;
+
+    /// One registration of another replica was written (`Some`; it replaces a local one of the
+    /// same id: that replica has the proxy now) or its key went away (`None`).
+    fn remote_registration(&self, id: &str, entry: Option<PersistedProxy>);
+
+    /// This replica's registration `id`, if it has one.
+    fn own_registration(&self, id: &str) -> Option<OwnRegistration>;
+
+    /// The store holds another log level for this replica's registration `id` (set through
+    /// another replica).
+    fn set_own_log_level(&self, id: &str, level: Option<String>);
+}
+
+/// A registration this replica owns, as far as deciding who keeps it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnRegistration {
+    /// Its proxy's stream is open here (else it is within its grace).
+    pub connected: bool,
+    /// When that stream started.
+    pub connected_since: SystemTime,
 }
 
 /// A backend of the policy store and the registry's persistence.
@@ -107,6 +135,24 @@ pub trait RegistryHost: Send + Sync {
 pub trait Store: Send + Sync + fmt::Debug {
     /// What and where, for logs: `directory /etc/weft/policies`, `etcd http://... (prefix /weft)`.
     fn describe(&self) -> String;
+
+    /// This replica's name when several share the store (etcd `--replica-id`); `None` for a
+    /// store of one replica.
+    fn replica(&self) -> Option<&str> {
+        None
+    }
+
+    /// Writes log level `level` into registration `id`, which another replica owns (that
+    /// replica pushes it to its proxy). `Ok(false)`: the store holds no such registration. A
+    /// store of one replica has no other replicas' registrations.
+    async fn set_remote_log_level(
+        &self,
+        id: &str,
+        level: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let _ = (id, level);
+        Ok(false)
+    }
 
     /// Every policy file, sorted by name, with the revision they were read at.
     async fn read_policies(&self) -> Result<StoredPolicies, StoreError>;

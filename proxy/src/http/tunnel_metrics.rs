@@ -7,12 +7,14 @@
 //! - `weft_tunnel_bytes_total{direction,kind,flow=rx|tx}`: bytes read from (`rx`) and written
 //!   to (`tx`) the downstream while spliced, counted as they pass, like `weft_tcp_bytes_total`;
 //! - `weft_egress_denied_total{via}`: destinations refused by the outbound listener's egress
-//!   policy (`via="connect"`: a CONNECT request, answered 403 `egress-denied`).
+//!   policy (`via="connect"`: a CONNECT request, answered 403 `egress-denied`;
+//!   `via="passthrough"`: a captured connection to an unknown destination, closed; transparent
+//!   mode, `crate::transparent`).
 //!
 //! `kind` is `websocket` (HTTP/1.1 `Upgrade: websocket` or RFC 8441 extended CONNECT with
 //! `:protocol websocket`), `upgrade` (any other HTTP/1.1 upgrade protocol) or `connect`
 //! (CONNECT host:port). Every label value comes from these fixed sets, so the families have at
-//! most 6 series each (12 for bytes), all created at registration: a scrape shows zeros before
+//! most 6 series each (12 for bytes, 2 for egress denials), all created at registration: a scrape shows zeros before
 //! the first tunnel and each tunnel resolves its handles by index, without a lookup.
 //!
 //! The families are process-wide, like the access log: [`register`] installs them in the
@@ -89,6 +91,8 @@ pub struct TunnelMetrics {
     handles: [[TunnelHandles; 3]; 2],
     /// `weft_egress_denied_total{via="connect"}`.
     egress_denied_connect: IntCounter,
+    /// `weft_egress_denied_total{via="passthrough"}`.
+    egress_denied_passthrough: IntCounter,
 }
 
 fn direction_index(d: Direction) -> usize {
@@ -158,7 +162,7 @@ impl TunnelMetrics {
                 Opts::new(
                     "weft_egress_denied_total",
                     "Destinations refused by the egress policy (unknown: deny), by how they \
-                     were asked for (via=connect)",
+                     were asked for (via=connect|passthrough)",
                 ),
                 &["via"],
             ),
@@ -177,6 +181,7 @@ impl TunnelMetrics {
         Ok(Self {
             handles,
             egress_denied_connect: denied.with_label_values(&["connect"]),
+            egress_denied_passthrough: denied.with_label_values(&["passthrough"]),
         })
     }
 
@@ -188,6 +193,11 @@ impl TunnelMetrics {
     /// `weft_egress_denied_total{via="connect"}`.
     pub fn egress_denied_connect(&self) -> &IntCounter {
         &self.egress_denied_connect
+    }
+
+    /// `weft_egress_denied_total{via="passthrough"}`.
+    pub fn egress_denied_passthrough(&self) -> &IntCounter {
+        &self.egress_denied_passthrough
     }
 }
 
@@ -230,7 +240,7 @@ mod tests {
         assert_eq!(count("weft_tunnels_total"), 6);
         assert_eq!(count("weft_tunnels_open"), 6);
         assert_eq!(count("weft_tunnel_bytes_total"), 12);
-        assert_eq!(count("weft_egress_denied_total"), 1);
+        assert_eq!(count("weft_egress_denied_total"), 2);
 
         let h = m.handles(Direction::Inbound, TunnelKind::WebSocket);
         {

@@ -13,7 +13,7 @@ use std::fmt;
 pub struct ResponseFlags(u16);
 
 /// One flag: its bit and its code.
-const FLAGS: [(u16, &str); 12] = [
+const FLAGS: [(u16, &str); 13] = [
     (1 << 0, "NR"),
     (1 << 1, "UH"),
     (1 << 2, "UF"),
@@ -26,6 +26,7 @@ const FLAGS: [(u16, &str); 12] = [
     (1 << 9, "RBAC"),
     (1 << 10, "FI"),
     (1 << 11, "DI"),
+    (1 << 12, "ED"),
 ];
 
 impl ResponseFlags {
@@ -53,6 +54,9 @@ impl ResponseFlags {
     pub const FAULT_INJECTED: Self = Self(1 << 10);
     /// DI: delayed by fault injection.
     pub const DELAY_INJECTED: Self = Self(1 << 11);
+    /// ED: a captured connection to a destination outside the mesh refused by the egress
+    /// policy (transparent mode; Weft's own code, Envoy has none for it).
+    pub const EGRESS_DENIED: Self = Self(1 << 12);
 
     /// No flag.
     pub fn is_empty(self) -> bool {

@@ -159,6 +159,9 @@ pub struct TcpConnectionLog<'a> {
     pub bytes_received: u64,
     /// Bytes written to the client.
     pub bytes_sent: u64,
+    /// The authority the client asked for, when one is known: a captured TLS connection's SNI
+    /// (transparent mode).
+    pub authority: Option<&'a str>,
 }
 
 /// Writes the access log line of a TCP connection that ended, if the installed access log
@@ -175,7 +178,7 @@ pub fn log_tcp_connection(listener: &Listener, c: &TcpConnectionLog<'_>) {
         listener: &listener.name,
         direction: listener.direction.as_str(),
         method: "",
-        authority: "",
+        authority: c.authority.unwrap_or(""),
         path: "",
         protocol: "TCP",
         status: 0,

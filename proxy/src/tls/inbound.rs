@@ -3,8 +3,11 @@
 //! The first bytes are peeked (nothing is consumed): a TLS ClientHello is terminated as mesh mTLS
 //! when the listener is strict or permissive; anything else is plaintext, served when the
 //! listener is permissive or disabled and refused (closed) when strict. A client that sends
-//! nothing within the detection timeout is treated as plaintext (server-first protocols over
-//! TCP), so a strict listener closes it.
+//! nothing within the detection timeout ([`DETECT_TIMEOUT`], half a second, on every listener:
+//! mesh clients send their ClientHello at once, so waiting longer only stalls silent
+//! server-first clients) is treated as plaintext, so a strict listener closes it. Transparent
+//! mode's captured connections detect with the mesh's own, shorter timeout and hand the result
+//! to [`accept_detected`].
 
 use std::time::Duration;
 
@@ -16,10 +19,10 @@ use super::spiffe::SpiffeId;
 use super::MeshTls;
 use crate::detect::is_tls_prefix;
 
-/// How long to wait for a client's first bytes on a TCP listener.
-pub const DETECT_TIMEOUT_TCP: Duration = Duration::from_millis(500);
-/// How long to wait for a client's first bytes on an HTTP listener (clients speak first).
-pub const DETECT_TIMEOUT_HTTP: Duration = Duration::from_secs(10);
+/// How long an inbound listener waits for a client's first bytes before treating it as
+/// plaintext (HTTP and TCP listeners alike; it was 10 s on HTTP listeners, which held every
+/// silent client that long).
+pub const DETECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// An inbound listener's mTLS mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,22 +100,38 @@ pub async fn accept(
     tls: &MeshTls,
     detect_timeout: Duration,
 ) -> Option<InboundConn> {
+    let detected = if mode == MtlsMode::Disabled {
+        // Not peeked: whatever comes is passed through.
+        Detected::Plaintext
+    } else {
+        match detect(&stream, detect_timeout).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "inbound: peek failed");
+                return None;
+            }
+        }
+    };
+    accept_detected(stream, detected, mode, tls).await
+}
+
+/// [`accept`] once the first bytes were looked at (`detected`): terminates mTLS or passes
+/// plaintext as `mode` allows (`Disabled` passes a ClientHello through as plaintext bytes).
+pub async fn accept_detected(
+    stream: TcpStream,
+    detected: Detected,
+    mode: MtlsMode,
+    tls: &MeshTls,
+) -> Option<InboundConn> {
     let plain = |stream| InboundConn {
         io: ServerIo::Plain(stream),
         peer: None,
         h2: false,
     };
-    if mode == MtlsMode::Disabled {
+    if mode == MtlsMode::Disabled && detected != Detected::Closed {
         tls.metrics().inbound_connection("plaintext");
         return Some(plain(stream));
     }
-    let detected = match detect(&stream, detect_timeout).await {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::debug!(error = %e, "inbound: peek failed");
-            return None;
-        }
-    };
     match (detected, mode) {
         (Detected::Closed, _) => None,
         (Detected::Tls, _) => match tls.accept(stream).await {

@@ -107,6 +107,7 @@ impl Proxy {
             ),
             limits: crate::conn_limit::RefusalMetrics::unregistered(),
             max_connections: crate::conn_limit::DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
+            transparent: Arc::new(crate::transparent::Transparent::unregistered()),
         };
         let manager = ListenerManager::new(tokio::runtime::Handle::current(), plane);
         let applier = ConfigApplier::new(
