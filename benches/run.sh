@@ -9,6 +9,8 @@
 #            --only=direct,haproxy,nginx,weft,mtls (a subset; `weft` = weft + weft-mesh,
 #              `mtls` = weft-mesh-mtls)
 #            --cases=fix,sat,h2,conn,tcp,tcpconn,idle (a subset of the cases; default all)
+#            --rounds=N (interleaved rounds, reported as median [min-max]; default 3 in full
+#              mode, 1 with --quick)
 #
 # Writes the table to stdout and benches/results/latest.md.
 set -euo pipefail
@@ -23,6 +25,7 @@ ONLY=direct,haproxy,nginx,weft,mtls
 CASES=fix,sat,h2,conn,tcp,tcpconn,idle
 BUILD=1
 INSTALL=1
+ROUNDS=""
 for arg in "$@"; do
   case $arg in
     --quick) MODE=quick ;;
@@ -30,7 +33,8 @@ for arg in "$@"; do
     --skip-install) INSTALL=0 ;;
     --only=*) ONLY=${arg#--only=} ;;
     --cases=*) CASES=${arg#--cases=} ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --rounds=*) ROUNDS=${arg#--rounds=} ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -41,6 +45,10 @@ if [[ $MODE == quick ]]; then
 else
   D_FIX=15; D_SAT=15; D_H2=10; D_TCP=10; D_CONN=5; D_TCPCONN=5; WARM=2; IDLE_HOLD=5
 fi
+if [[ -z $ROUNDS ]]; then
+  if [[ $MODE == quick ]]; then ROUNDS=1; else ROUNDS=3; fi
+fi
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --rounds wants a positive integer" >&2; exit 2; }
 FIX_RATE=${BENCH_FIX_RATE:-2000}      # req/s of the fixed-rate latency case
 FIX_CONNS=10                          # connections of the fixed-rate case (FIX_RATE/10 each)
 SAT_CONNS=${BENCH_SAT_CONNS:-64}      # keep-alive connections at saturation
@@ -149,10 +157,9 @@ if [[ -n $busy ]]; then
 fi
 WORK=$(mktemp -d /tmp/weft-bench.XXXXXX)
 echo "$WORK" >"$LAST"
-RES=$WORK/results.json
+RES=$WORK/results.json   # per round: results.rN.json, merged into this one at the end
 PIDS=$WORK/pids
 : >"$PIDS"
-echo '{}' >"$RES"
 # 10k idle connections need ~10k descriptors in the proxy and in the client. Containers may cap
 # the hard limit (20000 here): take what we can get, and size the proxies to it.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -633,9 +640,13 @@ log "mode $MODE; pinning: server side (proxy + upstream) on CPU $SERVER_CPUS, lo
 
 on() { [[ ",$ONLY," == *",$1,"* ]]; }
 
+phase_direct() {
 # direct
 if on direct; then run_target direct; fi
 
+}
+
+phase_haproxy() {
 # HAProxy
 if on haproxy; then
 log "starting HAProxy (nbthread 1, CPU $SERVER_CPUS)"
@@ -643,13 +654,16 @@ start haproxy srv haproxy -db -f "$WORK/hap/haproxy.cfg"
 if wait_url "http://$HAP:8080/"; then
   idle_rss haproxy
   run_target haproxy
-  if has_case idle; then case_idle haproxy; fi
+  if has_case idle && ((ROUND == 1)); then case_idle haproxy; fi
 else
   fail_all haproxy "haproxy did not start: $(tail -1 "$WORK/haproxy.log")"
 fi
 stop haproxy
 fi
 
+}
+
+phase_nginx() {
 # nginx
 if on nginx; then
 log "starting nginx (worker_processes 1, CPU $SERVER_CPUS)"
@@ -658,12 +672,14 @@ if wait_url "http://$NGX:8080/"; then
   NGX_WORKERS=$($HELPER children "$PID_nginx")
   idle_rss nginx
   run_target nginx
-  if has_case idle; then case_idle nginx; fi
+  if has_case idle && ((ROUND == 1)); then case_idle nginx; fi
 else
   fail_all nginx "nginx did not start: $(tail -1 "$WORK/nginx.log")"
 fi
 stop nginx
 fi
+
+}
 
 # Did any sidecar die during the run? Errors the sidecars logged (at warn and above)?
 check_sidecars() { # log-name prefix (w | m), label, name...
@@ -683,6 +699,7 @@ check_sidecars() { # log-name prefix (w | m), label, name...
   fi
 }
 
+phase_weft() {
 # Weft, plaintext mesh
 if ! on weft; then
   :
@@ -710,12 +727,12 @@ elif [[ $WEFT_OK == 1 ]]; then
       $HELPER put "$RES" weft-mesh rss.idle "$(python3 -c "print($($HELPER rss $(proxy_pids weft-mesh h1))/1024)")"
       run_target weft
       run_target weft-mesh
-      if has_case idle; then case_idle weft; fi
+      if has_case idle && ((ROUND == 1)); then case_idle weft; fi
     else
       why="sidecars not ready / no route (logs: control, w_client); first error: $({ grep -h -m1 -i 'error' "$WORK"/w_client.log "$WORK"/control.log 2>/dev/null || true; } | head -1 | cut -c1-100)"
       fail_all weft "$why"; fail_all weft-mesh "$why"
     fi
-    check_sidecars w plaintext w_client w_mesh w_mesh_h2 w_mesh_tcp w_mesh_echo
+    check_sidecars w "plaintext (round $ROUND)" w_client w_mesh w_mesh_h2 w_mesh_tcp w_mesh_echo
   else
     fail_all weft "weft-control did not start: $(tail -1 "$WORK/control.log")"
     fail_all weft-mesh "weft-control did not start"
@@ -726,6 +743,9 @@ else
   fail_all weft "not built: $WEFT_NOTE"; fail_all weft-mesh "not built"
 fi
 
+}
+
+phase_mtls() {
 # Weft, mTLS mesh: the same path; the control plane runs its CA (TLS gRPC), every sidecar joins
 # with its service's token and gets a SPIFFE certificate, the callees are `mtls: strict`.
 if ! on mtls; then
@@ -776,7 +796,7 @@ elif [[ $WEFT_OK == 1 ]]; then
       why="mTLS sidecars not ready / no route (tokens ok: $tok_ok; logs: control_m, m_client); first error: $({ grep -h -m1 -E 'ERROR|WARN' "$WORK"/m_client.log "$WORK"/m_mesh.log "$WORK"/control_m.log 2>/dev/null || true; } | head -1 | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-120)"
       fail_all weft-mesh-mtls "$why"
     fi
-    check_sidecars m mTLS m_client m_mesh m_mesh_h2 m_mesh_tcp m_mesh_echo
+    check_sidecars m "mTLS (round $ROUND)" m_client m_mesh m_mesh_h2 m_mesh_tcp m_mesh_echo
   else
     fail_all weft-mesh-mtls "weft-control --ca-dir did not start: $(tail -1 "$WORK/control_m.log")"
   fi
@@ -784,6 +804,25 @@ elif [[ $WEFT_OK == 1 ]]; then
 else
   fail_all weft-mesh-mtls "not built: $WEFT_NOTE"
 fi
+
+}
+
+# ---------------------------------------------------------------- the rounds
+# N interleaved rounds: every target once per round (the order rotates from round to round, so
+# a slow drift of the machine does not always hit the same target), each round into its own
+# results file; the report shows the median of the rounds with min-max. The idle-connection case
+# (RSS with 10k connections: memory, not speed) runs in the first round only.
+PHASES=(direct haproxy nginx weft mtls)
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+  RES=$WORK/results.r$ROUND.json
+  echo '{}' >"$RES"
+  shift_by=$(((ROUND - 1) % ${#PHASES[@]}))
+  order=("${PHASES[@]:shift_by}" "${PHASES[@]:0:shift_by}")
+  log "round $ROUND of $ROUNDS: ${order[*]}"
+  for ph in "${order[@]}"; do "phase_$ph"; done
+done
+RES=$WORK/results.json
+$HELPER merge "$RES" "$WORK"/results.r*.json
 
 # ---------------------------------------------------------------- report
 T_END=$(date +%s)
@@ -801,7 +840,8 @@ meta = {
   "command": "benches/run.sh $*",
   "load": "load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every number)",
   "idle_n": $IDLE_N,
-  "mode": "$MODE: fixed ${FIX_RATE} req/s ${D_FIX}s, saturation ${D_SAT}s (wrk -c $SAT_CONNS), h2 ${D_H2}s (h2load -c $H2_CONNS -m $H2_STREAMS), conn ${D_CONN}s (-c $CONN_CONNS), tcp ${D_TCP}s, tcp conns ${D_TCPCONN}s (-c $TCPCONN_CONNS, $TCPCONN_SIZE B), cases $CASES, $IDLE_N idle conns; total $((T_END - T_START))s",
+  "rounds": $ROUNDS,
+  "mode": "$MODE ($ROUNDS interleaved round(s), median [min-max]): fixed ${FIX_RATE} req/s ${D_FIX}s, saturation ${D_SAT}s (wrk -c $SAT_CONNS), h2 ${D_H2}s (h2load -c $H2_CONNS -m $H2_STREAMS), conn ${D_CONN}s (-c $CONN_CONNS), tcp ${D_TCP}s, tcp conns ${D_TCPCONN}s (-c $TCPCONN_CONNS, $TCPCONN_SIZE B), cases $CASES, $IDLE_N idle conns; total $((T_END - T_START))s",
   "pinning": "proxy under test + upstream nginx + iperf3 server on CPU $SERVER_CPUS; load generators + weft-control on CPU $CLIENT_CPUS; haproxy nbthread 1, nginx worker_processes 1, weft-proxy 1 worker thread",
   "tools": "fixed rate: $FIX_TOOL; saturation + new conns: wrk; h2: h2load; tcp: iperf3; tcp new conns: benches/lib/tcp_conns.py -> tcp_echo.py (Python, epoll); $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1 | cut -d: -f2 | xargs)",
   "notes": notes,

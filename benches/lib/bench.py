@@ -17,6 +17,9 @@ Results (a JSON file: {target: {metric: value | {"fail": reason}}}):
   bench.py h2load RES TARGET PREFIX FILE [LOG]   parses h2load output (+ per-request log)
   bench.py iperf RES TARGET PREFIX FILE    parses `iperf3 -J` output
   bench.py tcpconns RES TARGET PREFIX FILE parses lib/tcp_conns.py output
+  bench.py merge OUT RES...                the median of each numeric metric over the rounds'
+                                           result files, with METRIC@range = [min, max] and
+                                           METRIC@fails = the failures of some rounds
   bench.py report RES META OUT.md          prints the table and writes OUT.md
 
 Each parser stores PREFIX.rps / .p50 / .p99 / .p999 (ms) / .err / ... and prints one summary
@@ -26,6 +29,7 @@ line; when the tool produced nothing usable it stores a failure with the reason 
 import json
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -327,6 +331,42 @@ def parse_tcpconns(res, target, prefix, path):
     )
 
 
+# ----------------------------------------------------------------------------- rounds
+
+
+def merge(out, *paths):
+    """Combines the result files of N rounds into one: numeric metrics become the median of the
+    rounds that measured them (with `@range` = [min, max] when there was more than one round);
+    a metric that failed in some rounds keeps the others' median and lists the failures in
+    `@fails`; a metric that failed in every round keeps the first failure; strings that differ
+    between rounds are shown per round."""
+    rounds = [load(p) for p in paths]
+    merged = {}
+    targets = sorted({t for r in rounds for t in r})
+    for t in targets:
+        metrics = sorted({m for r in rounds for m in r.get(t, {})})
+        dst = merged.setdefault(t, {})
+        for m in metrics:
+            vals = [(i + 1, r[t][m]) for i, r in enumerate(rounds) if m in r.get(t, {})]
+            nums = [v for _, v in vals if num(v) is not None]
+            fails = [f"round {i}: {v.get('fail', '?')}" for i, v in vals if isinstance(v, dict)]
+            if nums:
+                dst[m] = statistics.median(nums)
+                if len(nums) > 1:
+                    dst[m + "@range"] = [min(nums), max(nums)]
+                if fails:
+                    dst[m + "@fails"] = fails
+            elif fails and len(fails) == len(vals):
+                dst[m] = vals[0][1]
+            else:
+                texts = [(i, str(v)) for i, v in vals if not isinstance(v, dict)]
+                if len({v for _, v in texts}) <= 1:
+                    dst[m] = texts[0][1] if texts else vals[0][1]
+                else:
+                    dst[m] = "; ".join(f"r{i}: {v}" for i, v in texts)
+    save(out, merged)
+
+
 # ----------------------------------------------------------------------------- report
 
 TARGETS = ["direct", "weft", "weft-mesh", "weft-mesh-mtls", "haproxy", "nginx"]
@@ -385,6 +425,14 @@ def fmt(v, unit):
     return str(v)
 
 
+def spread(t, key, unit):
+    """' [min–max]' of a metric measured in several rounds, when they differ."""
+    r = t.get(key + "@range")
+    if not isinstance(r, list) or len(r) != 2 or r[0] == r[1]:
+        return ""
+    return f" [{fmt(r[0], unit)}–{fmt(r[1], unit)}]"
+
+
 def ratio(v, ref):
     v, ref = num(v), num(ref)
     if v is None or ref is None or ref == 0:
@@ -425,7 +473,13 @@ def report(res_path, meta_path, out_path):
         "Cells: value, then in brackets the ratio to direct (`d`) and to HAProxy (`h`). "
         "For req/s and MB/s higher is better; for latency, CPU and RSS lower is better. "
         "`FAIL` = the case ran but produced no usable result (reason given); `–` = not applicable. "
-        "weft-mesh-mtls also shows its ratio to the plaintext weft-mesh (`m`)."
+        + (
+            f"With {meta['rounds']} interleaved rounds a cell is the median, then [min–max] over the rounds; "
+            "ratios are of medians. "
+            if num(meta.get("rounds")) and meta["rounds"] > 1
+            else ""
+        )
+        + "weft-mesh-mtls also shows its ratio to the plaintext weft-mesh (`m`)."
     )
     lines.append("")
     lines.append("| metric | " + " | ".join(TARGETS) + " |")
@@ -438,7 +492,7 @@ def report(res_path, meta_path, out_path):
             if proxies_only and tname == "direct":
                 cells.append("–")
                 continue
-            s = fmt(v, unit)
+            s = fmt(v, unit) + spread(t, key, unit)
             if unit not in ("str",) and key not in ("fix.added_p50", "conn.inbound") and num(v) is not None:
                 rs = []
                 if tname != "direct":
@@ -543,6 +597,8 @@ def report(res_path, meta_path, out_path):
                 notes.append(f"- {tname} {k[:-10]}: {v}")
             elif isinstance(v, dict) and "fail" in v:
                 notes.append(f"- {tname} {k}: FAILED: {v['fail']}")
+            elif k.endswith("@fails"):
+                notes.append(f"- {tname} {k[:-6]}: failed in some rounds (median of the others): " + "; ".join(v))
     for tname in TARGETS:
         cc = num(data.get(tname, {}).get("tcpconn.client_cpu"))
         if cc is not None and cc >= 0.9:
@@ -614,6 +670,8 @@ def main(argv):
         parse_iperf(*args)
     elif cmd == "tcpconns":
         parse_tcpconns(*args)
+    elif cmd == "merge":
+        merge(*args)
     elif cmd == "report":
         report(*args)
     else:

@@ -15,6 +15,13 @@
 //!
 //! Convergence (`weft_control_push_duration_seconds`) runs from the first change the proxy had
 //! not yet been sent (or its connect, for the first push) to the ACK of the push carrying it.
+//!
+//! **Resumed streams.** A proxy that reconnects (to this replica or, with several replicas, from
+//! another one that died) lists in its Hello the versions it holds; they count as ACKed, so the
+//! first push carries only the types whose version differs, and nothing when none does.
+//! Versions are content hashes of what is compiled, and every replica compiles the same inputs
+//! (the same policy revision, the same registrations from the store; see
+//! `state::remote`), so a proxy moving between replicas of one mesh is pushed nothing.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -375,11 +382,22 @@ async fn run_stream(
                 None => connected_at,
                 Some(seen) => cp.first_change_after(seen).unwrap_or_else(Instant::now),
             };
+            let first = compiled.is_none();
             compiled = Some(generation);
             let resources = cp.compile_for(&node);
-            if let Some((response, pending)) =
-                build_response(resources, &held, rejected.as_ref(), generation, changed_at)
-            {
+            let response =
+                build_response(resources, &held, rejected.as_ref(), generation, changed_at);
+            if first && !held.is_empty() {
+                // A resumed stream (the proxy reconnected, maybe from another replica): only
+                // what differs from what it holds goes out, often nothing at all.
+                tracing::info!(
+                    proxy = %node.id,
+                    held = held.len(),
+                    pushing = ?response.as_ref().map(|(_, p)| type_names(&p.versions)).unwrap_or_default(),
+                    "proxy resumed with the versions it holds"
+                );
+            }
+            if let Some((response, pending)) = response {
                 tracing::debug!(proxy = %node.id, nonce = %pending.nonce, types = ?pending.versions, "push");
                 if tx.send(Ok(response)).await.is_err() {
                     break;
@@ -612,6 +630,62 @@ mod tests {
             Instant::now()
         )
         .is_none());
+    }
+
+    #[test]
+    fn a_resumed_stream_gets_only_what_changed_or_nothing() {
+        // The Hello of a proxy that moved from another replica: every version it holds.
+        let hello = [
+            TypeVersion {
+                r#type: ResourceType::Listeners as i32,
+                version: "l1".into(),
+            },
+            TypeVersion {
+                r#type: ResourceType::Routes as i32,
+                version: "r1".into(),
+            },
+            TypeVersion {
+                r#type: ResourceType::Clusters as i32,
+                version: "c1".into(),
+            },
+            TypeVersion {
+                r#type: ResourceType::Endpoints as i32,
+                version: "e1".into(),
+            },
+            TypeVersion {
+                r#type: ResourceType::Policies as i32,
+                version: "p1".into(),
+            },
+            TypeVersion {
+                r#type: ResourceType::Trust as i32,
+                version: "t1".into(),
+            },
+            TypeVersion {
+                r#type: ResourceType::Unspecified as i32,
+                version: "ignored".into(),
+            },
+        ];
+        let held = versions_map(&hello);
+        assert_eq!(held.len(), 6);
+        assert!(build_response(
+            resources("l1", "r1", "c1", "e1"),
+            &held,
+            None,
+            0,
+            Instant::now()
+        )
+        .is_none());
+        // Endpoints moved meanwhile: only they go out.
+        let (resp, pending) = build_response(
+            resources("l1", "r1", "c1", "e2"),
+            &held,
+            None,
+            0,
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!(type_names(&pending.versions), ["endpoints"]);
+        assert!(resp.endpoints.is_some() && resp.listeners.is_none() && resp.trust.is_none());
     }
 
     #[test]

@@ -1,10 +1,16 @@
 //! `weft.v1.Identity`: a proxy sends a CSR (its key stays with it) and its service's join token,
 //! and gets back a short-lived SPIFFE X.509 SVID, its chain and the trust bundle.
 //!
-//! Checks, in order: names are DNS labels (`InvalidArgument`), the join token is the one of
-//! `<namespace>/<service>` (`Unauthenticated`), the CSR parses and its signature verifies
-//! (`InvalidArgument`), the CA's issuer outlives the requested certificate (`FailedPrecondition`).
-//! The lifetime is the requested one capped at `--cert-ttl` (0 = `--cert-ttl`).
+//! Checks, in order: names are DNS labels (`InvalidArgument`), the join credential entitles the
+//! caller to `<namespace>/<service>` (`Unauthenticated`), the CSR parses and its signature
+//! verifies (`InvalidArgument`), the CA's issuer outlives the requested certificate
+//! (`FailedPrecondition`). The lifetime is the requested one capped at `--cert-ttl` (0 =
+//! `--cert-ttl`).
+//!
+//! The join credential is either the HMAC join token of `<namespace>/<service>`
+//! ([`crate::token`]) or, with `--k8s-jwks`, a projected Kubernetes ServiceAccount token (a JWT,
+//! [`crate::token::kubernetes`]) of ServiceAccount `<namespace>:<service>`: a pod is certified
+//! only as its own ServiceAccount.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +21,7 @@ use weft_proto::v1::{CertifyRequest, CertifyResponse};
 
 use crate::ca::{Ca, SignError};
 use crate::metrics::Metrics;
+use crate::token::kubernetes::{looks_like_jwt, KubernetesTokens};
 
 /// The Identity service; without a CA (no `--ca-dir`) every call fails with
 /// `FailedPrecondition`.
@@ -22,11 +29,62 @@ use crate::metrics::Metrics;
 pub struct IdentityService {
     ca: Option<Arc<Ca>>,
     metrics: Metrics,
+    kubernetes: Option<Arc<KubernetesTokens>>,
 }
 
 impl IdentityService {
     pub fn new(ca: Option<Arc<Ca>>, metrics: Metrics) -> Self {
-        Self { ca, metrics }
+        Self {
+            ca,
+            metrics,
+            kubernetes: None,
+        }
+    }
+
+    /// Also accepts projected Kubernetes ServiceAccount tokens verified by `tokens`.
+    #[must_use]
+    pub fn with_kubernetes_tokens(mut self, tokens: Option<Arc<KubernetesTokens>>) -> Self {
+        self.kubernetes = tokens;
+        self
+    }
+
+    /// Whether `token` entitles its bearer to `namespace/service`; the refusal says why not.
+    fn authenticate(
+        &self,
+        ca: &Ca,
+        namespace: &str,
+        service: &str,
+        token: &str,
+    ) -> Result<(), String> {
+        if !looks_like_jwt(token) {
+            return if ca.token_secret().verify(namespace, service, token) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "invalid join token for {namespace}/{service} (print the right one with `weft-control token --ca-dir DIR --namespace {namespace} --service {service}`)"
+                ))
+            };
+        }
+        let Some(kubernetes) = &self.kubernetes else {
+            return Err(
+                "a Kubernetes ServiceAccount token, but this control plane verifies none (start it with --k8s-jwks, --k8s-issuer and --k8s-audience)"
+                    .to_owned(),
+            );
+        };
+        let account = kubernetes.verify(token).map_err(|e| e.to_string())?;
+        if account.namespace != namespace || account.name != service {
+            return Err(format!(
+                "the Kubernetes token is ServiceAccount {}/{}: it is certified only as namespace {:?} service {:?}, not {namespace}/{service} (the service of an injected pod is its ServiceAccount's name)",
+                account.namespace, account.name, account.namespace, account.name
+            ));
+        }
+        tracing::debug!(
+            namespace,
+            service_account = %account.name,
+            pod = ?account.pod,
+            "Kubernetes ServiceAccount token verified"
+        );
+        Ok(())
     }
 
     fn count(&self, result: &str) {
@@ -69,13 +127,8 @@ impl IdentityService {
                 ));
             }
         }
-        if !ca.token_secret().verify(namespace, service, &req.token) {
-            return Err((
-                "unauthenticated",
-                Status::unauthenticated(format!(
-                    "invalid join token for {namespace}/{service} (print the right one with `weft-control token --ca-dir DIR --namespace {namespace} --service {service}`)"
-                )),
-            ));
+        if let Err(reason) = self.authenticate(ca, namespace, service, &req.token) {
+            return Err(("unauthenticated", Status::unauthenticated(reason)));
         }
         let ttl = Duration::from_secs(req.requested_ttl_seconds);
         let issued = ca
@@ -132,5 +185,83 @@ impl Identity for IdentityService {
                 Err(status)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::CaConfig;
+    use crate::token::kubernetes::testing::{claims, now, verifier, Issuer};
+
+    fn request(namespace: &str, service: &str, token: &str) -> CertifyRequest {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        CertifyRequest {
+            csr_pem: csr,
+            token: token.to_owned(),
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            requested_ttl_seconds: 600,
+        }
+    }
+
+    /// The Kubernetes path: a projected token certifies its own ServiceAccount only; the HMAC
+    /// join token keeps working beside it.
+    #[test]
+    fn certify_takes_a_projected_token_for_its_own_service_account_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(Ca::load_or_create(&CaConfig::new(dir.path().join("ca"))).unwrap());
+        let issuer = Issuer::ec("k1");
+        let tokens = Arc::new(verifier(dir.path(), &[&issuer]));
+        let metrics = Metrics::new().unwrap();
+        let service = IdentityService::new(Some(Arc::clone(&ca)), metrics.clone())
+            .with_kubernetes_tokens(Some(tokens));
+        let token = issuer.sign(&claims("shop", "web", "weft", now() + 3600));
+
+        let ok = service
+            .certify_inner(&request("shop", "web", &token))
+            .unwrap();
+        assert_eq!(ok.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
+
+        for (ns, svc) in [("shop", "payments"), ("default", "web")] {
+            let (result, status) = service
+                .certify_inner(&request(ns, svc, &token))
+                .unwrap_err();
+            assert_eq!(result, "unauthenticated");
+            assert_eq!(status.code(), tonic::Code::Unauthenticated);
+            assert!(
+                status.message().contains("ServiceAccount shop/web"),
+                "{}",
+                status.message()
+            );
+        }
+        let expired = issuer.sign(&claims("shop", "web", "weft", now() - 600));
+        let (_, status) = service
+            .certify_inner(&request("shop", "web", &expired))
+            .unwrap_err();
+        assert!(status.message().contains("expired"), "{}", status.message());
+
+        // The HMAC join token still works.
+        let hmac = ca.token_secret().token("shop", "api");
+        assert!(service
+            .certify_inner(&request("shop", "api", &hmac))
+            .is_ok());
+
+        // Without --k8s-jwks a JWT is refused, saying so.
+        let plain = IdentityService::new(Some(ca), metrics);
+        let (_, status) = plain
+            .certify_inner(&request("shop", "web", &token))
+            .unwrap_err();
+        assert!(
+            status.message().contains("--k8s-jwks"),
+            "{}",
+            status.message()
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! diff: what a policy change would do, per proxy   inventory: compiled clusters + endpoints
 //! admin HTTP: policy CRUD, status, metrics          ctl: the weftctl client
 //! ca + token + identity: Identity.Certify (CSR -> SPIFFE SVID)   tls: the gRPC port's TLS
+//! inject: the Kubernetes sidecar injection webhook (Pod -> JSON Patch, its HTTPS server)
 //! fuzzing: entry points of the fuzz/ targets (replayed by tests/fuzz_corpus.rs)
 //! ```
 
@@ -21,6 +22,7 @@ pub mod discovery;
 pub mod fuzzing;
 pub mod hash;
 pub mod identity;
+pub mod inject;
 pub mod inventory;
 pub mod metrics;
 pub mod persist;

@@ -203,6 +203,15 @@ impl Metrics {
             .set(1);
     }
 
+    /// Registers a collector owned by another module (e.g. the injection webhook's), so
+    /// `/metrics` exposes it without this file knowing it.
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(collector)
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Result<String, MetricsError> {
         let mut buf = Vec::new();

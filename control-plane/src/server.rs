@@ -134,6 +134,8 @@ pub struct IdentityConfig {
     pub grpc_tls: bool,
     /// More DNS names / IPs for the gRPC server certificate (`--tls-san`).
     pub tls_sans: Vec<String>,
+    /// Also certify projected Kubernetes ServiceAccount tokens (`--k8s-jwks` and friends).
+    pub kubernetes_tokens: Option<Arc<crate::token::kubernetes::KubernetesTokens>>,
 }
 
 impl IdentityConfig {
@@ -143,6 +145,7 @@ impl IdentityConfig {
             ca: CaConfig::new(ca_dir),
             grpc_tls: false,
             tls_sans: Vec::new(),
+            kubernetes_tokens: None,
         }
     }
 }
@@ -195,6 +198,7 @@ pub struct Server {
     admin_tls: bool,
     admin_auth: Arc<AdminAuth>,
     config: Config,
+    kubernetes_tokens: Option<Arc<crate::token::kubernetes::KubernetesTokens>>,
     _watcher: WatchGuard,
 }
 
@@ -283,6 +287,7 @@ impl Server {
         let grpc = bind("gRPC", config.grpc).await?;
         let admin = bind("admin", config.admin).await?;
         let grpc_tls = identity.as_ref().is_some_and(|i| i.grpc_tls);
+        let kubernetes_tokens = identity.as_ref().and_then(|i| i.kubernetes_tokens.clone());
         let (ca, tls) = match identity {
             None => (None, None),
             Some(identity) => {
@@ -338,6 +343,7 @@ impl Server {
             admin_tls,
             admin_auth,
             config,
+            kubernetes_tokens,
             _watcher: watcher,
         })
     }
@@ -393,6 +399,7 @@ impl Server {
             admin_tls,
             admin_auth,
             config,
+            kubernetes_tokens,
             _watcher,
         } = self;
         if !grpc_tls {
@@ -497,8 +504,11 @@ impl Server {
                     .max_decoding_message_size(MAX_GRPC_MESSAGE),
             )
             .add_service(
-                IdentityServer::new(IdentityService::new(ca, cp.metrics().clone()))
-                    .max_decoding_message_size(MAX_GRPC_MESSAGE),
+                IdentityServer::new(
+                    IdentityService::new(ca, cp.metrics().clone())
+                        .with_kubernetes_tokens(kubernetes_tokens),
+                )
+                .max_decoding_message_size(MAX_GRPC_MESSAGE),
             );
         let slots = ConnectionSlots::new("grpc", config.grpc_max_connections, refused("grpc"));
         let grpc_task = match tls.as_ref().filter(|_| grpc_tls) {

@@ -6,6 +6,11 @@
 //! Tokens are stateless: the control plane recomputes and compares them in constant time. An
 //! operator prints one with `weft-control token --ca-dir DIR --service S [--namespace N]`. Rotating
 //! `token.key` (delete it and restart) invalidates every token at once.
+//!
+//! On Kubernetes the join credential is the pod's projected ServiceAccount token instead
+//! ([`kubernetes`]): `Identity.Certify` takes either.
+
+pub mod kubernetes;
 
 use std::path::Path;
 

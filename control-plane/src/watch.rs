@@ -2,7 +2,9 @@
 //! inotify on the directory, an etcd watch).
 //!
 //! Changes schedule one full reload after a short quiet period, so a burst (an editor's
-//! write-temp-then-rename, a `cp` of many files, a multi-file apply) costs one reload.
+//! write-temp-then-rename, a `cp` of many files, a multi-file apply) costs one reload. A
+//! ConfigMap volume reports only the kubelet's swap of `..data` (see [`crate::store::file`]):
+//! one reload per update, of the whole new version.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +87,73 @@ mod tests {
         while reloads() < 2 {
             assert!(tokio::time::Instant::now() < deadline, "no reload");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every update of a ConfigMap volume, written as the kubelet writes it, is one reload
+    /// that serves exactly the new version: a changed file, a key added, a key removed.
+    #[tokio::test]
+    async fn each_configmap_update_is_one_reload_of_the_whole_version() {
+        use crate::store::file::atomic_writer::AtomicWriter;
+        let dir = tempfile::tempdir().unwrap();
+        let writer = AtomicWriter::new(dir.path());
+        let version = |files: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            files
+                .iter()
+                .map(|(n, c)| ((*n).to_owned(), (*c).to_owned()))
+                .collect()
+        };
+        writer
+            .write(&version(&[("a.yaml", "services: [{name: a}]\n")]))
+            .unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::new(dir.path(), state.path()));
+        let cp = Arc::new(ControlPlane::new(
+            store as SharedStore,
+            Duration::from_secs(5),
+            crate::metrics::Metrics::new().unwrap(),
+        ));
+        let _watcher = spawn_watcher(Arc::clone(&cp)).unwrap();
+        cp.reload().await.unwrap();
+        let reloads = || {
+            cp.metrics()
+                .policy_reloads_total
+                .with_label_values(&["ok"])
+                .get()
+        };
+        let services = || -> Vec<String> {
+            cp.policy()
+                .services()
+                .iter()
+                .map(|s| s.name.clone())
+                .collect()
+        };
+        assert_eq!(services(), ["a"]);
+        let updates: [&[(&str, &str)]; 3] = [
+            &[("a.yaml", "services: [{name: a}, {name: a2}]\n")],
+            &[
+                ("a.yaml", "services: [{name: a}, {name: a2}]\n"),
+                ("b.yaml", "services: [{name: b}]\n"),
+            ],
+            &[("b.yaml", "services: [{name: b}, {name: b2}]\n")],
+        ];
+        let expected: [&[&str]; 3] = [&["a", "a2"], &["a", "a2", "b"], &["b", "b2"]];
+        for (i, (update, expected)) in updates.iter().zip(expected).enumerate() {
+            let before = reloads();
+            writer.write(&version(update)).unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while reloads() == before {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "update {i} was never reloaded"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // Quiet for several debounce periods: no second reload of the same update.
+            tokio::time::sleep(DEBOUNCE * 4).await;
+            assert_eq!(reloads(), before + 1, "update {i}: reloads");
+            assert_eq!(services(), expected, "update {i}");
+            assert_eq!(cp.policy_error(), None);
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct AdminState {
     pub draining: Arc<AtomicBool>,
     /// At most this many admin connections open at once.
     pub limit: crate::conn_limit::ConnectionLimit,
+    /// The control-plane connection (`/config_dump` `control_plane`).
+    pub control_plane: Arc<crate::discovery::status::ControlPlaneStatus>,
 }
 
 /// How long an admin client may take to send a request head (slowloris).
@@ -58,6 +60,11 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
                 async move {
                     let resp = if req.uri().path() == "/log_level" {
                         log_level(req, peer).await
+                    } else if req.uri().path().starts_with(crate::app_health::PATH_PREFIX)
+                        && matches!(*req.method(), Method::GET | Method::HEAD)
+                    {
+                        // The app's kubelet probes (Kubernetes injection).
+                        crate::app_health::answer(req.uri().path()).await
                     } else {
                         handle(&state, &req)
                     };
@@ -147,7 +154,8 @@ pub fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byte
         }
         "/config_dump" => {
             let snapshot = state.store.load_full();
-            let body = config_dump(&state.node, snapshot.as_deref());
+            let mut body = config_dump(&state.node, snapshot.as_deref());
+            body["control_plane"] = state.control_plane.to_json();
             let mut r = text(
                 StatusCode::OK,
                 serde_json::to_vec_pretty(&body).unwrap_or_default(),
@@ -178,6 +186,7 @@ fn node_json(n: &v1::Node) -> Value {
         "inbound_address": n.inbound_address, "outbound_address": n.outbound_address,
         "app_address": n.app_address, "tcp_bind_ip": n.tcp_bind_ip,
         "build_version": n.build_version,
+        "instance_ip": n.instance_ip, "app_ports": n.app_ports,
     })
 }
 
@@ -228,7 +237,16 @@ pub fn config_dump(node: &v1::Node, snapshot: Option<&Snapshot>) -> Value {
         "routes": routes,
         "clusters": clusters,
         "endpoints": endpoints,
+        "transparent": transparent_dump(snapshot),
     })
+}
+
+/// Transparent mode's part: captured listeners, VIPs, per-port destinations, app ports and
+/// the mesh DNS server (`crate::transparent::dump`, `crate::dns::config_dump`).
+fn transparent_dump(snapshot: Option<&Snapshot>) -> Value {
+    let mut t = crate::transparent::dump::config_dump(snapshot);
+    t["dns"] = crate::dns::config_dump(snapshot);
+    t
 }
 
 fn route_json(r: &v1::Route) -> Value {

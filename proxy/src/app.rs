@@ -13,6 +13,7 @@ use weft_proto::v1;
 
 use crate::admin::{self, AdminState};
 use crate::config::Bootstrap;
+use crate::discovery::status::ControlPlaneStatus;
 use crate::discovery::{control_endpoint_from_file, ConfigApplier, Discovery};
 use crate::listen::{self, DataPlane, ListenerManager};
 use crate::metrics::{Metrics, MetricsError};
@@ -54,6 +55,9 @@ pub enum StartError {
     /// The resolver of endpoints declared by DNS name could not be built.
     #[error(transparent)]
     Dns(#[from] crate::egress::resolver::ResolverError),
+    /// The mesh DNS server (transparent mode) could not start.
+    #[error(transparent)]
+    MeshDns(#[from] crate::dns::DnsError),
 }
 
 /// The node identity announced to the control plane.
@@ -128,6 +132,16 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         crate::transparent::metrics::DetectionMetrics::register(metrics.registry())?,
     ));
     let store: Arc<SnapshotStore> = Arc::new(SnapshotStore::empty());
+    // Transparent mode's mesh DNS, on its own thread: bound now, so a port conflict stops the
+    // proxy (the capture rules send the namespace's DNS there); names come with the snapshots.
+    if let Some(t) = bootstrap.transparent.as_ref().filter(|t| t.dns.enabled) {
+        crate::dns::start(
+            &t.dns,
+            &bootstrap.node.namespace,
+            Arc::clone(&store),
+            metrics.registry(),
+        )?;
+    }
     let mesh_tls = Arc::new(MeshTls::new(metrics.security.clone()).map_err(StartError::Tls)?);
     let token = bootstrap
         .join_token
@@ -164,7 +178,11 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         plane,
     )));
     let node = node(bootstrap);
-    tracing::info!(id = %node.id, service = %node.service, control_plane = %bootstrap.control_plane, worker_threads = workers, "starting weft-proxy");
+    tracing::info!(id = %node.id, service = %node.service, control_plane = ?bootstrap.control_plane, worker_threads = workers, "starting weft-proxy");
+    let control_plane = Arc::new(ControlPlaneStatus::register(
+        metrics.registry(),
+        bootstrap.control_plane.clone(),
+    )?);
 
     let admin_sock = listen::bind(bootstrap.admin).map_err(|source| StartError::AdminBind {
         addr: bootstrap.admin,
@@ -177,6 +195,7 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         metrics: metrics.clone(),
         node: Arc::new(node.clone()),
         draining: Arc::clone(&draining),
+        control_plane: Arc::clone(&control_plane),
     };
     let refresher = crate::egress::refresh::Refresher::new(
         Arc::clone(&store),
@@ -185,18 +204,26 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
     );
     let applier = ConfigApplier::new(Arc::clone(&store), Arc::clone(&listeners), metrics)
         .with_trust(Arc::clone(mesh_tls.trust()));
-    let mut discovery = Discovery::new(bootstrap.control_plane.clone(), node.clone(), applier)
-        .with_control_plane_ca(bootstrap.control_plane_ca.clone());
+    let mut discovery =
+        Discovery::with_control_planes(bootstrap.control_plane.clone(), node.clone(), applier)
+            .with_control_plane_ca(bootstrap.control_plane_ca.clone())
+            .with_status(control_plane);
     if token.is_some() {
         discovery = discovery.wait_for_certificate(Arc::clone(mesh_tls.certs()));
     }
     let renewer = token.map(|token| {
-        let (url, ca) = (
+        let (urls, ca) = (
             bootstrap.control_plane.clone(),
             bootstrap.control_plane_ca.clone(),
         );
+        // Called for the first request and after every transport failure: each call takes the
+        // next control-plane URL, so certificate requests fail over like the discovery stream
+        // (a DNS name's addresses are tried in turn by the channel's connector).
+        let next = std::sync::atomic::AtomicUsize::new(0);
         let connect: ChannelFactory = Box::new(move || {
-            control_endpoint_from_file(&url, ca.as_deref())
+            let i = next.fetch_add(1, Ordering::Relaxed) % urls.len().max(1);
+            let url = urls.get(i).ok_or("no control_plane URL")?;
+            control_endpoint_from_file(url, ca.as_deref())
                 .map(|e| e.connect_lazy())
                 .map_err(|e| e.to_string())
         });

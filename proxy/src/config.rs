@@ -49,9 +49,13 @@ pub struct Bootstrap {
     /// Admin HTTP address.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
-    /// Control-plane gRPC URL.
-    #[serde(default = "default_control_plane")]
-    pub control_plane: String,
+    /// Control-plane gRPC URL(s): one URL, or a list of the replicas' URLs, tried in order
+    /// (every address of each URL's host; see `crate::discovery::targets`).
+    #[serde(
+        default = "default_control_plane",
+        deserialize_with = "control_plane_urls"
+    )]
+    pub control_plane: Vec<String>,
     /// Inbound side: announced address and the local app.
     #[serde(default)]
     pub inbound: InboundConfig,
@@ -103,6 +107,9 @@ pub struct TransparentConfig {
     /// The ports the app serves on it (at most [`MAX_APP_PORTS`]).
     #[serde(default)]
     pub app_ports: Vec<u16>,
+    /// The mesh DNS server (`crate::dns`): on by default in transparent mode.
+    #[serde(default)]
+    pub dns: crate::dns::MeshDnsConfig,
 }
 
 /// Most `transparent.app_ports`.
@@ -131,7 +138,7 @@ impl TransparentConfig {
                 ));
             }
         }
-        Ok(())
+        self.dns.validate()
     }
 }
 
@@ -319,8 +326,77 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 fn default_admin() -> SocketAddr {
     SocketAddr::new(LOCALHOST, 15000)
 }
-fn default_control_plane() -> String {
-    "http://127.0.0.1:15010".to_owned()
+fn default_control_plane() -> Vec<String> {
+    vec!["http://127.0.0.1:15010".to_owned()]
+}
+
+/// Most `control_plane` URLs.
+pub const MAX_CONTROL_PLANES: usize = 16;
+
+/// `control_plane:` as one URL or a list of URLs.
+fn control_plane_urls<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct UrlOrList;
+    impl<'de> serde::de::Visitor<'de> for UrlOrList {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a control-plane URL or a list of them")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![v.to_owned()])
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut urls = Vec::new();
+            while let Some(url) = seq.next_element::<String>()? {
+                if urls.len() == MAX_CONTROL_PLANES {
+                    return Err(serde::de::Error::custom(format!(
+                        "at most {MAX_CONTROL_PLANES} control-plane URLs"
+                    )));
+                }
+                urls.push(url);
+            }
+            Ok(urls)
+        }
+    }
+    d.deserialize_any(UrlOrList)
+}
+
+/// Checks `control_plane`: at least one URL, each `http(s)://host[:port]`, no duplicates, one
+/// scheme for all.
+fn validate_control_planes(urls: &[String]) -> Result<(), String> {
+    let parsed = urls
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            crate::discovery::targets::ControlPlaneUrl::parse(u).map_err(|e| {
+                if urls.len() == 1 {
+                    e
+                } else {
+                    format!("entry {i}: {e}")
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if parsed.is_empty() {
+        return Err("must name at least one control-plane URL".into());
+    }
+    for (i, u) in parsed.iter().enumerate() {
+        if parsed[..i].iter().any(|p| p.url == u.url) {
+            return Err(format!("entry {i}: {:?} is listed twice", u.url));
+        }
+    }
+    if parsed.iter().any(|u| u.is_https() != parsed[0].is_https()) {
+        return Err(
+            "mixes http:// and https:// URLs: every replica of one mesh is reached the same way"
+                .into(),
+        );
+    }
+    Ok(())
 }
 fn default_inbound() -> SocketAddr {
     SocketAddr::new(LOCALHOST, 15006)
@@ -414,16 +490,11 @@ impl Bootstrap {
         {
             return Err(invalid(field, reason));
         }
-        match b.control_plane.parse::<http::Uri>() {
-            Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}
-            _ => {
-                return Err(invalid(
-                    "control_plane",
-                    format!("{:?} is not an http(s)://host:port URL", b.control_plane),
-                ))
-            }
+        if let Err(reason) = validate_control_planes(&b.control_plane) {
+            return Err(invalid("control_plane", reason));
         }
-        if b.control_plane.starts_with("https://") && b.control_plane_ca.is_none() {
+        if b.control_plane.iter().any(|u| u.starts_with("https://")) && b.control_plane_ca.is_none()
+        {
             return Err(invalid(
                 "control_plane_ca",
                 "required with an https:// control_plane (the control plane's roots.pem)".into(),
@@ -516,7 +587,7 @@ worker_threads: 3
         let b = Bootstrap::parse("node: {service: web}", "b.yaml").unwrap();
         assert_eq!(b.node.namespace, "default");
         assert_eq!(b.admin.to_string(), "127.0.0.1:15000");
-        assert_eq!(b.control_plane, "http://127.0.0.1:15010");
+        assert_eq!(b.control_plane, ["http://127.0.0.1:15010"]);
         assert_eq!(b.inbound.address.to_string(), "127.0.0.1:15006");
         assert_eq!(b.outbound.address.to_string(), "127.0.0.1:15001");
         assert_eq!(b.drain_timeout, Duration::from_secs(5));
@@ -599,6 +670,61 @@ worker_threads: 3
         assert!(e.to_string().contains("service"), "{e}");
         let e = Bootstrap::parse("admin: 127.0.0.1:1", "b.yaml").unwrap_err();
         assert!(e.to_string().contains("node"), "{e}");
+    }
+
+    #[test]
+    fn control_plane_takes_one_url_or_a_list() {
+        let b =
+            Bootstrap::parse("node: {service: web}\ncontrol_plane: http://a:1", "b.yaml").unwrap();
+        assert_eq!(b.control_plane, ["http://a:1"]);
+        let b = Bootstrap::parse(
+            "node: {service: web}\ncontrol_plane: [\"https://cp-0.weft:15010\", \"https://10.0.0.2:15010\"]\ncontrol_plane_ca: /ca.pem",
+            "b.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            b.control_plane,
+            ["https://cp-0.weft:15010", "https://10.0.0.2:15010"]
+        );
+        let b = Bootstrap::parse(
+            "node: {service: web}\ncontrol_plane:\n  - http://a:1\n  - http://b:2\n",
+            "b.yaml",
+        )
+        .unwrap();
+        assert_eq!(b.control_plane, ["http://a:1", "http://b:2"]);
+        let many: Vec<String> = (0..=MAX_CONTROL_PLANES)
+            .map(|i| format!("http://cp-{i}:1"))
+            .collect();
+        for (yaml, needle) in [
+            ("control_plane: []", "at least one"),
+            ("control_plane: [http://a:1, 'x y']", "entry 1: \"x y\""),
+            ("control_plane: [http://a:1, http://a:1]", "listed twice"),
+            ("control_plane: [http://a:1, ftp://b:2]", "entry 1"),
+            (
+                "control_plane: [http://a:1, https://b:2]\ncontrol_plane_ca: /ca.pem",
+                "mixes http:// and https://",
+            ),
+            (
+                "control_plane: [https://a:1, https://b:2]",
+                "control_plane_ca",
+            ),
+            (
+                "control_plane: {url: http://a:1}",
+                "a control-plane URL or a list",
+            ),
+            (
+                &format!("control_plane: [{}]", many.join(", ")),
+                "at most 16 control-plane URLs",
+            ),
+        ] {
+            let e = Bootstrap::parse(&format!("node: {{service: web}}\n{yaml}"), "b.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("control_plane") && e.contains(needle),
+                "{yaml}: {e}"
+            );
+        }
     }
 
     #[test]

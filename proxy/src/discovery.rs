@@ -5,12 +5,27 @@
 //! carried sets with the held ones, build and validate a snapshot, bind its new listeners, swap
 //! it in, and answer `Ack{nonce, versions held}`; any failure answers `Nack{nonce, reason,
 //! rejected versions}` and leaves the running config untouched ([`ConfigApplier`]).
+//!
+//! **Failover.** The bootstrap may name several control-plane replicas (a list of URLs, or a
+//! DNS name with several addresses): [`targets`] expands them into addresses tried in order.
+//! When an attempt fails or a stream ends, the client moves to the next address after a
+//! [`Backoff`] delay (jittered, 50..100 ms after a healthy stream, doubling to 5 s while
+//! attempts keep failing). The new stream's Hello lists the versions the proxy holds, and the
+//! control plane sends only the types whose version differs: replicas compute identical
+//! versions (content hashes of identical inputs), so a proxy moving between replicas of one
+//! mesh is pushed nothing. Meanwhile the last snapshot keeps serving: the data path never waits
+//! for the control plane. [`status`] exports where the client is and why it reconnected.
+
+pub mod backoff;
+pub mod status;
+pub mod targets;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_proto::v1;
@@ -24,17 +39,26 @@ use crate::tls::certs::CertStore;
 use crate::tls::control::{control_endpoint, discovery_endpoint};
 use crate::tls::trust::TrustStore;
 
+pub use backoff::Backoff;
+use status::{ControlPlaneStatus, Reason};
+use targets::{Lookup, Rotation, Target};
+
 /// Why a discovery stream ended.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     /// Could not connect to the control plane.
-    #[error("connecting to control plane {url}: {source}")]
+    #[error("connecting to control plane {url} at {addr}: {source}")]
     Connect {
         /// The configured URL.
         url: String,
+        /// The address dialled.
+        addr: std::net::SocketAddr,
         /// tonic's error.
         source: tonic::transport::Error,
     },
+    /// No address to try: no URL resolved.
+    #[error("no control-plane address: {0}")]
+    NoAddress(String),
     /// The stream failed (control plane gone, protocol error).
     #[error("discovery stream: {0}")]
     Stream(#[from] tonic::Status),
@@ -190,62 +214,90 @@ pub fn control_endpoint_from_file(
     control_endpoint(url, pem.as_deref()).map_err(|e| DiscoveryError::Tls(e.to_string()))
 }
 
-/// Full-jitter exponential backoff.
-#[derive(Debug)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
+/// First delay after a healthy stream ended, and the cap of the delays between attempts.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// A stream open this long is healthy even if it carried no response (a resumed stream whose
+/// versions were all current gets none): its end resets the backoff.
+const HEALTHY_STREAM: Duration = Duration::from_secs(2);
+
+/// How long opening a stream (connect, TLS, response headers) may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How far one attempt got.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The stream opened (the replica answered its headers) at this instant.
+    opened: Option<Instant>,
+    /// A response arrived on it.
+    got_response: bool,
 }
 
-impl Backoff {
-    /// Backoff starting at `base`, doubling up to `cap`.
-    pub fn new(base: Duration, cap: Duration) -> Self {
-        Self {
-            base,
-            cap,
-            attempt: 0,
+impl Progress {
+    /// The stream counts as healthy: it carried a response or stayed open [`HEALTHY_STREAM`].
+    fn healthy(&self) -> bool {
+        self.got_response || self.opened.is_some_and(|at| at.elapsed() >= HEALTHY_STREAM)
+    }
+}
+
+impl DiscoveryError {
+    /// The `weft_control_plane_reconnects_total` reason of an attempt that ended this way.
+    fn reason(&self) -> Reason {
+        match self {
+            DiscoveryError::Connect { .. } | DiscoveryError::NoAddress(_) => Reason::Unreachable,
+            DiscoveryError::Stream(_) | DiscoveryError::SendClosed => Reason::StreamError,
+            DiscoveryError::Tls(_) => Reason::ConfigError,
         }
-    }
-
-    /// The next delay: uniform in `[0, min(cap, base * 2^attempt)]`.
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
-        Duration::from_millis(rand::rng().random_range(0..=ms))
-    }
-
-    /// Back to the first step (after a healthy stream).
-    pub fn reset(&mut self) {
-        self.attempt = 0;
     }
 }
 
 /// The discovery client.
 pub struct Discovery {
-    url: String,
+    /// The bootstrap's control-plane URLs, in order.
+    urls: Vec<String>,
+    /// Resolves their hosts (the system resolver; a table in tests).
+    lookup: Lookup,
     /// Bootstrap `control_plane_ca`, read at every connect attempt.
     control_plane_ca: Option<PathBuf>,
     /// When set, the first response is applied only once this store holds a certificate.
     wait_for_cert: Option<Arc<CertStore>>,
     node: v1::Node,
     applier: ConfigApplier,
+    status: Arc<ControlPlaneStatus>,
 }
 
 impl Discovery {
     /// A client for the control plane at `url`, announcing `node`.
     pub fn new(url: String, node: v1::Node, applier: ConfigApplier) -> Self {
+        Self::with_control_planes(vec![url], node, applier)
+    }
+
+    /// A client for the control-plane replicas at `urls` (tried in order, each host's every
+    /// address; see [`targets`]), announcing `node`.
+    pub fn with_control_planes(urls: Vec<String>, node: v1::Node, applier: ConfigApplier) -> Self {
+        let status = Arc::new(ControlPlaneStatus::unregistered(urls.clone()));
         Self {
-            url,
+            urls,
+            lookup: targets::system_lookup(),
             control_plane_ca: None,
             wait_for_cert: None,
             node,
             applier,
+            status,
         }
+    }
+
+    /// Reports the connection in `status` (its metrics registered by the caller).
+    #[must_use]
+    pub fn with_status(mut self, status: Arc<ControlPlaneStatus>) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// The connection's state and metrics.
+    pub fn status(&self) -> &Arc<ControlPlaneStatus> {
+        &self.status
     }
 
     /// Verifies an `https://` control plane with the CA(s) in `path`.
@@ -264,27 +316,47 @@ impl Discovery {
         self
     }
 
-    /// Runs streams forever, reconnecting with backoff.
+    /// Runs streams forever: each attempt on the next address, after a backoff delay.
     pub async fn run(self) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+        let mut rotation = Rotation::default();
         loop {
-            let mut got_response = false;
-            match self.stream(&mut got_response).await {
+            let mut progress = Progress::default();
+            let (result, target) = match rotation.next(&self.urls, &self.lookup).await {
+                Ok(target) => (self.stream(&target, &mut progress).await, Some(target)),
+                Err(e) => (Err(DiscoveryError::NoAddress(e)), None),
+            };
+            let (url, addr) = target.as_ref().map_or((String::new(), String::new()), |t| {
+                (t.url.clone(), t.addr.to_string())
+            });
+            let reason = match &result {
                 Ok(()) => {
-                    tracing::info!(url = %self.url, "discovery stream ended by control plane")
+                    tracing::info!(%url, %addr, "discovery stream ended by the control plane");
+                    self.status.ended(Reason::StreamClosed, None);
+                    Reason::StreamClosed
                 }
-                Err(e) => tracing::warn!(error = %ErrorChain(&e), "discovery stream failed"),
-            }
-            if got_response {
+                Err(e) => {
+                    let error = ErrorChain(e).to_string();
+                    tracing::warn!(%url, %addr, %error, "discovery stream failed");
+                    self.status.ended(e.reason(), Some(error));
+                    e.reason()
+                }
+            };
+            if progress.healthy() {
                 backoff.reset();
             }
             let delay = backoff.next_delay();
-            tracing::debug!(?delay, "reconnecting to control plane");
+            tracing::info!(
+                reason = reason.as_str(),
+                ?delay,
+                addresses_left_in_round = rotation.left(),
+                "connecting to the next control-plane address"
+            );
             tokio::time::sleep(delay).await;
         }
     }
 
-    async fn stream(&self, got_response: &mut bool) -> Result<(), DiscoveryError> {
+    async fn stream(&self, target: &Target, progress: &mut Progress) -> Result<(), DiscoveryError> {
         // The stream is authenticated by this proxy's certificate: none yet, no stream.
         if let Some(certs) = &self.wait_for_cert {
             if certs.load().is_none() {
@@ -301,55 +373,51 @@ impl Discovery {
             None => None,
         };
         let (endpoint, connector) =
-            discovery_endpoint(&self.url, ca.as_deref(), self.wait_for_cert.clone())
+            discovery_endpoint(&target.url, ca.as_deref(), self.wait_for_cert.clone())
                 .map_err(|e| DiscoveryError::Tls(e.to_string()))?;
-        let channel = endpoint
-            .connect_with_connector(connector)
-            .await
-            .map_err(|source| DiscoveryError::Connect {
-                url: self.url.clone(),
-                source,
-            })?;
-        let mut client = DiscoveryClient::new(channel).max_decoding_message_size(64 << 20);
-        let (tx, rx) = mpsc::channel(8);
-        let hello = v1::DiscoveryRequest {
-            kind: Some(Kind::Hello(v1::Hello {
-                node: Some(self.node.clone()),
-                held: self.applier.held(),
-            })),
+        let open = async {
+            let channel = endpoint
+                .connect_with_connector(connector.dialing(target.addr))
+                .await
+                .map_err(|source| DiscoveryError::Connect {
+                    url: target.url.clone(),
+                    addr: target.addr,
+                    source,
+                })?;
+            let mut client = DiscoveryClient::new(channel).max_decoding_message_size(64 << 20);
+            let (tx, rx) = mpsc::channel(8);
+            let held = self.applier.held();
+            let hello = v1::DiscoveryRequest {
+                kind: Some(Kind::Hello(v1::Hello {
+                    node: Some(self.node.clone()),
+                    held,
+                })),
+            };
+            tx.send(hello)
+                .await
+                .map_err(|_| DiscoveryError::SendClosed)?;
+            let responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+            Ok::<_, DiscoveryError>((tx, responses))
         };
-        tx.send(hello)
-            .await
-            .map_err(|_| DiscoveryError::SendClosed)?;
-        let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
-        tracing::info!(url = %self.url, "discovery stream open");
+        let (tx, mut responses) =
+            tokio::time::timeout(OPEN_TIMEOUT, open)
+                .await
+                .map_err(|_| {
+                    DiscoveryError::Stream(tonic::Status::deadline_exceeded(format!(
+                        "the control plane at {} did not open the stream within {OPEN_TIMEOUT:?}",
+                        target.addr
+                    )))
+                })??;
+        progress.opened = Some(Instant::now());
+        self.status.opened(target);
+        tracing::info!(url = %target.url, addr = %target.addr, held = self.applier.held().len(), "discovery stream open");
         while let Some(resp) = responses.message().await? {
-            *got_response = true;
+            progress.got_response = true;
             let reply = self.applier.apply(&resp);
             tx.send(reply)
                 .await
                 .map_err(|_| DiscoveryError::SendClosed)?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        for attempt in 0..20u32 {
-            let d = b.next_delay();
-            let ceiling = (100u64 << attempt.min(16)).min(5000);
-            assert!(
-                d <= Duration::from_millis(ceiling),
-                "attempt {attempt}: {d:?}"
-            );
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

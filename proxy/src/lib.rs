@@ -4,6 +4,8 @@
 //! - [`config`]: the bootstrap file.
 //! - [`capture`]: transparent mode's capture rules (`weft-proxy init`: iptables, IPv4 + IPv6).
 //! - [`detect`]: protocol detection from a connection's first bytes (TLS + SNI, HTTP/2, HTTP/1).
+//! - [`dns`]: transparent mode's mesh DNS server (service names -> VIPs, other names
+//!   forwarded upstream), on its own thread.
 //! - [`discovery`]: the control-plane client (Hello, ACK/NACK, reconnect with backoff).
 //! - [`egress`]: services outside the mesh: endpoints by DNS name (resolver, refresh), and
 //!   [`egress::is_declared`] for egress policy.
@@ -27,6 +29,8 @@
 //! - [`tls`]: mesh mTLS (certificates, trust bundle, verifiers, renewal).
 //! - [`authz`]: authorization policies for the inbound side.
 //! - [`app`]: runtimes, threads, signals.
+//! - [`app_health`]: the app's kubelet probes, rewritten by the injection webhook, answered on
+//!   the admin port.
 //! - [`attempts`]: one request's tries against a cluster (breaker, balancer, retries, outlier reports).
 //! - [`lb`]: endpoint load balancing (P2C over peak EWMA, round robin, least request, ring hash).
 //! - [`retry`]: retry policy, retry budget, replayable request bodies.
@@ -40,6 +44,7 @@
 pub mod admin;
 pub mod alloc;
 pub mod app;
+pub mod app_health;
 pub mod attempts;
 pub mod authz;
 pub mod balance;
@@ -50,6 +55,7 @@ pub mod config;
 pub mod conn_limit;
 pub mod detect;
 pub mod discovery;
+pub mod dns;
 pub mod drain;
 pub mod egress;
 pub mod filters;

@@ -77,6 +77,11 @@ pub struct ListenerManager {
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // `[::]:port` is IPv6 only, whatever net.ipv6.bindv6only says: a captured listener's
+        // IPv6 twin must not take the IPv4 port of its sibling (`snapshot::ipv6_twin`).
+        socket.set_only_v6(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;

@@ -613,6 +613,7 @@ impl Snapshot {
                 ));
             }
         }
+        add_ipv6_twins(&mut listeners);
         // Tables no listener uses are still validated, so a bad one is NACKed when pushed rather
         // than when a listener starts using it, and kept: captured connections are routed with
         // them (transparent mode's per-destination tables).
@@ -640,6 +641,45 @@ impl Snapshot {
             tables: detached,
             metrics: metrics.clone(),
         })
+    }
+}
+
+/// The IPv6 address a captured IPv4 listener at `addr` also listens on, so an app's captured
+/// IPv6 connections are served: `[::1]:port` for a loopback address (where ip6tables' OUTPUT
+/// REDIRECT sends the app's outbound connections), else `[::]:port` (PREROUTING's REDIRECT
+/// sends inbound ones to the receiving interface's address; the socket is IPv6-only, so it
+/// never competes with the IPv4 one). `None` for an IPv6 listener.
+pub fn ipv6_twin(addr: SocketAddr) -> Option<SocketAddr> {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_loopback() => Some(SocketAddr::from((
+            std::net::Ipv6Addr::LOCALHOST,
+            addr.port(),
+        ))),
+        std::net::IpAddr::V4(_) => Some(SocketAddr::from((
+            std::net::Ipv6Addr::UNSPECIFIED,
+            addr.port(),
+        ))),
+        std::net::IpAddr::V6(_) => None,
+    }
+}
+
+/// Adds every captured IPv4 listener's [`ipv6_twin`] (the same listener under a second
+/// address, bound and drained with it) when this host has IPv6; an address another listener
+/// has keeps that one.
+fn add_ipv6_twins(listeners: &mut HashMap<SocketAddr, Arc<Listener>>) {
+    static IPV6: OnceLock<bool> = OnceLock::new();
+    let available = *IPV6
+        .get_or_init(|| std::net::TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok());
+    if !available {
+        return;
+    }
+    let twins: Vec<(SocketAddr, Arc<Listener>)> = listeners
+        .values()
+        .filter(|l| l.capture.is_some())
+        .filter_map(|l| ipv6_twin(l.addr).map(|a| (a, Arc::clone(l))))
+        .collect();
+    for (addr, l) in twins {
+        listeners.entry(addr).or_insert(l);
     }
 }
 
@@ -985,6 +1025,20 @@ pub(crate) mod tests {
             DEFAULT_DETECT_TIMEOUT
         );
         assert_eq!(cap("127.0.0.1:7000"), None);
+        // Captured listeners also listen on IPv6 (where this host has it), as themselves.
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            assert!(Arc::ptr_eq(
+                &s.listeners[&"[::1]:15001".parse().unwrap()],
+                &s.listeners[&"127.0.0.1:15001".parse().unwrap()]
+            ));
+            assert!(s.listeners.contains_key(&"[::1]:15006".parse().unwrap()));
+            assert!(!s.listeners.contains_key(&"[::1]:7000".parse().unwrap()));
+        }
+        assert_eq!(
+            ipv6_twin("10.0.0.2:15006".parse().unwrap()),
+            Some("[::]:15006".parse().unwrap())
+        );
+        assert_eq!(ipv6_twin("[fd00::2]:15006".parse().unwrap()), None);
         r.listeners.as_mut().unwrap().listeners[0]
             .detection
             .as_mut()

@@ -266,6 +266,46 @@ impl Etcd {
         (!text.is_empty()).then(|| value.to_owned())
     }
 
+    /// Whether member `i` runs (it was not stopped or killed).
+    pub fn is_running(&self, i: usize) -> bool {
+        self.members[i].process.is_some()
+    }
+
+    /// The member that leads the cluster now, by `etcdctl endpoint status` of each running
+    /// member (the one whose own id is the leader it reports); `None` while there is none (an
+    /// election, a lost quorum).
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.members.len())
+            .filter(|i| self.is_running(*i))
+            .find(|i| {
+                let out = Command::new(tool("etcdctl"))
+                    .env("ETCDCTL_API", "3")
+                    .arg("--endpoints")
+                    .arg(self.members[*i].client.to_string())
+                    .args(["--command-timeout=3s", "endpoint", "status", "-w", "json"])
+                    .output();
+                let Some(out) = out.ok().filter(|o| o.status.success()) else {
+                    return false;
+                };
+                let Ok(status) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+                    return false;
+                };
+                let s = &status[0]["Status"];
+                let (me, leader) = (s["header"]["member_id"].as_u64(), s["leader"].as_u64());
+                me.is_some() && me == leader
+            })
+    }
+
+    /// Waits until the running members elected a leader; returns it.
+    pub async fn wait_leader(&self) -> usize {
+        wait_until(
+            DEFAULT_WAIT,
+            "the etcd members elected a leader",
+            async || self.leader().ok_or("no leader yet"),
+        )
+        .await
+    }
+
     /// The directory holding every member's data.
     pub fn data_root(&self) -> &Path {
         self.data.path()

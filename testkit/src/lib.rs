@@ -20,6 +20,7 @@ pub mod netns;
 pub mod policy;
 pub mod process;
 pub mod proxy;
+pub mod replicas;
 pub mod security;
 pub mod wait;
 

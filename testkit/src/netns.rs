@@ -5,11 +5,17 @@
 //! drops, also when the test panics.
 //!
 //! Addresses come from 198.18.0.0/15 (RFC 2544's benchmarking range, never routed): the LAN is
-//! `198.18.<n>.0/24`, the root namespace `.1`, hosts `.2`, `.3`, ... in the order given.
+//! `198.18.<n>.0/24`, the root namespace `.1`, hosts `.2`, `.3`, ... in the order given. Hosts
+//! also get an IPv6 address on the LAN, `fd77:6566:7400:<n>::<x>/64` (a ULA, `nodad`: usable at
+//! once, no duplicate-address-detection delay); the root namespace has none.
 //! Creating needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN); [`Network::create`] returns `Err` with
 //! the reason when `ip netns add` is refused, so a test can skip saying why.
+//!
+//! [`Network::set_resolv_conf`] gives a host its own `/etc/resolv.conf` (`ip netns exec`
+//! bind-mounts `/etc/netns/<ns>/resolv.conf` over it), removed with the network.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -28,6 +34,8 @@ pub struct Network {
     created: Vec<String>,
     /// The veth end in the root namespace.
     root_link: Option<String>,
+    /// `/etc/netns/<ns>` directories written (removed on drop).
+    etc_dirs: Vec<PathBuf>,
 }
 
 /// Runs `ip args...`; `Err` carries its stderr.
@@ -71,6 +79,7 @@ impl Network {
             hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
             created: Vec::new(),
             root_link: None,
+            etc_dirs: Vec::new(),
         };
         net.build()?;
         Ok(net)
@@ -96,6 +105,10 @@ impl Network {
             ip(&["-n", &hub, "link", "set", &port, "master", "br0", "up"])?;
             let addr = format!("{}{prefix_len}", self.host_ip(host));
             ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+            let addr6 = format!("{}/64", self.host_ip6(host));
+            ip(&[
+                "-n", &ns, "-6", "addr", "add", &addr6, "dev", "eth0", "nodad",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         }
@@ -121,6 +134,40 @@ impl Network {
     /// The address `.x` of the LAN.
     pub fn lan_ip(&self, x: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(198, 18, self.subnet, x))
+    }
+
+    /// The IPv6 address `::x` of the LAN (`fd77:6566:7400:<n>::x`).
+    pub fn lan_ip6(&self, x: u16) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd77,
+            0x6566,
+            0x7400,
+            u16::from(self.subnet),
+            0,
+            0,
+            0,
+            x,
+        ))
+    }
+
+    /// `host`'s IPv6 address (`::2`, `::3`, ... like its IPv4 one).
+    pub fn host_ip6(&self, host: &str) -> IpAddr {
+        let IpAddr::V4(v4) = self.host_ip(host) else {
+            unreachable!("host addresses are IPv4")
+        };
+        self.lan_ip6(u16::from(v4.octets()[3]))
+    }
+
+    /// Gives `host` its own `/etc/resolv.conf` with `content` (programs started with
+    /// [`Network::command`] / [`Network::run`] see it); removed when the network drops.
+    pub fn set_resolv_conf(&mut self, host: &str, content: &str) -> Result<(), String> {
+        let dir = PathBuf::from("/etc/netns").join(self.ns(host));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        if !self.etc_dirs.contains(&dir) {
+            self.etc_dirs.push(dir.clone());
+        }
+        let file = dir.join("resolv.conf");
+        std::fs::write(&file, content).map_err(|e| format!("writing {}: {e}", file.display()))
     }
 
     /// The root namespace's address on the LAN (where the test's own servers listen).
@@ -166,6 +213,11 @@ impl Drop for Network {
         if let Some(link) = &self.root_link {
             // Normally gone with the hub's end; only an error if it is still there.
             let _ = ip(&["link", "del", link]);
+        }
+        for dir in &self.etc_dirs {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                eprintln!("netns cleanup: removing {}: {e}", dir.display());
+            }
         }
     }
 }

@@ -34,6 +34,12 @@ pub struct ProxyConfig {
     pub app: SocketAddr,
     /// `control_plane:` URL, e.g. `ControlPlane::grpc_url()`.
     pub control_plane: String,
+    /// More control-plane replicas: with any, the bootstrap lists `control_plane: [control_plane,
+    /// these...]` (tried in that order; see [`crate::replicas`]).
+    pub control_plane_replicas: Vec<String>,
+    /// Runs the proxy through this command (`prefix... weft-proxy --config FILE`), e.g. in a
+    /// mount namespace with its own `/etc/hosts` ([`crate::replicas::with_hosts_file`]).
+    pub command_prefix: Vec<String>,
     /// Short by default so a stopped proxy with open client connections exits quickly.
     pub drain_timeout: Duration,
     /// `control_plane_ca:` (filled in at spawn from the control plane's CA when `secure`).
@@ -81,6 +87,8 @@ impl ProxyConfig {
             outbound,
             app,
             control_plane: control_plane.to_string(),
+            control_plane_replicas: Vec::new(),
+            command_prefix: Vec::new(),
             drain_timeout: Duration::from_secs(1),
             control_plane_ca: None,
             join_token: None,
@@ -105,8 +113,12 @@ impl ProxyConfig {
             return;
         };
         if sec.grpc_tls {
-            if let Some(rest) = self.control_plane.strip_prefix("http://") {
-                self.control_plane = format!("https://{rest}");
+            for url in std::iter::once(&mut self.control_plane)
+                .chain(self.control_plane_replicas.iter_mut())
+            {
+                if let Some(rest) = url.strip_prefix("http://") {
+                    *url = format!("https://{rest}");
+                }
             }
             if self.control_plane_ca.is_none() {
                 self.control_plane_ca = Some(security::roots_pem(&ca_dir));
@@ -142,7 +154,15 @@ impl ProxyConfig {
             namespace = q(&self.namespace),
             id = q(&self.id),
             admin = q(&self.admin.to_string()),
-            cp = q(&self.control_plane),
+            cp = if self.control_plane_replicas.is_empty() {
+                q(&self.control_plane)
+            } else {
+                let all: Vec<String> = std::iter::once(&self.control_plane)
+                    .chain(&self.control_plane_replicas)
+                    .map(|u| q(u))
+                    .collect();
+                format!("[{}]", all.join(", "))
+            },
             inbound = q(&self.inbound.to_string()),
             app = q(&self.app.to_string()),
             outbound = q(&self.outbound.to_string()),
@@ -251,7 +271,14 @@ impl Proxy {
         let config_path = dir.path().join("bootstrap.yaml");
         std::fs::write(&config_path, yaml)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
-        let mut cmd = Command::new(bin_path("weft-proxy"));
+        let mut cmd = match config.command_prefix.split_first() {
+            None => Command::new(bin_path("weft-proxy")),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin_path("weft-proxy"));
+                c
+            }
+        };
         cmd.arg("--config").arg(&config_path);
         let process = ProcessGuard::spawn(&format!("weft-proxy[{}]", config.id), cmd);
         Proxy {

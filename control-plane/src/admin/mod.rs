@@ -7,6 +7,7 @@
 //! must arrive within [`HEADER_READ_TIMEOUT`].
 
 pub mod auth;
+pub mod readyz;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -243,6 +244,22 @@ async fn handle(
 ) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    // Readiness, like /healthz, needs no credential (the kubelet's probe has none).
+    if path == "/readyz" {
+        if method != Method::GET && method != Method::HEAD {
+            return method_not_allowed("GET");
+        }
+        let reasons = readyz::not_ready(cp);
+        return if reasons.is_empty() {
+            response(StatusCode::OK, "text/plain", "ready\n")
+        } else {
+            response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {}\n", reasons.join("; ")),
+            )
+        };
+    }
     let principal = match auth.check(
         &method,
         &path,

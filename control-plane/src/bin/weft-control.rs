@@ -9,9 +9,12 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use weft_control::admission::Limits;
 use weft_control::ca::{self, CaConfig};
+use weft_control::inject::review::FailurePolicy;
+use weft_control::inject::server::{InjectServer, InjectSettings};
 use weft_control::server::IdentityConfig;
 use weft_control::store::etcd::EtcdTls;
 use weft_control::store::EtcdConfig;
+use weft_control::token::kubernetes::{KubernetesTokenConfig, KubernetesTokens};
 use weft_control::token::TokenSecret;
 use weft_control::{Config, Server, StoreConfig};
 
@@ -237,6 +240,37 @@ struct ServeArgs {
     /// non-loopback --admin address).
     #[arg(long)]
     insecure_admin: bool,
+    /// Kubernetes: the service-account issuer's public keys (JWKS JSON, as the API server
+    /// serves at /openid/v1/jwks; re-read when it changes). Identity.Certify then also takes a
+    /// pod's projected ServiceAccount token, certified as <namespace>/<ServiceAccount name>.
+    #[arg(long, value_name = "FILE", requires = "k8s_issuer")]
+    k8s_jwks: Option<PathBuf>,
+    /// The `iss` of those tokens (the API server's --service-account-issuer).
+    #[arg(long, value_name = "URL", requires = "k8s_jwks")]
+    k8s_issuer: Option<String>,
+    /// The audience the injected projected token is requested for (inject.yaml's
+    /// identity.tokenAudience).
+    #[arg(long, value_name = "NAME", default_value = "weft")]
+    k8s_audience: String,
+    /// Kubernetes: serve the sidecar injection webhook (HTTPS, POST /inject, GET /healthz) here,
+    /// e.g. 0.0.0.0:15017. Absent: no webhook.
+    #[arg(long, value_name = "ADDR", requires_all = ["inject_tls_cert", "inject_tls_key", "inject_config"])]
+    inject_addr: Option<SocketAddr>,
+    /// The webhook's serving certificate (PEM chain; re-read when it changes).
+    #[arg(long, value_name = "PEM", requires = "inject_addr")]
+    inject_tls_cert: Option<PathBuf>,
+    /// The webhook's private key (PEM; re-read when it changes).
+    #[arg(long, value_name = "PEM", requires = "inject_addr")]
+    inject_tls_key: Option<PathBuf>,
+    /// What the webhook injects (YAML: proxy image and resources, control-plane address,
+    /// identity, capture exclusions; re-read when it changes).
+    #[arg(long, value_name = "FILE", requires = "inject_addr")]
+    inject_config: Option<PathBuf>,
+    /// Deny a pod when the webhook itself fails to build its sidecar (use with the webhook's
+    /// failurePolicy: Fail). Default: admit it without a sidecar, with a warning (failurePolicy:
+    /// Ignore).
+    #[arg(long, requires = "inject_addr")]
+    inject_fail_closed: bool,
 }
 
 /// `weft-control --policies ...` (no subcommand) means `weft-control serve --policies ...`.
@@ -369,6 +403,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              of this replica's own"
         ),
     };
+    let kubernetes_tokens = match (&args.k8s_jwks, &args.k8s_issuer) {
+        (Some(jwks), Some(issuer)) => Some(std::sync::Arc::new(KubernetesTokens::load(
+            KubernetesTokenConfig {
+                jwks: jwks.clone(),
+                issuer: issuer.clone(),
+                audience: args.k8s_audience.clone(),
+            },
+        )?)),
+        _ => None,
+    };
     let identity = Some(IdentityConfig {
         ca: CaConfig {
             dir: ca_dir,
@@ -380,6 +424,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         grpc_tls: args.grpc_tls || !args.insecure_grpc,
         tls_sans: args.tls_sans,
+        kubernetes_tokens,
     });
     let server = Server::bind_with(
         Config {
@@ -411,6 +456,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await?;
     if args.insecure_admin {
         tracing::warn!("INSECURE: the admin API is plaintext and unauthenticated (--insecure-admin): anyone who can reach it can change every policy. Development only.");
+    }
+    if let (Some(addr), Some(tls_cert), Some(tls_key), Some(config)) = (
+        args.inject_addr,
+        args.inject_tls_cert,
+        args.inject_tls_key,
+        args.inject_config,
+    ) {
+        let settings = InjectSettings {
+            addr,
+            tls_cert,
+            tls_key,
+            config,
+            failure_policy: if args.inject_fail_closed {
+                FailurePolicy::Closed
+            } else {
+                FailurePolicy::Open
+            },
+        };
+        let webhook =
+            InjectServer::bind(&settings, std::sync::Arc::clone(server.control_plane())).await?;
+        // Ends with the process.
+        tokio::spawn(webhook.serve(std::future::pending()));
     }
     #[cfg(unix)]
     spawn_sighup_reload(server.reloader());

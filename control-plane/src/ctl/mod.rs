@@ -6,6 +6,7 @@
 
 mod apply;
 pub mod auth;
+pub mod check;
 pub mod client;
 mod get;
 pub mod log_level;
@@ -120,6 +121,10 @@ pub enum Command {
     },
     /// Change one proxy's log filter at run time (pushed through the control plane).
     LogLevel(log_level::LogLevelArgs),
+    /// Check the mesh without a kubeconfig: control plane reachable and ready, CA expiry,
+    /// policies valid, every proxy on the current config, the injection webhook's certificate.
+    /// Exit 0 only when every check passes.
+    Check(check::CheckArgs),
 }
 
 /// The `-f FILE|DIR` policy files shared by `apply`, `validate` and `diff`.
@@ -183,6 +188,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Diff { files, output } => diff(&client, &files.paths, output).await,
         Command::LogLevel(args) => log_level::log_level(&client, &args).await,
         Command::Delete { name } => delete(&client, &name).await,
+        Command::Check(args) => check::run(&client, &cli.credentials, &args).await,
     }
 }
 

@@ -98,3 +98,110 @@ impl ControlPlane {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Replicas compute identical versions: a proxy's resources do not depend on whether the
+    //! registrations they list are this replica's own or another's (the premise of a proxy
+    //! moving between replicas without being re-pushed).
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use weft_proto::v1::Node;
+
+    use crate::compile::Resources;
+    use crate::metrics::Metrics;
+    use crate::state::ControlPlane;
+    use crate::store::RegistryHost as _;
+
+    const POLICY: &str = "services:\n  - name: web\n  - name: api\n    lb: round_robin\n";
+
+    /// A replica serving `POLICY` from its own directory.
+    async fn replica(dir: &std::path::Path) -> ControlPlane {
+        std::fs::write(dir.join("mesh.yaml"), POLICY).unwrap();
+        let cp = ControlPlane::new(
+            Arc::new(crate::store::FileStore::in_dir(dir)),
+            Duration::from_secs(5),
+            Metrics::new().unwrap(),
+        );
+        cp.reload().await.unwrap();
+        cp
+    }
+
+    fn node(id: &str, service: &str, ip: &str) -> Node {
+        Node {
+            id: id.into(),
+            service: service.into(),
+            namespace: "default".into(),
+            labels: [("zone".to_owned(), "a".to_owned())].into(),
+            inbound_address: format!("{ip}:15006"),
+            outbound_address: format!("{ip}:15001"),
+            app_address: format!("{ip}:8080"),
+            tcp_bind_ip: ip.into(),
+            build_version: "0.1.0".into(),
+            ..Node::default()
+        }
+    }
+
+    fn versions(r: &Resources) -> [String; 6] {
+        [
+            r.listeners.version.clone(),
+            r.routes.version.clone(),
+            r.clusters.version.clone(),
+            r.endpoints.version.clone(),
+            r.policies.version.clone(),
+            r.trust.version.clone(),
+        ]
+    }
+
+    #[tokio::test]
+    async fn a_remote_registration_compiles_like_a_local_one() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (cp1, cp2) = (replica(d1.path()).await, replica(d2.path()).await);
+        let (api1, api2, web) = (
+            node("api-1", "api", "127.0.0.2"),
+            node("api-2", "api", "127.0.0.3"),
+            node("web-1", "web", "127.0.0.4"),
+        );
+        // cp-1 holds api-1 and web-1; cp-2 holds api-2. Each learns the other's registrations
+        // the way the etcd store hands them over.
+        cp1.connect(&api1).unwrap();
+        cp1.connect(&web).unwrap();
+        cp2.connect(&api2).unwrap();
+        let own = |cp: &ControlPlane, replica: &str| {
+            let mut entries = cp.own_registrations();
+            for e in &mut entries {
+                e.replica = Some(replica.to_owned());
+            }
+            entries
+        };
+        cp2.replace_remote_registrations(own(&cp1, "cp-1"));
+        cp1.replace_remote_registrations(own(&cp2, "cp-2"));
+        let on_cp1 = cp1.compile_for(&web);
+        let on_cp2 = cp2.compile_for(&web);
+        assert_eq!(versions(&on_cp1), versions(&on_cp2));
+        assert_eq!(on_cp1, on_cp2, "same versions, same contents");
+        assert_eq!(
+            on_cp1
+                .endpoints
+                .clusters
+                .iter()
+                .flat_map(|c| &c.endpoints)
+                .filter(|e| e.proxy_id.starts_with("api-"))
+                .count(),
+            2,
+            "{:?}",
+            on_cp1.endpoints
+        );
+
+        // web-1 moves to cp-2 (its registration there turns local): nothing it holds changes.
+        cp2.connect(&web).unwrap();
+        assert_eq!(versions(&cp2.compile_for(&web)), versions(&on_cp1));
+        // Nor for a proxy on cp-2 whose endpoints include web-1.
+        assert_eq!(
+            versions(&cp2.compile_for(&api2)),
+            versions(&cp1.compile_for(&api2))
+        );
+    }
+}

@@ -8,9 +8,15 @@
 //!   certificate, read from the same [`CertStore`] the data path uses at every handshake, so a
 //!   renewed certificate is used from the next connection on. The control plane registers the
 //!   proxy under the identity in that certificate and refuses a stream without one.
+//!
+//! With several control-plane addresses (a list, or a DNS name with several addresses; see
+//! `crate::discovery::targets`) the discovery connector dials one resolved address
+//! ([`DiscoveryConnector::dialing`]) while TLS still verifies the URL's host name, so every
+//! replica behind one name presents a certificate for that name.
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -75,12 +81,25 @@ pub fn control_endpoint(url: &str, ca_pem: Option<&str>) -> Result<Endpoint, Con
 #[derive(Clone)]
 pub struct DiscoveryConnector {
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// Dial this address instead of resolving the URL's host.
+    dial: Option<SocketAddr>,
+}
+
+impl DiscoveryConnector {
+    /// Dials `addr` (one of the addresses the URL's host resolved to) instead of resolving the
+    /// host again; the TLS server name stays the URL's host.
+    #[must_use]
+    pub fn dialing(mut self, addr: SocketAddr) -> Self {
+        self.dial = Some(addr);
+        self
+    }
 }
 
 impl std::fmt::Debug for DiscoveryConnector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DiscoveryConnector")
             .field("tls", &self.tls.as_ref().map(|(_, name)| name))
+            .field("dial", &self.dial)
             .finish()
     }
 }
@@ -96,15 +115,21 @@ impl tower::Service<http::Uri> for DiscoveryConnector {
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let tls = self.tls.clone();
+        let dial = self.dial;
         Box::pin(async move {
-            let host = uri
-                .host()
-                .ok_or_else(|| io::Error::other(format!("no host in {uri}")))?
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let port = uri.port_u16().unwrap_or(80);
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            let tcp = match dial {
+                Some(addr) => TcpStream::connect(addr).await?,
+                None => {
+                    let host = uri
+                        .host()
+                        .ok_or_else(|| io::Error::other(format!("no host in {uri}")))?
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned();
+                    let port = uri.port_u16().unwrap_or(80);
+                    TcpStream::connect((host.as_str(), port)).await?
+                }
+            };
             let _ = tcp.set_nodelay(true);
             match tls {
                 None => Ok(TokioIo::new(ClientIo::Plain(tcp))),
@@ -129,7 +154,10 @@ pub fn discovery_endpoint(
     let Some(rest) = url.strip_prefix("https://") else {
         return Ok((
             control_endpoint(url, None)?,
-            DiscoveryConnector { tls: None },
+            DiscoveryConnector {
+                tls: None,
+                dial: None,
+            },
         ));
     };
     let ca = ca_pem.ok_or_else(|| ControlChannelError::NoCa(url.to_owned()))?;
@@ -165,6 +193,7 @@ pub fn discovery_endpoint(
         endpoint,
         DiscoveryConnector {
             tls: Some((TlsConnector::from(Arc::new(config)), name)),
+            dial: None,
         },
     ))
 }
@@ -188,5 +217,20 @@ mod tests {
         assert!(connector.tls.is_some());
         let e = discovery_endpoint("https://127.0.0.1:1", Some("not pem"), None).unwrap_err();
         assert!(e.to_string().contains("no certificate"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn dials_the_given_address_not_the_url_host() {
+        use tower::Service as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The URL's host does not resolve: only the dialled address can be reached.
+        let (endpoint, connector) =
+            discovery_endpoint("http://cp.weft.invalid:15010", None, None).unwrap();
+        let mut connector = connector.dialing(addr);
+        let (accepted, connected) =
+            tokio::join!(listener.accept(), connector.call(endpoint.uri().clone()));
+        assert!(connected.is_ok(), "{connected:?}");
+        assert!(accepted.is_ok());
     }
 }

@@ -25,6 +25,7 @@
 //! tables are built from it here, lazily, once per snapshot.
 
 mod destinations;
+pub mod dump;
 pub mod metrics;
 pub mod sniff;
 
@@ -41,7 +42,7 @@ use crate::listen::DataPlane;
 use crate::pipeline::{CapturedRouting, HttpProxy, Routing};
 use crate::snapshot::{Direction, Listener, ListenerKind, Snapshot};
 use crate::tcp::{self, TcpTarget, Upstream};
-use crate::tls::inbound::{self, Detected};
+use crate::tls::inbound::{self, Detected, MtlsMode};
 use crate::tls::io::ServerIo;
 
 use destinations::{DestinationCache, Outbound};
@@ -245,9 +246,7 @@ async fn inbound(
     drain: DrainWatch,
     drain_timeout: Duration,
 ) {
-    // Always looked at: whether it is mesh mTLS decides how it is accepted, and a peer sidecar
-    // sends its ClientHello at once, so only a silent plaintext client waits (the timeout).
-    let sniffed = detect(&c.stream, &c.listener, c.original.port(), false).await;
+    let sniffed = inbound_detection(&c).await;
     plane
         .transparent
         .metrics()
@@ -256,6 +255,9 @@ async fn inbound(
         Sniffed::Closed => return,
         Sniffed::Tls { .. } => Detected::Tls,
         Sniffed::Timeout => Detected::Silent,
+        // Not looked at: a strict listener takes it as mTLS (the handshake reads the peer
+        // sidecar's ClientHello; a plaintext client fails it), a disabled one as plaintext.
+        Sniffed::Skipped if c.listener.mtls == MtlsMode::Strict => Detected::Tls,
         _ => Detected::Plaintext,
     };
     let Some(conn) =
@@ -321,6 +323,24 @@ async fn inbound(
             )
             .await;
         }
+    }
+}
+
+/// Detection of a captured inbound connection. Whether it is mesh mTLS decides how it is
+/// accepted, and a peer sidecar sends its ClientHello at once, so it is looked at, whatever
+/// the port, except where the answer is known without it: `mtls: disabled` (plaintext, bytes
+/// passed as they come), and a server-first or opaque port of a strict listener (nothing but
+/// mTLS is accepted, so the handshake itself reads the ClientHello; sniffing a server-first
+/// port would add nothing). A permissive listener must tell the two apart: there a plaintext
+/// client of a server-first port waits the detection timeout before it is served.
+async fn inbound_detection(c: &Captured) -> Sniffed {
+    match c.listener.mtls {
+        MtlsMode::Disabled => Sniffed::Skipped,
+        MtlsMode::Strict => detect(&c.stream, &c.listener, c.original.port(), false).await,
+        MtlsMode::Permissive => match &c.listener.capture {
+            Some(cap) => sniff(&c.stream, cap.detect_timeout).await,
+            None => sniff(&c.stream, inbound::DETECT_TIMEOUT).await,
+        },
     }
 }
 

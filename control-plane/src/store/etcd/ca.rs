@@ -110,8 +110,7 @@ impl EtcdStore {
             .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.as_str(), value, None)])
             .or_else([TxnOp::get(key.as_str(), None)]);
-        let mut kv = self.client.kv_client();
-        let resp = self.timed("recording the CA", kv.txn(txn)).await?;
+        let resp = self.txn("recording the CA", txn).await?;
         if resp.succeeded() {
             return Ok(CaCheck::Recorded);
         }

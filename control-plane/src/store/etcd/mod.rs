@@ -23,8 +23,13 @@
 //! [`StoreError::Unavailable`] naming etcd (an apply answers 503); the watches and the
 //! registration sync reconnect with jittered backoff, re-grant the lease if it expired and
 //! re-put this replica's registrations. Meanwhile the replica serves what it last had.
+//!
+//! **A member down.** With several `--etcd-endpoints`, requests go only to the members that
+//! answer ([`members`]: a dead member is taken out of the client's balancer within a probe
+//! interval), and a request that could not even connect to a member is sent to another.
 
 pub mod ca;
+mod members;
 mod registrations;
 
 use std::path::PathBuf;
@@ -33,7 +38,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, GetResponse, Txn, TxnOp, TxnResponse,
+    WatchOptions,
 };
 use tokio::sync::mpsc;
 
@@ -169,6 +175,8 @@ pub struct EtcdStore {
     sync: tokio::sync::Mutex<registrations::SyncState>,
     /// Set at shutdown: nothing is written afterwards.
     closed: AtomicBool,
+    /// Probes the members and keeps the balancer to those that answer ([`members`]).
+    _members: Option<AbortOnDrop>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -188,10 +196,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Jittered exponential backoff between reconnection attempts: 100 ms doubling to 5 s.
+/// Jittered exponential backoff between reconnection attempts: 100 ms doubling to 5 s (or a
+/// lower cap).
 #[derive(Debug)]
 pub(crate) struct Backoff {
     next: Duration,
+    max: Duration,
 }
 
 impl Backoff {
@@ -199,7 +209,15 @@ impl Backoff {
     const MAX: Duration = Duration::from_secs(5);
 
     pub(crate) fn new() -> Self {
-        Self { next: Self::FIRST }
+        Self::capped(Self::MAX)
+    }
+
+    /// Steps doubling up to `max` (at least the first step).
+    pub(crate) fn capped(max: Duration) -> Self {
+        Self {
+            next: Self::FIRST,
+            max: max.clamp(Self::FIRST, Self::MAX),
+        }
     }
 
     pub(crate) fn reset(&mut self) {
@@ -209,7 +227,7 @@ impl Backoff {
     /// The next pause: half to all of the current step, which then doubles.
     pub(crate) fn next_delay(&mut self) -> Duration {
         let step = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
+        self.next = (self.next * 2).min(self.max);
         step / 2 + step.mul_f64(rand::random::<f64>() / 2.0)
     }
 }
@@ -250,7 +268,7 @@ impl EtcdStore {
         }
         let client = tokio::time::timeout(
             config.request_timeout,
-            Client::connect(&config.endpoints, Some(options)),
+            Client::connect(&config.endpoints, Some(options.clone())),
         )
         .await
         .map_err(|_| StoreError::Unavailable {
@@ -261,11 +279,19 @@ impl EtcdStore {
             ),
         })?
         .map_err(|e| classify(&describe, "connecting", &e))?;
+        let members = members::spawn(
+            &client,
+            &config.endpoints,
+            &options,
+            config.request_timeout,
+            format!("{}/ca", config.prefix),
+        );
         Ok(Self {
             config,
             client,
             sync: tokio::sync::Mutex::new(registrations::SyncState::default()),
             closed: AtomicBool::new(false),
+            _members: members,
         })
     }
 
@@ -323,6 +349,31 @@ impl EtcdStore {
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {
         timed(&self.describe(), self.config.request_timeout, what, fut).await
+    }
+
+    /// Runs `txn` within the request timeout; sent again while it could not reach a member
+    /// ([`members::retry_unsent`]: never after it may have been applied).
+    async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
+        members::retry_unsent(&self.describe(), self.config.request_timeout, what, || {
+            let (mut kv, txn) = (self.client.kv_client(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
+    /// Reads `key` within the request timeout, like [`EtcdStore::txn`].
+    async fn get(
+        &self,
+        what: &str,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse, StoreError> {
+        members::retry_unsent(&self.describe(), self.config.request_timeout, what, || {
+            let (mut kv, options) = (self.client.kv_client(), options.clone());
+            let key = key.to_owned();
+            async move { kv.get(key, options).await }
+        })
+        .await
     }
 }
 
@@ -431,11 +482,11 @@ impl Store for EtcdStore {
 
     async fn read_policies(&self) -> Result<StoredPolicies, StoreError> {
         let prefix = self.policies_prefix();
-        let mut kv = self.client.kv_client();
         let mut resp = self
-            .timed(
+            .get(
                 "reading the policies",
-                kv.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+                &prefix,
+                Some(GetOptions::new().with_prefix()),
             )
             .await?;
         let kvs = resp.take_kvs();
@@ -519,8 +570,7 @@ impl Store for EtcdStore {
                 )]),
             None => Txn::new().and_then(ops),
         };
-        let mut kv = self.client.kv_client();
-        let resp = self.timed("writing the policies", kv.txn(txn)).await?;
+        let resp = self.txn("writing the policies", txn).await?;
         if resp.succeeded() {
             let revision = resp
                 .header()

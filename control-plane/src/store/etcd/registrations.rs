@@ -16,8 +16,9 @@
 //! 4. watch from the revision read, applying other replicas' writes, and write again after every
 //!    registry change.
 //!
-//! Any error ends the session; the next starts after a jittered backoff. Meanwhile the replica
-//! keeps serving what it has.
+//! Any error ends the session; the next starts after a jittered backoff capped at a third of
+//! the lease TTL (so that once etcd is back the lease is kept alive before it expires).
+//! Meanwhile the replica keeps serving what it has.
 //!
 //! **Who has a proxy.** A key belongs to the replica whose lease it is under. When another
 //! replica writes the key of a proxy this replica also has, the proxy moved: this replica keeps
@@ -137,14 +138,11 @@ impl EtcdStore {
 
     /// Every registration.
     pub(crate) async fn read_registrations(&self) -> Result<StoredRegistrations, StoreError> {
-        let mut kv = self.client.kv_client();
         let mut resp = self
-            .timed(
+            .get(
                 "reading the registrations",
-                kv.get(
-                    self.registrations_prefix(),
-                    Some(GetOptions::new().with_prefix()),
-                ),
+                &self.registrations_prefix(),
+                Some(GetOptions::new().with_prefix()),
             )
             .await?;
         let revision = resp
@@ -167,7 +165,10 @@ impl EtcdStore {
 
     /// Keeps etcd and `host` in step until aborted (see the module docs).
     pub(crate) async fn run_registration_sync(&self, host: Arc<dyn RegistryHost>) {
-        let mut backoff = Backoff::new();
+        // Retry at least as often as the lease is kept alive: once etcd is back (a new leader
+        // gives every lease its TTL again) the next session must keep this replica's lease
+        // alive before it expires, or every other replica would see its proxies go.
+        let mut backoff = Backoff::capped(self.config.lease_ttl / 3);
         let mut failing: Option<String> = None;
         loop {
             if self.is_closed() {
@@ -472,8 +473,7 @@ impl EtcdStore {
             let txn = Txn::new()
                 .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
                 .and_then([TxnOp::delete(key.as_str(), None)]);
-            let mut kv = self.client.kv_client();
-            self.timed("removing a registration", kv.txn(txn)).await?;
+            self.txn("removing a registration", txn).await?;
             state.written.remove(&id);
         }
         Ok(())
@@ -501,9 +501,8 @@ impl EtcdStore {
                 )
             })
             .collect();
-        let mut kv = self.client.kv_client();
         let resp = self
-            .timed("writing registrations", kv.txn(Txn::new().and_then(ops)))
+            .txn("writing registrations", Txn::new().and_then(ops))
             .await?;
         let revision = resp
             .header()
@@ -535,8 +534,7 @@ impl EtcdStore {
                 Self::encode(&value),
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let mut kv = self.client.kv_client();
-        let resp = self.timed("writing a registration", kv.txn(txn)).await?;
+        let resp = self.txn("writing a registration", txn).await?;
         let mod_revision = if resp.succeeded() {
             resp.header()
                 .map_or(0, etcd_client::ResponseHeader::revision)
@@ -563,10 +561,7 @@ impl EtcdStore {
     ) -> Result<bool, StoreError> {
         let key = self.registration_key(id);
         for _ in 0..5 {
-            let mut kv = self.client.kv_client();
-            let mut resp = self
-                .timed("reading a registration", kv.get(key.as_str(), None))
-                .await?;
+            let mut resp = self.get("reading a registration", &key, None).await?;
             let Some(current) = resp.take_kvs().into_iter().next() else {
                 return Ok(false);
             };
@@ -583,7 +578,7 @@ impl EtcdStore {
                     current.mod_revision(),
                 )])
                 .and_then([TxnOp::put(key.as_str(), Self::encode(&entry), options)]);
-            let resp = self.timed("writing a registration", kv.txn(txn)).await?;
+            let resp = self.txn("writing a registration", txn).await?;
             if resp.succeeded() {
                 return Ok(true);
             }
@@ -691,5 +686,11 @@ mod tests {
         assert!(b.next_delay() >= Duration::from_millis(2500));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+        // The registration sync's: capped at a third of the lease TTL (2 s in the tests).
+        let mut b = Backoff::capped(Duration::from_secs(2) / 3);
+        for _ in 0..20 {
+            assert!(b.next_delay() <= Duration::from_secs(2) / 3);
+        }
+        assert!(b.next_delay() >= Duration::from_secs(2) / 6);
     }
 }

@@ -400,16 +400,49 @@ async fn the_first_replica_records_the_ca_and_a_different_one_is_refused() {
     assert!(message.contains("etcdctl del /t/ca"), "{message}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_member_killed_every_request_goes_to_the_others() {
+    // A 3-member cluster, the client given all three; one member is killed (SIGKILL, so its
+    // port refuses at once). Every apply and read after it succeeds at its first try: the
+    // dead member's requests go to the others ([`members`]), before and after the probe
+    // takes it out of the balancer.
+    let mut etcd = Etcd::start_cluster(3).await;
+    let endpoints: Vec<String> = (0..3).map(|i| etcd.endpoint(i)).collect();
+    let s = store_at(endpoints, "a").await;
+    s.write_policies(None, &[("a.yaml".into(), Some("services: []\n".into()))])
+        .await
+        .unwrap();
+    etcd.kill(0);
+    let mut revision = s.read_policies().await.unwrap().revision;
+    for i in 0..40 {
+        let next = s
+            .write_policies(
+                revision,
+                &[("a.yaml".into(), Some(format!("# {i}\nservices: []\n")))],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("write {i} with member 0 dead: {e}"));
+        let read = s
+            .read_policies()
+            .await
+            .unwrap_or_else(|e| panic!("read {i} with member 0 dead: {e}"));
+        assert_eq!(read.revision, next, "read {i}");
+        assert!(read.files[0].content.starts_with(&format!("# {i}\n")));
+        revision = next;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 #[tokio::test]
 async fn an_unreachable_etcd_is_unavailable_within_the_timeout() {
     // Nothing listens there.
     let addr = weft_testkit::free_addr(weft_testkit::next_loopback_ip());
     let s = store_at(vec![format!("http://{addr}")], "a").await;
-    let started = std::time::Instant::now();
+    // It returns (the test would hang otherwise) with an error naming etcd; how fast is not
+    // asserted (no wall-clock thresholds).
     let err = s.read_policies().await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
     assert!(err.to_string().contains("etcd http://"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(4));
 }
 
 #[test]

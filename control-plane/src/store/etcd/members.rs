@@ -1,0 +1,227 @@
+//! Which etcd members the replica's client sends its requests to: the ones that answer.
+//!
+//! The client balances requests over every `--etcd-endpoints` member, and a member that is down
+//! stays in the balancer: each request the balancer hands it fails ("connection refused")
+//! although the others would have answered. So, with several endpoints, a task probes each
+//! member every [`PROBE_INTERVAL`] (a count-only read of the CA key, through a client of that
+//! member alone, with `--etcd-require-leader` semantics: a member cut off from the quorum does
+//! not count) and keeps only the members that answered in the balancer; one that answers again
+//! goes back in. When none answers, all stay (requests then say etcd is unavailable, and the
+//! first member back is used at once).
+//!
+//! Between a member's death and the next probe, requests that could not even connect to it
+//! (they never reached etcd, so repeating them is safe, compare-and-swap included) are tried
+//! again ([`retry_unsent`]).
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, GetOptions};
+use futures::future::join_all;
+
+use super::{classify, AbortOnDrop, StoreError};
+
+/// How often every member is probed.
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The longest a probe may take (at most the request timeout).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How many times a request that never reached etcd is sent (the balancer picks a member for
+/// each try).
+const UNSENT_TRIES: u32 = 6;
+
+/// Starts the probing task for `client` (every member of `endpoints`); `None` with a single
+/// endpoint (nothing to choose from). `key` is read by the probes.
+pub(crate) fn spawn(
+    client: &Client,
+    endpoints: &[String],
+    options: &ConnectOptions,
+    request_timeout: Duration,
+    key: String,
+) -> Option<AbortOnDrop> {
+    if endpoints.len() < 2 {
+        return None;
+    }
+    let task = tokio::spawn(run(
+        client.clone(),
+        endpoints.to_vec(),
+        options.clone(),
+        request_timeout.min(PROBE_TIMEOUT),
+        key,
+    ));
+    Some(AbortOnDrop(task))
+}
+
+/// Which members to keep in the balancer, given which answered: those, or every one when
+/// none did.
+pub(crate) fn wanted(healthy: &[bool]) -> Vec<bool> {
+    if healthy.iter().any(|h| *h) {
+        healthy.to_vec()
+    } else {
+        vec![true; healthy.len()]
+    }
+}
+
+async fn run(
+    client: Client,
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    timeout: Duration,
+    key: String,
+) {
+    let mut probes: Vec<Option<Client>> = vec![None; endpoints.len()];
+    let mut in_balancer = vec![true; endpoints.len()];
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let healthy = join_all(
+            endpoints
+                .iter()
+                .zip(probes.iter_mut())
+                .map(|(url, probe)| answers(url, probe, &options, timeout, &key)),
+        )
+        .await;
+        for (i, want) in wanted(&healthy).into_iter().enumerate() {
+            if want == in_balancer[i] {
+                continue;
+            }
+            let url = &endpoints[i];
+            let changed = if want {
+                client.add_endpoint(url).await
+            } else {
+                client.remove_endpoint(url).await
+            };
+            match changed {
+                Ok(()) => {
+                    in_balancer[i] = want;
+                    if want {
+                        tracing::info!(member = %url, "etcd member answers again: sending it requests");
+                    } else {
+                        tracing::warn!(member = %url, "etcd member does not answer: sending its requests to the other members");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(member = %url, "cannot change the etcd client's members: {e}")
+                }
+            }
+        }
+    }
+}
+
+/// Whether the member at `url` answers a read within `timeout` (its client made on first use).
+async fn answers(
+    url: &str,
+    probe: &mut Option<Client>,
+    options: &ConnectOptions,
+    timeout: Duration,
+    key: &str,
+) -> bool {
+    if probe.is_none() {
+        match tokio::time::timeout(timeout, Client::connect([url], Some(options.clone()))).await {
+            Ok(Ok(c)) => *probe = Some(c),
+            _ => return false,
+        }
+    }
+    let Some(c) = probe else { return false };
+    let mut kv = c.kv_client();
+    matches!(
+        tokio::time::timeout(
+            timeout,
+            kv.get(key, Some(GetOptions::new().with_count_only()))
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+/// Whether `e` says the request never reached etcd: the connection to the member the
+/// balancer picked could not be made.
+pub(crate) fn never_sent(e: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(s) = e else {
+        return false;
+    };
+    let mut text = s.message().to_owned();
+    let mut source = std::error::Error::source(s);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text.contains("tcp connect error")
+}
+
+/// `op()` within `limit`, sent again (up to [`UNSENT_TRIES`] times, within the same limit)
+/// while it fails before reaching etcd; its error classified.
+pub(crate) async fn retry_unsent<T, Fut>(
+    store: &str,
+    limit: Duration,
+    what: &str,
+    mut op: impl FnMut() -> Fut,
+) -> Result<T, StoreError>
+where
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match tokio::time::timeout_at(deadline, op()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if tries < UNSENT_TRIES && never_sent(&e) => {
+                tracing::debug!(
+                    what,
+                    "an etcd member refused the connection; trying another: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20) * tries).await;
+            }
+            Ok(Err(e)) => return Err(classify(store, what, &e)),
+            Err(_) => {
+                return Err(StoreError::Unavailable {
+                    store: store.to_owned(),
+                    reason: format!(
+                        "{what}: no answer within {} (--etcd-timeout)",
+                        humantime::format_duration(limit)
+                    ),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_members_that_answer_or_all_when_none_does() {
+        assert_eq!(wanted(&[true, false, true]), [true, false, true]);
+        assert_eq!(wanted(&[false, false, true]), [false, false, true]);
+        assert_eq!(wanted(&[false, false, false]), [true, true, true]);
+    }
+
+    #[test]
+    fn only_errors_before_sending_are_retried() {
+        let refused = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused",
+        )));
+        assert!(never_sent(&etcd_client::Error::GRpcStatus(refused)));
+        let connect = tonic::Status::unavailable("tcp connect error");
+        assert!(never_sent(&etcd_client::Error::GRpcStatus(connect)));
+        // Sent, and maybe applied: never repeated.
+        for s in [
+            tonic::Status::unavailable("etcdserver: leader changed"),
+            tonic::Status::deadline_exceeded("timeout"),
+            tonic::Status::unknown("connection reset"),
+        ] {
+            assert!(!never_sent(&etcd_client::Error::GRpcStatus(s)));
+        }
+        assert!(!never_sent(&etcd_client::Error::InvalidArgs("x".into())));
+    }
+}
