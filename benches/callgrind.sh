@@ -7,7 +7,8 @@
 #   benches/callgrind.sh                         build (release), then every target and case
 #   benches/callgrind.sh --skip-build            use target/release/weft-proxy + weft-control
 #   benches/callgrind.sh --only=weft --cases=h1  a subset (targets: weft,haproxy,nginx; cases: h1,h2)
-#   benches/callgrind.sh --annotate              also write each run's top inclusive functions
+#   benches/callgrind.sh --annotate              also write each run's cost by source file / crate
+#                                                (lib/callgrind_files.py) and top functions
 #   benches/callgrind.sh --requests=20000 --warmup=2000 --rounds=1
 #
 # Cases (client h2load on CLIENT_CPUS, the measured proxy alone under callgrind on SERVER_CPUS):
@@ -47,7 +48,7 @@ for arg in "$@"; do
     --requests=*) REQUESTS=${arg#--requests=} ;;
     --warmup=*) WARMUP=${arg#--warmup=} ;;
     --rounds=*) ROUNDS=${arg#--rounds=} ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "callgrind.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -332,6 +333,9 @@ measure() {
   if [[ $ANNOTATE == 1 ]]; then
     callgrind_annotate --inclusive=yes --threshold=99 "$OUT/$name.dump" 2>/dev/null | head -80 >"$OUT/$name.inclusive.txt" || true
     callgrind_annotate --threshold=95 "$OUT/$name.dump" 2>/dev/null | head -60 >"$OUT/$name.self.txt" || true
+    # A release build inlines most of the path into a few functions: the cost by source file
+    # and crate (inlined lines included) is the view that says where the instructions go.
+    python3 "$ROOT/benches/lib/callgrind_files.py" "$OUT/$name.dump" "$REQUESTS" 60 >"$OUT/$name.files.txt" || true
   fi
   RESULT=$(python3 -c "print(round($total / $REQUESTS))")
 }

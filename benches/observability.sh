@@ -119,7 +119,16 @@ insecure=()
 taskset -c "$CLIENT_CPUS" "$CONTROL" --policies "$WORK/policies" \
   --grpc "$CP:15010" --admin "$CP:15011" "${insecure[@]}" >"$WORK/control.log" 2>&1 &
 PIDS+=($!)
-wait_url "http://$CP:15011/healthz" || { cat "$WORK/control.log" >&2; echo "observability.sh: weft-control did not start" >&2; exit 1; }
+# The admin API is HTTPS with the control plane's CA (created in <policies>/.weft-ca).
+cp_ready() {
+  for _ in $(seq 1 150); do
+    if [[ -s $WORK/policies/.weft-ca/roots.pem ]] && curl -fsS -o /dev/null -m 1 \
+      --cacert "$WORK/policies/.weft-ca/roots.pem" "https://$CP:15011/healthz" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+cp_ready || { cat "$WORK/control.log" >&2; echo "observability.sh: weft-control did not start" >&2; exit 1; }
 
 bootstrap() { # case -> bootstrap file
   local f=$WORK/$1.yaml

@@ -217,6 +217,14 @@ wait_url() { # url, [host header], tries of 0.1 s
   done
   return 1
 }
+wait_cp() { # ip, roots.pem: weft-control's admin API (HTTPS, its CA) answers /healthz
+  local _
+  for _ in $(seq 1 150); do
+    if [[ -s $2 ]] && curl -fsS -o /dev/null -m 1 --cacert "$2" "https://$1:15011/healthz" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
 wait_echo() { # host, port: a TCP connection through it gets its bytes echoed (tries of 0.1 s)
   local _
   for _ in $(seq 1 100); do
@@ -364,8 +372,9 @@ services:
 EOF
 }
 # Plaintext mesh: the control channel is plaintext (--insecure-grpc) and the sidecars have no
-# join token, so no identity: sidecar-to-sidecar is plaintext (the callees stay `permissive`).
-weft_policy "$WORK/weft/policies/bench.yaml" permissive
+# join token, so no identity: sidecar-to-sidecar is plaintext, which callers allow only to
+# `mtls: disabled` services (they fail closed, 503, for strict and permissive ones).
+weft_policy "$WORK/weft/policies/bench.yaml" disabled
 # mTLS mesh: `strict` callees accept mTLS only (a plaintext connection is closed and counted as
 # weft_inbound_connections_total{tls="refused"}), so plaintext can't sneak into the numbers.
 weft_policy "$WORK/weft-mtls/policies/bench.yaml" strict
@@ -707,7 +716,7 @@ elif [[ $WEFT_OK == 1 ]]; then
   log "starting weft-control (--insecure-grpc, CPU $CLIENT_CPUS) and 5 weft-proxy sidecars without identities (CPU $SERVER_CPUS, 1 worker thread)"
   start control cli "$BIN/weft-control" --policies "$WORK/weft/policies" \
     --grpc $CP:15010 --admin $CP:15011 --insecure-grpc  # no CA in use: the plaintext mesh
-  if wait_url "http://$CP:15011/healthz"; then
+  if wait_cp $CP "$WORK/weft/policies/.weft-ca/roots.pem"; then
     start w_client srv "$BIN/weft-proxy" --config "$WORK/weft/client.yaml"
     start w_mesh srv "$BIN/weft-proxy" --config "$WORK/weft/mesh.yaml"
     start w_mesh_h2 srv "$BIN/weft-proxy" --config "$WORK/weft/mesh-h2.yaml"
@@ -754,7 +763,7 @@ elif [[ $WEFT_OK == 1 ]]; then
   log "starting weft-control (--ca-dir, TLS gRPC, CPU $CLIENT_CPUS) and 5 weft-proxy sidecars with join tokens (CPU $SERVER_CPUS)"
   start control_m cli "$BIN/weft-control" --policies "$WORK/weft-mtls/policies" --ca-dir "$MCA" \
     --grpc $CP_M:15010 --admin $CP_M:15011
-  if wait_url "http://$CP_M:15011/healthz" && [[ -s $MCA/roots.pem ]]; then
+  if wait_cp $CP_M "$MCA/roots.pem"; then
     tok_ok=1
     for svc in bench-client mesh mesh-h2 tcp-mesh tcp-echo-mesh; do
       "$BIN/weft-control" token --ca-dir "$MCA" --service "$svc" --namespace bench \

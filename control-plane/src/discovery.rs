@@ -42,6 +42,9 @@ use crate::admission::{self, Caller, Refusal};
 use crate::compile::{type_name, Resources};
 use crate::state::ControlPlane;
 
+/// One item of a proxy's response stream, boxed (see `DiscoveryService::stream`).
+type PushItem = Box<Result<DiscoveryResponse, Status>>;
+
 /// How the caller of a discovery stream is authenticated (see [`crate::admission`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistrationAuth {
@@ -100,7 +103,10 @@ impl Discovery for DiscoveryService {
         let inbound = request.into_inner();
         // Answer headers at once and read the Hello in the task: a client may well wait for the
         // response headers before it sends anything.
-        let (tx, rx) = mpsc::channel(4);
+        // Boxed items: tokio's channel allocates a block of 32 slots whatever the capacity, and an
+        // unboxed `Result<DiscoveryResponse, Status>` is ~380 bytes: 12 KB per proxy's stream
+        // (benches/RESULTS.md, control-plane scale).
+        let (tx, rx) = mpsc::channel::<PushItem>(4);
         tokio::spawn(run_stream(
             Arc::clone(&self.cp),
             Admission {
@@ -111,7 +117,7 @@ impl Discovery for DiscoveryService {
             inbound,
             tx,
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|b| *b))))
     }
 }
 
@@ -317,12 +323,12 @@ async fn run_stream(
     cp: Arc<ControlPlane>,
     admission: Admission,
     mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: mpsc::Sender<PushItem>,
 ) {
     let (node, held) = match admit_hello(&cp, &admission, &mut inbound).await {
         Ok(admitted) => admitted,
         Err(status) => {
-            let _ = tx.send(Err(status)).await;
+            let _ = tx.send(Box::new(Err(status))).await;
             return;
         }
     };
@@ -331,7 +337,9 @@ async fn run_stream(
     let session = match cp.connect(&node) {
         Ok(session) => session,
         Err(refusal) => {
-            let _ = tx.send(Err(refuse(&cp, &refusal, admission.peer))).await;
+            let _ = tx
+                .send(Box::new(Err(refuse(&cp, &refusal, admission.peer))))
+                .await;
             return;
         }
     };
@@ -399,7 +407,7 @@ async fn run_stream(
             }
             if let Some((response, pending)) = response {
                 tracing::debug!(proxy = %node.id, nonce = %pending.nonce, types = ?pending.versions, "push");
-                if tx.send(Ok(response)).await.is_err() {
+                if tx.send(Box::new(Ok(response))).await.is_err() {
                     break;
                 }
                 outstanding = Some(pending);
@@ -412,9 +420,9 @@ async fn run_stream(
             () = &mut cert_expired => {
                 tracing::info!(proxy = %node.id, "the client certificate of this stream expired: ending it");
                 let _ = tx
-                    .send(Err(Status::unauthenticated(
+                    .send(Box::new(Err(Status::unauthenticated(
                         "the client certificate expired: reconnect with the renewed one",
-                    )))
+                    ))))
                     .await;
                 break;
             }
@@ -470,7 +478,7 @@ async fn run_stream(
                 }
                 Some(Ok(DiscoveryRequest { kind: Some(Kind::Hello(_)) })) => {
                     let _ = tx
-                        .send(Err(Status::invalid_argument("Hello may only be sent once per stream")))
+                        .send(Box::new(Err(Status::invalid_argument("Hello may only be sent once per stream"))))
                         .await;
                     break;
                 }

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use http::request::Parts;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::breaker::{Limit, Permit};
@@ -26,39 +25,23 @@ use crate::http::error::ProxyError;
 use crate::retry::body::{buffer_for_replay, Buffered, Replayable};
 use crate::retry::policy::{grpc_status_of, retry_after, MAX_RETRY_AFTER};
 use crate::retry::{Outcome, RequestBody, RetryPolicy};
-use crate::upstream::{PooledH1, Wire};
+use crate::upstream::{UpstreamBody, UpstreamError, Wire};
 
-/// A response from an endpoint, with what must live until its body ends.
+/// A response from an endpoint (an HTTP/1.1 connection goes back to its pool when the body
+/// has been read to the end).
 #[derive(Debug)]
 pub struct Answer {
     /// Response head and streaming body.
-    pub response: Response<Incoming>,
-    /// The HTTP/1.1 connection to hand back once the body is complete.
-    pub pooled: Option<PooledH1>,
+    pub response: Response<UpstreamBody>,
 }
 
 /// The request as it is sent on each attempt.
 enum Sendable {
     /// Sent once (no retries): the downstream body streams through.
     Once(Option<Request<RequestBody>>),
-    /// Replayable: head and buffered body copied per attempt.
+    /// Replayable: the head is lent to each attempt (HTTP/1.1 only reads it) and the buffered
+    /// body copied.
     Replay(Parts, Replayable),
-}
-
-impl Sendable {
-    fn next(&mut self) -> Option<Request<RequestBody>> {
-        match self {
-            Self::Once(r) => r.take(),
-            Self::Replay(parts, body) => {
-                let mut r = Request::new(body.body());
-                *r.method_mut() = parts.method.clone();
-                *r.uri_mut() = parts.uri.clone();
-                *r.version_mut() = parts.version;
-                *r.headers_mut() = parts.headers.clone();
-                Some(r)
-            }
-        }
-    }
 }
 
 /// Reports a failure to outlier detection if an attempt is abandoned because the request
@@ -136,12 +119,6 @@ pub async fn send(
             .breaker
             .try_acquire(Limit::Pending, cluster.breaker.get(Limit::Pending))
             .map_err(ProxyError::Overloaded)?;
-        let Some(req) = sendable.next() else {
-            // Unreachable: a `Once` request is never retried (max_retries is 0 for it).
-            return Err(ProxyError::NoEndpoints {
-                cluster: cluster.name.to_string(),
-            });
-        };
         if let Some(note) = &observed {
             note.attempt(endpoint.addr);
         }
@@ -151,10 +128,25 @@ pub async fn send(
             endpoint: i,
             deadline,
         };
-        let sent = endpoint
-            .pool
-            .send(req, wire, cluster.connect_timeout, &cluster.connect_errors);
-        let result: Result<(Response<Incoming>, Option<PooledH1>), ProxyError> = match per_try {
+        let (pool, timeout, errors) = (
+            &endpoint.pool,
+            cluster.connect_timeout,
+            &cluster.connect_errors,
+        );
+        let sent = async {
+            match &mut sendable {
+                Sendable::Once(req) => match req.take() {
+                    Some(req) => pool.send(req, wire, timeout, errors).await,
+                    // Unreachable: a `Once` request is never retried (max_retries is 0 for it).
+                    None => Err(UpstreamError::Overloaded { addr: pool.addr() }),
+                },
+                Sendable::Replay(head, body) => {
+                    pool.send_head(head, body.body(), wire, timeout, errors)
+                        .await
+                }
+            }
+        };
+        let result: Result<Response<UpstreamBody>, ProxyError> = match per_try {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r.map_err(ProxyError::from),
                 Err(_) => Err(ProxyError::PerTryTimeout(t)),
@@ -166,7 +158,7 @@ pub async fn send(
         drop(guard);
         drop(pending);
         let outcome = match &result {
-            Ok((resp, _)) => {
+            Ok(resp) => {
                 load.observe();
                 Outcome::Response {
                     status: resp.status(),
@@ -201,7 +193,7 @@ pub async fn send(
         let hinted = result
             .as_ref()
             .ok()
-            .and_then(|(resp, _)| retry_after(resp.headers()));
+            .and_then(|resp| retry_after(resp.headers()));
         let pause = match hinted {
             Some(d) if d > MAX_RETRY_AFTER => return finish(result, attempt, state),
             Some(d) => d,
@@ -227,11 +219,11 @@ pub async fn send(
 
 /// Counts how the last retry ended and returns the attempt's result.
 fn finish(
-    result: Result<(Response<Incoming>, Option<PooledH1>), ProxyError>,
+    result: Result<Response<UpstreamBody>, ProxyError>,
     attempt: u32,
     state: &crate::cluster::ClusterState,
 ) -> Result<Answer, ProxyError> {
-    let ok = matches!(&result, Ok((r, _)) if !r.status().is_server_error());
+    let ok = matches!(&result, Ok(r) if !r.status().is_server_error());
     if attempt > 0 {
         if ok {
             state.metrics.retry_success.inc();
@@ -239,7 +231,7 @@ fn finish(
             state.metrics.retry_failure.inc();
         }
     }
-    result.map(|(response, pooled)| Answer { response, pooled })
+    result.map(|response| Answer { response })
 }
 
 /// Picks an endpoint, avoiding the one the previous attempt used when another is available.

@@ -32,6 +32,7 @@
 //! - [`app_health`]: the app's kubelet probes, rewritten by the injection webhook, answered on
 //!   the admin port.
 //! - [`attempts`]: one request's tries against a cluster (breaker, balancer, retries, outlier reports).
+//! - [`h1client`]: the HTTP/1.1 client of pooled upstream connections, driven by the request's task.
 //! - [`lb`]: endpoint load balancing (P2C over peak EWMA, round robin, least request, ring hash).
 //! - [`retry`]: retry policy, retry budget, replayable request bodies.
 //! - [`breaker`]: per-cluster circuit-breaker limits.
@@ -60,6 +61,7 @@ pub mod drain;
 pub mod egress;
 pub mod filters;
 pub mod fuzzing;
+pub mod h1client;
 pub mod health;
 pub mod http;
 pub mod lb;

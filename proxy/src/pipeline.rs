@@ -40,6 +40,7 @@ use crate::http::error::ProxyError;
 use crate::http::headers::{prepare_request, strip_hop_by_hop};
 use crate::http::hygiene;
 use crate::http::idle::{Activity, InFlight};
+use crate::http::request_timer::run_until;
 use crate::metrics::{PeerHandles, RequestMetrics};
 use crate::ratelimit::retry_after_secs;
 use crate::retry::RetryPolicy;
@@ -461,6 +462,9 @@ impl HttpProxy {
     }
 }
 
+/// Looked up in every response: a name parsed once, not per lookup.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// [`forward`] with the route's filters around it (`crate::filters`): the fault delay drawn in
 /// `select`, then request header mutation, path/host rewrite and the mirror's copy before it,
 /// and response header mutation on whatever it answers.
@@ -532,20 +536,25 @@ async fn forward(
     let hash = cluster.request_hash(req.headers(), source);
 
     let limit = route_timeout.or(cluster.request_timeout);
-    let deadline = limit.map(|l| tokio::time::Instant::now() + l);
+    // From the request's arrival (no second clock read).
+    let deadline = limit.map(|l| tokio::time::Instant::from_std(start) + l);
     let req = req.map(|b| CountedBody::new(b, Arc::clone(&metrics)).with_tap(body_tap));
     let send = attempts::send(req, &cluster, retry.as_deref(), hash, wire, deadline);
-    let result = match limit {
-        Some(limit) => match tokio::time::timeout(limit, send).await {
-            Ok(r) => r,
-            Err(_) => return Ok(fail(ProxyError::RequestTimeout(limit))),
-        },
-        None => send.await,
+    let result = match (limit, deadline) {
+        (Some(limit), Some(deadline)) => {
+            // The connection's timer, re-armed (`crate::http::request_timer`).
+            let timers = in_flight.activity().request_timer();
+            let mut timer = timers.take(deadline);
+            let result = run_until(send, &mut timer).await;
+            timers.put(timer);
+            match result {
+                Some(r) => r,
+                None => return Ok(fail(ProxyError::RequestTimeout(limit))),
+            }
+        }
+        _ => send.await,
     };
-    let Answer {
-        response: resp,
-        pooled,
-    } = match result {
+    let Answer { response: resp } = match result {
         Ok(ok) => ok,
         Err(e) => return Ok(fail(e)),
     };
@@ -554,11 +563,10 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     parts.version = downstream_version;
     let completion = Completion {
-        grpc_status: parts.headers.get("grpc-status").cloned(),
+        grpc_status: parts.headers.get(&GRPC_STATUS).cloned(),
         status: parts.status,
         metrics,
         start,
-        pooled,
         active: Some(active),
         in_flight: Some(in_flight),
     };

@@ -1,8 +1,9 @@
 //! Connections to upstream endpoints, one [`EndpointPool`] per endpoint address.
 //!
-//! - HTTP/1.1: a LIFO stack of idle connections. A connection goes back to the pool only once its
-//!   response body has been read to the end ([`PooledH1::release`]), and idle connections are
-//!   bounded in number and age.
+//! - HTTP/1.1: a LIFO stack of idle connections, each driven by the request that uses it
+//!   ([`crate::h1client`]: no connection task). A connection goes back to the pool only once its
+//!   response body has been read to the end (the body hands it back), and idle connections are
+//!   bounded in number and age; one the upstream closed while idle is not reused.
 //! - HTTP/2: one shared connection per endpoint, multiplexing every request; re-established
 //!   (by a single task) when it closes, and dropped once no request used it for the idle
 //!   timeout (so a sidecar does not keep a connection to every endpoint it ever called).
@@ -16,16 +17,23 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::h1client::{self, BoxError, Conn};
 
 use crate::tls::io::ClientIo;
 use crate::tls::spiffe::SpiffeId;
@@ -91,8 +99,8 @@ pub enum UpstreamError {
     RequestBody {
         /// The endpoint.
         addr: SocketAddr,
-        /// hyper's error (a user body error).
-        source: hyper::Error,
+        /// hyper's or the HTTP/1.1 client's error.
+        source: BoxError,
     },
     /// The cluster's `max_connections` circuit-breaker limit is reached.
     #[error("connection limit of the cluster reached; not connecting to {addr}")]
@@ -105,8 +113,8 @@ pub enum UpstreamError {
     Reset {
         /// The endpoint.
         addr: SocketAddr,
-        /// hyper's error.
-        source: hyper::Error,
+        /// hyper's or the HTTP/1.1 client's error.
+        source: BoxError,
     },
 }
 
@@ -122,9 +130,30 @@ impl UpstreamError {
         // hyper reports failures of the body *we* stream (the downstream request body) as
         // "user" errors; everything else is the upstream connection failing.
         if source.is_user() {
-            Self::RequestBody { addr, source }
+            Self::RequestBody {
+                addr,
+                source: source.into(),
+            }
         } else {
-            Self::Reset { addr, source }
+            Self::Reset {
+                addr,
+                source: source.into(),
+            }
+        }
+    }
+
+    /// Classifies an error of the HTTP/1.1 client ([`crate::h1client`]).
+    pub fn after_send_h1(addr: SocketAddr, source: h1client::Error) -> Self {
+        if source.is_request_body() {
+            Self::RequestBody {
+                addr,
+                source: source.into(),
+            }
+        } else {
+            Self::Reset {
+                addr,
+                source: source.into(),
+            }
         }
     }
 }
@@ -151,8 +180,89 @@ pub enum Wire {
 }
 
 struct IdleH1 {
-    tx: http1::SendRequest<RequestBody>,
+    conn: Box<Conn<H1Io>>,
     since: Instant,
+}
+
+/// The stream of a pooled HTTP/1.1 connection, holding its `max_connections` slot for as long
+/// as it lives.
+#[derive(Debug)]
+pub struct H1Io {
+    io: ClientIo,
+    _permit: Option<Permit>,
+}
+
+impl AsyncRead for H1Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for H1Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// A response body from an endpoint: read by the request's task over HTTP/1.1, or hyper's over
+/// the shared HTTP/2 connection (and for upgrade requests).
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// HTTP/1.1 ([`crate::h1client`]); hands its connection back to the pool when it ends.
+    H1(h1client::ResponseBody<H1Io, RequestBody>),
+    /// hyper's body.
+    Hyper(Incoming),
+}
+
+impl From<Incoming> for UpstreamBody {
+    fn from(b: Incoming) -> Self {
+        Self::Hyper(b)
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::H1(b) => b.is_end_stream(),
+            Self::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::H1(b) => b.size_hint(),
+            Self::Hyper(b) => b.size_hint(),
+        }
+    }
 }
 
 /// Connections to one endpoint.
@@ -188,18 +298,9 @@ impl std::fmt::Debug for EndpointPool {
     }
 }
 
-/// An HTTP/1.1 connection lent to one request; hand it back with [`PooledH1::release`] once the
-/// response body is complete, or drop it to close the connection.
-#[derive(Debug)]
-pub struct PooledH1 {
-    tx: http1::SendRequest<RequestBody>,
-    pool: Arc<EndpointPool>,
-}
-
-impl PooledH1 {
-    /// Returns the connection to its pool for reuse.
-    pub fn release(self) {
-        self.pool.checkin(self.tx);
+impl h1client::Recycle<H1Io> for EndpointPool {
+    fn recycle(self: Arc<Self>, conn: Box<Conn<H1Io>>) {
+        self.checkin(conn);
     }
 }
 
@@ -323,30 +424,25 @@ impl EndpointPool {
         self.expect.identity()
     }
 
-    /// Sends `req` over `wire`, connecting if needed. For HTTP/1.1 the connection comes back with
-    /// the response and must be released after the body ends.
+    /// Sends `req` over `wire`, connecting if needed. An HTTP/1.1 connection goes back to the
+    /// pool when the response body has been read to the end.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<RequestBody>,
         wire: Wire,
         connect_timeout: Duration,
         connect_errors: &IntCounter,
-    ) -> Result<(Response<Incoming>, Option<PooledH1>), UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match wire {
             Wire::H1 => {
-                let (resp, tx) = self.send_h1(req, connect_timeout, connect_errors).await?;
-                Ok((
-                    resp,
-                    Some(PooledH1 {
-                        tx,
-                        pool: Arc::clone(self),
-                    }),
-                ))
+                let (head, body) = req.into_parts();
+                self.send_h1(&head, body, connect_timeout, connect_errors)
+                    .await
             }
             Wire::H2 => {
                 let sent = self.send_h2(req, connect_timeout, connect_errors).await;
                 self.note_h2_use();
-                Ok((sent?, None))
+                Ok(sent?.map(UpstreamBody::Hyper))
             }
         }
     }
@@ -411,21 +507,18 @@ impl EndpointPool {
         }
     }
 
-    fn pop_idle_h1(&self) -> Option<http1::SendRequest<RequestBody>> {
+    fn pop_idle_h1(&self) -> Option<Box<Conn<H1Io>>> {
         let timeout = self.idle_timeout();
         let mut idle = lock(&self.idle_h1);
         while let Some(c) = idle.pop_back() {
-            if c.since.elapsed() < timeout && !c.tx.is_closed() {
-                return Some(c.tx);
+            if c.since.elapsed() < timeout {
+                return Some(c.conn);
             }
         }
         None
     }
 
-    fn checkin(self: &Arc<Self>, tx: http1::SendRequest<RequestBody>) {
-        if tx.is_closed() {
-            return;
-        }
+    fn checkin(self: &Arc<Self>, conn: Box<Conn<H1Io>>) {
         let now = Instant::now();
         let timeout = self.idle_timeout();
         {
@@ -437,7 +530,7 @@ impl EndpointPool {
             }) {
                 idle.pop_front();
             }
-            idle.push_back(IdleH1 { tx, since: now });
+            idle.push_back(IdleH1 { conn, since: now });
         }
         // Close connections when they expire, not only when the pool is next used.
         if !self.reaping.swap(true, Ordering::AcqRel) {
@@ -456,12 +549,11 @@ impl EndpointPool {
         let now = Instant::now();
         let timeout = self.idle_timeout();
         let mut idle = lock(&self.idle_h1);
-        while idle
-            .front()
-            .is_some_and(|c| now.saturating_duration_since(c.since) >= timeout || c.tx.is_closed())
-        {
-            idle.pop_front();
-        }
+        // Also drop the ones the upstream closed meanwhile (a read that does not block).
+        let mut noop = Context::from_waker(Waker::noop());
+        idle.retain_mut(|c| {
+            now.saturating_duration_since(c.since) < timeout && c.conn.poll_usable(&mut noop)
+        });
         match idle.front() {
             Some(c) => Some(c.since + timeout),
             None => {
@@ -472,55 +564,81 @@ impl EndpointPool {
         }
     }
 
+    /// [`EndpointPool::send`] of a request that may be sent again (a retry): its head is only
+    /// read over HTTP/1.1 and copied over HTTP/2.
+    pub async fn send_head(
+        self: &Arc<Self>,
+        head: &http::request::Parts,
+        body: RequestBody,
+        wire: Wire,
+        connect_timeout: Duration,
+        connect_errors: &IntCounter,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        match wire {
+            Wire::H1 => {
+                self.send_h1(head, body, connect_timeout, connect_errors)
+                    .await
+            }
+            Wire::H2 => {
+                let mut req = Request::new(body);
+                *req.method_mut() = head.method.clone();
+                *req.uri_mut() = head.uri.clone();
+                *req.version_mut() = head.version;
+                *req.headers_mut() = head.headers.clone();
+                let sent = self.send_h2(req, connect_timeout, connect_errors).await;
+                self.note_h2_use();
+                Ok(sent?.map(UpstreamBody::Hyper))
+            }
+        }
+    }
+
     async fn send_h1(
-        &self,
-        mut req: Request<RequestBody>,
+        self: &Arc<Self>,
+        head: &http::request::Parts,
+        mut body: RequestBody,
         connect_timeout: Duration,
         errors: &IntCounter,
-    ) -> Result<(Response<Incoming>, http1::SendRequest<RequestBody>), UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let addr = self.addr;
         // Try idle connections; each iteration consumes one, so this ends.
-        while let Some(mut tx) = self.pop_idle_h1() {
-            if tx.ready().await.is_err() {
+        while let Some(mut conn) = self.pop_idle_h1() {
+            // Closed by the upstream while idle (or otherwise unusable): drop it, try another.
+            if !std::future::poll_fn(|cx| Poll::Ready(conn.poll_usable(cx))).await {
                 continue;
             }
-            match tx.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, tx)),
-                Err(mut e) => match e.take_message() {
+            match h1client::send(conn, head, body, self.recycler()).await {
+                Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
+                Err(e) => match e.unsent {
                     // Never written: safe to try another connection.
-                    Some(r) => req = r,
-                    None => return Err(UpstreamError::after_send(addr, e.into_error())),
+                    Some(b) => body = b,
+                    None => return Err(UpstreamError::after_send_h1(addr, e.error)),
                 },
             }
         }
-        // Boxed: the connect + handshake states would otherwise inflate every request's future
-        // (and its allocation and moves) for a path only new connections take.
-        let mut tx = Box::pin(self.connect_h1(connect_timeout, errors)).await?;
-        let resp = tx
-            .send_request(req)
-            .await
-            .map_err(|source| UpstreamError::after_send(addr, source))?;
-        Ok((resp, tx))
+        // Boxed: the connect state would otherwise inflate every request's future (and its
+        // allocation and moves) for a path only new connections take.
+        let conn = Box::pin(self.connect_h1(connect_timeout, errors)).await?;
+        match h1client::send(conn, head, body, self.recycler()).await {
+            Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
+            Err(e) => Err(UpstreamError::after_send_h1(addr, e.error)),
+        }
+    }
+
+    fn recycler(self: &Arc<Self>) -> Arc<dyn h1client::Recycle<H1Io>> {
+        Arc::clone(self) as Arc<dyn h1client::Recycle<H1Io>>
     }
 
     async fn connect_h1(
         &self,
         connect_timeout: Duration,
         errors: &IntCounter,
-    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
-        let addr = self.addr;
+    ) -> Result<Box<Conn<H1Io>>, UpstreamError> {
         let (io, permit) = self.connect(connect_timeout, errors, Wire::H1).await?;
-        let (tx, conn) = http1::handshake(io)
-            .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
-        tokio::spawn(async move {
-            // The breaker slot is held for the connection's lifetime.
-            let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "upstream h1 connection ended");
-            }
-        });
-        Ok(tx)
+        // The breaker slot is held for the connection's lifetime.
+        Ok(Conn::new(H1Io {
+            io: io.into_inner(),
+            _permit: permit,
+        }))
     }
 
     /// A new HTTP/1.1 connection (mTLS to a mesh endpoint, ALPN `http/1.1`) for one upgrade

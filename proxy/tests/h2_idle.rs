@@ -70,7 +70,7 @@ async fn idle_h2_connection_is_closed_and_reopened_on_demand() {
 
     // Requests in a row share one connection, and it stays while in use.
     for _ in 0..5 {
-        let (resp, _) = send().await.expect("h2 request");
+        let resp = send().await.expect("h2 request");
         assert_eq!(resp.status(), 200);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -83,7 +83,7 @@ async fn idle_h2_connection_is_closed_and_reopened_on_demand() {
     })
     .await;
     // The next request opens a new one.
-    let (resp, _) = send().await.expect("h2 request after the idle close");
+    let resp = send().await.expect("h2 request after the idle close");
     assert_eq!(resp.status(), 200);
     assert_eq!(opened.load(Ordering::SeqCst), 2);
 }

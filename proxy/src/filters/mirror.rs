@@ -305,7 +305,7 @@ impl Head {
         let sent = endpoint
             .pool
             .send(req, wire, cluster.connect_timeout, &cluster.connect_errors);
-        let (resp, pooled) = match tokio::time::timeout_at(deadline, sent).await {
+        let resp = match tokio::time::timeout_at(deadline, sent).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
                 tracing::debug!(cluster = %cluster.name, error = %e, "mirror request failed");
@@ -320,12 +320,8 @@ impl Head {
         };
         drop(held);
         counters.sent.inc();
-        let drained = tokio::time::timeout_at(deadline, drain(resp.into_body())).await;
-        if matches!(drained, Ok(true)) {
-            if let Some(conn) = pooled {
-                conn.release();
-            }
-        }
+        // An HTTP/1.1 connection goes back to its pool if the answer was read to the end.
+        let _drained = tokio::time::timeout_at(deadline, drain(resp.into_body())).await;
     }
 }
 

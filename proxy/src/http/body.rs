@@ -2,8 +2,8 @@
 //! trailers), or a small proxy-generated body. Streaming upstream bodies also
 //! - record the request's metrics exactly once, when the body ends or is dropped, with the
 //!   `grpc-status` seen in headers or trailers, and
-//! - hand the HTTP/1.1 upstream connection back to its pool, but only if the body was read to
-//!   the end (otherwise the connection is in an unknown state and is closed), and
+//! - let the HTTP/1.1 upstream connection go back to its pool, which its body does only if it
+//!   was read to the end (otherwise the connection is in an unknown state and is closed), and
 //! - count the response body bytes as data frames pass.
 //!
 //! [`CountedBody`] counts the downstream request body's bytes the same way.
@@ -18,8 +18,9 @@ use http::{HeaderValue, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::h1client::BoxError;
 use crate::metrics::RequestMetrics;
-use crate::upstream::PooledH1;
+use crate::upstream::UpstreamBody;
 
 /// What to do when a streamed response finishes.
 #[derive(Debug)]
@@ -32,8 +33,6 @@ pub struct Completion {
     pub grpc_status: Option<HeaderValue>,
     /// When the request arrived.
     pub start: Instant,
-    /// The HTTP/1.1 connection to return to its pool.
-    pub pooled: Option<PooledH1>,
     /// The cluster's active-requests breaker slot, released when the response ends.
     pub active: Option<crate::breaker::Permit>,
     /// The request counts as in flight on its downstream connection until the response ends.
@@ -41,15 +40,10 @@ pub struct Completion {
 }
 
 impl Completion {
-    fn finish(self, body_complete: bool) {
+    fn finish(self) {
         let grpc = grpc_status_label(self.grpc_status.as_ref());
         self.metrics
             .record_finished(self.status, grpc, self.start.elapsed().as_secs_f64());
-        if body_complete {
-            if let Some(conn) = self.pooled {
-                conn.release();
-            }
-        }
     }
 }
 
@@ -69,7 +63,7 @@ fn grpc_status_label(value: Option<&HeaderValue>) -> &str {
 
 #[derive(Debug)]
 enum Inner {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Local(Option<Bytes>),
 }
 
@@ -103,9 +97,9 @@ impl ResponseBody {
     }
 
     /// An upstream body streamed through; `completion` runs when it ends or is dropped.
-    pub fn upstream(body: Incoming, completion: Completion) -> Self {
+    pub fn upstream(body: impl Into<UpstreamBody>, completion: Completion) -> Self {
         Self {
-            inner: Inner::Upstream(body),
+            inner: Inner::Upstream(body.into()),
             completion: Some(completion),
             observation: None,
         }
@@ -127,21 +121,21 @@ impl ResponseBody {
         }
     }
 
-    fn complete(&mut self, body_complete: bool) {
+    fn complete(&mut self) {
         if let Some(c) = self.completion.take() {
-            c.finish(body_complete);
+            c.finish();
         }
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match &mut this.inner {
             Inner::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
@@ -159,12 +153,12 @@ impl Body for ResponseBody {
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Some(Err(e)) => {
-                    this.complete(false);
+                    this.complete();
                     this.end_observation(crate::observe::BodyEnd::UpstreamError);
                     Poll::Ready(Some(Err(e)))
                 }
                 None => {
-                    this.complete(true);
+                    this.complete();
                     this.end_observation(crate::observe::BodyEnd::Complete);
                     Poll::Ready(None)
                 }
@@ -192,7 +186,7 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Bodies hyper never polls (empty ones) or that the client abandoned end here.
         let complete = self.is_end_stream();
-        self.complete(complete);
+        self.complete();
         if self.observation.is_some() {
             self.end_observation(if complete {
                 crate::observe::BodyEnd::Complete

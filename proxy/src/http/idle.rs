@@ -30,6 +30,8 @@ pub struct Activity {
     /// An agreed tunnel (101, or 200 to CONNECT) waiting for that loop to finish writing the
     /// response and hand it the socket ([`super::upgrade`]).
     tunnel: Mutex<Option<Box<super::upgrade::Tunnel>>>,
+    /// The request-timeout timer its requests reuse ([`super::request_timer`]).
+    request_timer: super::request_timer::TimerSlot,
 }
 
 impl Activity {
@@ -42,7 +44,13 @@ impl Activity {
             dirty: AtomicBool::new(false),
             manual_upgrades: AtomicBool::new(false),
             tunnel: Mutex::new(None),
+            request_timer: super::request_timer::TimerSlot::default(),
         })
+    }
+
+    /// The connection's reusable request-timeout timer.
+    pub fn request_timer(&self) -> &super::request_timer::TimerSlot {
+        &self.request_timer
     }
 
     /// Marks the connection as served by the HTTP/1.1 loop that hands agreed tunnels their
@@ -116,6 +124,13 @@ impl Activity {
 /// A request in flight on a connection (see [`Activity::begin`]).
 #[derive(Debug)]
 pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// The connection the request is in flight on.
+    pub fn activity(&self) -> &Activity {
+        &self.0
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {

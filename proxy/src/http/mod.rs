@@ -12,11 +12,13 @@
 pub mod body;
 pub mod connect;
 pub mod error;
+pub mod head_timer;
 pub mod headers;
 pub mod hibernate;
 pub mod hygiene;
 pub mod idle;
 pub mod normalize;
+pub mod request_timer;
 pub mod tunnel_metrics;
 pub mod upgrade;
 
@@ -71,7 +73,8 @@ pub struct ServerBuilder {
 /// A server builder with the proxy's HTTP/1 and HTTP/2 settings.
 pub fn server_builder() -> ServerBuilder {
     let mut h1 = http1::Builder::new();
-    h1.timer(TokioTimer::new())
+    // Only `serve_h1` serves with `h1`: its watchdog polls slow heads in time (`head_timer`).
+    h1.timer(head_timer::HeadTimer)
         .keep_alive(true)
         .header_read_timeout(HEADER_READ_TIMEOUT);
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -314,6 +317,8 @@ async fn serve_h1<S: ServerStream>(
         }
         stream = io.into_inner();
         service = parts.service;
+        // Nothing of the connection's request state stays registered while it sleeps.
+        activity.request_timer().clear();
         tracing::trace!("downstream connection hibernating");
         hibernate::note_hibernated();
         let woke = tokio::select! {

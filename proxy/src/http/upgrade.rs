@@ -324,7 +324,6 @@ pub async fn forward(
             status: parts.status,
             metrics,
             start,
-            pooled: None,
             active: Some(active),
             in_flight: Some(in_flight),
         };
