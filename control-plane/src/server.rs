@@ -30,8 +30,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// Default `--deregister-grace`.
 pub const DEFAULT_DEREGISTER_GRACE: Duration = Duration::from_secs(5);
 
-/// Default `--restart-grace`: longer than the proxies' longest reconnect backoff (5 s).
-pub const DEFAULT_RESTART_GRACE: Duration = Duration::from_secs(15);
+/// Default `--restart-grace` (defined with the state it configures).
+pub use crate::state::DEFAULT_RESTART_GRACE;
 
 /// Default `--grpc-max-connections`.
 pub const DEFAULT_GRPC_MAX_CONNECTIONS: usize = 16_384;

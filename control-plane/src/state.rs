@@ -59,6 +59,9 @@ pub struct ApplyOutcome {
     pub revision: Option<i64>,
 }
 
+/// Default `--restart-grace`: longer than the proxies' longest reconnect backoff (5 s).
+pub const DEFAULT_RESTART_GRACE: Duration = Duration::from_secs(15);
+
 /// Default pause between a change and compiling it, which coalesces bursts.
 pub const DEFAULT_PUSH_DEBOUNCE: Duration = Duration::from_millis(10);
 
@@ -118,7 +121,7 @@ impl ControlPlane {
             trust: ArcSwap::from_pointee(TrustBundle::default()),
             registry: Mutex::new(Registry::new(deregister_grace)),
             registry_changes: tokio::sync::Notify::new(),
-            restart_grace: crate::server::DEFAULT_RESTART_GRACE,
+            restart_grace: DEFAULT_RESTART_GRACE,
             statuses: Mutex::new(BTreeMap::new()),
             generation: watch::Sender::new(0),
             changes: Mutex::new(VecDeque::new()),

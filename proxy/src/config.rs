@@ -109,7 +109,7 @@ pub struct TransparentConfig {
     pub app_ports: Vec<u16>,
     /// The mesh DNS server (`crate::dns`): on by default in transparent mode.
     #[serde(default)]
-    pub dns: crate::dns::MeshDnsConfig,
+    pub dns: crate::dns::config::MeshDnsConfig,
 }
 
 /// Most `transparent.app_ports`.

@@ -183,15 +183,44 @@ impl RouteTable {
                 }
             }
         }
+        // Each host's list holds, in declared order, every route that matches that host: the
+        // routes naming it exactly, the routes without hosts, the wildcard routes it ends with.
+        // One pass over the routes, each touching only the lists it belongs to (a route with
+        // exact hosts only touches those: linear in the table, where comparing every route with
+        // every host was quadratic: 2,000 routes x 4,000 hosts at 1,000 services).
         let mut fallback = Vec::new();
+        let push = |list: &mut Vec<u32>, i: u32| {
+            // A route naming a host twice, or both exactly and by a wildcard, is listed once.
+            if list.last() != Some(&i) {
+                list.push(i);
+            }
+        };
         for (i, r) in routes.iter().enumerate() {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
-            if r.hosts.is_empty() || r.hosts.iter().any(|h| matches!(h, HostPattern::Suffix(_))) {
+            if r.hosts.is_empty() {
+                fallback.push(i);
+                for list in by_host.values_mut() {
+                    push(list, i);
+                }
+                continue;
+            }
+            if r.hosts.iter().any(|h| matches!(h, HostPattern::Suffix(_))) {
                 fallback.push(i);
             }
-            for (host, list) in &mut by_host {
-                if r.matches_host(host) {
-                    list.push(i);
+            for h in r.hosts.iter() {
+                match h {
+                    HostPattern::Exact(h) => {
+                        if let Some(list) = by_host.get_mut(h) {
+                            push(list, i);
+                        }
+                    }
+                    HostPattern::Suffix(s) => {
+                        for (host, list) in &mut by_host {
+                            if host.len() > s.len() && host.ends_with(&**s) {
+                                push(list, i);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -656,6 +685,39 @@ mod tests {
             timeout_ms: 0,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_host_index_lists_what_comparing_every_route_with_every_host_lists() {
+        // Exact hosts, repeated hosts, wildcards overlapping exact hosts, routes without hosts,
+        // interleaved: each host's list must be exactly the routes whose hosts match it, in
+        // declared order, each once (the definition the index replaced).
+        let specs: Vec<Vec<&str>> = vec![
+            vec!["api.demo", "api"],
+            vec![],
+            vec!["*.demo", "web.demo"],
+            vec!["web.demo", "web.demo"],
+            vec!["*.x.demo"],
+            vec!["a.x.demo", "*.demo"],
+            vec!["api"],
+            vec![],
+            vec!["other"],
+        ];
+        let routes = specs
+            .iter()
+            .enumerate()
+            .map(|(i, hosts)| route(&format!("r{i}"), hosts, "a"))
+            .collect();
+        let t = table(routes);
+        assert!(!t.by_host.is_empty());
+        for (host, list) in &t.by_host {
+            let want: Vec<u32> = (0..t.routes.len() as u32)
+                .filter(|&i| t.routes[i as usize].matches_host(host))
+                .collect();
+            assert_eq!(&**list, &want[..], "host {host}");
+        }
+        let fallback: Vec<u32> = vec![1, 2, 4, 5, 7];
+        assert_eq!(&*t.fallback, &fallback[..]);
     }
 
     fn with_path(mut r: v1::Route, kind: v1::path_match::Kind) -> v1::Route {
