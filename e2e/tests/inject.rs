@@ -382,7 +382,7 @@ async fn admission_reviews_for_every_pod_shape_patch_into_valid_pods() {
         assert_eq!(capture["args"][0], "init", "{shape}");
         assert_eq!(
             capabilities_added(&patched),
-            [("weft-init".to_owned(), json!(["NET_ADMIN", "NET_RAW"]))],
+            [("weft-init".to_owned(), json!(["NET_ADMIN"]))],
             "{shape}: capabilities are added to the capture container only"
         );
         assert_eq!(capture["securityContext"]["privileged"], false, "{shape}");
@@ -906,7 +906,22 @@ async fn an_injected_pod_joins_with_its_service_account_token_and_answers_its_pr
         .filter_map(Value::as_str)
         .collect();
     assert_eq!(argv[0], "weft-proxy");
-    let o = net.run("pod", weft_testkit::bin_path("weft-proxy"), &argv[1..]);
+    // With exactly the capabilities the patch grants (root, every other capability out of
+    // the bounding set), as the container runtime would start it.
+    let caps: Vec<String> = init["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(|c| format!("+{}", c.to_ascii_lowercase()))
+        .collect();
+    assert!(!caps.is_empty(), "weft-init adds its capabilities");
+    let bounding = format!("--bounding-set=-all,{}", caps.join(","));
+    let proxy_bin = weft_testkit::bin_path("weft-proxy");
+    let proxy_bin = proxy_bin.to_str().expect("a UTF-8 path");
+    let mut setpriv_args = vec!["--inh-caps=-all", bounding.as_str(), "--reuid=0", proxy_bin];
+    setpriv_args.extend_from_slice(&argv[1..]);
+    let o = net.run("pod", "setpriv", &setpriv_args);
     assert!(
         o.status.success(),
         "weft-init: {}{}",

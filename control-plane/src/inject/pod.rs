@@ -3,7 +3,8 @@
 //!
 //! What an injected pod gets (README "Kubernetes: what gets injected" says why):
 //! - init container `weft-init` first: `weft-proxy init` installs the capture rules (as root
-//!   with NET_ADMIN and NET_RAW only, all other capabilities dropped, not privileged);
+//!   with NET_ADMIN only, all other capabilities dropped, not privileged: the nf_tables backend
+//!   needs nothing more);
 //! - init container `weft-proxy` second, with `restartPolicy: Always` (a native sidecar): a
 //!   startup probe on the proxy's `/ready` holds the app's containers (and the pod's own init
 //!   containers, which come after it) until the proxy has its certificate and first config;
@@ -636,7 +637,7 @@ fn init_container(injector: &Injector<'_>, settings: &PodSettings) -> Container 
             allow_privilege_escalation: Some(false),
             privileged: Some(false),
             capabilities: Some(Capabilities {
-                add: Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]),
+                add: Some(vec!["NET_ADMIN".to_owned()]),
                 drop: Some(vec!["ALL".to_owned()]),
             }),
             ..SecurityContext::default()

@@ -120,7 +120,7 @@ fn a_pod_gets_the_capture_init_container_then_the_native_sidecar() {
         "{args:?}"
     );
     let sc = &init["securityContext"];
-    assert_eq!(sc["capabilities"]["add"], json!(["NET_ADMIN", "NET_RAW"]));
+    assert_eq!(sc["capabilities"]["add"], json!(["NET_ADMIN"]));
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
     assert_eq!(sc["privileged"], false);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
