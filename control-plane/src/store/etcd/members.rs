@@ -137,7 +137,7 @@ async fn answers(
 }
 
 /// Whether `e` says the request never reached etcd: the connection to the member the
-/// balancer picked could not be made.
+/// balancer picked could not be made, or was found closed before the request was written.
 pub(crate) fn never_sent(e: &etcd_client::Error) -> bool {
     let etcd_client::Error::GRpcStatus(s) = e else {
         return false;
@@ -153,7 +153,10 @@ pub(crate) fn never_sent(e: &etcd_client::Error) -> bool {
         text.push_str(&cause.to_string());
         source = cause.source();
     }
-    text.contains("tcp connect error")
+    // "tcp connect error": the connection to the member could not be made. "connection was
+    // not ready": hyper found the member's connection closed when it went to write the request
+    // (its `Canceled` error: the request was handed back unsent), as right after a member died.
+    text.contains("tcp connect error") || text.contains("connection was not ready")
 }
 
 /// `op()` within `limit`, sent again (up to [`UNSENT_TRIES`] times, within the same limit)
@@ -176,7 +179,7 @@ where
             Ok(Err(e)) if tries < UNSENT_TRIES && never_sent(&e) => {
                 tracing::debug!(
                     what,
-                    "an etcd member refused the connection; trying another: {e}"
+                    "the request did not reach an etcd member (refused or closed connection); trying another: {e}"
                 );
                 tokio::time::sleep(Duration::from_millis(20) * tries).await;
             }
@@ -214,6 +217,11 @@ mod tests {
         assert!(never_sent(&etcd_client::Error::GRpcStatus(refused)));
         let connect = tonic::Status::unavailable("tcp connect error");
         assert!(never_sent(&etcd_client::Error::GRpcStatus(connect)));
+        // What a read right after a member's death got in a CI run (hyper's Canceled).
+        let not_ready = tonic::Status::unknown(
+            "operation was canceled: transport error: connection was not ready",
+        );
+        assert!(never_sent(&etcd_client::Error::GRpcStatus(not_ready)));
         // Sent, and maybe applied: never repeated.
         for s in [
             tonic::Status::unavailable("etcdserver: leader changed"),
