@@ -8,8 +8,6 @@
 //! `control-plane/tests/fuzz_corpus.rs`).
 
 use std::fs;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use prost::Message;
@@ -20,42 +18,7 @@ use weft_proxy::detect::{classify, Detection, H2_PREFACE};
 use weft_proxy::fuzzing;
 use weft_proxy::metrics::Metrics;
 use weft_proxy::snapshot::{nack_reason, Resources, Snapshot};
-
-fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
-}
-
-/// Every input of `target`: its seed corpus (which must not be empty) and its regressions.
-fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    for kind in ["corpus", "regressions"] {
-        let dir = fuzz_dir().join(kind).join(target);
-        let entries = fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        for entry in entries {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy();
-            if path.is_file() && !name.starts_with('.') && name != "README.md" {
-                let data = fs::read(&path).unwrap();
-                out.push((path, data));
-            }
-        }
-    }
-    out.sort();
-    assert!(out
-        .iter()
-        .any(|(p, _)| p.starts_with(fuzz_dir().join("corpus"))));
-    out
-}
-
-/// Runs `f` on every input of `target`, naming each one that panics.
-fn replay(target: &str, f: fn(&[u8])) {
-    let failed: Vec<String> = inputs(target)
-        .into_iter()
-        .filter(|(_, data)| catch_unwind(AssertUnwindSafe(|| f(data))).is_err())
-        .map(|(path, _)| path.display().to_string())
-        .collect();
-    assert!(failed.is_empty(), "{target}: panicked on {failed:#?}");
-}
+use weft_testkit::fuzz_corpus::{fuzz_dir, inputs, replay};
 
 #[test]
 fn detect_corpus() {

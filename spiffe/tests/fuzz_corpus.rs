@@ -6,45 +6,13 @@
 //! `cargo test -p weft-spiffe --test fuzz_corpus -- --ignored write_seeds`.
 
 use std::fs;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
 
 use weft_spiffe::fuzzing::parse_never_panics;
-
-fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
-}
-
-/// Every input of `target`: its seed corpus (which must not be empty) and its regressions.
-fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    for kind in ["corpus", "regressions"] {
-        let dir = fuzz_dir().join(kind).join(target);
-        let entries = fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        for entry in entries {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy();
-            if path.is_file() && !name.starts_with('.') && name != "README.md" {
-                let data = fs::read(&path).unwrap();
-                out.push((path, data));
-            }
-        }
-    }
-    out.sort();
-    assert!(out
-        .iter()
-        .any(|(p, _)| p.starts_with(fuzz_dir().join("corpus"))));
-    out
-}
+use weft_testkit::fuzz_corpus::{fuzz_dir, replay};
 
 #[test]
 fn spiffe_id_corpus() {
-    let failed: Vec<String> = inputs("spiffe_id")
-        .into_iter()
-        .filter(|(_, data)| catch_unwind(AssertUnwindSafe(|| parse_never_panics(data))).is_err())
-        .map(|(path, _)| path.display().to_string())
-        .collect();
-    assert!(failed.is_empty(), "spiffe_id: panicked on {failed:#?}");
+    replay("spiffe_id", parse_never_panics);
 }
 
 #[test]

@@ -12,6 +12,7 @@ pub mod bins;
 pub mod control;
 pub mod demo;
 pub mod etcd;
+pub mod fuzz_corpus;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
