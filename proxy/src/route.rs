@@ -94,6 +94,16 @@ enum HostPattern {
     Suffix(Box<str>),
 }
 
+impl HostPattern {
+    /// Whether `host` (normalized: lower case, no port) is one this pattern names.
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => **h == *host,
+            HostPattern::Suffix(s) => host.len() > s.len() && host.ends_with(&**s),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum PathMatcher {
     Any,
@@ -214,9 +224,9 @@ impl RouteTable {
                             push(list, i);
                         }
                     }
-                    HostPattern::Suffix(s) => {
+                    HostPattern::Suffix(_) => {
                         for (host, list) in &mut by_host {
-                            if host.len() > s.len() && host.ends_with(&**s) {
+                            if h.matches(host) {
                                 push(list, i);
                             }
                         }
@@ -520,11 +530,7 @@ impl Route {
     }
 
     fn matches_host(&self, host: &str) -> bool {
-        self.hosts.is_empty()
-            || self.hosts.iter().any(|p| match p {
-                HostPattern::Exact(h) => **h == *host,
-                HostPattern::Suffix(s) => host.len() > s.len() && host.ends_with(&**s),
-            })
+        self.hosts.is_empty() || self.hosts.iter().any(|p| p.matches(host))
     }
 
     fn matches_rest(&self, req: &RequestInfo<'_>, query: &mut QueryParams<'_>) -> bool {
