@@ -9,12 +9,14 @@
 //! resilience knobs live in `resilience`, identities/authorization/trust in `authz`.
 
 mod authz;
+pub mod inputs;
 mod resilience;
 mod scope;
 pub mod traffic;
 pub mod transparent;
 
-pub use scope::{compile_scope, ScopeResources};
+pub use inputs::{Inputs, Read, ScopeInputs};
+pub use scope::{compile_scope, compile_scope_recorded, ScopeResources};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -125,13 +127,35 @@ pub fn assemble(
     scope: &ScopeResources,
     node: &Node,
 ) -> Resources {
-    let local = policy.service(&scope.service);
+    assemble_with(&Inputs::new(policy, registry), registry, scope, node)
+}
+
+/// [`assemble`], with the reads of the policy set it made (which the node's own part depends
+/// on besides its scope: see `crate::push`).
+pub fn assemble_recorded(
+    policy: &PolicySet,
+    registry: &Registry,
+    scope: &ScopeResources,
+    node: &Node,
+) -> (Resources, ScopeInputs) {
+    let inputs = Inputs::recording(policy, registry);
+    let resources = assemble_with(&inputs, registry, scope, node);
+    (resources, inputs.finish())
+}
+
+fn assemble_with(
+    inputs: &Inputs<'_>,
+    registry: &Registry,
+    scope: &ScopeResources,
+    node: &Node,
+) -> Resources {
+    let local = inputs.service(&scope.service);
     let tcp: Vec<&Service> = scope
         .tcp_services
         .iter()
-        .filter_map(|k| policy.service(k))
+        .filter_map(|k| inputs.service(k))
         .collect();
-    let listeners = compile_listeners(policy, node, local, &tcp, scope.authorization.as_deref());
+    let listeners = compile_listeners(inputs, node, local, &tcp, scope.authorization.as_deref());
     let log_level = registry
         .get(&node.id)
         .and_then(|p| p.log_level.clone())
@@ -150,7 +174,7 @@ pub fn assemble(
         let mut patched = false;
         for c in &mut clusters.clusters {
             let service = ServiceKey::new(&c.service, &c.namespace);
-            if let Some(s) = policy.service(&service) {
+            if let Some(s) = inputs.service(&service) {
                 c.locality = traffic::locality(s, node);
                 patched |= c.locality.is_some();
             }
@@ -216,6 +240,12 @@ fn idle_timeout_of(service: Option<&Service>) -> std::time::Duration {
 /// service's effective inbound mode: a caller originates mTLS to its endpoints that have an
 /// identity unless it is `DISABLED`.
 pub fn service_cluster(policy: &PolicySet, s: &Service) -> Cluster {
+    let registry = Registry::new(std::time::Duration::ZERO);
+    cluster_of(&Inputs::new(policy, &registry), s)
+}
+
+/// [`service_cluster`], reading through `inputs`.
+fn cluster_of(inputs: &Inputs<'_>, s: &Service) -> Cluster {
     Cluster {
         name: key_of(s).cluster_name(),
         service: s.name.clone(),
@@ -229,11 +259,11 @@ pub fn service_cluster(policy: &PolicySet, s: &Service) -> Cluster {
         outlier: resilience::outlier(&s.outlier_detection),
         health_check: resilience::health_check(s),
         idle_timeout_ms: millis(s.idle_timeout),
-        mtls: authz::mtls(policy.mtls_of(Some(s))) as i32,
+        mtls: authz::mtls(inputs.mtls_of(Some(s))) as i32,
         upstream_tls: traffic::upstream_tls(s),
         locality: None,
         dns_endpoints: traffic::dns_endpoints(s),
-        vip: policy
+        vip: inputs
             .vip_of(&key_of(s))
             .map(|ip| ip.to_string())
             .unwrap_or_default(),
@@ -251,38 +281,36 @@ fn millis(d: std::time::Duration) -> u64 {
 
 /// The services the local service may call, in declared order: its `dependencies`, or every
 /// service when it declares none (or is unknown to the policy set).
-fn callable_services<'a>(policy: &'a PolicySet, local: Option<&Service>) -> Vec<&'a Service> {
+fn callable_services<'a>(inputs: &Inputs<'a>, local: Option<&Service>) -> Vec<&'a Service> {
     match local.and_then(|s| s.dependencies.as_ref().map(|d| (s, d))) {
         Some((s, deps)) => {
             let keys: std::collections::HashSet<ServiceKey> = deps
                 .iter()
-                .filter_map(|d| policy.resolve(d, Some(&s.namespace)))
+                .filter_map(|d| inputs.resolve(d, Some(&s.namespace)))
                 .collect();
-            policy
-                .services()
-                .iter()
-                .filter(|svc| keys.contains(&key_of(svc)))
-                .collect()
+            inputs.services_in_order(&keys)
         }
-        None => policy.services().iter().collect(),
+        None => inputs.services().iter().collect(),
     }
 }
 
 /// The routes attached to each of `services` (per service, in declared order), from the set's
 /// index: no scan over every route.
 fn routes_of_services<'a>(
-    policy: &'a PolicySet,
+    inputs: &Inputs<'a>,
     services: &[&Service],
 ) -> impl Iterator<Item = &'a policy::Route> {
-    let keys: Vec<ServiceKey> = services.iter().map(|s| key_of(s)).collect();
-    keys.into_iter()
-        .flat_map(move |k| policy.routes_of(&k).collect::<Vec<_>>())
+    services
+        .iter()
+        .flat_map(|s| inputs.routes_of(&key_of(s)))
+        .collect::<Vec<_>>()
+        .into_iter()
 }
 
 /// Outbound listeners accept the local app's plaintext (`mtls: DISABLED`, no authorization);
 /// the inbound listener carries the local service's mTLS mode, rate limit and authorization.
 fn compile_listeners(
-    policy: &PolicySet,
+    inputs: &Inputs<'_>,
     node: &Node,
     local: Option<&Service>,
     callable: &[&Service],
@@ -290,7 +318,7 @@ fn compile_listeners(
 ) -> Vec<Listener> {
     let mut listeners = Vec::new();
     let idle_timeout_ms = millis(idle_timeout_of(local));
-    let detection = transparent::detection(policy, node);
+    let detection = transparent::detection(inputs, node);
     let captured = detection.is_some();
     if !node.outbound_address.is_empty() {
         listeners.push(Listener {
@@ -302,8 +330,8 @@ fn compile_listeners(
             cluster: String::new(),
             mtls: MtlsMode::Disabled as i32,
             idle_timeout_ms,
-            hygiene: authz::hygiene(policy),
-            egress: traffic::egress(policy),
+            hygiene: authz::hygiene(inputs),
+            egress: traffic::egress(inputs),
             captured,
             detection: detection.clone(),
             ..Default::default()
@@ -322,13 +350,13 @@ fn compile_listeners(
             } as i32,
             route_table: String::new(),
             cluster: INBOUND.to_owned(),
-            mtls: authz::mtls(policy.mtls_of(local)) as i32,
+            mtls: authz::mtls(inputs.mtls_of(local)) as i32,
             rate_limit: local
                 .and_then(|s| s.rate_limit.as_ref())
                 .map(resilience::rate_limit),
             idle_timeout_ms,
             authorization: authorization.unwrap_or_default().to_owned(),
-            hygiene: if tcp { None } else { authz::hygiene(policy) },
+            hygiene: if tcp { None } else { authz::hygiene(inputs) },
             egress: None,
             captured,
             detection,
@@ -371,7 +399,7 @@ fn tcp_bind_ip(node: &Node) -> IpAddr {
 }
 
 /// Host names of a service: the standard four plus every extra host of its routes.
-fn service_hosts(policy: &PolicySet, service: &Service) -> Vec<String> {
+fn service_hosts(inputs: &Inputs<'_>, service: &Service) -> Vec<String> {
     let (n, ns) = (&service.name, &service.namespace);
     let mut hosts = vec![
         n.clone(),
@@ -385,7 +413,7 @@ fn service_hosts(policy: &PolicySet, service: &Service) -> Vec<String> {
             push_unique(&mut hosts, h.to_ascii_lowercase());
         }
     }
-    for route in routes_of_services(policy, &[service]) {
+    for route in routes_of_services(inputs, &[service]) {
         for h in &route.hosts {
             push_unique(&mut hosts, h.to_ascii_lowercase());
         }
@@ -399,15 +427,15 @@ fn push_unique(v: &mut Vec<String>, s: String) {
     }
 }
 
-fn compile_route_table(policy: &PolicySet, callable: &[&Service]) -> RouteTable {
+fn compile_route_table(inputs: &Inputs<'_>, callable: &[&Service]) -> RouteTable {
     let default_retry = policy::RetryPolicy::default();
     let mut routes = Vec::new();
     for service in callable.iter().filter(|s| s.protocol != Protocol::Tcp) {
         // A route's `hosts` are extra names of its service: every route of the service (and its
         // default route) answers to all of them.
-        let hosts = service_hosts(policy, service);
-        for route in routes_of_services(policy, &[service]) {
-            routes.push(compile_route(policy, service, route, hosts.clone()));
+        let hosts = service_hosts(inputs, service);
+        for route in routes_of_services(inputs, &[service]) {
+            routes.push(compile_route(inputs, service, route, hosts.clone()));
         }
         let cluster = key_of(service).cluster_name();
         routes.push(Route {
@@ -441,7 +469,7 @@ fn compile_route_table(policy: &PolicySet, callable: &[&Service]) -> RouteTable 
 }
 
 fn compile_route(
-    policy: &PolicySet,
+    inputs: &Inputs<'_>,
     service: &Service,
     route: &policy::Route,
     hosts: Vec<String>,
@@ -479,7 +507,7 @@ fn compile_route(
         .destinations
         .iter()
         .filter_map(|d| {
-            let key = policy.resolve(&d.service, Some(&service.namespace))?;
+            let key = inputs.resolve(&d.service, Some(&service.namespace))?;
             Some(WeightedCluster {
                 cluster: if d.subset.is_empty() {
                     key.cluster_name()
@@ -509,14 +537,14 @@ fn compile_route(
                 .unwrap_or(&policy::RetryPolicy::default()),
         )),
         rate_limit: route.rate_limit.as_ref().map(resilience::rate_limit),
-        filters: traffic::filters(policy, service, route),
+        filters: traffic::filters(inputs, service, route),
     }
 }
 
 /// The endpoints of a service: static ones (declared order, plaintext: no identity) then
 /// registered sidecars (by node id, including those within their deregistration grace), whose
 /// identity is the service's SPIFFE ID in `trust_domain`.
-pub fn endpoints_of(service: &Service, registry: &Registry, trust_domain: &str) -> Vec<Endpoint> {
+pub fn endpoints_of(service: &Service, inputs: &Inputs<'_>, trust_domain: &str) -> Vec<Endpoint> {
     let key = key_of(service);
     // Endpoints by DNS name travel in the cluster (`dns_endpoints`): each sidecar resolves them.
     let mut out: Vec<Endpoint> = service
@@ -532,7 +560,7 @@ pub fn endpoints_of(service: &Service, registry: &Registry, trust_domain: &str) 
         })
         .collect();
     let identity = spiffe_id(trust_domain, &key.namespace, &key.name);
-    out.extend(registry.endpoints_of(&key).map(|p| Endpoint {
+    out.extend(inputs.registrations(&key).into_iter().map(|p| Endpoint {
         address: p.node.inbound_address.clone(),
         weight: 1,
         proxy_id: p.node.id.clone(),

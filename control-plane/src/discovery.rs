@@ -5,7 +5,8 @@
 //! is admitted (its claims checked against the certificate, its fields bounded) and registered; then the task pushes
 //! one `DiscoveryResponse` holding only the resource types whose version differs from what the
 //! proxy holds, waits for its Ack/Nack (at most one push outstanding), and recomputes whenever
-//! the control plane's generation moved meanwhile (changes coalesce into one push).
+//! it was woken meanwhile (changes coalesce into one push): by a new trust bundle, and by the
+//! policy and registry changes that may affect its scope (`crate::push::wake`).
 //!
 //! A push left unanswered for the push timeout is considered lost: it is logged and counted
 //! (`weft_control_pushes_total{result="timeout"}`), and the stream pushes again on the next
@@ -364,12 +365,16 @@ async fn run_stream(
     cp.update_status(&node.id, session, &held, None);
 
     let mut generations = cp.subscribe();
+    let scope = crate::compile::scope_of(&node);
+    let mut scope_changes = cp.subscribe_scope(&scope);
     let push_timeout = cp.push_timeout();
     let mut outstanding: Option<Pending> = None;
     let mut rejected: Option<Rejected> = None;
     // The generation last compiled for this proxy; `None` until the first compile.
     let mut compiled: Option<u64> = None;
     let mut dirty = Unpushed::new(&cp);
+    // The generation of the first wake since the last compile (convergence start).
+    let mut woken_by: Option<u64> = None;
     let debounce = cp.push_debounce();
     loop {
         if dirty.is_set() && outstanding.is_none() {
@@ -379,20 +384,33 @@ async fn run_stream(
                 tokio::time::sleep(debounce).await;
             }
             dirty.clear();
-            let generation = *generations.borrow_and_update();
+            // Seen before compiling: a change from now on wakes the stream again.
+            generations.borrow_and_update();
+            scope_changes.borrow_and_update();
+            let generation = cp.generation();
             if rejected
                 .as_ref()
                 .is_some_and(|r| r.generation != generation)
             {
                 rejected = None;
             }
+            // Streams are woken per scope, so a later generation is not necessarily a change of
+            // this proxy's: convergence runs from the change that woke it.
+            let woken = woken_by.take();
             let changed_at = match compiled {
                 None => connected_at,
-                Some(seen) => cp.first_change_after(seen).unwrap_or_else(Instant::now),
+                Some(_) => woken
+                    .and_then(|g| cp.first_change_after(g.saturating_sub(1)))
+                    .unwrap_or_else(Instant::now),
             };
             let first = compiled.is_none();
             compiled = Some(generation);
-            let resources = cp.compile_for(&node);
+            let (resources, policy) = cp.compile_for_at(&node);
+            if !cp.serves(&policy) {
+                // A policy change raced this compilation: compile again under the new set.
+                woken_by.get_or_insert(cp.generation());
+                dirty.set();
+            }
             let response =
                 build_response(resources, &held, rejected.as_ref(), generation, changed_at);
             if first && !held.is_empty() {
@@ -442,6 +460,15 @@ async fn run_stream(
                 if changed.is_err() {
                     break;
                 }
+                woken_by.get_or_insert(*generations.borrow());
+                dirty.set();
+            }
+            changed = scope_changes.changed() => {
+                if changed.is_err() {
+                    // Never while the stream watches it; resubscribe all the same.
+                    scope_changes = cp.subscribe_scope(&scope);
+                }
+                woken_by.get_or_insert(*scope_changes.borrow());
                 dirty.set();
             }
             message = inbound.next() => match message {

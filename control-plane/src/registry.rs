@@ -168,6 +168,9 @@ pub struct Registry {
     /// Bumped whenever a service's registrations change (a scope's compiled resources depend on
     /// the versions of the services it holds endpoints of: see `crate::push`).
     service_versions: BTreeMap<ServiceKey, u64>,
+    /// Services whose version moved since the last [`Registry::take_changed`] (the streams
+    /// to wake: see `crate::push::wake`).
+    changed: BTreeSet<ServiceKey>,
     /// The last version handed out.
     last_version: u64,
     next_session: u64,
@@ -180,6 +183,7 @@ impl Registry {
             proxies: BTreeMap::new(),
             by_service: BTreeMap::new(),
             service_versions: BTreeMap::new(),
+            changed: BTreeSet::new(),
             last_version: 0,
             next_session: 1,
         }
@@ -229,6 +233,13 @@ impl Registry {
         self.last_version += 1;
         self.service_versions
             .insert(service.clone(), self.last_version);
+        self.changed.insert(service.clone());
+    }
+
+    /// The services whose registrations changed since the last call (at most one entry per
+    /// service, however many changes).
+    pub fn take_changed(&mut self) -> Vec<ServiceKey> {
+        std::mem::take(&mut self.changed).into_iter().collect()
     }
 
     fn index(&mut self, id: &str, service: &ServiceKey) {
@@ -522,7 +533,7 @@ impl Registry {
     /// The registered sidecars of `service` that announce an inbound address, sorted by id.
     pub fn endpoints_of<'a>(
         &'a self,
-        service: &'a ServiceKey,
+        service: &ServiceKey,
     ) -> impl Iterator<Item = &'a RegisteredProxy> + 'a {
         self.by_service
             .get(service)

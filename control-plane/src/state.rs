@@ -2,9 +2,12 @@
 //! status, metrics, and the generation counter that wakes discovery streams.
 //!
 //! Every change that can alter some proxy's resources (a new policy set, a registry change, a
-//! new trust bundle) bumps the generation; each discovery stream then recompiles its proxy's resources and pushes
-//! whatever differs. The instant of each recent generation is kept so a stream can measure
-//! convergence (change -> ACK) for `weft_control_push_duration_seconds`.
+//! new trust bundle) bumps the generation and wakes the discovery streams it may affect: a new
+//! trust bundle every stream, a new policy set the streams of the scopes one of whose recorded
+//! reads it answers differently, a registry change the streams whose scope holds the changed
+//! service's endpoints (`wake`, `crate::push`). A woken stream recompiles its proxy's resources
+//! and pushes whatever differs. The instant of each recent generation is kept so a stream can
+//! measure convergence (change -> ACK) for `weft_control_push_duration_seconds`.
 //!
 //! A proxy's status outlives its stream by the deregistration grace: it is listed as
 //! disconnected (with the time left before removal) until its registration expires.
@@ -35,6 +38,7 @@ use crate::store::{PolicyWrite, SharedStore, StoreError};
 mod host;
 mod proxies;
 mod remote;
+mod wake;
 
 pub use proxies::{LogLevelError, ProxyState, ProxyStatus};
 
@@ -100,6 +104,8 @@ pub struct ControlPlane {
     limits: crate::admission::Limits,
     /// Compiled scopes, shared by the proxies of a service.
     scopes: crate::push::ScopeCache,
+    /// Per-scope wake channels of the discovery streams.
+    wakers: crate::push::Wakers,
     metrics: Metrics,
 }
 
@@ -133,6 +139,7 @@ impl ControlPlane {
                 metrics.compilations_total.with_label_values(&["compiled"]),
                 metrics.compilations_total.with_label_values(&["reused"]),
             ),
+            wakers: crate::push::Wakers::new(),
             metrics,
         }
     }
@@ -197,6 +204,7 @@ impl ControlPlane {
         let disconnected_since = humantime::format_rfc3339_seconds(wall_now).to_string();
         let mut registry = lock(&self.registry);
         let ids = registry.restore(entries, now, wall_now, restart_grace);
+        let changed = registry.take_changed();
         let mut statuses = lock(&self.statuses);
         for id in &ids {
             let Some(p) = registry.get(id) else { continue };
@@ -225,7 +233,8 @@ impl ControlPlane {
         }
         drop(statuses);
         drop(registry);
-        if !ids.is_empty() {
+        // At start: every stream (if any) looks again.
+        if !changed.is_empty() {
             self.bump();
         }
         ids.len()
@@ -284,21 +293,17 @@ impl ControlPlane {
         lock(&self.policy_error).clone()
     }
 
-    /// A receiver of the generation counter (bumped on every relevant change).
+    /// A receiver woken by every change that may affect every proxy (policy, trust); see
+    /// [`ControlPlane::subscribe_scope`] for registry changes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
     }
 
+    /// Bumps the generation and wakes every stream.
     fn bump(&self) {
-        let mut changes = lock(&self.changes);
-        // Record the instant before publishing, so a stream that sees the new generation always
-        // finds its instant. Bumps are serialized by the `changes` lock.
-        let next = *self.generation.borrow() + 1;
-        changes.push_back((next, Instant::now()));
-        while changes.len() > CHANGE_HISTORY {
-            changes.pop_front();
-        }
-        self.generation.send_replace(next);
+        self.publish(|next| {
+            self.generation.send_replace(next);
+        });
     }
 
     /// When the first change after generation `seen` happened (`None`: no later change is
@@ -326,8 +331,8 @@ impl ControlPlane {
                 authorization = set.authorization().len(),
                 "serving policy set"
             );
-            self.policy.store(Arc::new(set));
-            self.bump();
+            let old = self.policy.swap(Arc::new(set));
+            self.bump_policy(&old);
         }
         changed
     }
@@ -511,12 +516,7 @@ impl ControlPlane {
     /// The current resources of `node`: its scope's shared part from the scope cache
     /// (`crate::push`: compiled once per scope and change), then its own.
     pub fn compile_for(&self, node: &Node) -> Resources {
-        let (policy, trust) = crate::push::load(&self.policy, &self.trust);
-        let registry = lock(&self.registry);
-        let scope = self
-            .scopes
-            .get(&policy, &trust, &registry, &crate::compile::scope_of(node));
-        crate::compile::assemble(&policy, &registry, &scope, node)
+        self.compile_for_at(node).0
     }
 }
 
@@ -541,6 +541,7 @@ mod tests {
         cp.reload().await.unwrap();
         let mut rx = cp.subscribe();
         rx.borrow_and_update();
+        let generation = cp.generation();
 
         let bad = cp
             .apply("a.yaml", Some("services:\n  - name: Bad\n"), false)
@@ -548,6 +549,7 @@ mod tests {
         assert!(matches!(bad, Err(ApplyError::Invalid(_))));
         assert!(!dir.path().join("a.yaml").exists());
         assert!(!rx.has_changed().unwrap());
+        assert_eq!(cp.generation(), generation);
 
         let dry = cp
             .apply("a.yaml", Some("services:\n  - name: a\n"), true)
@@ -562,7 +564,9 @@ mod tests {
             .unwrap();
         assert_eq!(out.changed, ["service/a.default created"]);
         assert_eq!(cp.policy().version(), out.version);
-        assert!(rx.has_changed().unwrap());
+        // A policy change bumps the generation (and wakes the streams of the scopes it
+        // changes: none is compiled here; see `state::wake`).
+        assert_eq!(cp.generation(), generation + 1);
         assert!(dir.path().join("a.yaml").exists());
 
         let out = cp.apply("a.yaml", None, false).await.unwrap();
@@ -839,17 +843,27 @@ mod tests {
         assert_eq!(endpoints(&after), ["127.0.0.2:15006", "127.0.0.3:15006"]);
 
         after.connect(&node("a-1", "a", "127.0.0.2:15006")).unwrap();
+        // web's proxy is connected (a scope no registered proxy has is dropped from the cache).
+        after.connect(&web).unwrap();
         std::thread::sleep(Duration::from_millis(350));
+        // The removal of b-1 wakes the streams of the scopes holding b's endpoints (web's),
+        // and not a's (a holds none: no scope of it was compiled).
+        let mut web_rx = after.subscribe_scope(&crate::policy::ServiceKey::new("web", "default"));
+        let mut a_rx = after.subscribe_scope(&crate::policy::ServiceKey::new("a", "default"));
         rx.borrow_and_update();
         after.expire_registrations();
-        assert!(rx.has_changed().unwrap(), "the removal is pushed");
-        assert_eq!(endpoints(&after), ["127.0.0.2:15006"]);
+        assert!(web_rx.has_changed().unwrap(), "the removal is pushed");
+        assert!(!a_rx.has_changed().unwrap());
+        assert!(!rx.has_changed().unwrap(), "not to every stream");
+        web_rx.borrow_and_update();
+        a_rx.borrow_and_update();
+        assert_eq!(endpoints(&after), ["127.0.0.2:15006", "127.0.0.4:15006"]);
         let statuses = after.proxy_statuses();
-        assert_eq!(statuses.len(), 1);
+        assert_eq!(statuses.len(), 2);
         assert_eq!(statuses[0].state, ProxyState::Connected);
         store.persist(&*after);
         let persisted = crate::persist::load_registry(&state).unwrap();
-        assert_eq!(persisted.len(), 1);
+        assert_eq!(persisted.len(), 2);
         assert_eq!(persisted[0].id, "a-1");
     }
 }

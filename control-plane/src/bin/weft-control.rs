@@ -18,6 +18,14 @@ use weft_control::token::kubernetes::{KubernetesTokenConfig, KubernetesTokens};
 use weft_control::token::TokenSecret;
 use weft_control::{Config, Server, StoreConfig};
 
+/// jemalloc, as in the proxy (`proxy/src/alloc.rs`; its configuration, `dirty_decay_ms:1000`
+/// with one background purging thread, is set at build time in `.cargo/config.toml`): the
+/// control plane holds a TLS + HTTP/2 + gRPC stream per proxy, thousands of small buffers that
+/// glibc's per-thread arenas fragment (benches/RESULTS.md, control-plane scale: peak RSS at
+/// 5,000 proxies).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Weft control plane: serves policies from a directory to every proxy over gRPC, and signs
 /// the proxies' certificates. Without a subcommand, `serve` is assumed.
 #[derive(Debug, Parser)]

@@ -6,16 +6,12 @@ use weft_proto::v1::{
     RequestHygiene, UnderscoreHeaders,
 };
 
-use super::TrustBundle;
-use crate::policy::{self, spiffe_id, PolicySet, ServiceKey};
+use super::{Inputs, TrustBundle};
+use crate::policy::{self, spiffe_id, ServiceKey};
 
 /// The trust domain of SPIFFE IDs: `mesh.trust_domain` if set, else the bundle's.
-pub(super) fn trust_domain<'a>(policy: &'a PolicySet, trust: &'a TrustBundle) -> &'a str {
-    policy
-        .mesh()
-        .trust_domain
-        .as_deref()
-        .unwrap_or(&trust.trust_domain)
+pub(super) fn trust_domain<'a>(inputs: &Inputs<'a>, trust: &'a TrustBundle) -> &'a str {
+    inputs.mesh_trust_domain().unwrap_or(&trust.trust_domain)
 }
 
 pub(super) fn mtls(mode: policy::MtlsMode) -> MtlsMode {
@@ -28,8 +24,8 @@ pub(super) fn mtls(mode: policy::MtlsMode) -> MtlsMode {
 
 /// `mesh.http` for every HTTP listener; `None` when it is all defaults (the proxy's defaults are
 /// the same secure ones, and the listener's encoding stays unchanged).
-pub(super) fn hygiene(policy: &PolicySet) -> Option<RequestHygiene> {
-    let h = policy.mesh().http;
+pub(super) fn hygiene(inputs: &Inputs<'_>) -> Option<RequestHygiene> {
+    let h = inputs.mesh_http();
     if h == policy::HttpHygiene::default() {
         return None;
     }
@@ -59,12 +55,12 @@ fn action(a: policy::AuthzAction) -> AuthzAction {
 /// else, when the namespace default is deny, a synthetic `default-<ns>` denying everything;
 /// else none (allow all).
 pub(super) fn policy_for(
-    policy: &PolicySet,
+    inputs: &Inputs<'_>,
     key: &ServiceKey,
     trust_domain: &str,
 ) -> Option<AuthorizationPolicy> {
-    let namespace_default = policy.namespace_default(&key.namespace);
-    let Some(declared) = policy.authorization_of(key) else {
+    let namespace_default = inputs.namespace_default(&key.namespace);
+    let Some(declared) = inputs.authorization_of(key) else {
         return (namespace_default == policy::AuthzAction::Deny).then(|| AuthorizationPolicy {
             name: format!("default-{}", key.namespace),
             default_action: AuthzAction::Deny as i32,
@@ -79,7 +75,7 @@ pub(super) fn policy_for(
                 .from
                 .services
                 .iter()
-                .filter_map(|s| policy.resolve(s, Some(&key.namespace)))
+                .filter_map(|s| inputs.resolve(s, Some(&key.namespace)))
                 .map(|k| spiffe_id(trust_domain, &k.namespace, &k.name))
                 .collect();
             identities.extend(r.from.identities.iter().cloned());

@@ -11,9 +11,9 @@ use weft_proto::v1::{
 };
 
 use super::{
-    authz, callable_services, compile_route_table, endpoints_of, idle_timeout_of, key_of, millis,
-    routes_of_services, service_cluster, traffic, transparent, version_of_endpoints,
-    version_of_messages, TrustBundle, INBOUND,
+    authz, callable_services, cluster_of, compile_route_table, endpoints_of, idle_timeout_of,
+    key_of, millis, routes_of_services, traffic, transparent, version_of_endpoints,
+    version_of_messages, Inputs, ScopeInputs, TrustBundle, INBOUND,
 };
 use crate::policy::{PolicySet, Protocol, Service, ServiceKey};
 use crate::registry::Registry;
@@ -39,7 +39,8 @@ pub struct ScopeResources {
     /// Whether a cluster prefers its caller's zone (per-node patch needed).
     pub locality: bool,
     /// The services whose registrations these resources hold (clusters' endpoints): a change
-    /// to any other service's registrations leaves them as they are.
+    /// to any other service's registrations leaves them as they are. Derived from the reads
+    /// the compilation made ([`ScopeInputs::depends_on`]).
     pub depends_on: Vec<ServiceKey>,
 }
 
@@ -50,11 +51,38 @@ pub fn compile_scope(
     trust: &TrustBundle,
     service: &ServiceKey,
 ) -> ScopeResources {
-    let local = policy.service(service);
-    let callable = callable_services(policy, local);
-    let trust_domain = authz::trust_domain(policy, trust);
-    let authorization = authz::policy_for(policy, service, trust_domain);
-    let table = compile_route_table(policy, &callable);
+    compile_scope_recorded(policy, registry, trust, service).0
+}
+
+/// [`compile_scope`], with every read of the policy set and the registry it made: the
+/// scope's fingerprint (see [`super::inputs`]). The trust bundle is read whole.
+pub fn compile_scope_recorded(
+    policy: &PolicySet,
+    registry: &Registry,
+    trust: &TrustBundle,
+    service: &ServiceKey,
+) -> (ScopeResources, ScopeInputs) {
+    let inputs = Inputs::recording(policy, registry);
+    let mut resources = compile(&inputs, trust, service);
+    let mut read = inputs.finish();
+    read.registrations = read
+        .depends_on()
+        .into_iter()
+        .map(|s| {
+            let version = registry.service_version(&s);
+            (s, version)
+        })
+        .collect();
+    resources.depends_on = read.depends_on();
+    (resources, read)
+}
+
+fn compile(inputs: &Inputs<'_>, trust: &TrustBundle, service: &ServiceKey) -> ScopeResources {
+    let local = inputs.service(service);
+    let callable = callable_services(inputs, local);
+    let trust_domain = authz::trust_domain(inputs, trust);
+    let authorization = authz::policy_for(inputs, service, trust_domain);
+    let table = compile_route_table(inputs, &callable);
 
     // Clusters: callable services, every destination (and mirror) of their routes, subsets of
     // those, and `inbound`.
@@ -63,15 +91,15 @@ pub fn compile_scope(
     for s in &callable {
         cluster_services.insert(key_of(s).cluster_name(), s);
     }
-    for route in routes_of_services(policy, &callable) {
-        let ns = policy
+    for route in routes_of_services(inputs, &callable) {
+        let ns = inputs
             .resolve(&route.service, None)
             .map(|k| k.namespace)
             .unwrap_or_default();
         let resolve = |name: &str| {
-            policy
+            inputs
                 .resolve(name, Some(&ns))
-                .and_then(|k| policy.service(&k))
+                .and_then(|k| inputs.service(&k))
         };
         for d in &route.destinations {
             if let Some(s) = resolve(&d.service) {
@@ -94,10 +122,10 @@ pub fn compile_scope(
 
     let mut clusters: Vec<Cluster> = cluster_services
         .values()
-        .map(|s| service_cluster(policy, s))
+        .map(|s| cluster_of(inputs, s))
         .chain(subsets.iter().map(|(name, (s, _))| Cluster {
             name: name.clone(),
-            ..service_cluster(policy, s)
+            ..cluster_of(inputs, s)
         }))
         .collect();
     let locality = cluster_services
@@ -110,14 +138,8 @@ pub fn compile_scope(
         .filter(|c| cluster_services.contains_key(&c.name))
         .map(|c| (c.name.clone(), c.clone()))
         .collect();
-    let ports = transparent::port_resources(
-        policy,
-        registry,
-        trust_domain,
-        &cluster_services,
-        &callable,
-        &base,
-    );
+    let ports =
+        transparent::port_resources(inputs, trust_domain, &cluster_services, &callable, &base);
     clusters.extend(ports.clusters);
     clusters.push(Cluster {
         name: INBOUND.to_owned(),
@@ -139,12 +161,12 @@ pub fn compile_scope(
         .iter()
         .map(|(name, s)| ClusterEndpoints {
             cluster: name.clone(),
-            endpoints: endpoints_of(s, registry, trust_domain),
+            endpoints: endpoints_of(s, inputs, trust_domain),
         })
         .chain(subsets.iter().map(|(name, (s, labels))| {
             ClusterEndpoints {
                 cluster: name.clone(),
-                endpoints: endpoints_of(s, registry, trust_domain)
+                endpoints: endpoints_of(s, inputs, trust_domain)
                     .into_iter()
                     .filter(|e| labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
                     .collect(),
@@ -153,13 +175,6 @@ pub fn compile_scope(
         .chain(ports.endpoints)
         .collect();
     endpoints.sort_by(|a, b| a.cluster.cmp(&b.cluster));
-    let mut depends_on: Vec<ServiceKey> = cluster_services
-        .values()
-        .chain(subsets.values().map(|(s, _)| s))
-        .map(|s| key_of(s))
-        .collect();
-    depends_on.sort();
-    depends_on.dedup();
 
     let mut tables = vec![table];
     tables.extend(ports.tables);
@@ -197,6 +212,7 @@ pub fn compile_scope(
             .map(|s| key_of(s))
             .collect(),
         locality,
-        depends_on,
+        // Filled in from the reads by `compile_scope_recorded`.
+        depends_on: Vec::new(),
     }
 }

@@ -10,7 +10,8 @@ use weft_proto::v1::{
     UpstreamProtocol, UpstreamTls,
 };
 
-use crate::policy::{self, PolicySet, Protocol, Service, ServiceKey};
+use super::Inputs;
+use crate::policy::{self, Protocol, Service, ServiceKey};
 
 /// The HTTP version to a service's endpoints: as configured, else HTTP/2 for gRPC, HTTP/1.1
 /// for a service with static endpoints (servers outside the mesh rarely speak h2c), else the
@@ -133,7 +134,7 @@ fn ppm(percent: f64) -> u32 {
 /// A route's filters, with the mirror's service resolved to its cluster (in the route's
 /// service's namespace first).
 pub(super) fn filters(
-    policy: &PolicySet,
+    inputs: &Inputs<'_>,
     service: &Service,
     route: &policy::Route,
 ) -> Option<RouteFilters> {
@@ -176,7 +177,7 @@ pub(super) fn filters(
             abort_ppm: fault.abort.as_ref().map_or(0, |a| ppm(a.percent)),
         }),
         mirror: f.mirror.as_ref().and_then(|m| {
-            let key = policy.resolve(&m.service, Some(&service.namespace))?;
+            let key = inputs.resolve(&m.service, Some(&service.namespace))?;
             Some(Mirror {
                 cluster: key.cluster_name(),
                 ppm: ppm(m.percent),
@@ -187,8 +188,8 @@ pub(super) fn filters(
 }
 
 /// The mesh's egress policy for outbound listeners (`None` when everything is allowed).
-pub(super) fn egress(policy: &PolicySet) -> Option<EgressPolicy> {
-    let e = &policy.mesh().egress;
+pub(super) fn egress(inputs: &Inputs<'_>) -> Option<EgressPolicy> {
+    let e = inputs.mesh_egress();
     if *e == policy::Egress::default() {
         return None;
     }

@@ -21,9 +21,8 @@ use weft_proto::v1::{
     WeightedCluster,
 };
 
-use super::{compile_route, key_of, millis, resilience, routes_of_services, INBOUND};
-use crate::policy::{self, spiffe_id, PolicySet, Protocol, Service};
-use crate::registry::Registry;
+use super::{compile_route, key_of, millis, resilience, routes_of_services, Inputs, INBOUND};
+use crate::policy::{self, spiffe_id, Protocol, Service};
 
 /// `<cluster>:<port>`: the per-port cluster (and route table) of a service cluster.
 pub fn port_cluster_name(cluster: &str, port: u32) -> String {
@@ -31,10 +30,11 @@ pub fn port_cluster_name(cluster: &str, port: u32) -> String {
 }
 
 /// The ports registered transparent instances of `service` serve.
-fn ports_of(service: &Service, registry: &Registry) -> BTreeSet<u32> {
+fn ports_of(service: &Service, inputs: &Inputs<'_>) -> BTreeSet<u32> {
     let key = key_of(service);
-    registry
-        .endpoints_of(&key)
+    inputs
+        .registrations(&key)
+        .into_iter()
         .filter(|p| !p.node.instance_ip.is_empty())
         .flat_map(|p| p.node.app_ports.iter().copied())
         .collect()
@@ -51,8 +51,7 @@ pub(super) struct PortResources {
 /// See [`PortResources`]. `base` is the service cluster of each service (the per-port one is a
 /// copy, renamed, with `port` set and no VIP).
 pub(super) fn port_resources(
-    policy: &PolicySet,
-    registry: &Registry,
+    inputs: &Inputs<'_>,
     trust_domain: &str,
     services: &BTreeMap<String, &Service>,
     callable: &[&Service],
@@ -66,7 +65,7 @@ pub(super) fn port_resources(
         let Some(template) = base.get(name) else {
             continue;
         };
-        let serving = ports_of(s, registry);
+        let serving = ports_of(s, inputs);
         let key = key_of(s);
         let identity = spiffe_id(trust_domain, &key.namespace, &key.name);
         for &port in &serving {
@@ -79,8 +78,9 @@ pub(super) fn port_resources(
             });
             endpoints.push(ClusterEndpoints {
                 cluster: port_name.clone(),
-                endpoints: registry
-                    .endpoints_of(&key)
+                endpoints: inputs
+                    .registrations(&key)
+                    .into_iter()
                     .filter(|p| p.node.app_ports.contains(&port))
                     .filter_map(|p| {
                         let ip: std::net::IpAddr = p.node.instance_ip.parse().ok()?;
@@ -103,7 +103,7 @@ pub(super) fn port_resources(
     for s in callable.iter().filter(|s| s.protocol != Protocol::Tcp) {
         let name = key_of(s).cluster_name();
         for &port in ports.get(&name).into_iter().flatten() {
-            tables.push(port_table(policy, s, port, &names));
+            tables.push(port_table(inputs, s, port, &names));
         }
     }
     tables.sort_by(|a, b| a.name.cmp(&b.name));
@@ -116,15 +116,15 @@ pub(super) fn port_resources(
 
 /// The route table of `service`'s per-port cluster on `port` (see the module docs).
 fn port_table(
-    policy: &PolicySet,
+    inputs: &Inputs<'_>,
     service: &Service,
     port: u32,
     port_clusters: &BTreeSet<String>,
 ) -> RouteTable {
     let cluster = port_cluster_name(&key_of(service).cluster_name(), port);
-    let mut routes: Vec<Route> = routes_of_services(policy, &[service])
+    let mut routes: Vec<Route> = routes_of_services(inputs, &[service])
         .map(|r| {
-            let mut route = compile_route(policy, service, r, Vec::new());
+            let mut route = compile_route(inputs, service, r, Vec::new());
             for d in &mut route.destinations {
                 let moved = port_cluster_name(&d.cluster, port);
                 if port_clusters.contains(&moved) {
@@ -154,11 +154,11 @@ fn port_table(
 }
 
 /// A transparent node's listeners' protocol detection (`None`: not a transparent node).
-pub(super) fn detection(policy: &PolicySet, node: &Node) -> Option<ProtocolDetection> {
+pub(super) fn detection(inputs: &Inputs<'_>, node: &Node) -> Option<ProtocolDetection> {
     if node.instance_ip.is_empty() {
         return None;
     }
-    let d = &policy.mesh().protocol_detection;
+    let d = inputs.mesh_protocol_detection();
     Some(ProtocolDetection {
         timeout_ms: millis(d.timeout),
         skip_ports: d.skip_ports().into_iter().map(u32::from).collect(),

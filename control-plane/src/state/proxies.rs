@@ -64,12 +64,16 @@ impl ControlPlane {
     pub fn connect(&self, node: &Node) -> Result<u64, Refusal> {
         let now = SystemTime::now();
         let limits = &self.limits;
-        let session = lock(&self.registry).try_register(
-            node.clone(),
-            now,
-            limits.max_registrations,
-            limits.max_registrations_per_service,
-        )?;
+        let (session, changed) = {
+            let mut registry = lock(&self.registry);
+            let session = registry.try_register(
+                node.clone(),
+                now,
+                limits.max_registrations,
+                limits.max_registrations_per_service,
+            )?;
+            (session, registry.take_changed())
+        };
         let namespace = if node.namespace.is_empty() {
             "default".to_owned()
         } else {
@@ -98,7 +102,7 @@ impl ControlPlane {
         );
         self.metrics.proxies_connected.inc();
         self.registry_changed();
-        self.bump();
+        self.bump_services(&changed, &[]);
         Ok(session)
     }
 
@@ -130,7 +134,7 @@ impl ControlPlane {
     /// Drops registrations (and statuses) whose grace expired, and wakes streams if any did.
     pub fn expire_registrations(&self) {
         let now = Instant::now();
-        let expired = {
+        let changed = {
             let mut registry = lock(&self.registry);
             let expired = registry.expire(now);
             if expired {
@@ -138,13 +142,14 @@ impl ControlPlane {
                 let live: std::collections::HashSet<crate::policy::ServiceKey> =
                     registry.proxies().map(|p| p.service.clone()).collect();
                 self.scopes.retain(|k| live.contains(k));
+                self.wakers.prune();
             }
-            expired
+            registry.take_changed()
         };
         lock(&self.statuses).retain(|_, s| s.remove_at.is_none_or(|at| at > now));
-        if expired {
+        if !changed.is_empty() {
             self.registry_changed();
-            self.bump();
+            self.bump_services(&changed, &[]);
         }
     }
 
@@ -251,14 +256,15 @@ impl ControlPlane {
                 .map_err(|e| LogLevelError::Invalid(e.to_string()))?;
             Some(level.to_owned())
         };
-        let remote = {
+        let (remote, service) = {
             let mut registry = lock(&self.registry);
             match registry.get(id) {
                 None => return Err(LogLevelError::NoSuchProxy(id.to_owned())),
-                Some(p) if p.is_remote() => true,
-                Some(_) => {
+                Some(p) if p.is_remote() => (true, p.service.clone()),
+                Some(p) => {
+                    let service = p.service.clone();
                     registry.set_log_level(id, level.clone());
-                    false
+                    (false, service)
                 }
             }
         };
@@ -273,7 +279,8 @@ impl ControlPlane {
             return Ok(());
         }
         self.registry_changed();
-        self.bump();
+        // Only the proxy's own listeners change: its service's streams are woken.
+        self.bump_services(&[], &[service]);
         Ok(())
     }
 }

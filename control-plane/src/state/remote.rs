@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use super::{lock, ControlPlane};
+use crate::policy::ServiceKey;
 use crate::registry::{PersistedProxy, Registry};
 use crate::store::OwnRegistration;
 
@@ -17,8 +18,8 @@ impl ControlPlane {
     pub fn replace_remote_registrations(&self, entries: Vec<PersistedProxy>) -> usize {
         let count = entries.len();
         let now = Instant::now();
-        let mut changed = false;
-        {
+        let mut own = Vec::new();
+        let changed = {
             let mut registry = lock(&self.registry);
             let present: HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
             let gone: Vec<String> = registry
@@ -27,36 +28,44 @@ impl ControlPlane {
                 .map(|p| p.node.id.clone())
                 .collect();
             for id in gone {
-                changed |= registry.remote_gone(&id, now);
+                registry.remote_gone(&id, now);
             }
             for entry in entries {
-                changed |= self.upsert_remote(&mut registry, entry);
+                if let Some(service) = self.upsert_remote(&mut registry, entry) {
+                    own.push(service);
+                }
             }
-        }
-        if changed {
-            self.bump();
-        }
+            registry.take_changed()
+        };
+        self.bump_services(&changed, &own);
         count
     }
 
     /// One registration of another replica was written (`Some`: it replaces a local entry of
     /// the same id, which that replica now has) or its key went away (`None`).
     pub fn remote_registration(&self, id: &str, entry: Option<PersistedProxy>) {
-        let changed = {
+        let (changed, own) = {
             let mut registry = lock(&self.registry);
-            match entry {
-                Some(entry) => self.upsert_remote(&mut registry, entry),
-                None => registry.remote_gone(id, Instant::now()),
-            }
+            let own: Vec<_> = match entry {
+                Some(entry) => self
+                    .upsert_remote(&mut registry, entry)
+                    .into_iter()
+                    .collect(),
+                None => {
+                    registry.remote_gone(id, Instant::now());
+                    Vec::new()
+                }
+            };
+            (registry.take_changed(), own)
         };
-        if changed {
-            self.bump();
-        }
+        self.bump_services(&changed, &own);
     }
 
-    /// Records `entry` (its `replica` set) as a remote registration; returns whether proxies
-    /// must be recompiled (its endpoint changed, or it took the place of a local entry).
-    fn upsert_remote(&self, registry: &mut Registry, entry: PersistedProxy) -> bool {
+    /// Records `entry` (its `replica` set) as a remote registration; returns its service when
+    /// its proxies' streams must be woken (its endpoint changed, or it took the place of a
+    /// local entry, or its log level changed). Services whose endpoints changed are also in
+    /// [`Registry::take_changed`].
+    fn upsert_remote(&self, registry: &mut Registry, entry: PersistedProxy) -> Option<ServiceKey> {
         let replica = entry.replica.clone().unwrap_or_default();
         let replaces_local = registry.get(&entry.id).is_some_and(|p| !p.is_remote());
         if replaces_local {
@@ -67,7 +76,16 @@ impl ControlPlane {
         let log_level_changed = registry
             .get(&entry.id)
             .is_some_and(|p| p.log_level != entry.log_level);
-        registry.upsert_remote(entry, replica) || replaces_local || log_level_changed
+        let service = ServiceKey::new(
+            &entry.service,
+            if entry.namespace.is_empty() {
+                "default"
+            } else {
+                entry.namespace.as_str()
+            },
+        );
+        (registry.upsert_remote(entry, replica) || replaces_local || log_level_changed)
+            .then_some(service)
     }
 
     /// This replica's registration `id`, if it has one.
@@ -88,13 +106,14 @@ impl ControlPlane {
             let mut registry = lock(&self.registry);
             match registry.get(id) {
                 Some(p) if !p.is_remote() && p.log_level != level => {
-                    registry.set_log_level(id, level)
+                    let service = p.service.clone();
+                    registry.set_log_level(id, level).then_some(service)
                 }
-                _ => false,
+                _ => None,
             }
         };
-        if changed {
-            self.bump();
+        if let Some(service) = changed {
+            self.bump_services(&[], &[service]);
         }
     }
 }
