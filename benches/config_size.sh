@@ -4,20 +4,23 @@
 # weft-control (plaintext gRPC, --insecure-grpc) on a generated policy: every service with 3-10
 # static endpoints (127.0.6.x, nobody listens there except svc-0's upstream nginx), one header
 # route and one authorization policy. Per N it measures the sidecar's RSS after the first
-# snapshot, the bytes it received, the CPU its control thread spends per push (decode, build
-# and swap of the snapshot), the time from an apply to the sidecar's ACK, and p50/p99 of a
+# snapshot, the bytes it received (weft_config_received_bytes_total), build + swap per push
+# (weft_config_apply_duration_seconds) and the CPU its control threads spend per push, the
+# time from an apply to the sidecar's ACK, and p50/p99 of a
 # fixed-rate HTTP/1.1 stream through the sidecar, steady and while the control plane pushes an
 # endpoint change every 100 ms. Prints one table with the issue's targets and writes
 # benches/results/config_size.md.
 #
 #   benches/config_size.sh [--quick] [--n 100,1000,5000] [--rate 500] [--duration S]
-#                          [--skip-build] [--profile]
+#                          [--skip-build] [--profile] [--pin]
 #
 # --quick: N = 100,1000 (unless --n is given) and 8 s per load phase (default 15 s).
 # --skip-build: use target/release as is (default: cargo build --release of weft-proxy and
 #   weft-control first). BENCH_BIN_DIR: take the binaries from another directory.
-# --profile: also `perf record` the sidecar's discovery thread during the pushes and print
+# --profile: also `perf record` the sidecar's control threads during the pushes and print
 #   where it spends its time (the report stays in the work directory: use KEEP_WORK=1).
+# --pin: the sidecar on CPU 0, the control plane, nginx and h2load on CPU 1 (taskset): the p99
+#   during pushes then shows the sidecar's own build, not the control plane's compile.
 # Binds 127.0.6.1-3 and 127.0.6.2:18081-18083 only. KEEP_WORK=1 keeps logs and raw outputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +32,7 @@ rate=500
 duration=""
 build=1
 profile=()
+pin=()
 args=("$@")
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -41,7 +45,8 @@ while [ $# -gt 0 ]; do
         --duration=*) duration="${1#*=}" ;;
         --skip-build) build=0 ;;
         --profile) profile=(--profile) ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --pin) pin=(--pin) ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "config_size.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -60,6 +65,7 @@ done
 
 needs=(h2load nginx ss curl python3)
 [ ${#profile[@]} -eq 0 ] || needs+=(perf)
+[ ${#pin[@]} -eq 0 ] || needs+=(taskset)
 for t in "${needs[@]}"; do
     command -v "$t" >/dev/null || { echo "config_size.sh: $t is missing (benches/run.sh installs nginx and h2load: nghttp2-client)" >&2; exit 1; }
 done
@@ -99,7 +105,7 @@ for n in ${ns//,/ }; do
     echo "==> N=$n (load average $la)"
     # Bounded: the driver's own waits are bounded; this is the backstop.
     timeout --signal=TERM 900 python3 "$ROOT/benches/lib/config_size.py" run --n "$n" --bin-dir "$BIN" \
-        --work "$work/n$n" --json "$work/n$n.json" --rate "$rate" --duration "$duration" "${profile[@]}" &
+        --work "$work/n$n" --json "$work/n$n.json" --rate "$rate" --duration "$duration" "${profile[@]}" "${pin[@]}" &
     child=$!
     if wait "$child"; then
         reports+=("$work/n$n.json")
@@ -127,6 +133,7 @@ mkdir -p benches/results
     echo "- load average (1/5/15 min) at the start of each N: ${loads[*]}"
     echo "- command: \`benches/config_size.sh ${args[*]}\`"
     echo "- mesh: N services in namespace \`cs\` (plus the sidecar's own, \`client\`), no \`dependencies:\`; 3-10 static endpoints each; one header route and one authorization policy each; load: h2load --h1, 5 connections, $rate req/s for $duration s per phase, to svc-0 (3 nginx endpoints) through the sidecar's outbound listener; pushes: svc-(N-1)'s endpoints rewritten every 100 ms through the admin API"
+    if [ ${#pin[@]} -gt 0 ]; then echo "- pinned (--pin): the sidecar on CPU 0; weft-control, nginx and h2load on CPU 1"; fi
     echo
     echo "$table"
     if [ -n "$build_note" ]; then echo; echo "Note: $build_note."; fi

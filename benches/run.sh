@@ -548,8 +548,10 @@ case_tcp() {
 
 # TCP new connections per second: connect -> send TCPCONN_SIZE bytes -> read the echo and the
 # server's EOF -> close, TCPCONN_CONNS in flight (lib/tcp_conns.py). Through weft-mesh-mtls every
-# connection is a new caller -> callee connection (TCP is not pooled): a full mTLS handshake each,
-# which the callee's weft_inbound_connections_total delta proves.
+# connection is one HTTP/2 CONNECT stream on the caller's pooled mTLS connections to the callee
+# (the tunnel, on by default; WEFT_TUNNEL=off in the proxies' environment gives a full handshake
+# per connection instead): tcpconn.inbound records the callee's weft_inbound_connections_total
+# delta (mTLS connections accepted) against the client's connections.
 case_tcpconn() {
   local t=$1 out=$WORK/$1.tcpconn.out h p pids c0 c1 s0="" s1 ip n m0 p0 m1 p1
   read -r h p <<<"$(echo_addr "$t")"
@@ -570,9 +572,6 @@ case_tcpconn() {
     s1="$(inbound_conns mtls "$ip") $(inbound_conns plaintext "$ip")"
     read -r m0 p0 <<<"$s0"; read -r m1 p1 <<<"$s1"
     $HELPER put "$RES" "$t" tcpconn.inbound "mtls +$((m1 - m0)), plaintext +$((p1 - p0)) / ${n:-?} client conns"
-    if [[ $t == weft-mesh-mtls && -n $n && $((m1 - m0)) -lt $n ]]; then
-      WEFT_NOTE+="weft-mesh-mtls tcpconn: the callee accepted $((m1 - m0)) mTLS connections for $n client connections: not one handshake per connection; "
-    fi
   fi
 }
 

@@ -390,7 +390,7 @@ def check_monitoring(r: Rendered, tmp: Path) -> None:
     check({"targetLabel": "job", "replacement": "weft-control"} in ep["relabelings"], "job label")
     pm = r.get("PodMonitor")
     pep = pm["spec"]["podMetricsEndpoints"][0]
-    check(pep["port"] == "weft-admin" and {"targetLabel": "job", "replacement": "weft-proxy"}
+    check(pep["port"] == "weft-status" and {"targetLabel": "job", "replacement": "weft-proxy"}
           in pep["relabelings"], f"PodMonitor endpoint {pep}")
     check(pm["spec"]["namespaceSelector"] == {"any": True}, "PodMonitor namespaces")
     # The PrometheusRule carries alerts/weft-rules.yaml unchanged, and promtool accepts it.

@@ -450,7 +450,7 @@ async fn admission_reviews_for_every_pod_shape_patch_into_valid_pods() {
                     ("readinessProbe", "/app-health/api/readyz"),
                     ("startupProbe", "/app-health/api/startupz"),
                 ] {
-                    assert_eq!(api[probe]["httpGet"]["port"], 15000, "{probe}");
+                    assert_eq!(api[probe]["httpGet"]["port"], 15020, "{probe}");
                     assert_eq!(api[probe]["httpGet"]["path"], path, "{probe}");
                     assert!(
                         api[probe]["tcpSocket"].is_null() && api[probe]["grpc"].is_null(),
@@ -990,7 +990,8 @@ async fn an_injected_pod_joins_with_its_service_account_token_and_answers_its_pr
     let mut sidecar = weft_testkit::ProcessGuard::spawn("weft-proxy[pod]", cmd);
 
     // Refused: the token is ServiceAccount shop/payments, the pod's identity shop/web.
-    let admin = format!("http://{pod_ip}:15000");
+    // The kubelet and Prometheus reach the status port; the admin port is the pod's loopback's.
+    let admin = format!("http://{pod_ip}:15020");
     wait_until(
         DEFAULT_WAIT,
         "the control plane refuses the other ServiceAccount's token",
@@ -1068,8 +1069,27 @@ async fn an_injected_pod_joins_with_its_service_account_token_and_answers_its_pr
         "{}",
         sidecar.log_tail(20)
     );
+    // From outside the pod: metrics on the status port, but not what the proxy runs, and the
+    // admin port (127.0.0.1 inside the pod) is not reachable.
+    let metrics = weft_testkit::http_get(&format!("{admin}/metrics"))
+        .await
+        .expect("GET /metrics on the status port");
+    assert_eq!(metrics.status, 200, "{}", metrics.summary());
+    assert!(metrics.text().contains("weft_tls_handshakes_total"));
+    for path in ["/config_dump", "/log_level"] {
+        let r = weft_testkit::http_get(&format!("{admin}{path}"))
+            .await
+            .expect("GET on the status port");
+        assert_eq!(r.status, 404, "{path} on the status port: {}", r.summary());
+    }
+    assert!(
+        weft_testkit::http_get(&format!("http://{pod_ip}:15000/config_dump"))
+            .await
+            .is_err(),
+        "the admin port answered from outside the pod"
+    );
 
-    // The rewritten probes, as the kubelet calls them (the pod IP, the admin port), reach the
+    // The rewritten probes, as the kubelet calls them (the pod IP, the status port), reach the
     // app; with the app gone they fail.
     let app_container = container(&patched, "web");
     for probe in ["readinessProbe", "livenessProbe"] {
@@ -1089,7 +1109,7 @@ async fn an_injected_pod_joins_with_its_service_account_token_and_answers_its_pr
         .await;
     }
     app.stop();
-    let url = format!("http://{pod_ip}:15000/app-health/web/livez");
+    let url = format!("http://{pod_ip}:15020/app-health/web/livez");
     let r = weft_testkit::http_get(&url).await.expect("GET livez");
     assert_eq!(r.status, 503, "{}", r.summary());
     assert!(r.text().contains("8080"), "{}", r.summary());

@@ -1,5 +1,12 @@
 //! The admin HTTP server (bootstrap `admin`, default 127.0.0.1:15000): `/metrics`, `/ready`,
-//! `/live`, `/config_dump`. It runs on the control thread's runtime, never on the data path.
+//! `/live`, `/config_dump`, `/log_level`, `/app-health/`. It runs on the control thread's
+//! runtime, never on the data path.
+//!
+//! The optional status listener (bootstrap `status`, off by default; injected pods use
+//! 0.0.0.0:15020) is the same server restricted to [`Surface::Status`]: `/metrics`, `/ready`,
+//! `/live` and `/app-health/` only, read-only, for the kubelet and Prometheus. What a proxy runs
+//! (`/config_dump`) and changing its log level stay on the admin address, which then stays on
+//! loopback.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,16 +42,46 @@ pub struct AdminState {
     pub control_plane: Arc<crate::discovery::status::ControlPlaneStatus>,
 }
 
+/// Which paths a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Everything (the bootstrap `admin` address).
+    Admin,
+    /// `/metrics`, `/ready`, `/live`, `/app-health/` with GET or HEAD (the bootstrap `status`
+    /// address).
+    Status,
+}
+
+impl Surface {
+    /// Whether this surface serves `path`.
+    pub fn serves(self, path: &str) -> bool {
+        match self {
+            Surface::Admin => true,
+            Surface::Status => {
+                matches!(path, "/metrics" | "/ready" | "/live")
+                    || path.starts_with(crate::app_health::PATH_PREFIX)
+            }
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Surface::Admin => "admin",
+            Surface::Status => "status",
+        }
+    }
+}
+
 /// How long an admin client may take to send a request head (slowloris).
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves admin requests on `listener` forever.
-pub async fn serve(listener: TcpListener, state: AdminState) {
+/// Serves admin requests on `listener` forever, the paths of `surface` only.
+pub async fn serve(listener: TcpListener, state: AdminState, surface: Surface) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
+                tracing::warn!(error = %e, listener = surface.name(), "admin accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
@@ -58,7 +95,12 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 async move {
-                    let resp = if req.uri().path() == "/log_level" {
+                    let resp = if !surface.serves(req.uri().path()) {
+                        text(
+                            StatusCode::NOT_FOUND,
+                            "not served on the status port; try /metrics /ready /live\n",
+                        )
+                    } else if req.uri().path() == "/log_level" {
                         log_level(req, peer).await
                     } else if req.uri().path().starts_with(crate::app_health::PATH_PREFIX)
                         && matches!(*req.method(), Method::GET | Method::HEAD)
@@ -284,6 +326,24 @@ fn route_json(r: &v1::Route) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_surface_serves_probes_and_metrics_only() {
+        for path in ["/metrics", "/ready", "/live", "/app-health/web/livez"] {
+            assert!(Surface::Status.serves(path), "{path}");
+            assert!(Surface::Admin.serves(path), "{path}");
+        }
+        for path in [
+            "/config_dump",
+            "/log_level",
+            "/",
+            "/metricsx",
+            "/app-healthz",
+        ] {
+            assert!(!Surface::Status.serves(path), "{path}");
+            assert!(Surface::Admin.serves(path), "{path}");
+        }
+    }
 
     #[test]
     fn config_dump_has_versions_node_and_resources() {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use weft_proto::v1;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, Surface};
 use crate::config::Bootstrap;
 use crate::discovery::status::ControlPlaneStatus;
 use crate::discovery::{control_endpoint_from_file, ConfigApplier, Discovery};
@@ -36,6 +36,14 @@ pub enum StartError {
     #[error("admin: cannot bind {addr}: {source}")]
     AdminBind {
         /// The bootstrap `admin` address.
+        addr: std::net::SocketAddr,
+        /// I/O error.
+        source: std::io::Error,
+    },
+    /// The status address could not be bound.
+    #[error("status: cannot bind {addr}: {source}")]
+    StatusBind {
+        /// The bootstrap `status` address.
         addr: std::net::SocketAddr,
         /// I/O error.
         source: std::io::Error,
@@ -142,7 +150,20 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
             metrics.registry(),
         )?;
     }
-    let mesh_tls = Arc::new(MeshTls::new(metrics.security.clone()).map_err(StartError::Tls)?);
+    let mut mesh_tls = MeshTls::new(metrics.security.clone()).map_err(StartError::Tls)?;
+    if !bootstrap.tunnel.enabled {
+        // Peers' tunnel handshakes fail for lack of a common ALPN: they dial us directly.
+        mesh_tls = mesh_tls.without_tunnel_alpn().map_err(StartError::Tls)?;
+    }
+    let mesh_tls = Arc::new(mesh_tls);
+    let tunnel_metrics = crate::tunnel::metrics::TunnelMetrics::register(metrics.registry())
+        .map_err(|source| {
+            StartError::Metrics(crate::metrics::MetricsError::Register {
+                name: "weft_tunnel_connections",
+                source,
+            })
+        })?;
+    crate::tunnel::metrics::install(tunnel_metrics.clone());
     let token = bootstrap
         .join_token
         .clone()
@@ -154,6 +175,9 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
     if token.is_some() {
         // This proxy has a mesh identity: mesh endpoints are dialled with mTLS.
         tls::install_origination(Arc::clone(&mesh_tls));
+        if bootstrap.tunnel.enabled {
+            crate::tunnel::install(Arc::clone(&mesh_tls), &bootstrap.tunnel, tunnel_metrics);
+        }
     } else {
         tracing::warn!("no join_token: running without a mesh identity: calls to mesh endpoints that expect mTLS are refused (503), only plaintext endpoints outside the mesh and mtls: disabled services can be called, and the control plane must run with --insecure-grpc to accept this proxy");
     }
@@ -188,6 +212,15 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         addr: bootstrap.admin,
         source,
     })?;
+    let status_limit = connection_limits.limit("status", crate::conn_limit::ADMIN_MAX_CONNECTIONS);
+    let status_sock = bootstrap
+        .status
+        .map(|addr| {
+            listen::bind(addr)
+                .map(|sock| (addr, sock, status_limit))
+                .map_err(|source| StartError::StatusBind { addr, source })
+        })
+        .transpose()?;
     let draining = Arc::new(AtomicBool::new(false));
     let admin_state = AdminState {
         limit: connection_limits.limit("admin", crate::conn_limit::ADMIN_MAX_CONNECTIONS),
@@ -202,8 +235,10 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
         Arc::clone(&listeners),
         metrics.clone(),
     );
+    let apply_metrics = crate::discovery::ApplyMetrics::register(metrics.registry())?;
     let applier = ConfigApplier::new(Arc::clone(&store), Arc::clone(&listeners), metrics)
-        .with_trust(Arc::clone(mesh_tls.trust()));
+        .with_trust(Arc::clone(mesh_tls.trust()))
+        .with_apply_metrics(apply_metrics);
     let mut discovery =
         Discovery::with_control_planes(bootstrap.control_plane.clone(), node.clone(), applier)
             .with_control_plane_ca(bootstrap.control_plane_ca.clone())
@@ -238,8 +273,13 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
             },
         )
     });
+    // Its blocking threads build snapshots (`discovery`): named so they count as the control
+    // thread's work (benches/config_size.sh reads threads named `weft-control*`), and kept
+    // between pushes however far apart rather than restarted after 10 s idle.
     let control_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .thread_name("weft-control-bg")
+        .thread_keep_alive(Duration::from_secs(24 * 3600))
         .build()
         .map_err(|source| StartError::Runtime {
             which: "control",
@@ -261,7 +301,20 @@ pub fn run(bootstrap: &Bootstrap) -> Result<(), StartError> {
                 match tokio::net::TcpListener::from_std(admin_sock) {
                     Ok(sock) => {
                         tracing::info!(addr = %admin_addr, "admin listening");
-                        tokio::spawn(admin::serve(sock, admin_state));
+                        if let Some((addr, status_sock, limit)) = status_sock {
+                            match tokio::net::TcpListener::from_std(status_sock) {
+                                Ok(sock) => {
+                                    tracing::info!(%addr, "status listening");
+                                    let state = AdminState {
+                                        limit,
+                                        ..admin_state.clone()
+                                    };
+                                    tokio::spawn(admin::serve(sock, state, Surface::Status));
+                                }
+                                Err(e) => tracing::error!(error = %e, "status listener unusable"),
+                            }
+                        }
+                        tokio::spawn(admin::serve(sock, admin_state, Surface::Admin));
                     }
                     Err(e) => tracing::error!(error = %e, "admin listener unusable"),
                 }

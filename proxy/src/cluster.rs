@@ -493,14 +493,27 @@ impl Cluster {
             })
         });
         let weights: Vec<u32> = eps.iter().map(|e| e.weight).collect();
-        let keys: Vec<String> = eps.iter().map(|e| e.addr.to_string()).collect();
+        // Only a ring places endpoints by a key.
+        let keys: Vec<String> = if policy == Policy::RingHash {
+            eps.iter().map(|e| e.addr.to_string()).collect()
+        } else {
+            Vec::new()
+        };
         let loads = eps.iter().map(|e| Arc::clone(&e.load)).collect();
         let breaker = BreakerLimits::from_proto(proto.breaker.as_ref());
-        state.breaker.publish_limits(&breaker);
+        state.metrics.publish_limits(&breaker.max);
         state.connections.set_max(breaker.get(Limit::Connections));
+        // Without a check the checker needs no targets (it keeps none: 6,500 endpoints of a
+        // large scope would be held twice for nothing).
+        let checked = if health_check.is_some() {
+            eps.as_slice()
+        } else {
+            &[]
+        };
         state.health.update(
             health_check.clone(),
-            eps.iter()
+            checked
+                .iter()
                 .map(|e| Target {
                     addr: e.addr,
                     health: Arc::clone(&e.health),

@@ -49,6 +49,11 @@ pub struct Bootstrap {
     /// Admin HTTP address.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
+    /// Optional status address: a second, read-only listener serving only `/metrics`, `/ready`,
+    /// `/live` and `/app-health/` (for the kubelet and Prometheus), so that `admin` (with
+    /// `/config_dump`) can stay on loopback. Off by default.
+    #[serde(default)]
+    pub status: Option<SocketAddr>,
     /// Control-plane gRPC URL(s): one URL, or a list of the replicas' URLs, tried in order
     /// (every address of each URL's host; see `crate::discovery::targets`).
     #[serde(
@@ -96,6 +101,10 @@ pub struct Bootstrap {
     /// mode (the app calls the sidecar's own ports).
     #[serde(default)]
     pub transparent: Option<TransparentConfig>,
+    /// Pooled mTLS tunnels between sidecars for TCP (see [`crate::tunnel`]); on by default,
+    /// `tunnel: {enabled: false}` or `WEFT_TUNNEL=off` switches it off.
+    #[serde(default)]
+    pub tunnel: crate::tunnel::TunnelConfig,
 }
 
 /// `transparent:` of the bootstrap.
@@ -429,6 +438,14 @@ impl Bootstrap {
             source,
         })?;
         let mut b = Self::parse(&text, &path.display().to_string())?;
+        let tunnel_env = std::env::var(crate::tunnel::ENV).ok();
+        b.tunnel
+            .apply_env(tunnel_env.as_deref())
+            .map_err(|reason| BootstrapError::Invalid {
+                path: crate::tunnel::ENV.to_owned(),
+                field: "tunnel.enabled",
+                reason,
+            })?;
         if let Ok(env) = std::env::var(WORKER_THREADS_ENV) {
             b.worker_threads =
                 Some(
@@ -489,6 +506,9 @@ impl Bootstrap {
         if let Some(Err((field, reason))) = b.transparent.as_ref().map(TransparentConfig::validate)
         {
             return Err(invalid(field, reason));
+        }
+        if let Err(reason) = b.tunnel.validate() {
+            return Err(invalid("tunnel", reason));
         }
         if let Err(reason) = validate_control_planes(&b.control_plane) {
             return Err(invalid("control_plane", reason));

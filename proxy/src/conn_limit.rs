@@ -29,7 +29,7 @@ impl RefusalMetrics {
         let refused = IntCounterVec::new(
             Opts::new(
                 "weft_listener_connections_refused_total",
-                "Connections closed at accept because the listener's connection cap was reached; direction=inbound|outbound|admin",
+                "Connections closed at accept because the listener's connection cap was reached; direction=inbound|outbound|admin|status",
             ),
             &["direction"],
         )?;

@@ -16,6 +16,7 @@
 //! mesh is pushed nothing. Meanwhile the last snapshot keeps serving: the data path never waits
 //! for the control plane. [`status`] exports where the client is and why it reconnected.
 
+pub mod apply_metrics;
 pub mod backoff;
 pub mod status;
 pub mod targets;
@@ -39,6 +40,7 @@ use crate::tls::certs::CertStore;
 use crate::tls::control::{control_endpoint, discovery_endpoint};
 use crate::tls::trust::TrustStore;
 
+pub use apply_metrics::ApplyMetrics;
 pub use backoff::Backoff;
 use status::{ControlPlaneStatus, Reason};
 use targets::{Lookup, Rotation, Target};
@@ -86,12 +88,20 @@ impl std::fmt::Display for ErrorChain<'_> {
 }
 
 /// Applies discovery responses: build, validate, bind, swap, account.
+///
+/// The held resource sets not carried by a response are copied into the new snapshot's (the
+/// carried ones are moved from the response), and [`Snapshot::build`] reuses what did not
+/// change from the current snapshot (clusters, route tables and routes, policies, trust), so an
+/// endpoint change rebuilds the changed clusters and the routes to them only. The replaced
+/// snapshot is released on the control thread ([`retire`]), not by the last request that held
+/// it on the data path.
 pub struct ConfigApplier {
     store: Arc<SnapshotStore>,
     /// Receives the `TRUST` resource when it changes.
     trust: Option<Arc<TrustStore>>,
     listeners: Arc<Mutex<ListenerManager>>,
     metrics: Metrics,
+    apply_metrics: ApplyMetrics,
 }
 
 impl ConfigApplier {
@@ -106,7 +116,15 @@ impl ConfigApplier {
             trust: None,
             listeners,
             metrics,
+            apply_metrics: ApplyMetrics::unregistered(),
         }
+    }
+
+    /// Records every apply in `metrics` (registered by the caller).
+    #[must_use]
+    pub fn with_apply_metrics(mut self, metrics: ApplyMetrics) -> Self {
+        self.apply_metrics = metrics;
+        self
     }
 
     /// Also installs applied `TRUST` resources into `trust` (mTLS verification).
@@ -127,33 +145,52 @@ impl ConfigApplier {
 
     /// Applies `resp`; returns the ACK or NACK to send.
     pub fn apply(&self, resp: &v1::DiscoveryResponse) -> v1::DiscoveryRequest {
-        let kinds = carried(resp);
+        self.apply_owned(resp.clone())
+    }
+
+    /// Applies `resp`, moving its sets into the new snapshot; returns the ACK or NACK to send.
+    /// Blocking (builds the snapshot): the discovery client runs it off its runtime's thread.
+    pub fn apply_owned(&self, resp: v1::DiscoveryResponse) -> v1::DiscoveryRequest {
+        let started = Instant::now();
+        self.apply_metrics
+            .received_bytes
+            .inc_by(prost::Message::encoded_len(&resp) as u64);
+        let kinds = carried(&resp);
+        let nonce = resp.nonce.clone();
         let current = self.store.load_full();
-        let old_versions = current
-            .as_ref()
-            .map(|s| s.resources.clone())
-            .unwrap_or_default();
+        let old_versions: Vec<Option<String>> = kinds
+            .iter()
+            .map(|(k, _)| {
+                current
+                    .as_ref()
+                    .and_then(|s| s.resources.version(*k))
+                    .map(str::to_owned)
+            })
+            .collect();
         let result = self.try_apply(resp, current.as_deref());
+        self.apply_metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(old) = current.filter(|_| result.is_ok()) {
+            retire(old);
+        }
         let acked = result.is_ok();
-        for (kind, version) in &kinds {
+        for ((kind, version), old) in kinds.iter().zip(&old_versions) {
             self.metrics.config_update(kind.as_str(), acked);
             if acked {
                 self.metrics
-                    .config_version(kind.as_str(), old_versions.version(*kind), version);
+                    .config_version(kind.as_str(), old.as_deref(), version);
             }
         }
         let kind = match result {
             Ok(versions) => {
-                tracing::info!(nonce = %resp.nonce, ?kinds, "config applied");
-                Kind::Ack(v1::Ack {
-                    nonce: resp.nonce.clone(),
-                    versions,
-                })
+                tracing::info!(%nonce, ?kinds, "config applied");
+                Kind::Ack(v1::Ack { nonce, versions })
             }
             Err(reason) => {
-                tracing::warn!(nonce = %resp.nonce, %reason, "config rejected; keeping the old one");
+                tracing::warn!(%nonce, %reason, "config rejected; keeping the old one");
                 Kind::Nack(v1::Nack {
-                    nonce: resp.nonce.clone(),
+                    nonce,
                     error: reason,
                     rejected: kinds
                         .into_iter()
@@ -170,14 +207,12 @@ impl ConfigApplier {
 
     fn try_apply(
         &self,
-        resp: &v1::DiscoveryResponse,
+        resp: v1::DiscoveryResponse,
         current: Option<&Snapshot>,
     ) -> Result<Vec<v1::TypeVersion>, String> {
-        let held = current
-            .map(|s| &s.resources)
-            .cloned()
-            .unwrap_or_else(Resources::default);
-        let resources = held.merge(resp);
+        let trust_carried = resp.trust.is_some();
+        let log_level = resp.listeners.as_ref().map(|l| l.log_level.clone());
+        let resources = Resources::merged(current.map(|s| &s.resources), resp);
         let snapshot =
             Snapshot::build(resources, current, &self.metrics).map_err(|e| nack_reason(&e))?;
         // The lock is held only for binding and bookkeeping; nothing here awaits.
@@ -189,14 +224,54 @@ impl ConfigApplier {
         let snapshot = Arc::new(snapshot);
         self.store.store(Some(Arc::clone(&snapshot)));
         listeners.commit(prepared, &snapshot);
-        if let (Some(store), Some(bundle), Some(_)) = (&self.trust, &snapshot.trust, &resp.trust) {
+        if let (Some(store), Some(bundle), true) = (&self.trust, &snapshot.trust, trust_carried) {
             store.set_discovery(bundle);
         }
-        if let Some(listeners) = &resp.listeners {
-            crate::log_level::from_control_plane(&listeners.log_level);
+        if let Some(level) = &log_level {
+            crate::log_level::from_control_plane(level);
         }
         Ok(snapshot.resources.type_versions())
     }
+}
+
+/// Nice value of the threads that build snapshots: below the data path's (0), so on a busy
+/// machine the scheduler runs request work first and a build takes the time left over.
+const BUILD_NICE: i32 = 10;
+
+/// Lowers the calling (blocking-pool) thread's priority to [`BUILD_NICE`], once per thread. On
+/// Linux a thread id given to `setpriority(PRIO_PROCESS)` names that thread alone.
+fn yield_to_the_data_path() {
+    thread_local! {
+        static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if LOWERED.with(|l| l.replace(true)) {
+        return;
+    }
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), BUILD_NICE)
+    {
+        tracing::debug!(error = %e, "could not lower the snapshot builder's priority");
+    }
+}
+
+/// How long a replaced snapshot is waited for before the control thread lets it go wherever
+/// its last holder is.
+const RETIRE_WAIT: Duration = Duration::from_secs(5);
+
+/// Releases a replaced snapshot on the control runtime once nothing else holds it: requests in
+/// flight when it was replaced hold it, and dropping a snapshot of thousands of services (its
+/// clusters, route tables, resource sets) in the last one's task would stall the data path.
+/// Checked every 20 ms, for at most [`RETIRE_WAIT`]; without a runtime (tests) dropped here.
+fn retire(old: Arc<Snapshot>) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let deadline = Instant::now() + RETIRE_WAIT;
+        while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(old);
+    });
 }
 
 /// The control-plane endpoint for `url`, reading the CA PEM from `ca` when given.
@@ -263,7 +338,7 @@ pub struct Discovery {
     /// When set, the first response is applied only once this store holds a certificate.
     wait_for_cert: Option<Arc<CertStore>>,
     node: v1::Node,
-    applier: ConfigApplier,
+    applier: Arc<ConfigApplier>,
     status: Arc<ControlPlaneStatus>,
 }
 
@@ -283,7 +358,7 @@ impl Discovery {
             control_plane_ca: None,
             wait_for_cert: None,
             node,
-            applier,
+            applier: Arc::new(applier),
             status,
         }
     }
@@ -413,7 +488,20 @@ impl Discovery {
         tracing::info!(url = %target.url, addr = %target.addr, held = self.applier.held().len(), "discovery stream open");
         while let Some(resp) = responses.message().await? {
             progress.got_response = true;
-            let reply = self.applier.apply(&resp);
+            // The build is CPU work of up to hundreds of milliseconds at thousands of
+            // services: off this runtime's thread, which also serves the admin port and runs
+            // health checks and DNS refreshes. Responses are still applied one at a time.
+            let applier = Arc::clone(&self.applier);
+            let reply = tokio::task::spawn_blocking(move || {
+                yield_to_the_data_path();
+                applier.apply_owned(resp)
+            })
+            .await
+            .map_err(|e| {
+                DiscoveryError::Stream(tonic::Status::internal(format!(
+                    "applying a discovery response failed: {e}"
+                )))
+            })?;
             tx.send(reply)
                 .await
                 .map_err(|_| DiscoveryError::SendClosed)?;

@@ -79,4 +79,5 @@ pub mod snapshot;
 pub mod tcp;
 pub mod tls;
 pub mod transparent;
+pub mod tunnel;
 pub mod upstream;

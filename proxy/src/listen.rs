@@ -217,7 +217,7 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 // Past the cap the connection is closed here (dropped), before any task exists.
                 if let Some(slot) = limit.try_acquire(&name) {
-                    dispatch(stream, peer, addr, &plane, &drain, slot);
+                    dispatch(stream, peer, addr, &plane, &drain, slot, &limit);
                 }
             }
             Err(e) => {
@@ -236,6 +236,7 @@ fn dispatch(
     plane: &DataPlane,
     drain: &DrainWatch,
     slot: OwnedSemaphorePermit,
+    limit: &ConnectionLimit,
 ) {
     let listener = plane
         .store
@@ -270,6 +271,7 @@ fn dispatch(
     if listener.direction == Direction::Inbound {
         // Peers' sidecars (mTLS) or plaintext clients, as the listener's mode allows.
         let plane = plane.clone();
+        let limit = limit.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let Some(conn) =
@@ -277,6 +279,12 @@ fn dispatch(
             else {
                 return;
             };
+            if conn.tunnel {
+                // A peer sidecar's pooled tunnel connection: each stream is one TCP
+                // connection of this listener (its own slot of the cap, like one accepted).
+                serve_tunnel(conn, peer, listener, &plane, limit, drain, timeout).await;
+                return;
+            }
             match &listener.kind {
                 ListenerKind::Http(_) => {
                     let service = HttpProxy::new(Arc::clone(&plane.store), Arc::clone(&listener))
@@ -311,4 +319,47 @@ fn dispatch(
             });
         }
     }
+}
+
+/// Serves a tunnel connection (`conn` negotiated `weft-tunnel`) accepted by `listener` from
+/// `source`: each stream goes where the listener's TCP connections go in the snapshot current
+/// when it opens. An HTTP listener carries no tunnel (callers tunnel only to TCP clusters'
+/// endpoints): the connection is closed.
+async fn serve_tunnel(
+    conn: inbound::InboundConn,
+    source: SocketAddr,
+    listener: Arc<crate::snapshot::Listener>,
+    plane: &DataPlane,
+    limit: ConnectionLimit,
+    drain: DrainWatch,
+    drain_timeout: Duration,
+) {
+    let (ListenerKind::Tcp { .. }, Some(peer)) = (&listener.kind, conn.peer) else {
+        tracing::info!(listener = %listener.name, "tunnel connection to a listener that is not TCP; closing");
+        return;
+    };
+    let (store, addr) = (Arc::clone(&plane.store), listener.addr);
+    let resolve: crate::tunnel::server::Resolve = Arc::new(move || {
+        let listener = store.load().as_ref()?.listeners.get(&addr)?.clone();
+        let ListenerKind::Tcp { cluster, metrics } = &listener.kind else {
+            return None;
+        };
+        Some(crate::tunnel::server::StreamTarget {
+            upstream: tcp::Upstream::Cluster(Arc::clone(cluster)),
+            metrics: metrics.clone(),
+            listener: Arc::clone(&listener),
+        })
+    });
+    let limit = Some((limit, Arc::clone(&listener.name)));
+    crate::tunnel::server::serve(
+        conn.io,
+        peer,
+        Arc::clone(plane.tls.trust()),
+        Some(source),
+        resolve,
+        limit,
+        drain,
+        drain_timeout,
+    )
+    .await;
 }

@@ -165,6 +165,9 @@ fn bootstrap_from_env(
                 .map_err(|e| format!("{}: {e}", weft_proxy::config::WORKER_THREADS_ENV))?,
         );
     }
+    bootstrap
+        .tunnel
+        .apply_env(lookup(weft_proxy::tunnel::ENV).as_deref())?;
     if let Some(pem) = lookup(CONTROL_PLANE_CA_ENV) {
         let path = bootstrap.control_plane_ca.as_ref().ok_or_else(|| {
             format!("{CONTROL_PLANE_CA_ENV} is set but the bootstrap has no control_plane_ca path to write it to")

@@ -36,7 +36,15 @@ use crate::snapshot::Rejection;
 pub struct RouteTable {
     /// Table name.
     pub name: Arc<str>,
-    routes: Box<[Route]>,
+    /// Shared with the next snapshot's table when unchanged ([`RouteTable::build_reusing`]).
+    routes: Box<[Arc<Route>]>,
+    /// Depends on the routes' hosts only: shared while every route's proto is unchanged.
+    index: Arc<HostIndex>,
+}
+
+/// Which routes may match a host.
+#[derive(Debug)]
+struct HostIndex {
     /// Exact host -> indices into `routes` that may match it, in order.
     by_host: HashMap<Box<str>, Box<[u32]>>,
     /// Indices of routes with wildcard hosts or no hosts, in order.
@@ -71,7 +79,8 @@ pub struct Destination {
     /// The cluster.
     pub cluster: Arc<Cluster>,
     metrics: OnceLock<Arc<RequestMetrics>>,
-    family: Metrics,
+    /// Shared by the routes of one table build (a `Metrics` is a few hundred bytes of handles).
+    family: Arc<Metrics>,
     direction: &'static str,
     route: Arc<str>,
 }
@@ -170,23 +179,72 @@ impl RouteTable {
         metrics: &Metrics,
         direction: &'static str,
     ) -> Result<Self, Vec<Rejection>> {
+        Self::build_reusing(table, clusters, metrics, direction, None)
+    }
+
+    /// [`RouteTable::build`], taking over from `previous` (a table built by the previous
+    /// snapshot for a listener of the same direction, with the proto it was built from) every
+    /// route whose proto is equal and whose clusters (destinations, mirror) are the same
+    /// `Arc`s in `clusters`, and the host index when every route's proto is equal. The caller
+    /// passes `previous` only when `metrics` is the family `previous` was built with.
+    pub fn build_reusing(
+        table: &v1::RouteTable,
+        clusters: &HashMap<Arc<str>, Arc<Cluster>>,
+        metrics: &Metrics,
+        direction: &'static str,
+        previous: Option<(&v1::RouteTable, &RouteTable)>,
+    ) -> Result<Self, Vec<Rejection>> {
+        // Position i of a built table is route i of its proto (a table is built whole or not).
+        let previous = previous.filter(|(p, t)| p.routes.len() == t.routes.len());
         let mut errors = Vec::new();
         let mut routes = Vec::with_capacity(table.routes.len());
+        // The family of the routes built here, made on the first one.
+        let mut family: Option<Arc<Metrics>> = None;
+        // Every route's proto equal to the previous one's: the host index is still right.
+        let mut same_protos =
+            previous.is_some_and(|(proto, _)| proto.routes.len() == table.routes.len());
         for (i, r) in table.routes.iter().enumerate() {
-            match Route::build(&table.name, i, r, clusters, metrics, direction) {
-                Ok(route) => routes.push(route),
+            let kept = previous.and_then(|(proto, built)| {
+                let equal = proto.routes.get(i) == Some(r);
+                same_protos &= equal;
+                let old = built.routes.get(i)?;
+                (equal && old.same_clusters(r, clusters)).then(|| Arc::clone(old))
+            });
+            if let Some(old) = kept {
+                routes.push(old);
+                continue;
+            }
+            let family = family.get_or_insert_with(|| Arc::new(metrics.clone()));
+            match Route::build(&table.name, i, r, clusters, metrics, family, direction) {
+                Ok(route) => routes.push(Arc::new(route)),
                 Err(mut e) => errors.append(&mut e),
             }
         }
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Self::index(table.name.as_str().into(), routes))
+        let index = match previous {
+            Some((_, built)) if same_protos => Arc::clone(&built.index),
+            _ => Arc::new(HostIndex::of(&routes)),
+        };
+        Ok(Self {
+            name: table.name.as_str().into(),
+            routes: routes.into(),
+            index,
+        })
     }
 
-    fn index(name: Arc<str>, routes: Vec<Route>) -> Self {
+    /// Whether `self` and `other` share route `i` (tests of the reuse).
+    #[cfg(test)]
+    pub(crate) fn shares_route(&self, other: &RouteTable, i: usize) -> bool {
+        Arc::ptr_eq(&self.routes[i], &other.routes[i])
+    }
+}
+
+impl HostIndex {
+    fn of(routes: &[Arc<Route>]) -> Self {
         let mut by_host: HashMap<Box<str>, Vec<u32>> = HashMap::new();
-        for r in &routes {
+        for r in routes {
             for h in r.hosts.iter() {
                 if let HostPattern::Exact(h) = h {
                     by_host.entry(h.clone()).or_default();
@@ -235,26 +293,27 @@ impl RouteTable {
             }
         }
         Self {
-            name,
-            routes: routes.into(),
             by_host: by_host.into_iter().map(|(k, v)| (k, v.into())).collect(),
             fallback: fallback.into(),
         }
     }
+}
 
+impl RouteTable {
     /// The first route matching `req`, in declared order.
     pub fn find(&self, req: &RequestInfo<'_>) -> Option<&Route> {
         // Parsed on first use by a route with query conditions, then shared by the rest.
         let mut query = QueryParams::new(req.query);
-        match self.by_host.get(req.host) {
+        match self.index.by_host.get(req.host) {
             Some(candidates) => candidates
                 .iter()
-                .map(|&i| &self.routes[i as usize])
+                .map(|&i| &*self.routes[i as usize])
                 .find(|r| r.matches_rest(req, &mut query)),
             None => self
+                .index
                 .fallback
                 .iter()
-                .map(|&i| &self.routes[i as usize])
+                .map(|&i| &*self.routes[i as usize])
                 .find(|r| r.matches_host(req.host) && r.matches_rest(req, &mut query)),
         }
     }
@@ -271,12 +330,26 @@ impl RouteTable {
 }
 
 impl Route {
+    /// Whether every cluster this route (built from a proto equal to `proto`) holds is the
+    /// cluster of that name in `clusters` (its destinations; a route that mirrors never is).
+    fn same_clusters(&self, proto: &v1::Route, clusters: &HashMap<Arc<str>, Arc<Cluster>>) -> bool {
+        let same = |c: &Arc<Cluster>| {
+            clusters
+                .get(&*c.name)
+                .is_some_and(|now| Arc::ptr_eq(now, c))
+        };
+        // A mirror's cluster is not visible from here: a route that mirrors is rebuilt.
+        let mirror = proto.filters.as_ref().is_none_or(|f| f.mirror.is_none());
+        mirror && self.destinations.items().all(|d| same(&d.cluster))
+    }
+
     fn build(
         table: &str,
         index: usize,
         r: &v1::Route,
         clusters: &HashMap<Arc<str>, Arc<Cluster>>,
         metrics: &Metrics,
+        family: &Arc<Metrics>,
         direction: &'static str,
     ) -> Result<Self, Vec<Rejection>> {
         let label = if r.name.is_empty() {
@@ -499,7 +572,7 @@ impl Route {
                         metrics: metrics
                             .live_request_metrics(direction, &name, &c.name)
                             .map_or_else(OnceLock::new, OnceLock::from),
-                        family: metrics.clone(),
+                        family: Arc::clone(family),
                         direction,
                         route: name.clone(),
                     },
@@ -715,15 +788,15 @@ mod tests {
             .map(|(i, hosts)| route(&format!("r{i}"), hosts, "a"))
             .collect();
         let t = table(routes);
-        assert!(!t.by_host.is_empty());
-        for (host, list) in &t.by_host {
+        assert!(!t.index.by_host.is_empty());
+        for (host, list) in &t.index.by_host {
             let want: Vec<u32> = (0..t.routes.len() as u32)
                 .filter(|&i| t.routes[i as usize].matches_host(host))
                 .collect();
             assert_eq!(&**list, &want[..], "host {host}");
         }
         let fallback: Vec<u32> = vec![1, 2, 4, 5, 7];
-        assert_eq!(&*t.fallback, &fallback[..]);
+        assert_eq!(&*t.index.fallback, &fallback[..]);
     }
 
     fn with_path(mut r: v1::Route, kind: v1::path_match::Kind) -> v1::Route {

@@ -143,6 +143,27 @@ impl Resources {
         }
     }
 
+    /// The sets `resp` carries (moved out of it) and, for the types it does not carry, copies
+    /// of `held`'s: what a push leaves the proxy holding, with one copy of the unchanged sets.
+    pub fn merged(held: Option<&Resources>, resp: v1::DiscoveryResponse) -> Self {
+        Self {
+            listeners: resp
+                .listeners
+                .or_else(|| held.and_then(|h| h.listeners.clone())),
+            routes: resp.routes.or_else(|| held.and_then(|h| h.routes.clone())),
+            clusters: resp
+                .clusters
+                .or_else(|| held.and_then(|h| h.clusters.clone())),
+            endpoints: resp
+                .endpoints
+                .or_else(|| held.and_then(|h| h.endpoints.clone())),
+            policies: resp
+                .policies
+                .or_else(|| held.and_then(|h| h.policies.clone())),
+            trust: resp.trust.or_else(|| held.and_then(|h| h.trust.clone())),
+        }
+    }
+
     /// The version held for `kind`, if any.
     pub fn version(&self, kind: ResourceKind) -> Option<&str> {
         match kind {
@@ -374,6 +395,14 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles and validates `resources`, reusing long-lived cluster state of `previous`.
     ///
+    /// What did not change since `previous` is reused rather than rebuilt: a cluster whose proto
+    /// and endpoint list are equal (and that has no DNS endpoints or TLS origination, which are
+    /// re-read at every build) is the same `Arc<Cluster>`; a route whose proto is equal and whose
+    /// destinations are those same clusters is the same `Arc<Route>` (a table whose protos are
+    /// all equal keeps its host index too); equal policy and trust sets keep their compiled
+    /// forms. An endpoint change of one service therefore rebuilds that cluster and the routes
+    /// to it. The result is a new snapshot all the same, swapped in whole.
+    ///
     /// Outbound request metrics carry their cluster's `tls` / `peer` ([`outbound_peer_labels`]),
     /// mTLS only if this proxy has a mesh identity (`tls::origination`, installed at start
     /// before any snapshot is built).
@@ -401,17 +430,29 @@ impl Snapshot {
         let clusters = build_clusters(&resources, previous, metrics, &mut errors);
         // Every request handle of this snapshot (route destinations resolve theirs lazily) knows
         // the transport of its destination cluster.
-        let metrics = &metrics.for_clusters(
-            clusters
-                .values()
-                .map(|c| (Arc::clone(&c.name), outbound_peer_labels(c, has_identity))),
-        );
-        let policies = build_policies(resources.policies.as_ref()).unwrap_or_else(|mut e| {
-            errors.append(&mut e);
-            Policies::new()
-        });
+        let peers: HashMap<Arc<str>, PeerLabels> = clusters
+            .values()
+            .map(|c| (Arc::clone(&c.name), outbound_peer_labels(c, has_identity)))
+            .collect();
+        // Routes are reused only with the family they were built with: one whose transports
+        // changed rebuilds them all, so no old family outlives its snapshot in kept routes.
+        let kept_family = previous.filter(|p| p.metrics.has_cluster_peers(metrics, &peers));
+        let metrics = &match kept_family {
+            Some(p) => p.metrics.clone(),
+            None => metrics.for_clusters(peers),
+        };
+        let policies = match previous.filter(|p| p.resources.policies == resources.policies) {
+            Some(p) => p.policies.clone(),
+            None => build_policies(resources.policies.as_ref()).unwrap_or_else(|mut e| {
+                errors.append(&mut e);
+                Policies::new()
+            }),
+        };
         let trust = match &resources.trust {
             None => None,
+            Some(t) if previous.is_some_and(|p| p.resources.trust.as_ref() == Some(t)) => {
+                previous.and_then(|p| p.trust.clone())
+            }
             Some(t) => match TrustBundle::from_pem(&t.trust_domain, &t.roots_pem) {
                 Ok(b) => Some(Arc::new(b)),
                 Err(e) => {
@@ -420,6 +461,8 @@ impl Snapshot {
                 }
             },
         };
+        // The tables `previous` built, with their protos, for `RouteTable::build_reusing`.
+        let reusable = kept_family.map(PreviousTables::of).unwrap_or_default();
         let tables: HashMap<&str, &v1::RouteTable> = resources
             .routes
             .iter()
@@ -506,7 +549,14 @@ impl Snapshot {
                             continue;
                         };
                         referenced.insert(l.route_table.as_str());
-                        match RouteTable::build(t, &clusters, metrics, direction.as_str()) {
+                        let prev = reusable.get(t.name.as_str(), direction.as_str());
+                        match RouteTable::build_reusing(
+                            t,
+                            &clusters,
+                            metrics,
+                            direction.as_str(),
+                            prev,
+                        ) {
                             Ok(t) => Some(t),
                             Err(mut e) => {
                                 errors.append(&mut e);
@@ -622,7 +672,8 @@ impl Snapshot {
             .values()
             .filter(|t| !referenced.contains(t.name.as_str()))
         {
-            match RouteTable::build(t, &clusters, metrics, "outbound") {
+            let prev = reusable.get(t.name.as_str(), "outbound");
+            match RouteTable::build_reusing(t, &clusters, metrics, "outbound", prev) {
                 Ok(built) => {
                     detached.insert(Arc::from(t.name.as_str()), Arc::new(built));
                 }
@@ -697,6 +748,57 @@ pub fn outbound_peer_labels(cluster: &Cluster, has_identity: bool) -> PeerLabels
     )
 }
 
+/// The route tables a snapshot built, by (name, direction), with the protos they were built
+/// from.
+#[derive(Default)]
+struct PreviousTables<'a> {
+    built: HashMap<(&'a str, &'static str), (&'a v1::RouteTable, &'a RouteTable)>,
+}
+
+impl<'a> PreviousTables<'a> {
+    fn of(s: &'a Snapshot) -> Self {
+        let protos: HashMap<&str, &v1::RouteTable> = s
+            .resources
+            .routes
+            .iter()
+            .flat_map(|r| &r.tables)
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        let mut built = HashMap::new();
+        let listener_tables = s.listeners.values().filter_map(|l| match &l.kind {
+            ListenerKind::Http(h) => h.routes.as_ref().map(|t| (t, l.direction.as_str())),
+            ListenerKind::Tcp { .. } => None,
+        });
+        let detached = s.tables.values().map(|t| (&**t, "outbound"));
+        for (table, direction) in listener_tables.chain(detached) {
+            if let Some(proto) = protos.get(&*table.name) {
+                built.insert((proto.name.as_str(), direction), (*proto, table));
+            }
+        }
+        Self { built }
+    }
+
+    fn get(
+        &self,
+        name: &str,
+        direction: &'static str,
+    ) -> Option<(&'a v1::RouteTable, &'a RouteTable)> {
+        self.built.get(&(name, direction)).copied()
+    }
+}
+
+/// Whether a cluster built from `proto` and `endpoints` can be `previous`' cluster as is: the
+/// same inputs, and none that a build reads from elsewhere (DNS answers, certificate files).
+fn reusable_cluster(
+    proto: &v1::Cluster,
+    endpoints: &[v1::Endpoint],
+    previous: Option<(&v1::Cluster, &[v1::Endpoint])>,
+) -> bool {
+    proto.dns_endpoints.is_empty()
+        && proto.upstream_tls.is_none()
+        && previous.is_some_and(|(p, e)| p == proto && e == endpoints)
+}
+
 fn build_clusters(
     resources: &Resources,
     previous: Option<&Snapshot>,
@@ -716,16 +818,55 @@ fn build_clusters(
             ));
         }
     }
+    // What `previous`' clusters were built from.
+    let (prev_protos, prev_endpoints) = match previous {
+        Some(p) => (
+            p.resources
+                .clusters
+                .iter()
+                .flat_map(|s| &s.clusters)
+                .map(|c| (c.name.as_str(), c))
+                .collect(),
+            p.resources
+                .endpoints
+                .iter()
+                .flat_map(|s| &s.clusters)
+                .map(|ce| (ce.cluster.as_str(), ce.endpoints.as_slice()))
+                .collect(),
+        ),
+        None => (HashMap::new(), HashMap::new()),
+    };
     let mut clusters = HashMap::new();
     for c in resources.clusters.iter().flat_map(|s| &s.clusters) {
         if c.name.is_empty() {
             errors.push(Rejection::new("cluster \"\"", "name", "must not be empty"));
             continue;
         }
-        let prev = previous
-            .and_then(|p| p.clusters.get(c.name.as_str()))
-            .map(|c| &**c);
+        let prev_arc = previous.and_then(|p| p.clusters.get(c.name.as_str()));
+        let prev = prev_arc.map(|c| &**c);
         let eps = endpoints.get(c.name.as_str()).copied().unwrap_or_default();
+        let built_from = prev_protos.get(c.name.as_str()).map(|p: &&v1::Cluster| {
+            (
+                *p,
+                prev_endpoints
+                    .get(c.name.as_str())
+                    .copied()
+                    .unwrap_or_default(),
+            )
+        });
+        if let Some(kept) = prev_arc.filter(|_| reusable_cluster(c, eps, built_from)) {
+            if clusters
+                .insert(Arc::clone(&kept.name), Arc::clone(kept))
+                .is_some()
+            {
+                errors.push(Rejection::new(
+                    format!("cluster {:?}", c.name),
+                    "name",
+                    "duplicate cluster name",
+                ));
+            }
+            continue;
+        }
         match Cluster::build(c, eps, prev, metrics) {
             Ok(built) => {
                 if clusters
@@ -1110,6 +1251,134 @@ pub(crate) mod tests {
                 .any(|g| g.contains("127.0.0.1:15001 is also the address of listener")),
             "{got:?}"
         );
+    }
+
+    /// The outbound listener's table.
+    fn outbound_table(s: &Snapshot) -> &RouteTable {
+        let ListenerKind::Http(h) = &s.listeners[&"127.0.0.1:15001".parse().unwrap()].kind else {
+            panic!("http")
+        };
+        h.routes.as_ref().unwrap()
+    }
+
+    #[test]
+    fn an_endpoint_change_rebuilds_only_the_changed_cluster_and_its_routes() {
+        let m = Metrics::new().unwrap();
+        let mut r = resources();
+        // A second route, to db.default, after the one to backend.default.
+        let routes = &mut r.routes.as_mut().unwrap().tables[0].routes;
+        let mut to_db = routes[0].clone();
+        to_db.name = "default-db.default".into();
+        to_db.r#match.as_mut().unwrap().hosts = vec!["db".into()];
+        to_db.destinations[0].cluster = "db.default".into();
+        routes.push(to_db);
+        r.policies = Some(v1::PolicySet {
+            version: "p1".into(),
+            policies: vec![v1::AuthorizationPolicy {
+                name: "backend".into(),
+                ..Default::default()
+            }],
+        });
+        let first = Snapshot::build(r.clone(), None, &m).unwrap();
+
+        // The same resources: everything is kept.
+        let same = Snapshot::build(r.clone(), Some(&first), &m).unwrap();
+        for name in ["backend.default", "db.default", "inbound"] {
+            assert!(
+                Arc::ptr_eq(&first.clusters[name], &same.clusters[name]),
+                "{name}"
+            );
+        }
+        assert!(outbound_table(&same).shares_route(outbound_table(&first), 0));
+        assert!(outbound_table(&same).shares_route(outbound_table(&first), 1));
+        assert!(Arc::ptr_eq(
+            &first.policies["backend"],
+            &same.policies["backend"]
+        ));
+
+        // backend.default gets another endpoint (an endpoint-only push).
+        let push = v1::DiscoveryResponse {
+            nonce: "n2".into(),
+            endpoints: Some(v1::EndpointSet {
+                version: "e2".into(),
+                clusters: vec![v1::ClusterEndpoints {
+                    cluster: "backend.default".into(),
+                    endpoints: ["127.0.0.1:9001", "127.0.0.1:9002"]
+                        .iter()
+                        .map(|a| v1::Endpoint {
+                            address: (*a).into(),
+                            weight: 1,
+                            ..Default::default()
+                        })
+                        .collect(),
+                }],
+            }),
+            ..Default::default()
+        };
+        let merged = Resources::merged(Some(&same.resources), push);
+        assert_eq!(merged.version(ResourceKind::Endpoints), Some("e2"));
+        assert_eq!(merged.version(ResourceKind::Routes), Some("r1"));
+        let next = Snapshot::build(merged, Some(&same), &m).unwrap();
+        let (old_backend, new_backend) = (
+            &same.clusters["backend.default"],
+            &next.clusters["backend.default"],
+        );
+        assert!(
+            !Arc::ptr_eq(old_backend, new_backend),
+            "the changed cluster is rebuilt"
+        );
+        assert_eq!(new_backend.endpoints.len(), 2);
+        // ... keeping its long-lived state and its kept endpoint's pool.
+        assert!(Arc::ptr_eq(old_backend.state(), new_backend.state()));
+        assert!(Arc::ptr_eq(
+            &old_backend.endpoints[0].pool,
+            &new_backend.endpoints[0].pool
+        ));
+        for name in ["db.default", "inbound"] {
+            assert!(
+                Arc::ptr_eq(&same.clusters[name], &next.clusters[name]),
+                "{name}"
+            );
+        }
+        // The route to backend.default now holds the new cluster; the one to db is kept.
+        assert!(!outbound_table(&next).shares_route(outbound_table(&same), 0));
+        assert!(outbound_table(&next).shares_route(outbound_table(&same), 1));
+        let ListenerKind::Http(h) = &next.listeners[&"127.0.0.1:15001".parse().unwrap()].kind
+        else {
+            panic!("http")
+        };
+        let headers = http::HeaderMap::new();
+        let info = crate::route::RequestInfo {
+            host: "backend",
+            path: "/",
+            query: None,
+            method: &http::Method::GET,
+            headers: &headers,
+        };
+        let picked = h.routes.as_ref().unwrap().find(&info).unwrap();
+        assert!(Arc::ptr_eq(
+            &picked.destinations.pick().unwrap().cluster,
+            new_backend
+        ));
+        assert!(Arc::ptr_eq(
+            &same.policies["backend"],
+            &next.policies["backend"]
+        ));
+
+        // A changed cluster proto (a timeout) is rebuilt too, an unchanged one is not.
+        let mut changed = next.resources.clone();
+        changed.clusters.as_mut().unwrap().clusters[1].connect_timeout_ms = 250;
+        let last = Snapshot::build(changed, Some(&next), &m).unwrap();
+        assert!(!Arc::ptr_eq(
+            &next.clusters["db.default"],
+            &last.clusters["db.default"]
+        ));
+        assert!(Arc::ptr_eq(
+            &next.clusters["backend.default"],
+            &last.clusters["backend.default"]
+        ));
+        assert!(!outbound_table(&last).shares_route(outbound_table(&next), 1));
+        assert!(outbound_table(&last).shares_route(outbound_table(&next), 0));
     }
 
     #[test]

@@ -71,6 +71,144 @@ pub async fn proxy_connection(
     proxy_to(client, peer, &listener, target, drain, drain_timeout).await;
 }
 
+/// Why [`proxy_to`] turned a connection away before copying any byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over the listener's rate limit.
+    RateLimited,
+    /// Denied by the listener's authorization policy.
+    Denied,
+    /// The cluster has no endpoint, or connecting to it failed.
+    Unreachable,
+}
+
+/// The downstream end of one proxied TCP connection: an accepted socket (plaintext or mTLS),
+/// or one CONNECT stream of a tunnel connection (`crate::tunnel::server`), which only becomes
+/// a byte stream once it is admitted (a 200 answer) and can be refused with a status.
+pub trait Downstream: Send {
+    /// The byte stream once admitted.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send;
+    /// The client's address (a ring hash on `source_ip`).
+    fn source(&self) -> Option<std::net::IpAddr>;
+    /// Whether writes to the stream go into a rustls connection.
+    fn is_tls(&self) -> bool;
+    /// Admitted and the upstream is connected: the stream to copy.
+    fn admit(self) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+    /// Turned away (`why`), before any byte was copied.
+    fn refuse(self, why: Refusal) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Downstream for ServerIo {
+    type Io = ServerIo;
+
+    fn source(&self) -> Option<std::net::IpAddr> {
+        crate::http::ServerStream::tcp(self)
+            .peer_addr()
+            .ok()
+            .map(|a| a.ip())
+    }
+
+    fn is_tls(&self) -> bool {
+        ServerIo::is_tls(self)
+    }
+
+    async fn admit(self) -> std::io::Result<ServerIo> {
+        Ok(self)
+    }
+
+    /// The connection is closed (dropped).
+    async fn refuse(self, _why: Refusal) {}
+}
+
+/// The upstream end: a socket (plaintext or mTLS) or a tunnel stream.
+enum UpstreamIo {
+    Direct(ClientIo),
+    Tunnel(crate::tunnel::client::TunnelStream),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Direct(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Direct(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Direct(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tunnel(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Direct(s) => s.is_write_vectored(),
+            Self::Tunnel(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Direct(s) => Pin::new(s).poll_flush(cx),
+            Self::Tunnel(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Direct(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Connects to the endpoint at `addr` as `expect` says: a stream over a pooled tunnel
+/// connection for a mesh endpoint with an identity when the tunnel is on (unless that peer
+/// does not speak it), else TCP plus `originate` (mTLS, TLS or plaintext).
+async fn connect_upstream(
+    addr: std::net::SocketAddr,
+    expect: &Expect,
+) -> std::io::Result<UpstreamIo> {
+    if let (Some(identity), Some(tunnel)) = (expect.identity(), crate::tunnel::active()) {
+        if let Some(s) = tunnel.open(addr, identity).await? {
+            return Ok(UpstreamIo::Tunnel(s));
+        }
+    }
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    Ok(UpstreamIo::Direct(
+        originate(tcp, addr.ip(), expect, Alpn::None).await?,
+    ))
+}
+
 /// Where [`proxy_to`] sends a connection's bytes.
 #[derive(Debug, Clone)]
 pub enum Upstream {
@@ -111,8 +249,8 @@ pub struct TcpTarget<'a> {
 /// Proxies one accepted connection of `listener` to `target` (its rate limit, authorization and
 /// idle timeout apply): what [`proxy_connection`] does for a TCP listener's own cluster, and
 /// transparent mode for a captured connection's destination.
-pub async fn proxy_to(
-    client: ServerIo,
+pub async fn proxy_to<D: Downstream>(
+    client: D,
     peer: Option<SpiffeId>,
     listener: &Listener,
     target: TcpTarget<'_>,
@@ -159,8 +297,8 @@ struct Outcome {
     sent: u64,
 }
 
-async fn serve(
-    client: ServerIo,
+async fn serve<D: Downstream>(
+    client: D,
     peer: Option<&SpiffeId>,
     listener: &Listener,
     target: &TcpTarget<'_>,
@@ -186,6 +324,7 @@ async fn serve(
             refused.inc();
             out.flags.insert(ResponseFlags::RATE_LIMITED);
             tracing::debug!(listener = %listener.name, "tcp: over the listener's rate limit; closing");
+            client.refuse(Refusal::RateLimited).await;
             return;
         }
     }
@@ -200,18 +339,16 @@ async fn serve(
         }
         out.flags.insert(ResponseFlags::DENIED);
         tracing::debug!(%policy, peer = ?peer.map(SpiffeId::as_str), "tcp: denied by authorization policy; closing");
+        client.refuse(Refusal::Denied).await;
         return;
     }
     let (addr, expect, connect_timeout, connect_errors) = match &target.upstream {
         Upstream::Cluster(cluster) => {
             // The client's address, for a ring hash on `source_ip`.
-            let source = crate::http::ServerStream::tcp(&client)
-                .peer_addr()
-                .ok()
-                .map(|a| a.ip());
-            let Some(endpoint) = cluster.pick_for(source) else {
+            let Some(endpoint) = cluster.pick_for(client.source()) else {
                 out.flags.insert(ResponseFlags::NO_HEALTHY_UPSTREAM);
                 tracing::debug!(cluster = %cluster.name, "tcp: cluster has no endpoints; closing");
+                client.refuse(Refusal::Unreachable).await;
                 return;
             };
             (
@@ -228,33 +365,48 @@ async fn serve(
         } => (*addr, Expect::Plain, *connect_timeout, None),
     };
     out.upstream = Some(addr);
-    let connect = async {
-        let tcp = TcpStream::connect(addr).await?;
-        let _ = tcp.set_nodelay(true);
-        originate(tcp, addr.ip(), &expect, Alpn::None).await
-    };
+    let connect = connect_upstream(addr, &expect);
     let failed = |out: &mut Outcome| {
         if let Some(c) = connect_errors {
             c.inc();
         }
         out.flags.insert(ResponseFlags::UPSTREAM_CONNECT_FAILURE);
     };
-    let mut upstream: ClientIo = match tokio::time::timeout(connect_timeout, connect).await {
+    let mut upstream = match tokio::time::timeout(connect_timeout, connect).await {
         Ok(Ok(s)) => s,
+        Ok(Err(e)) if crate::tunnel::client::is_refusal(&e) => {
+            // The peer sidecar turned the tunnel stream away (its authorization, limits or
+            // upstream): as if it closed a direct connection, not a connect failure.
+            out.flags
+                .insert(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION);
+            tracing::debug!(%addr, error = %e, "tcp: the peer sidecar refused the stream; closing client");
+            client.refuse(Refusal::Unreachable).await;
+            return;
+        }
         Ok(Err(e)) => {
             failed(out);
             tracing::debug!(%addr, error = %e, "tcp: connect failed; closing client");
+            client.refuse(Refusal::Unreachable).await;
             return;
         }
         Err(_) => {
             failed(out);
             tracing::debug!(%addr, "tcp: connect timed out; closing client");
+            client.refuse(Refusal::Unreachable).await;
             return;
         }
     };
     let sinks = Sinks {
         client_tls: client.is_tls(),
-        upstream_tls: upstream.is_tls(),
+        upstream_tls: matches!(&upstream, UpstreamIo::Direct(s) if s.is_tls()),
+    };
+    let client = match client.admit().await {
+        Ok(c) => c,
+        Err(e) => {
+            out.flags.insert(ResponseFlags::DOWNSTREAM_DISCONNECT);
+            tracing::debug!(%addr, error = %e, "tcp: the client went away before its stream was open");
+            return;
+        }
     };
     let mut client = Counted::new(client);
     let cut_after_drain = async {

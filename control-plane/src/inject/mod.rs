@@ -55,13 +55,22 @@ pub const BOOTSTRAP_ENV: &str = "WEFT_BOOTSTRAP";
 /// The control plane's CA roots (PEM), written by weft-proxy to `control_plane_ca`.
 pub const CONTROL_PLANE_CA_ENV: &str = "WEFT_CONTROL_PLANE_CA";
 
-/// The proxy's ports in an injected pod (weft-proxy's defaults).
+/// The proxy's ports in an injected pod (weft-proxy's defaults). The admin port (with
+/// `/config_dump` and `/log_level`) listens on the pod's loopback only; the kubelet's probes and
+/// Prometheus use the status port (`/metrics`, `/ready`, `/live`, `/app-health/`).
 pub const ADMIN_PORT: u16 = 15000;
+pub const STATUS_PORT: u16 = 15020;
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 pub const DNS_PORT: u16 = 15053;
 /// Ports an app container may not claim.
-pub const RESERVED_PORTS: [u16; 4] = [ADMIN_PORT, OUTBOUND_PORT, INBOUND_PORT, DNS_PORT];
+pub const RESERVED_PORTS: [u16; 5] = [
+    ADMIN_PORT,
+    OUTBOUND_PORT,
+    INBOUND_PORT,
+    DNS_PORT,
+    STATUS_PORT,
+];
 /// Most ports announced (`transparent.app_ports`).
 pub const MAX_APP_PORTS: usize = 64;
 

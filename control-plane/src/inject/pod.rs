@@ -361,7 +361,7 @@ fn plan(
     let mut app_probes = AppProbes::new();
     for (i, c) in spec.containers.iter().enumerate() {
         for kind in ProbeKind::ALL {
-            match probes::rewrite(c, kind, ADMIN_PORT) {
+            match probes::rewrite(c, kind, STATUS_PORT) {
                 Rewrite::Rewritten {
                     probe,
                     path,
@@ -439,7 +439,8 @@ fn bootstrap_yaml(
             "namespace": namespace,
             "id": "${POD_NAME}.${POD_NAMESPACE}",
         },
-        "admin": format!("0.0.0.0:{ADMIN_PORT}"),
+        "admin": format!("127.0.0.1:{ADMIN_PORT}"),
+        "status": format!("0.0.0.0:{STATUS_PORT}"),
         "control_plane": injector.config.control_plane.address,
         "control_plane_ca": format!("{RUN_DIR}/{CA_FILE}"),
         "join_token_file": format!("{TOKEN_DIR}/{TOKEN_FILE}"),
@@ -495,7 +496,7 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            port: IntOrString::Int(i32::from(STATUS_PORT)),
             scheme: Some("HTTP".to_owned()),
             ..HTTPGetAction::default()
         }),
@@ -536,8 +537,8 @@ fn proxy_container(
         restart_policy: Some("Always".to_owned()),
         env: Some(vars),
         ports: Some(vec![ContainerPort {
-            name: Some("weft-admin".to_owned()),
-            container_port: i32::from(ADMIN_PORT),
+            name: Some("weft-status".to_owned()),
+            container_port: i32::from(STATUS_PORT),
             protocol: Some("TCP".to_owned()),
             ..ContainerPort::default()
         }]),
@@ -605,7 +606,12 @@ fn init_container(injector: &Injector<'_>, settings: &PodSettings) -> Container 
     for (flag, values) in [
         (
             "--exclude-inbound-ports",
-            join(settings.exclude_inbound_ports.iter().map(u16::to_string)),
+            // The status port is the kubelet's and Prometheus's: never captured.
+            join(
+                std::iter::once(STATUS_PORT)
+                    .chain(settings.exclude_inbound_ports.iter().copied())
+                    .map(|p| p.to_string()),
+            ),
         ),
         (
             "--exclude-outbound-ports",

@@ -4,7 +4,7 @@
 //! the proxy's inbound listener as plaintext from an unknown peer, and strict mTLS refuses it;
 //! a `tcpSocket` probe would only prove the proxy accepts. Excluding the probe ports from
 //! capture would take those ports (often the app's only port) out of the mesh. So each
-//! `httpGet`, `tcpSocket` and `grpc` probe becomes an `httpGet` on the proxy's admin port
+//! `httpGet`, `tcpSocket` and `grpc` probe becomes an `httpGet` on the proxy's status port
 //! (never captured) at `/app-health/<container>/<livez|readyz|startupz>`, keeping its timing,
 //! and the original check travels to the proxy in `WEFT_APP_PROBES` (JSON, [`AppProbe`] by
 //! path). The proxy runs it against the app on the pod's IP as the kubelet would (uncaptured:
@@ -95,7 +95,7 @@ impl ProbeKind {
 /// What rewriting one probe gives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Rewrite {
-    /// The new probe (on the proxy's admin port) and the original check for the proxy.
+    /// The new probe (on the proxy's status port) and the original check for the proxy.
     Rewritten {
         probe: Box<Probe>,
         path: String,
@@ -107,8 +107,8 @@ pub enum Rewrite {
     Unresolvable(String),
 }
 
-/// Rewrites `container`'s probe of `kind` to the proxy's admin port `admin_port`.
-pub fn rewrite(container: &Container, kind: ProbeKind, admin_port: u16) -> Rewrite {
+/// Rewrites `container`'s probe of `kind` to the proxy's status port `status_port`.
+pub fn rewrite(container: &Container, kind: ProbeKind, status_port: u16) -> Rewrite {
     let Some(probe) = kind.of(container) else {
         return Rewrite::Kept;
     };
@@ -194,7 +194,7 @@ pub fn rewrite(container: &Container, kind: ProbeKind, admin_port: u16) -> Rewri
     let rewritten = Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.clone()),
-            port: IntOrString::Int(i32::from(admin_port)),
+            port: IntOrString::Int(i32::from(status_port)),
             scheme: Some("HTTP".to_owned()),
             ..HTTPGetAction::default()
         }),
@@ -228,7 +228,7 @@ mod tests {
     }
 
     #[test]
-    fn http_tcp_and_grpc_probes_go_to_the_admin_port_keeping_their_timing() {
+    fn http_tcp_and_grpc_probes_go_to_the_status_port_keeping_their_timing() {
         let mut c = container();
         c.liveness_probe = Some(Probe {
             http_get: Some(HTTPGetAction {
@@ -263,13 +263,13 @@ mod tests {
             probe,
             path,
             original,
-        } = rewrite(&c, ProbeKind::Liveness, 15000)
+        } = rewrite(&c, ProbeKind::Liveness, 15020)
         else {
             panic!("not rewritten")
         };
         assert_eq!(path, "/app-health/web/livez");
         let get = probe.http_get.as_ref().unwrap();
-        assert_eq!(get.port, IntOrString::Int(15000));
+        assert_eq!(get.port, IntOrString::Int(15020));
         assert_eq!(get.path.as_deref(), Some("/app-health/web/livez"));
         assert_eq!(
             (
@@ -292,7 +292,7 @@ mod tests {
         );
         let Rewrite::Rewritten {
             original, probe, ..
-        } = rewrite(&c, ProbeKind::Readiness, 15000)
+        } = rewrite(&c, ProbeKind::Readiness, 15020)
         else {
             panic!("not rewritten")
         };
@@ -307,7 +307,7 @@ mod tests {
         );
         let Rewrite::Rewritten {
             original, probe, ..
-        } = rewrite(&c, ProbeKind::Startup, 15000)
+        } = rewrite(&c, ProbeKind::Startup, 15020)
         else {
             panic!("not rewritten")
         };
@@ -334,10 +334,10 @@ mod tests {
             }),
             ..Probe::default()
         });
-        assert_eq!(rewrite(&c, ProbeKind::Liveness, 15000), Rewrite::Kept);
-        assert_eq!(rewrite(&c, ProbeKind::Startup, 15000), Rewrite::Kept);
+        assert_eq!(rewrite(&c, ProbeKind::Liveness, 15020), Rewrite::Kept);
+        assert_eq!(rewrite(&c, ProbeKind::Startup, 15020), Rewrite::Kept);
         assert!(matches!(
-            rewrite(&c, ProbeKind::Readiness, 15000),
+            rewrite(&c, ProbeKind::Readiness, 15020),
             Rewrite::Unresolvable(e) if e.contains("\"metrics\"")
         ));
     }

@@ -110,6 +110,12 @@ fn a_pod_gets_the_capture_init_container_then_the_native_sidecar() {
         args.windows(2).any(|w| w == ["--admin-port", "15000"]),
         "{args:?}"
     );
+    // The status port (the kubelet's probes, Prometheus) is never captured.
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--exclude-inbound-ports" && w[1].split(',').any(|p| p == "15020")),
+        "{args:?}"
+    );
     assert!(
         args.windows(2).any(|w| w == ["--inbound-port", "15006"]),
         "{args:?}"
@@ -129,7 +135,11 @@ fn a_pod_gets_the_capture_init_container_then_the_native_sidecar() {
     assert_eq!(proxy["restartPolicy"], "Always");
     assert_eq!(proxy["image"], "weft/weft-proxy:0.1.0");
     assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
-    assert_eq!(proxy["startupProbe"]["httpGet"]["port"], 15000);
+    assert_eq!(proxy["startupProbe"]["httpGet"]["port"], 15020);
+    assert_eq!(
+        proxy["ports"],
+        json!([{"name": "weft-status", "containerPort": 15020, "protocol": "TCP"}])
+    );
     let sc = &proxy["securityContext"];
     assert_eq!(sc["runAsUser"], 1337);
     assert_eq!(sc["runAsGroup"], 1337);
@@ -166,6 +176,9 @@ fn a_pod_gets_the_capture_init_container_then_the_native_sidecar() {
         serde_yaml::to_value([8080]).unwrap()
     );
     assert_eq!(b["inbound"]["address"], "${POD_IP}:15006");
+    // /config_dump and /log_level stay on the pod's loopback; the status port is read-only.
+    assert_eq!(b["admin"], "127.0.0.1:15000");
+    assert_eq!(b["status"], "0.0.0.0:15020");
 
     let volumes = pod["spec"]["volumes"].as_array().unwrap();
     let token = volumes.iter().find(|v| v["name"] == "weft-token").unwrap();
@@ -251,7 +264,7 @@ fn probes_are_rewritten_to_the_proxy_and_carried_in_its_env() {
     ] {
         assert_eq!(
             app[field]["httpGet"],
-            json!({"path": path, "port": 15000, "scheme": "HTTP"}),
+            json!({"path": path, "port": 15020, "scheme": "HTTP"}),
             "{field}"
         );
     }
@@ -318,7 +331,7 @@ fn annotations_override_resources_log_level_and_exclusions() {
         .collect();
     assert!(
         args.windows(2)
-            .any(|w| w == ["--exclude-inbound-ports", "22,8080"]),
+            .any(|w| w == ["--exclude-inbound-ports", "15020,22,8080"]),
         "{args:?}"
     );
     assert!(

@@ -323,3 +323,53 @@ async fn with_every_replica_down_it_keeps_trying_with_growing_delays() {
     let failed = reconnects(&status, "unreachable");
     assert!((4..=8).contains(&failed), "{failed} failed attempts");
 }
+
+#[tokio::test]
+async fn every_apply_is_timed_and_its_bytes_counted_and_the_old_snapshot_is_released() {
+    let store = Arc::new(SnapshotStore::empty());
+    let m = super::ApplyMetrics::unregistered();
+    let applier = applier(&store).with_apply_metrics(m.clone());
+    let listen = dead_addr();
+    let first = response("n1", listen);
+    let mut received = prost::Message::encoded_len(&first) as u64;
+    assert!(matches!(applier.apply(&first).kind, Some(Kind::Ack(_))));
+    assert_eq!(m.duration.get_sample_count(), 1);
+    assert_eq!(m.received_bytes.get(), received);
+    let applied = store.load_full().expect("a snapshot");
+
+    // An endpoint change: applied, timed, counted; the replaced snapshot is let go once
+    // nothing else holds it (here: once the test drops its own reference).
+    let mut change = v1::DiscoveryResponse {
+        nonce: "n2".into(),
+        endpoints: first.endpoints.clone(),
+        ..Default::default()
+    };
+    let eps = change.endpoints.as_mut().unwrap();
+    eps.version = "e2".into();
+    eps.clusters[0].endpoints[0].address = "127.0.0.1:8081".into();
+    received += prost::Message::encoded_len(&change) as u64;
+    assert!(matches!(applier.apply(&change).kind, Some(Kind::Ack(_))));
+    assert_eq!(m.duration.get_sample_count(), 2);
+    assert_eq!(m.received_bytes.get(), received);
+    let weak = Arc::downgrade(&applied);
+    drop(applied);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while weak.strong_count() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replaced snapshot was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A rejected response is timed and counted too.
+    let mut bad = change.clone();
+    bad.nonce = "n3".into();
+    let eps = bad.endpoints.as_mut().unwrap();
+    eps.version = "e3".into();
+    eps.clusters[0].endpoints[0].address = "not an address".into();
+    received += prost::Message::encoded_len(&bad) as u64;
+    assert!(matches!(applier.apply(&bad).kind, Some(Kind::Nack(_))));
+    assert_eq!(m.duration.get_sample_count(), 3);
+    assert_eq!(m.received_bytes.get(), received);
+}

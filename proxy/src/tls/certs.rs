@@ -105,6 +105,11 @@ impl CertStore {
         self.installed.send_modify(|n| *n += 1);
     }
 
+    /// How many certificates were installed so far (grows on every rotation).
+    pub fn generation(&self) -> u64 {
+        *self.installed.borrow()
+    }
+
     /// Resolves once a certificate is installed.
     pub async fn wait_ready(&self) {
         let mut rx = self.installed.subscribe();

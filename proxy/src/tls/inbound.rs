@@ -90,6 +90,9 @@ pub struct InboundConn {
     pub peer: Option<SpiffeId>,
     /// The client negotiated `h2` over mTLS.
     pub h2: bool,
+    /// The client negotiated `weft-tunnel` over mTLS: a pooled tunnel connection whose
+    /// streams are TCP connections (`crate::tunnel::server`).
+    pub tunnel: bool,
 }
 
 /// Detects, enforces `mode` and terminates mTLS; `None` = the connection was refused or failed
@@ -127,6 +130,7 @@ pub async fn accept_detected(
         io: ServerIo::Plain(stream),
         peer: None,
         h2: false,
+        tunnel: false,
     };
     if mode == MtlsMode::Disabled && detected != Detected::Closed {
         tls.metrics().inbound_connection("plaintext");
@@ -141,6 +145,7 @@ pub async fn accept_detected(
                     io: ServerIo::Tls(Box::new(a.stream)),
                     peer: Some(a.peer),
                     h2: a.h2,
+                    tunnel: a.tunnel,
                 })
             }
             Err(e) => {

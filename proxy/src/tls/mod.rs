@@ -53,6 +53,9 @@ use self::verify::{MeshClientVerifier, MeshServerVerifier};
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN id for HTTP/1.1.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// ALPN id of a pooled sidecar-to-sidecar tunnel connection: HTTP/2 whose streams are CONNECT
+/// tunnels, each carrying one TCP connection (`crate::tunnel`).
+pub const ALPN_TUNNEL: &[u8] = b"weft-tunnel";
 
 /// How long an inbound TLS handshake may take before the connection is closed.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,6 +69,8 @@ pub enum Alpn {
     Http1,
     /// No ALPN: opaque TCP.
     None,
+    /// `weft-tunnel` only: a pooled tunnel connection (`crate::tunnel`).
+    Tunnel,
 }
 
 impl Alpn {
@@ -74,6 +79,7 @@ impl Alpn {
             Self::H2 => vec![ALPN_H2.to_vec()],
             Self::Http1 => vec![ALPN_HTTP1.to_vec()],
             Self::None => Vec::new(),
+            Self::Tunnel => vec![ALPN_TUNNEL.to_vec()],
         }
     }
 }
@@ -87,6 +93,8 @@ pub struct Accepted<IO> {
     pub peer: SpiffeId,
     /// Whether the client negotiated `h2` (else HTTP/1.1 or no ALPN).
     pub h2: bool,
+    /// Whether the client negotiated `weft-tunnel` (a pooled tunnel connection).
+    pub tunnel: bool,
 }
 
 /// Handshake counters, pre-resolved.
@@ -145,17 +153,7 @@ impl MeshTls {
         let provider = provider();
         let certs = Arc::new(CertStore::new());
         let trust = Arc::new(TrustStore::new());
-        let verifier = Arc::new(MeshClientVerifier::new(
-            Arc::clone(&trust),
-            provider.signature_verification_algorithms,
-        ));
-        let mut server = ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(Arc::clone(&certs) as _);
-        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
-        server.session_storage = Arc::new(NoServerSessionStorage {});
-        server.send_tls13_tickets = 0;
+        let acceptor = server_acceptor(&provider, &trust, &certs, true)?;
         let handshakes = Handshakes {
             inbound_ok: metrics.handshake("inbound", true),
             inbound_err: metrics.handshake("inbound", false),
@@ -168,9 +166,23 @@ impl MeshTls {
             metrics,
             handshakes,
             provider,
-            acceptor: TlsAcceptor::from(Arc::new(server)),
+            acceptor,
             clients: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The same context with `weft-tunnel` no longer accepted inbound (the tunnel switched
+    /// off): a peer's tunnel handshake then fails for lack of a common ALPN and the peer falls
+    /// back to one mTLS connection per TCP connection.
+    pub fn without_tunnel_alpn(mut self) -> Result<Self, rustls::Error> {
+        self.acceptor = server_acceptor(&self.provider, &self.trust, &self.certs, false)?;
+        Ok(self)
+    }
+
+    /// Changes whenever the trust bundle or this proxy's certificate changes (both counters
+    /// only grow): pooled connections from an older generation take no new streams.
+    pub fn generation(&self) -> u64 {
+        self.trust.generation() + self.certs.generation()
     }
 
     /// This proxy's certificate.
@@ -223,8 +235,14 @@ impl MeshTls {
             ));
         };
         let h2 = conn.alpn_protocol() == Some(ALPN_H2);
+        let tunnel = conn.alpn_protocol() == Some(ALPN_TUNNEL);
         self.handshakes.inbound_ok.inc();
-        Ok(Accepted { stream, peer, h2 })
+        Ok(Accepted {
+            stream,
+            peer,
+            h2,
+            tunnel,
+        })
     }
 
     /// The connector for servers that must be `expected`, offering `alpn`.
@@ -283,6 +301,31 @@ impl MeshTls {
             }
         }
     }
+}
+
+/// The inbound acceptor: client certificates verified against `trust`, ours from `certs`,
+/// ALPN `h2`, `http/1.1` and (with `tunnel`) `weft-tunnel`; no resumption.
+fn server_acceptor(
+    provider: &Arc<CryptoProvider>,
+    trust: &Arc<TrustStore>,
+    certs: &Arc<CertStore>,
+    tunnel: bool,
+) -> Result<TlsAcceptor, rustls::Error> {
+    let verifier = Arc::new(MeshClientVerifier::new(
+        Arc::clone(trust),
+        provider.signature_verification_algorithms,
+    ));
+    let mut server = ServerConfig::builder_with_provider(Arc::clone(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::clone(certs) as _);
+    server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    if tunnel {
+        server.alpn_protocols.push(ALPN_TUNNEL.to_vec());
+    }
+    server.session_storage = Arc::new(NoServerSessionStorage {});
+    server.send_tls13_tickets = 0;
+    Ok(TlsAcceptor::from(Arc::new(server)))
 }
 
 /// The process's mesh identity for originating mTLS, set once at start when the bootstrap

@@ -207,7 +207,8 @@ impl OriginationConfig {
         match alpn {
             Alpn::H2 => &self.h2,
             Alpn::Http1 => &self.h1,
-            Alpn::None => &self.opaque,
+            // The tunnel is only between sidecars: never offered to a service outside the mesh.
+            Alpn::None | Alpn::Tunnel => &self.opaque,
         }
     }
 }

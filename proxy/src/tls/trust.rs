@@ -7,6 +7,7 @@
 //! from both sources stops being trusted for new handshakes at once. Verifiers read the current
 //! bundle per handshake; open connections are not re-verified.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwapOption;
@@ -95,6 +96,8 @@ struct Sources {
 pub struct TrustStore {
     sources: Mutex<Sources>,
     current: ArcSwapOption<TrustBundle>,
+    /// Bumped whenever the bundle in force changes (not on a re-push of the same roots).
+    generation: AtomicU64,
 }
 
 impl TrustStore {
@@ -106,6 +109,12 @@ impl TrustStore {
     /// The bundle for a handshake starting now.
     pub fn load(&self) -> Option<Arc<TrustBundle>> {
         self.current.load_full()
+    }
+
+    /// How many times the bundle in force changed (trust domain or roots): pooled tunnel
+    /// connections verified under an older bundle take no new streams.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Installs the `TRUST` resource's bundle (already validated by [`TrustBundle::from_pem`]).
@@ -140,8 +149,16 @@ impl TrustStore {
         }
         match TrustBundle::from_der(&domain, roots) {
             Ok(b) => {
+                let same = self
+                    .current
+                    .load()
+                    .as_ref()
+                    .is_some_and(|c| c.trust_domain == b.trust_domain && c.roots == b.roots);
                 tracing::info!(trust_domain = %b.trust_domain, roots = b.roots.len(), "trust bundle updated");
                 self.current.store(Some(Arc::new(b)));
+                if !same {
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                }
             }
             // Both sources were validated on their own; a union of valid roots is valid.
             Err(e) => {
@@ -187,5 +204,19 @@ mod tests {
         store.set_discovery(&TrustBundle::from_pem("cluster.local", &[new.root_pem()]).unwrap());
         let b = store.load().unwrap();
         assert_eq!(b.roots, vec![new.root_der()]);
+    }
+
+    #[test]
+    fn generation_changes_only_when_the_bundle_does() {
+        let (a, b) = (TestCa::new("cluster.local"), TestCa::new("cluster.local"));
+        let store = TrustStore::new();
+        let pem = |ca: &TestCa| TrustBundle::from_pem("cluster.local", &[ca.root_pem()]).unwrap();
+        store.set_discovery(&pem(&a));
+        let g = store.generation();
+        store.set_discovery(&pem(&a));
+        store.set_certify(&pem(&a));
+        assert_eq!(store.generation(), g, "same roots again: same generation");
+        store.set_discovery(&pem(&b));
+        assert!(store.generation() > g);
     }
 }

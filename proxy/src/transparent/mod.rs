@@ -265,6 +265,48 @@ async fn inbound(
     else {
         return;
     };
+    if conn.tunnel {
+        // A peer sidecar's pooled tunnel connection: each stream is one TCP connection to this
+        // port, as a direct mTLS connection to it would be.
+        let Some(peer) = conn.peer else {
+            return;
+        };
+        let (store, transparent) = (Arc::clone(&plane.store), Arc::clone(&plane.transparent));
+        let (addr, original) = (c.listener.addr, c.original);
+        let resolve: crate::tunnel::server::Resolve = Arc::new(move || {
+            let snapshot = store.load_full()?;
+            let listener = Arc::clone(snapshot.listeners.get(&addr)?);
+            let tables = transparent.destinations(&snapshot);
+            let (upstream, metrics) = match tables.inbound(original.port()) {
+                Some(d) => (Upstream::Cluster(Arc::clone(&d.cluster)), d.tcp.clone()),
+                None => (
+                    Upstream::Direct {
+                        addr: original,
+                        name: Arc::from(INBOUND_PASSTHROUGH),
+                        connect_timeout: CONNECT_TIMEOUT,
+                    },
+                    tables.inbound_passthrough.clone(),
+                ),
+            };
+            Some(crate::tunnel::server::StreamTarget {
+                listener,
+                upstream,
+                metrics,
+            })
+        });
+        crate::tunnel::server::serve(
+            conn.io,
+            peer,
+            Arc::clone(plane.tls.trust()),
+            Some(c.peer),
+            resolve,
+            None,
+            drain,
+            drain_timeout,
+        )
+        .await;
+        return;
+    }
     // Inside mTLS the caller's sidecar said what it carries (ALPN h2 / http/1.1 = HTTP, none =
     // TCP); in plaintext, detection did.
     let is_http = match conn.io.protocol_hint() {
