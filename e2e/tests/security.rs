@@ -16,8 +16,8 @@ use weft_testkit::security::{
     certify_with_openssl, foreign_cert, register_fake_node, s_client_get, server_leaf,
 };
 use weft_testkit::{
-    raw_exchange, wait_until, ControlPlane, ControlPlaneConfig, HttpClient, Metrics, PolicyDir,
-    Proxy, DEFAULT_WAIT,
+    raw_exchange, wait_until, ControlPlane, ControlPlaneConfig, HttpClient, PolicyDir, Proxy,
+    DEFAULT_WAIT,
 };
 
 const WEB_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
@@ -55,19 +55,6 @@ async fn peer_identity_seen(client: &HttpClient, host: &str, headers: &[(&str, &
 
 fn bytes_empty() -> Vec<u8> {
     Vec::new()
-}
-
-async fn wait_metric(proxy: &Proxy, name: &str, labels: &[(&str, &str)], at_least: f64) -> Metrics {
-    let what = format!("{} reports {name}{labels:?} >= {at_least}", proxy.id());
-    wait_until(DEFAULT_WAIT, &what, async || {
-        let m = proxy.metrics().await;
-        if m.sum(name, labels) >= at_least {
-            Ok(m)
-        } else {
-            Err(m.lines_for(name))
-        }
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,13 +96,10 @@ async fn strict_inbound_serves_mtls_and_refuses_plaintext() {
         "strict inbound answered plaintext: {out:?}"
     );
 
-    let m = wait_metric(
-        &backend.proxy,
-        "weft_inbound_connections_total",
-        &[("tls", "refused")],
-        1.0,
-    )
-    .await;
+    let m = backend
+        .proxy
+        .wait_metric("weft_inbound_connections_total", &[("tls", "refused")], 1.0)
+        .await;
     assert!(m.sum("weft_inbound_connections_total", &[("tls", "mtls")]) >= 1.0);
     assert!(
         m.sum(
@@ -227,13 +211,13 @@ async fn client_sidecar_refuses_a_server_with_the_wrong_identity() {
     assert_eq!(resp.status, 503, "{}", resp.summary());
     assert_eq!(resp.header("x-weft-error"), Some("connect-failed"));
     assert_eq!(instance_of(&resp), "");
-    let m = wait_metric(
-        &web,
-        "weft_tls_handshakes_total",
-        &[("direction", "outbound"), ("result", "error")],
-        1.0,
-    )
-    .await;
+    let m = web
+        .wait_metric(
+            "weft_tls_handshakes_total",
+            &[("direction", "outbound"), ("result", "error")],
+            1.0,
+        )
+        .await;
     assert!(
         m.sum(
             "weft_upstream_connect_errors_total",
@@ -290,13 +274,14 @@ authorization:
         .expect("plaintext GET to backend's inbound");
     assert_eq!(direct.status, 403, "{}", direct.summary());
 
-    let m = wait_metric(
-        &backend.proxy,
-        "weft_authz_denied_total",
-        &[("policy", "backend-callers")],
-        2.0,
-    )
-    .await;
+    let m = backend
+        .proxy
+        .wait_metric(
+            "weft_authz_denied_total",
+            &[("policy", "backend-callers")],
+            2.0,
+        )
+        .await;
     assert!(m.sum("weft_inbound_connections_total", &[("tls", "plaintext")]) >= 1.0);
     assert!(m.sum("weft_inbound_connections_total", &[("tls", "mtls")]) >= 2.0);
     // Denied requests are counted like any other response.
@@ -628,13 +613,14 @@ authorization:
         plain.as_ref().map_or(true, Vec::is_empty),
         "plaintext got an echo: {plain:?}"
     );
-    let m = wait_metric(
-        &store.proxy,
-        "weft_authz_denied_total",
-        &[("policy", "store-callers"), ("protocol", "tcp")],
-        1.0,
-    )
-    .await;
+    let m = store
+        .proxy
+        .wait_metric(
+            "weft_authz_denied_total",
+            &[("policy", "store-callers"), ("protocol", "tcp")],
+            1.0,
+        )
+        .await;
     assert!(m.sum("weft_inbound_connections_total", &[("tls", "refused")]) >= 1.0);
     // TCP connections count under the verified caller (the denied one too: it was accepted).
     for caller in [WEB_ID, OTHER_ID] {
@@ -662,7 +648,7 @@ const OTHER_ID: &str = "spiffe://cluster.local/ns/default/sa/other";
 
 /// Waits until `name{labels}` on `proxy` reaches `want`, then checks it is exactly `want`.
 async fn assert_metric_eq(proxy: &Proxy, name: &str, labels: &[(&str, &str)], want: f64) {
-    let m = wait_metric(proxy, name, labels, want).await;
+    let m = proxy.wait_metric(name, labels, want).await;
     assert_eq!(
         m.sum(name, labels),
         want,
@@ -878,13 +864,14 @@ async fn idle_mtls_connection_hibernates_and_is_reused() {
         "{}",
         m.lines_for("weft_inbound_connections_total")
     );
-    wait_metric(
-        &backend.proxy,
-        "weft_http_connections_hibernated_total",
-        &[],
-        hibernated + 1.0,
-    )
-    .await;
+    backend
+        .proxy
+        .wait_metric(
+            "weft_http_connections_hibernated_total",
+            &[],
+            hibernated + 1.0,
+        )
+        .await;
 
     for i in 0..3 {
         assert_eq!(
@@ -930,13 +917,10 @@ async fn health_checks_reach_strict_mtls_sidecars() {
     wait_for_instance(&client, "backend", "/", "backend-2").await;
 
     // Several check rounds over mTLS: both healthy, no failure.
-    let checks = wait_metric(
-        &one.proxy,
-        "weft_inbound_connections_total",
-        &[("tls", "mtls")],
-        5.0,
-    )
-    .await;
+    let checks = one
+        .proxy
+        .wait_metric("weft_inbound_connections_total", &[("tls", "mtls")], 5.0)
+        .await;
     assert_eq!(
         checks.sum("weft_inbound_connections_total", &[("tls", "refused")]),
         0.0,

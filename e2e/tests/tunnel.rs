@@ -305,20 +305,6 @@ async fn wait_echo(entry: SocketAddr) {
     .await;
 }
 
-/// Waits until `name{labels}` on `p` reaches `at_least`.
-async fn wait_metric(p: &Proxy, name: &str, labels: &[(&str, &str)], at_least: f64) -> Metrics {
-    let what = format!("{} reports {name}{labels:?} >= {at_least}", p.id());
-    wait_until(DEFAULT_WAIT, &what, async || {
-        let m = p.metrics().await;
-        if m.sum(name, labels) >= at_least {
-            Ok(m)
-        } else {
-            Err(m.lines_for(name))
-        }
-    })
-    .await
-}
-
 /// (a) N sequential connections: all bytes back, one or two handshakes on the callee, and
 /// every stream counted and logged under the caller's verified identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,13 +318,14 @@ async fn many_connections_share_one_handshake_and_keep_the_callers_identity() {
     assert!(all_echoed(&lines), "{lines:?}");
 
     let total = N as f64 + 1.0;
-    let after = wait_metric(
-        &m.store,
-        "weft_tcp_connections_closed_total",
-        &[("direction", "inbound"), ("peer", WEB_ID)],
-        total,
-    )
-    .await;
+    let after = m
+        .store
+        .wait_metric(
+            "weft_tcp_connections_closed_total",
+            &[("direction", "inbound"), ("peer", WEB_ID)],
+            total,
+        )
+        .await;
     let handshakes = inbound_handshakes(&after) - inbound_handshakes(&before);
     assert!(
         (1.0..=2.0).contains(&handshakes),
@@ -427,13 +414,14 @@ async fn authorization_denies_each_stream_and_the_connection_stays_up() {
         "a denied caller got bytes back: {lines:?}"
     );
     let denied_before = before.sum("weft_authz_denied_total", &[("policy", "store-callers")]);
-    let after = wait_metric(
-        &m.store,
-        "weft_authz_denied_total",
-        &[("policy", "store-callers")],
-        denied_before + N as f64,
-    )
-    .await;
+    let after = m
+        .store
+        .wait_metric(
+            "weft_authz_denied_total",
+            &[("policy", "store-callers")],
+            denied_before + N as f64,
+        )
+        .await;
     assert_eq!(
         streams(&after, "inbound", "denied") - streams(&before, "inbound", "denied"),
         N as f64,
@@ -550,16 +538,17 @@ async fn a_callee_without_the_tunnel_is_dialled_directly() {
     let before = metrics(&m.store).await;
     let lines = sequential(m.entry, N, 10_000).await;
     assert!(all_echoed(&lines), "{lines:?}");
-    let after = wait_metric(
-        &m.store,
-        "weft_tcp_connections_closed_total",
-        &[("direction", "inbound"), ("peer", WEB_ID)],
-        before.sum(
+    let after = m
+        .store
+        .wait_metric(
             "weft_tcp_connections_closed_total",
             &[("direction", "inbound"), ("peer", WEB_ID)],
-        ) + N as f64,
-    )
-    .await;
+            before.sum(
+                "weft_tcp_connections_closed_total",
+                &[("direction", "inbound"), ("peer", WEB_ID)],
+            ) + N as f64,
+        )
+        .await;
     // Direct mTLS: a handshake per connection, the peer still verified.
     assert_eq!(
         inbound_handshakes(&after) - inbound_handshakes(&before),

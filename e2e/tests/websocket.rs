@@ -25,7 +25,7 @@ use tokio_tungstenite::WebSocketStream;
 use weft_e2e::caller_proxy_config;
 use weft_testkit::{
     free_addr, next_loopback_ip, wait_until, ControlPlane, ControlPlaneConfig, DemoApp,
-    DemoAppConfig, Metrics, PolicyDir, Proxy, ProxyConfig, DEFAULT_WAIT,
+    DemoAppConfig, PolicyDir, Proxy, ProxyConfig, DEFAULT_WAIT,
 };
 
 const WEB_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
@@ -292,19 +292,6 @@ async fn wait_log_lines(file: &Path, protocol: &str, n: usize) -> Vec<serde_json
     .await
 }
 
-async fn wait_metric(proxy: &Proxy, name: &str, labels: &[(&str, &str)], at_least: f64) -> Metrics {
-    let what = format!("{} reports {name}{labels:?} >= {at_least}", proxy.id());
-    wait_until(DEFAULT_WAIT, &what, async || {
-        let m = proxy.metrics().await;
-        if m.sum(name, labels) >= at_least {
-            Ok(m)
-        } else {
-            Err(m.lines_for(name))
-        }
-    })
-    .await
-}
-
 // ------------------------------------------------------------------ WebSocket over HTTP/1.1
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,7 +354,7 @@ async fn websocket_echo_through_two_sidecars_over_strict_mtls() {
     // Byte metrics and tunnel counts on both sidecars; nothing left open.
     for (proxy, direction) in [(&mesh.web, "outbound"), (&mesh.chat, "inbound")] {
         let labels = [("direction", direction), ("kind", "websocket")];
-        let m = wait_metric(proxy, "weft_tunnels_total", &labels, 1.0).await;
+        let m = proxy.wait_metric("weft_tunnels_total", &labels, 1.0).await;
         for flow in ["rx", "tx"] {
             let l = [labels[0], labels[1], ("flow", flow)];
             assert!(
@@ -429,13 +416,14 @@ async fn authorization_denies_an_upgrade_from_a_caller_it_does_not_allow() {
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].path, "/allowed");
 
-    let m = wait_metric(
-        &mesh.chat,
-        "weft_authz_denied_total",
-        &[("policy", "chat-callers")],
-        1.0,
-    )
-    .await;
+    let m = mesh
+        .chat
+        .wait_metric(
+            "weft_authz_denied_total",
+            &[("policy", "chat-callers")],
+            1.0,
+        )
+        .await;
     assert_eq!(
         m.sum(
             "weft_tunnels_total",
@@ -694,13 +682,13 @@ async fn h2c_upgrade_is_refused_and_connect_tunnels_to_tcp() {
     assert_eq!(line["upstream"], echo.to_string(), "{line}");
     assert!(line["bytes_received"].as_u64().unwrap_or(0) > 30, "{line}");
     assert_eq!(line["bytes_received"], line["bytes_sent"], "{line}");
-    let m = wait_metric(
-        &web,
-        "weft_tunnels_total",
-        &[("direction", "outbound"), ("kind", "connect")],
-        2.0,
-    )
-    .await;
+    let m = web
+        .wait_metric(
+            "weft_tunnels_total",
+            &[("direction", "outbound"), ("kind", "connect")],
+            2.0,
+        )
+        .await;
     assert!(
         m.sum(
             "weft_tunnel_bytes_total",
@@ -745,7 +733,9 @@ async fn egress_deny_refuses_connect_to_unknown_destinations() {
     assert!(!out.status.success(), "{}", describe(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.trim(), "403", "{}", describe(&out));
-    let m = wait_metric(&web, "weft_egress_denied_total", &[("via", "connect")], 1.0).await;
+    let m = web
+        .wait_metric("weft_egress_denied_total", &[("via", "connect")], 1.0)
+        .await;
     assert_eq!(
         m.sum("weft_tunnels_total", &[("kind", "connect")]),
         0.0,

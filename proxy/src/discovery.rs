@@ -157,6 +157,15 @@ impl ConfigApplier {
             .inc_by(prost::Message::encoded_len(&resp) as u64);
         let kinds = carried(&resp);
         let nonce = resp.nonce.clone();
+        // Held from loading the current snapshot to storing its successor: the DNS refresher
+        // (`crate::egress::refresh`) rebuilds under the same lock, so a rebuild for new addresses
+        // either comes before this push (which then reads them) or after it (and rebuilds what
+        // it stored); neither overwrites the other's snapshot. The build runs off the control
+        // runtime's thread, so a refresh arriving meanwhile waits for it.
+        let mut listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let current = self.store.load_full();
         let old_versions: Vec<Option<String>> = kinds
             .iter()
@@ -167,7 +176,8 @@ impl ConfigApplier {
                     .map(str::to_owned)
             })
             .collect();
-        let result = self.try_apply(resp, current.as_deref());
+        let result = self.try_apply(resp, current.as_deref(), &mut listeners);
+        drop(listeners);
         self.apply_metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
@@ -209,17 +219,13 @@ impl ConfigApplier {
         &self,
         resp: v1::DiscoveryResponse,
         current: Option<&Snapshot>,
+        listeners: &mut ListenerManager,
     ) -> Result<Vec<v1::TypeVersion>, String> {
         let trust_carried = resp.trust.is_some();
         let log_level = resp.listeners.as_ref().map(|l| l.log_level.clone());
         let resources = Resources::merged(current.map(|s| &s.resources), resp);
         let snapshot =
             Snapshot::build(resources, current, &self.metrics).map_err(|e| nack_reason(&e))?;
-        // The lock is held only for binding and bookkeeping; nothing here awaits.
-        let mut listeners = self
-            .listeners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
         let prepared = listeners.prepare(&snapshot).map_err(|e| nack_reason(&e))?;
         let snapshot = Arc::new(snapshot);
         self.store.store(Some(Arc::clone(&snapshot)));

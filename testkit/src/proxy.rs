@@ -392,6 +392,21 @@ impl Proxy {
         Metrics::parse(&resp.text())
     }
 
+    /// Waits until `name{labels}` (summed over the matching series) reaches `at_least`;
+    /// returns that scrape.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], at_least: f64) -> Metrics {
+        let what = format!("{} reports {name}{labels:?} >= {at_least}", self.id());
+        wait_until(DEFAULT_WAIT, &what, async || {
+            let m = self.metrics().await;
+            if m.sum(name, labels) >= at_least {
+                Ok(m)
+            } else {
+                Err(m.lines_for(name))
+            }
+        })
+        .await
+    }
+
     /// Waits until this proxy's `/config_dump` endpoints mention (`present`) or no longer mention
     /// `addr`, i.e. the control plane pushed an endpoint (de)registration.
     pub async fn wait_endpoint(&self, addr: SocketAddr, present: bool) {

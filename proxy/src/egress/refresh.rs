@@ -5,11 +5,11 @@
 //! is acknowledged: the control plane's versions do not change) and swaps it in exactly as a
 //! config push does, so endpoints keep their pools, load and health by address.
 //!
-//! Ordering with config pushes: the refresher, the DNS tasks and the discovery client all run
-//! on the control thread's single-threaded runtime, and neither a rebuild nor an applied push
-//! awaits between loading the current snapshot and storing its successor, so they never
-//! interleave. Both also store under the listener manager's lock. Every build reads the latest
-//! resolved addresses, so a push built after a change carries it too.
+//! Ordering with config pushes: a rebuild here and an applied push (built on a blocking thread,
+//! `crate::discovery`) each hold the listener manager's lock from loading the current snapshot
+//! to storing its successor, so they never interleave: a change signalled while a push builds
+//! makes this rebuild wait for the push and then rebuild what it stored. Every build reads the
+//! latest resolved addresses, so a push built after a change carries it too.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
