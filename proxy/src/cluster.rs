@@ -38,7 +38,7 @@ use crate::retry::RetryBudget;
 use crate::snapshot::Rejection;
 use crate::tls::origination::{OriginationConfig, TlsTarget};
 use crate::tls::Expect;
-use crate::upstream::EndpointPool;
+use crate::upstream::LazyPool;
 
 /// Connect timeout used when the cluster leaves it at 0.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -100,8 +100,10 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Relative weight (0 in the proto counts as 1).
     pub weight: u32,
-    /// Connections to this endpoint; shared with later snapshots while the endpoint stays.
-    pub pool: Arc<EndpointPool>,
+    /// Connections to this endpoint, made by the first HTTP request sent to it (TCP connections
+    /// and health checks connect on their own); shared with later snapshots while the endpoint
+    /// stays.
+    pub pool: LazyPool,
     /// Outstanding requests and RTT estimate (P2C), shared like the pool.
     pub load: Arc<EndpointLoad>,
     /// Outlier / health-check verdicts, shared like the pool.
@@ -396,19 +398,21 @@ impl Cluster {
             .map(|l| (&l.zone_label, &l.local_zone));
         let mut in_zone: Vec<bool> = Vec::with_capacity(endpoints.len() + resolved.len());
         // Pools are keyed by address and what connections must be (mTLS to an identity, TLS to
-        // a server name, plaintext).
+        // a server name, plaintext). None is made here: an endpoint gets its pool on first use
+        // (`LazyPool`), and one that has it keeps it (the cell is shared with the previous
+        // snapshot).
+        let idle_timeout =
+            (proto.idle_timeout_ms > 0).then(|| Duration::from_millis(proto.idle_timeout_ms));
+        let gate = &state.connections;
         let mut add = |addr: SocketAddr, weight: u32, expect: Expect| {
             let (pool, load, health) = match old.get(&addr) {
                 Some(p) if *p.pool.expectation() == expect => (
-                    Arc::clone(&p.pool),
+                    LazyPool::carry(&p.pool, Some(Arc::clone(gate)), idle_timeout),
                     Arc::clone(&p.load),
                     Arc::clone(&p.health),
                 ),
                 _ => (
-                    Arc::new(
-                        EndpointPool::with_gate(addr, Arc::clone(&state.connections))
-                            .expect(expect),
-                    ),
+                    LazyPool::new(addr, expect, Some(Arc::clone(gate)), idle_timeout),
                     Arc::default(),
                     Arc::default(),
                 ),
@@ -479,10 +483,8 @@ impl Cluster {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let idle_timeout =
-            (proto.idle_timeout_ms > 0).then(|| Duration::from_millis(proto.idle_timeout_ms));
-        for e in &eps {
-            e.pool.set_idle_timeout(idle_timeout);
+        for p in eps.iter().filter_map(|e| e.pool.created()) {
+            p.set_idle_timeout(idle_timeout);
         }
         let locality = proto.locality.as_ref().and_then(|l| {
             let count = in_zone.iter().filter(|&&z| z).count();
@@ -603,8 +605,8 @@ mod tests {
         let c2 = Cluster::build(&proto, &eps2, Some(&c1), &m).unwrap();
         // Position continues from the previous snapshot.
         assert_eq!(c2.pick().unwrap().addr.port(), 2);
-        assert!(Arc::ptr_eq(&c1.endpoints[0].pool, &c2.endpoints[0].pool));
-        assert!(Arc::ptr_eq(&c1.endpoints[1].pool, &c2.endpoints[1].pool));
+        assert!(c1.endpoints[0].pool.same_as(&c2.endpoints[0].pool));
+        assert!(c1.endpoints[1].pool.same_as(&c2.endpoints[1].pool));
         assert!(Arc::ptr_eq(&c1.endpoints[1].load, &c2.endpoints[1].load));
         assert!(Arc::ptr_eq(
             &c1.endpoints[1].health,
@@ -613,6 +615,106 @@ mod tests {
         assert!(Arc::ptr_eq(c1.state(), c2.state()));
         assert_eq!(c2.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(c2.request_timeout, None);
+    }
+
+    /// An HTTP/1.1 upstream answering every request `200 ok` on kept-alive connections.
+    async fn http_upstream() -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut chunk).await {
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn endpoint_pools_are_made_on_first_use_and_kept_by_a_push() {
+        use http_body_util::BodyExt;
+        let up = http_upstream().await;
+        let m = Metrics::new().unwrap();
+        let proto = rr("lazy");
+        let eps = [
+            ep(&up.to_string(), 1),
+            ep("127.0.0.1:2", 1),
+            ep("127.0.0.1:3", 1),
+        ];
+        let c1 = Cluster::build(&proto, &eps, None, &m).unwrap();
+        // A snapshot makes no pool: what a connection must be is known without one.
+        assert!(c1.endpoints.iter().all(|e| e.pool.created().is_none()));
+        assert_eq!(*c1.endpoints[1].pool.expectation(), Expect::Plain);
+        assert_eq!(c1.endpoints[1].pool.idle_connections(), 0);
+        assert!(c1.endpoints.iter().all(|e| e.pool.created().is_none()));
+        // The first request makes the pool of the endpoint it goes to, and only that one.
+        let e = c1.pick().unwrap();
+        assert_eq!(e.addr, up);
+        let req = http::Request::get("/")
+            .header("host", "lazy")
+            .body(crate::retry::RequestBody::Buffered {
+                data: None,
+                trailers: None,
+            })
+            .unwrap();
+        let resp = e
+            .pool
+            .send(
+                req,
+                crate::upstream::Wire::H1,
+                Duration::from_secs(5),
+                &c1.connect_errors,
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        let made = Arc::clone(c1.endpoints[0].pool.created().expect("made by the request"));
+        assert_eq!(
+            made.idle_connections(),
+            1,
+            "the connection went back to the pool"
+        );
+        assert!(c1.endpoints[1..].iter().all(|e| e.pool.created().is_none()));
+        // A push (one endpoint replaced, a new idle timeout) keeps the pool and its warm
+        // connection, and still makes none for the others.
+        let eps2 = [
+            ep(&up.to_string(), 1),
+            ep("127.0.0.1:2", 1),
+            ep("127.0.0.1:4", 1),
+        ];
+        let pushed = v1::Cluster {
+            idle_timeout_ms: 45_000,
+            ..proto.clone()
+        };
+        let c2 = Cluster::build(&pushed, &eps2, Some(&c1), &m).unwrap();
+        assert!(Arc::ptr_eq(c2.endpoints[0].pool.created().unwrap(), &made));
+        assert_eq!(c2.endpoints[0].pool.idle_connections(), 1);
+        assert_eq!(made.idle_timeout(), Duration::from_secs(45));
+        assert!(c2.endpoints[1..].iter().all(|e| e.pool.created().is_none()));
+        // A pool made through the older snapshot after the push is the newer one's too.
+        let late = Arc::clone(c1.endpoints[1].pool.get());
+        assert!(Arc::ptr_eq(c2.endpoints[1].pool.created().unwrap(), &late));
+        // A removed endpoint's pool is not carried; a new one at another address has none.
+        assert!(c2.endpoints[2].pool.created().is_none());
+        assert!(!c2.endpoints[2].pool.same_as(&c1.endpoints[2].pool));
     }
 
     #[test]
@@ -808,7 +910,7 @@ mod tests {
         assert!(e.pool.mesh_identity().is_none());
         // A rebuild (a push, a refresh) keeps the endpoint's pool and the TLS config.
         let c3 = Cluster::build_with(&proto, &[], Some(&c2), &m, Some(&ctx)).unwrap();
-        assert!(Arc::ptr_eq(&c2.endpoints[0].pool, &c3.endpoints[0].pool));
+        assert!(c2.endpoints[0].pool.same_as(&c3.endpoints[0].pool));
         assert!(Arc::ptr_eq(
             c2.upstream_tls.as_ref().unwrap(),
             c3.upstream_tls.as_ref().unwrap()
@@ -816,10 +918,7 @@ mod tests {
         // Without upstream_tls the same address is plaintext: a new pool.
         let plain = Cluster::build_with(&external(None), &[], Some(&c3), &m, Some(&ctx)).unwrap();
         assert_eq!(*plain.endpoints[0].pool.expectation(), Expect::Plain);
-        assert!(!Arc::ptr_eq(
-            &c3.endpoints[0].pool,
-            &plain.endpoints[0].pool
-        ));
+        assert!(!c3.endpoints[0].pool.same_as(&plain.endpoints[0].pool));
         // Without DNS endpoints the resolver state goes.
         assert!(plain.state().dns.load().is_some());
         let none =

@@ -143,24 +143,92 @@ impl Resources {
         }
     }
 
-    /// The sets `resp` carries (moved out of it) and, for the types it does not carry, copies
-    /// of `held`'s: what a push leaves the proxy holding, with one copy of the unchanged sets.
+    /// The sets `resp` carries (moved out of it, their lists trimmed to their length: see
+    /// [`Resources::shrink`]) and, for the types it does not carry, copies of `held`'s: what a
+    /// push leaves the proxy holding, with one copy of the unchanged sets.
     pub fn merged(held: Option<&Resources>, resp: v1::DiscoveryResponse) -> Self {
+        let mut carried = Self {
+            listeners: resp.listeners,
+            routes: resp.routes,
+            clusters: resp.clusters,
+            endpoints: resp.endpoints,
+            policies: resp.policies,
+            trust: resp.trust,
+        };
+        carried.shrink();
+        let Some(h) = held else { return carried };
+        // `clone` allocates each list at its length: the copies need no trimming.
         Self {
-            listeners: resp
-                .listeners
-                .or_else(|| held.and_then(|h| h.listeners.clone())),
-            routes: resp.routes.or_else(|| held.and_then(|h| h.routes.clone())),
-            clusters: resp
-                .clusters
-                .or_else(|| held.and_then(|h| h.clusters.clone())),
-            endpoints: resp
-                .endpoints
-                .or_else(|| held.and_then(|h| h.endpoints.clone())),
-            policies: resp
-                .policies
-                .or_else(|| held.and_then(|h| h.policies.clone())),
-            trust: resp.trust.or_else(|| held.and_then(|h| h.trust.clone())),
+            listeners: carried.listeners.or_else(|| h.listeners.clone()),
+            routes: carried.routes.or_else(|| h.routes.clone()),
+            clusters: carried.clusters.or_else(|| h.clusters.clone()),
+            endpoints: carried.endpoints.or_else(|| h.endpoints.clone()),
+            policies: carried.policies.or_else(|| h.policies.clone()),
+            trust: carried.trust.or_else(|| h.trust.clone()),
+        }
+    }
+
+    /// Gives back what decoding allocated beyond each list's length. prost grows a repeated
+    /// field by pushing, so a list ends with up to twice the room it needs, and a list of one or
+    /// two large messages (a service's routes, its header matches) with room for four: held for
+    /// as long as the set is (until the next push of that type), for every service in scope.
+    pub fn shrink(&mut self) {
+        if let Some(s) = &mut self.listeners {
+            s.listeners.shrink_to_fit();
+            for l in &mut s.listeners {
+                if let Some(d) = &mut l.detection {
+                    d.skip_ports.shrink_to_fit();
+                }
+            }
+        }
+        if let Some(s) = &mut self.routes {
+            s.tables.shrink_to_fit();
+            for r in s.tables.iter_mut().flat_map(|t| {
+                t.routes.shrink_to_fit();
+                &mut t.routes
+            }) {
+                r.destinations.shrink_to_fit();
+                if let Some(m) = &mut r.r#match {
+                    m.hosts.shrink_to_fit();
+                    m.headers.shrink_to_fit();
+                    m.methods.shrink_to_fit();
+                    m.query.shrink_to_fit();
+                }
+                if let Some(retry) = &mut r.retry {
+                    retry.on_status.shrink_to_fit();
+                    retry.on_grpc_status.shrink_to_fit();
+                }
+            }
+        }
+        if let Some(s) = &mut self.clusters {
+            s.clusters.shrink_to_fit();
+            for c in &mut s.clusters {
+                c.dns_endpoints.shrink_to_fit();
+            }
+        }
+        if let Some(s) = &mut self.endpoints {
+            s.clusters.shrink_to_fit();
+            for e in s.clusters.iter_mut().flat_map(|c| {
+                c.endpoints.shrink_to_fit();
+                &mut c.endpoints
+            }) {
+                e.labels.shrink_to_fit();
+            }
+        }
+        if let Some(s) = &mut self.policies {
+            s.policies.shrink_to_fit();
+            for r in s.policies.iter_mut().flat_map(|p| {
+                p.rules.shrink_to_fit();
+                &mut p.rules
+            }) {
+                r.identities.shrink_to_fit();
+                r.namespaces.shrink_to_fit();
+                r.methods.shrink_to_fit();
+                r.paths.shrink_to_fit();
+            }
+        }
+        if let Some(s) = &mut self.trust {
+            s.roots_pem.shrink_to_fit();
         }
     }
 
@@ -1330,10 +1398,9 @@ pub(crate) mod tests {
         assert_eq!(new_backend.endpoints.len(), 2);
         // ... keeping its long-lived state and its kept endpoint's pool.
         assert!(Arc::ptr_eq(old_backend.state(), new_backend.state()));
-        assert!(Arc::ptr_eq(
-            &old_backend.endpoints[0].pool,
-            &new_backend.endpoints[0].pool
-        ));
+        assert!(old_backend.endpoints[0]
+            .pool
+            .same_as(&new_backend.endpoints[0].pool));
         for name in ["db.default", "inbound"] {
             assert!(
                 Arc::ptr_eq(&same.clusters[name], &next.clusters[name]),
@@ -1379,6 +1446,50 @@ pub(crate) mod tests {
         ));
         assert!(!outbound_table(&last).shares_route(outbound_table(&next), 1));
         assert!(outbound_table(&last).shares_route(outbound_table(&next), 0));
+    }
+
+    #[test]
+    fn merged_trims_what_decoding_over_allocated() {
+        use prost::Message;
+        let r = resources();
+        let sent = v1::DiscoveryResponse {
+            nonce: "n".into(),
+            routes: r.routes.clone(),
+            endpoints: Some(v1::EndpointSet {
+                version: "e2".into(),
+                clusters: vec![v1::ClusterEndpoints {
+                    cluster: "backend.default".into(),
+                    endpoints: (1..=5)
+                        .map(|i| v1::Endpoint {
+                            address: format!("127.0.0.1:{i}"),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }],
+            }),
+            ..Default::default()
+        };
+        let decoded = v1::DiscoveryResponse::decode(sent.encode_to_vec().as_slice()).unwrap();
+        let eps = |s: &v1::EndpointSet| s.clusters[0].endpoints.capacity();
+        let hosts = |s: &v1::RouteSet| {
+            s.tables[0].routes[0]
+                .r#match
+                .as_ref()
+                .unwrap()
+                .hosts
+                .capacity()
+        };
+        // What prost's pushes leave (the test is void if it ever decodes to the length).
+        assert!(eps(decoded.endpoints.as_ref().unwrap()) > 5);
+        assert!(hosts(decoded.routes.as_ref().unwrap()) > 1);
+        let merged = Resources::merged(Some(&r), decoded);
+        assert_eq!(eps(merged.endpoints.as_ref().unwrap()), 5);
+        assert_eq!(hosts(merged.routes.as_ref().unwrap()), 1);
+        // The same content, and the sets not carried are the held ones.
+        assert_eq!(merged.routes, sent.routes);
+        assert_eq!(merged.endpoints, sent.endpoints);
+        assert_eq!(merged.clusters, r.clusters);
+        assert_eq!(merged.listeners, r.listeners);
     }
 
     #[test]

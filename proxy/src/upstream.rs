@@ -1,4 +1,5 @@
-//! Connections to upstream endpoints, one [`EndpointPool`] per endpoint address.
+//! Connections to upstream endpoints, one [`EndpointPool`] per endpoint address, made by the
+//! first request to the endpoint ([`LazyPool`]), not for every endpoint a snapshot lists.
 //!
 //! - HTTP/1.1: a LIFO stack of idle connections, each driven by the request that uses it
 //!   ([`crate::h1client`]: no connection task). A connection goes back to the pool only once its
@@ -19,7 +20,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -359,6 +360,124 @@ async fn reap_idle_h2(pool: std::sync::Weak<EndpointPool>) {
 /// even if a holder panicked, because every critical section is a single push/pop/replace.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// An endpoint's connection pool, made on first use: a snapshot of a large scope has thousands
+/// of endpoints it never calls, and an empty [`EndpointPool`] (locks, h2 single-flight, idle
+/// bookkeeping) costs a few hundred bytes each. The [`EndpointPool`] is created by the first
+/// HTTP request sent to the endpoint (data path, mirror, upgrade: [`LazyPool::get`], or through
+/// `Deref`); until then only what every snapshot must know without connecting (address,
+/// [`Expect`], read by TCP connections, health checks and peer labels) is kept.
+///
+/// The cell holding the pool is shared by every snapshot that has the endpoint with the same
+/// expectation ([`LazyPool::carry`]), so a pool made through an older snapshot after a newer
+/// one was built is the newer one's too, and a push keeps warm connections.
+pub struct LazyPool {
+    addr: SocketAddr,
+    expect: Expect,
+    gate: Option<Arc<ConnectionGate>>,
+    idle: Option<Duration>,
+    cell: Arc<OnceLock<Arc<EndpointPool>>>,
+}
+
+impl std::fmt::Debug for LazyPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyPool")
+            .field("addr", &self.addr)
+            .field("expect", &self.expect)
+            .field("created", &self.cell.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LazyPool {
+    /// No pool yet for `addr`; once made, its connections are as `expect` says, count against
+    /// `gate` (the cluster's `max_connections`) and idle out after `idle` (`None`: default).
+    pub fn new(
+        addr: SocketAddr,
+        expect: Expect,
+        gate: Option<Arc<ConnectionGate>>,
+        idle: Option<Duration>,
+    ) -> Self {
+        Self {
+            addr,
+            expect,
+            gate,
+            idle,
+            cell: Arc::default(),
+        }
+    }
+
+    /// The pool of `previous` (the same endpoint and expectation in the previous snapshot),
+    /// made or not; one made from now on idles out after `idle`. A pool made already keeps its
+    /// idle timeout until the caller applies the new one ([`LazyPool::created`],
+    /// [`EndpointPool::set_idle_timeout`]) once the snapshot is accepted.
+    pub fn carry(
+        previous: &LazyPool,
+        gate: Option<Arc<ConnectionGate>>,
+        idle: Option<Duration>,
+    ) -> Self {
+        Self {
+            addr: previous.addr,
+            expect: previous.expect.clone(),
+            gate,
+            idle,
+            cell: Arc::clone(&previous.cell),
+        }
+    }
+
+    /// The pool, made now if this is the endpoint's first use.
+    pub fn get(&self) -> &Arc<EndpointPool> {
+        self.cell.get_or_init(|| {
+            let pool = match &self.gate {
+                Some(gate) => EndpointPool::with_gate(self.addr, Arc::clone(gate)),
+                None => EndpointPool::new(self.addr),
+            }
+            .expect(self.expect.clone());
+            pool.set_idle_timeout(self.idle);
+            Arc::new(pool)
+        })
+    }
+
+    /// The pool if it was made (`None` while no HTTP request was sent to the endpoint).
+    pub fn created(&self) -> Option<&Arc<EndpointPool>> {
+        self.cell.get()
+    }
+
+    /// Whether `self` and `other` are one endpoint's pool (made or not).
+    pub fn same_as(&self, other: &LazyPool) -> bool {
+        Arc::ptr_eq(&self.cell, &other.cell)
+    }
+
+    /// What connections to the endpoint must be (without making the pool).
+    pub fn expectation(&self) -> &Expect {
+        &self.expect
+    }
+
+    /// The identity the endpoint must present, if connections to it are mTLS (without making
+    /// the pool).
+    pub fn mesh_identity(&self) -> Option<&SpiffeId> {
+        self.expect.identity()
+    }
+
+    /// The endpoint address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Idle HTTP/1.1 connections in the pool (0 while it was not made).
+    pub fn idle_connections(&self) -> usize {
+        self.cell.get().map_or(0, |p| p.idle_connections())
+    }
+}
+
+impl std::ops::Deref for LazyPool {
+    type Target = Arc<EndpointPool>;
+
+    /// The pool, made on first use ([`LazyPool::get`]).
+    fn deref(&self) -> &Arc<EndpointPool> {
+        self.get()
+    }
 }
 
 impl EndpointPool {
