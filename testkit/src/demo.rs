@@ -43,14 +43,26 @@ impl DemoAppConfig {
 
     /// Also serve gRPC (`weft.demo.v1.Echo`) on a free port of the same IP.
     pub fn with_grpc(mut self) -> Self {
-        self.grpc = Some(free_addr(self.http.ip()));
+        self.grpc = Some(self.another_free_addr());
         self
     }
 
     /// Also run the TCP echo server on a free port of the same IP.
     pub fn with_tcp(mut self) -> Self {
-        self.tcp = Some(free_addr(self.http.ip()));
+        self.tcp = Some(self.another_free_addr());
         self
+    }
+
+    /// A free port on the app's IP that none of its other listeners was given (a released
+    /// port-0 pick can come back on the next pick).
+    fn another_free_addr(&self) -> SocketAddr {
+        let taken = [Some(self.http), self.grpc, self.tcp];
+        loop {
+            let addr = free_addr(self.http.ip());
+            if !taken.contains(&Some(addr)) {
+                return addr;
+            }
+        }
     }
 
     /// Send `/call` requests through `outbound` (a sidecar's outbound listener).
@@ -73,8 +85,39 @@ impl DemoApp {
         DemoApp::start_with(DemoAppConfig::new(name, instance)).await
     }
 
-    /// Starts the app and waits until each of its listeners accepts connections.
-    pub async fn start_with(config: DemoAppConfig) -> DemoApp {
+    /// Starts the app and waits until each of its listeners accepts connections. Its ports were
+    /// picked free and released: if something else on the machine took one in between (the app
+    /// exits with "Address already in use"), fresh ports are picked and the app started again,
+    /// up to three times.
+    pub async fn start_with(mut config: DemoAppConfig) -> DemoApp {
+        for _ in 0..2 {
+            let mut app = DemoApp::spawn(config.clone());
+            if app.wait_ready().await {
+                return app;
+            }
+            app.process.stop();
+            config.http = free_addr(config.http.ip());
+            config.grpc = None;
+            config.tcp = None;
+            let (grpc, tcp) = (app.config.grpc.is_some(), app.config.tcp.is_some());
+            if grpc {
+                config = config.with_grpc();
+            }
+            if tcp {
+                config = config.with_tcp();
+            }
+        }
+        let mut app = DemoApp::spawn(config);
+        assert!(
+            app.wait_ready().await,
+            "{}: its ports were taken three times\n{}",
+            app.process.name(),
+            app.process.describe()
+        );
+        app
+    }
+
+    fn spawn(config: DemoAppConfig) -> DemoApp {
         let mut cmd = Command::new(bin_path("weft-demo-app"));
         cmd.arg("--name")
             .arg(&config.name)
@@ -92,12 +135,11 @@ impl DemoApp {
             cmd.arg("--outbound").arg(a.to_string());
         }
         let process = ProcessGuard::spawn(&format!("weft-demo-app[{}]", config.instance), cmd);
-        let mut app = DemoApp { config, process };
-        app.wait_ready().await;
-        app
+        DemoApp { config, process }
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits until the app serves; `false` if it exited because a port was taken.
+    async fn wait_ready(&mut self) -> bool {
         let url = format!("http://{}/", self.config.http);
         let others: Vec<SocketAddr> = self
             .config
@@ -110,8 +152,16 @@ impl DemoApp {
             self.config.instance
         );
         let process = &mut self.process;
+        let mut port_taken = false;
         wait_until(DEFAULT_WAIT, &what, async || {
+            if port_taken {
+                return Ok(());
+            }
             if let Some(status) = process.try_exit_status() {
+                if process.log().contains("Address already in use") {
+                    port_taken = true;
+                    return Ok(());
+                }
                 panic!(
                     "{} exited ({status})\n{}",
                     process.name(),
@@ -128,6 +178,7 @@ impl DemoApp {
             Ok(())
         })
         .await;
+        !port_taken
     }
 
     pub fn http_addr(&self) -> SocketAddr {

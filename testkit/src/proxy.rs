@@ -73,8 +73,16 @@ impl ProxyConfig {
         id: &str,
         app: SocketAddr,
     ) -> Self {
-        // One batch, so admin, inbound and outbound never get the same port.
-        let [admin, inbound, outbound] = <[SocketAddr; 3]>::try_from(free_addrs(ip, 3))
+        // One batch, so admin, inbound and outbound never get the same port; and not the
+        // app's port when the app shares the IP (it was picked free and released before the
+        // app bound it, so the kernel may hand it out again).
+        let picks = loop {
+            let picks = free_addrs(ip, 3);
+            if !picks.contains(&app) {
+                break picks;
+            }
+        };
+        let [admin, inbound, outbound] = <[SocketAddr; 3]>::try_from(picks)
             .unwrap_or_else(|_| unreachable!("free_addrs returns exactly n addresses"));
         ProxyConfig {
             service: service.to_string(),
