@@ -49,11 +49,15 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/weft_descriptor.bin"));
 
 /// The prost codec with 1 KiB initial codec buffers instead of tonic's 8 KiB (per stream, each
-/// way): a control plane holds one discovery stream per proxy.
+/// way): a control plane holds one discovery stream per proxy. Its encoder reserves a message's
+/// encoded length before writing it, so a message larger than the buffer grows it once to its
+/// size instead of doubling it field by field (tonic keeps a stream's encode buffer at its
+/// largest capacity for the stream's life).
 pub mod codec {
     use std::marker::PhantomData;
 
-    use tonic::codec::{BufferSettings, Codec};
+    use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+    use tonic::Status;
     use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
     fn settings() -> BufferSettings {
@@ -77,15 +81,33 @@ pub mod codec {
     {
         type Encode = T;
         type Decode = U;
-        type Encoder = ProstEncoder<T>;
+        type Encoder = LeanEncoder<T>;
         type Decoder = ProstDecoder<U>;
 
         fn encoder(&mut self) -> Self::Encoder {
-            ProstCodec::<T, U>::raw_encoder(settings())
+            LeanEncoder(ProstCodec::<T, U>::raw_encoder(settings()))
         }
 
         fn decoder(&mut self) -> Self::Decoder {
             ProstCodec::<T, U>::raw_decoder(settings())
+        }
+    }
+
+    /// The prost encoder, reserving each message's length first (see the module).
+    #[derive(Debug, Clone)]
+    pub struct LeanEncoder<T>(ProstEncoder<T>);
+
+    impl<T: prost::Message> Encoder for LeanEncoder<T> {
+        type Item = T;
+        type Error = Status;
+
+        fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            buf.reserve(item.encoded_len());
+            self.0.encode(item, buf)
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            self.0.buffer_settings()
         }
     }
 }
