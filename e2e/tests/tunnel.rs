@@ -21,6 +21,7 @@ use weft_testkit::{
 };
 
 const WEB_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
+const STORE_ID: &str = "spiffe://cluster.local/ns/default/sa/store";
 
 /// The Python client: `seq ADDR N SIZE` makes N sequential connections, each sending SIZE
 /// bytes, half-closing and reading to EOF, and prints one JSON object per connection
@@ -354,6 +355,22 @@ async fn many_connections_share_one_handshake_and_keep_the_callers_identity() {
         "{}",
         web.lines_for("weft_tunnel_connections")
     );
+    // The caller's /config_dump shows its pooled connection(s) to the callee, by identity.
+    let dump = m.web.config_dump().await;
+    let tunnel = &dump["tunnel"];
+    assert_eq!(tunnel["enabled"], true, "{tunnel}");
+    let peers = tunnel["peers"].as_array().expect("tunnel.peers");
+    assert!(
+        peers
+            .iter()
+            .any(|p| p["address"] == m.store.inbound_addr().to_string()
+                && p["identity"] == STORE_ID
+                && p["connections"]
+                    .as_array()
+                    .is_some_and(|c| (1..=2).contains(&c.len()))),
+        "{tunnel}"
+    );
+    assert_eq!(tunnel["direct"], serde_json::json!([]), "{tunnel}");
 
     // One access log line per connection, naming the caller.
     let logged = wait_until(
@@ -562,5 +579,15 @@ async fn a_callee_without_the_tunnel_is_dialled_directly() {
         web.sum("weft_tunnel_fallbacks_total", &[]) >= N as f64,
         "{}",
         web.lines_for("weft_tunnel_fallbacks_total")
+    );
+    // The caller's /config_dump names the callee as dialled directly for now.
+    let dump = m.web.config_dump().await;
+    let direct = dump["tunnel"]["direct"].as_array().expect("tunnel.direct");
+    assert!(
+        direct.iter().any(
+            |d| d["address"] == m.store.inbound_addr().to_string() && d["identity"] == STORE_ID
+        ),
+        "{}",
+        dump["tunnel"]
     );
 }

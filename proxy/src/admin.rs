@@ -198,6 +198,7 @@ pub fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byte
             let snapshot = state.store.load_full();
             let mut body = config_dump(&state.node, snapshot.as_deref());
             body["control_plane"] = state.control_plane.to_json();
+            body["tunnel"] = crate::tunnel::dump();
             let mut r = text(
                 StatusCode::OK,
                 serde_json::to_vec_pretty(&body).unwrap_or_default(),

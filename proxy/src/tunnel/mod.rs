@@ -159,6 +159,19 @@ pub fn active() -> Option<&'static Tunnel> {
     TUNNEL.get()
 }
 
+/// `/config_dump`'s `tunnel`: `{"enabled": false}` when the outbound tunnel is off, else
+/// `{"enabled": true, "peers": [..], "direct": [..]}` ([`pool::Pool::dump`]).
+pub fn dump() -> serde_json::Value {
+    match active() {
+        None => serde_json::json!({ "enabled": false }),
+        Some(t) => {
+            let mut d = t.pool.dump(std::time::Instant::now());
+            d["enabled"] = serde_json::Value::Bool(true);
+            d
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -325,6 +325,62 @@ impl Pool {
         fallback.retain(|_, until| *until > now);
         fallback.insert(key.clone(), now + self.settings.fallback_for);
     }
+
+    /// The pool as `/config_dump` shows it: per peer (address, identity) its connections
+    /// (streams open, age, idle time, whether they still take new streams) and connections
+    /// being opened; and the peers dialled directly for now (they refused the tunnel), with
+    /// the seconds left. Sorted by address, so the output is stable.
+    pub fn dump(&self, now: Instant) -> serde_json::Value {
+        use serde_json::json;
+        let generation = self.tls.generation();
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut peers: Vec<(&Key, &Entry)> = entries.iter().collect();
+        peers.sort_by(|a, b| a.0.cmp(b.0));
+        let peers: Vec<serde_json::Value> = peers
+            .into_iter()
+            .map(|((addr, identity), entry)| {
+                let conns: Vec<serde_json::Value> = entry
+                    .conns
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "id": c.id,
+                            "streams": c.active.load(Ordering::Acquire),
+                            "age_s": now.saturating_duration_since(c.created).as_secs(),
+                            "idle_s": if c.active.load(Ordering::Acquire) > 0 {
+                                0
+                            } else {
+                                c.idle_for(now).as_secs()
+                            },
+                            "takes_new_streams": self.usable(c, generation, now),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "address": addr.to_string(),
+                    "identity": identity.as_str(),
+                    "connections": conns,
+                    "connecting": entry.connecting,
+                })
+            })
+            .collect();
+        drop(entries);
+        let fallback = self.fallback.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut direct: Vec<(&Key, &Instant)> =
+            fallback.iter().filter(|(_, until)| **until > now).collect();
+        direct.sort_by(|a, b| a.0.cmp(b.0));
+        let direct: Vec<serde_json::Value> = direct
+            .into_iter()
+            .map(|((addr, identity), until)| {
+                json!({
+                    "address": addr.to_string(),
+                    "identity": identity.as_str(),
+                    "for_s": until.saturating_duration_since(now).as_secs(),
+                })
+            })
+            .collect();
+        json!({ "peers": peers, "direct": direct })
+    }
 }
 
 #[cfg(test)]
@@ -399,6 +455,27 @@ mod tests {
         drop(l1);
         assert_eq!(lease(p.checkout(&k, 0, now)).conn().id, first.id);
         drop(l2);
+    }
+
+    #[tokio::test]
+    async fn the_dump_shows_connections_streams_and_direct_peers() {
+        let (p, k, now) = (pool(2, 2), key(), Instant::now());
+        assert!(matches!(p.checkout(&k, 0, now), Checkout::Open));
+        let (_conn, _lease) = p.opened(&k, sender().await, 0);
+        let other = ("127.0.0.2:9000".parse().unwrap(), k.1.clone());
+        p.mark_fallback(&other, now);
+        let d = p.dump(now);
+        let peer = &d["peers"][0];
+        assert_eq!(peer["address"], "127.0.0.1:9000");
+        assert_eq!(
+            peer["identity"],
+            "spiffe://cluster.local/ns/default/sa/store"
+        );
+        assert_eq!(peer["connections"][0]["streams"], 1);
+        assert_eq!(peer["connections"][0]["takes_new_streams"], true);
+        assert_eq!(peer["connecting"], 0);
+        assert_eq!(d["direct"][0]["address"], "127.0.0.2:9000");
+        assert_eq!(d["direct"][0]["for_s"], 300);
     }
 
     #[tokio::test]
