@@ -26,6 +26,7 @@ use crate::drain::DrainWatch;
 use crate::lb::load::now_nanos;
 use crate::snapshot::{Listener, ListenerKind};
 use crate::tls::io::{ClientIo, ServerIo};
+use crate::tls::sliced::Sliced;
 use crate::tls::spiffe::SpiffeId;
 use crate::tls::{originate, Alpn, Expect};
 
@@ -37,8 +38,6 @@ const BUF_INITIAL: usize = 16 * 1024;
 const BUF_MAX: usize = 64 * 1024;
 /// The largest TLS record payload: a TLS source hands out at most one record per read.
 const TLS_RECORD_MAX: usize = 16 * 1024;
-/// Writes to a TLS stream hand rustls slices of this size: see [`write_all_tls`].
-const TLS_COPY_SLICE: usize = 2 * 1024;
 
 /// Decrements the open-connections gauge and counts the connection closed however it ends.
 struct OpenGuard<'a>(&'a crate::metrics::TcpMetrics);
@@ -694,30 +693,9 @@ async fn read_now<R: AsyncRead + Unpin>(
     .await
 }
 
-/// `write_all` to a TLS stream, handing rustls the bytes as slices of [`TLS_COPY_SLICE`]: it still
-/// builds full-size records, but copies each slice into the record with its own `memcpy`. A
-/// single 16 KiB `memcpy` makes glibc (2.36 here) use `rep movsb`, which on AMD Zen CPUs runs
-/// ~30x slower when the destination is 1-31 bytes past the source modulo 64, as a record's
-/// payload (5 bytes after its header) often is: up to a fifth of the sending sidecar's CPU.
-/// Slices below glibc's `rep movsb` threshold (2112 bytes here) are copied with vector moves.
-async fn write_all_tls<W: AsyncWrite + Unpin>(w: &mut W, mut data: &[u8]) -> std::io::Result<()> {
-    while !data.is_empty() {
-        let n = std::future::poll_fn(|cx| {
-            let mut slices = [IoSlice::new(&[]); BUF_MAX / TLS_COPY_SLICE];
-            let mut k = 0;
-            for (slot, c) in slices.iter_mut().zip(data.chunks(TLS_COPY_SLICE)) {
-                *slot = IoSlice::new(c);
-                k += 1;
-            }
-            Pin::new(&mut *w).poll_write_vectored(cx, &slices[..k])
-        })
-        .await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        data = &data[n..];
-    }
-    Ok(())
+/// `write_all` to a TLS stream, handing rustls the bytes in slices ([`Sliced`]).
+async fn write_all_tls<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> std::io::Result<()> {
+    Sliced(w).write_all(data).await
 }
 
 #[cfg(test)]

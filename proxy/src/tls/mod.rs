@@ -21,6 +21,7 @@ pub mod io;
 pub mod metrics;
 pub mod origination;
 pub mod renew;
+pub mod sliced;
 pub mod spiffe;
 pub mod trust;
 pub mod verify;

@@ -254,7 +254,7 @@ async fn dial(
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
     let (sender, connection) = builder
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(super::io::Sliced(tls)))
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(crate::tls::sliced::Sliced(tls)))
         .await
         .map_err(|e| OpenError::Io(io::Error::new(io::ErrorKind::ConnectionAborted, e)))?;
     let (conn, lease) = pool.opened(key, sender, generation);

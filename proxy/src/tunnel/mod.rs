@@ -17,7 +17,6 @@
 //! to a mesh endpoint does its own mTLS handshake, as before.
 
 pub mod client;
-pub mod io;
 pub mod metrics;
 pub mod pool;
 pub mod server;

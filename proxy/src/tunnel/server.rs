@@ -164,7 +164,7 @@ pub async fn serve(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
-    let conn = builder.serve_connection(TokioIo::new(super::io::Sliced(io)), service);
+    let conn = builder.serve_connection(TokioIo::new(crate::tls::sliced::Sliced(io)), service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
