@@ -53,6 +53,24 @@ impl DemoAppConfig {
         self
     }
 
+    /// The same listeners on fresh free ports of the same IP.
+    fn with_fresh_ports(self) -> Self {
+        let (grpc, tcp) = (self.grpc.is_some(), self.tcp.is_some());
+        let mut fresh = DemoAppConfig {
+            http: free_addr(self.http.ip()),
+            grpc: None,
+            tcp: None,
+            ..self
+        };
+        if grpc {
+            fresh = fresh.with_grpc();
+        }
+        if tcp {
+            fresh = fresh.with_tcp();
+        }
+        fresh
+    }
+
     /// A free port on the app's IP that none of its other listeners was given (a released
     /// port-0 pick can come back on the next pick).
     fn another_free_addr(&self) -> SocketAddr {
@@ -90,31 +108,21 @@ impl DemoApp {
     /// exits with "Address already in use"), fresh ports are picked and the app started again,
     /// up to three times.
     pub async fn start_with(mut config: DemoAppConfig) -> DemoApp {
-        for _ in 0..2 {
+        for attempt in 1.. {
             let mut app = DemoApp::spawn(config.clone());
             if app.wait_ready().await {
                 return app;
             }
+            assert!(
+                attempt < 3,
+                "{}: its ports were taken three times\n{}",
+                app.process.name(),
+                app.process.describe()
+            );
             app.process.stop();
-            config.http = free_addr(config.http.ip());
-            config.grpc = None;
-            config.tcp = None;
-            let (grpc, tcp) = (app.config.grpc.is_some(), app.config.tcp.is_some());
-            if grpc {
-                config = config.with_grpc();
-            }
-            if tcp {
-                config = config.with_tcp();
-            }
+            config = config.with_fresh_ports();
         }
-        let mut app = DemoApp::spawn(config);
-        assert!(
-            app.wait_ready().await,
-            "{}: its ports were taken three times\n{}",
-            app.process.name(),
-            app.process.describe()
-        );
-        app
+        unreachable!("the loop returns or panics")
     }
 
     fn spawn(config: DemoAppConfig) -> DemoApp {
