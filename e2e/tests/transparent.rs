@@ -110,6 +110,18 @@ impl Sidecar {
         cp: &ControlPlane,
         app_ports: &[u16],
     ) -> Sidecar {
+        Self::spawn_with(net, host, service, cp, app_ports, "")
+    }
+
+    /// As [`Sidecar::spawn`], with `extra` appended to the bootstrap YAML.
+    fn spawn_with(
+        net: &Network,
+        host: &str,
+        service: &str,
+        cp: &ControlPlane,
+        app_ports: &[u16],
+        extra: &str,
+    ) -> Sidecar {
         let ip = net.host_ip(host);
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("bootstrap.yaml");
@@ -126,7 +138,7 @@ transparent: {{instance_ip: {ip}, app_ports: [{ports}]}}
 drain_timeout: 1s
 observability:
   access_log: {{listeners: [outbound], format: json, path: {log}}}
-",
+{extra}",
             cp_url = cp.grpc_url(),
             ca = cp.roots_pem().display(),
             token = cp.join_token(service, "default"),
@@ -1155,5 +1167,150 @@ async fn captured_calls_by_name_cross_both_sidecars_over_mtls() {
         ca.lines_for("weft_dns_queries_total"),
         ca.lines_for("weft_egress_denied_total"),
         sa.lines_for("weft_protocol_detections_total")
+    );
+}
+
+/// Holds `n` TCP connections from `host` to `addr` open at once, one after another: each sends
+/// `ping-<i>` and waits up to 10 s for the echo. Prints one line per connection, `ok` (echoed)
+/// or `refused` (closed or reset without the echo), then closes them all.
+fn held_echoes(net: &Network, host: &str, addr: SocketAddr, n: usize) -> Vec<String> {
+    let script = format!(
+        "import socket\n\
+         held=[]\n\
+         for i in range({n}):\n    \
+             s=socket.create_connection(('{ip}',{port}),timeout=10)\n    \
+             held.append(s)\n    \
+             msg=('ping-%d' % i).encode()\n    \
+             try:\n        \
+                 s.sendall(msg)\n        \
+                 got=b''\n        \
+                 while len(got)<len(msg):\n            \
+                     b=s.recv(64)\n            \
+                     if not b: break\n            \
+                     got+=b\n        \
+                 print('ok' if got==msg else 'refused', flush=True)\n    \
+             except OSError:\n        \
+                 print('refused', flush=True)\n\
+         for s in held: s.close()\n",
+        ip = addr.ip(),
+        port = addr.port(),
+    );
+    let o = net.run(host, "python3", &["-c", &script]);
+    assert!(o.status.success(), "held echoes from {host}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A peer sidecar's tunnel connection to a captured inbound port is one accepted connection of
+/// the callee's listener, and every TCP connection it carries takes one more slot of that
+/// listener's cap, as a direct mTLS connection would: past the cap, streams are refused (the
+/// caller's app sees its connection closed) while those already open keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnelled_connections_take_slots_of_the_callees_connection_cap() {
+    let net = match Network::create(&["client", "server"]) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!(
+                "\n*** SKIPPED transparent-mode namespace test: cannot create network namespaces \
+                 ({e}); it needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) ***\n"
+            );
+            return;
+        }
+    };
+    let server_ip = net.host_ip("server");
+    let policies = PolicyDir::with_file(
+        "mesh.yaml",
+        &policy(
+            "allow",
+            net.lan_ip(100),
+            &format!("{}/120", net.lan_ip6(0x9600)),
+        ),
+    );
+    let mut cp_config = ControlPlaneConfig::new(policies.path());
+    cp_config.grpc = Some(SocketAddr::new(
+        net.gateway_ip(),
+        free_port(net.gateway_ip()),
+    ));
+    let cp = ControlPlane::start_with(cp_config).await;
+    for host in ["client", "server"] {
+        let o = init(&net, host, &[]);
+        assert!(
+            o.status.success(),
+            "weft-proxy init in {host}: {}",
+            text(&o)
+        );
+    }
+    let any = |port| SocketAddr::new([0, 0, 0, 0].into(), port);
+    let _server_app = demo_app(&net, "server", "api", any(HTTP_PORT), Some(any(TCP_PORT)));
+    let mut client = Sidecar::spawn(&net, "client", "web", &cp, &[HTTP_PORT]);
+    // A cap of 3 per listener: the tunnel connection holds one slot of the inbound listener,
+    // so two streams fit.
+    let mut server = Sidecar::spawn_with(
+        &net,
+        "server",
+        "api",
+        &cp,
+        &[HTTP_PORT, TCP_PORT],
+        "limits: {max_connections_per_listener: 3}\n",
+    );
+    client.wait_ready().await;
+    server.wait_ready().await;
+    client
+        .wait_config(
+            "the client sidecar knows api's TCP port",
+            &["api.default:9000", &format!("{server_ip}:{TCP_PORT}")],
+        )
+        .await;
+    let target = SocketAddr::new(server_ip, TCP_PORT);
+    wait_until(DEFAULT_WAIT, "one echo through the tunnel", async || {
+        let o = tcp_echo(&net, "client", target, "hello");
+        if text(&o).contains("hello") {
+            Ok(())
+        } else {
+            Err(text(&o))
+        }
+    })
+    .await;
+    // The pooled tunnel connection stays open (idle) between the calls.
+    let before = server.metrics().await;
+    let lines = held_echoes(&net, "client", target, 4);
+    let after = server.metrics().await;
+    assert_eq!(lines, ["ok", "ok", "refused", "refused"], "{lines:?}");
+    let d = Delta { before, after };
+    assert_eq!(
+        d.of(
+            "weft_tunnel_streams_total",
+            &[("direction", "inbound"), ("result", "refused")]
+        ),
+        2.0,
+        "{}",
+        d.explain("weft_tunnel_streams_total")
+    );
+    assert_eq!(
+        d.of("weft_listener_connections_refused_total", &[]),
+        2.0,
+        "{}",
+        d.explain("weft_listener_connections_refused_total")
+    );
+    // Once those are closed their slots are free again: a new connection is served.
+    let o = tcp_echo(&net, "client", target, "again");
+    assert!(text(&o).contains("again"), "{}", text(&o));
+    // Still one tunnel connection from the client: the refusals did not cost a handshake.
+    let m = server.metrics().await;
+    assert_eq!(
+        sum(
+            &m,
+            "weft_tls_handshakes_total",
+            &[("direction", "inbound"), ("result", "ok")]
+        ) - sum(
+            &d.before,
+            "weft_tls_handshakes_total",
+            &[("direction", "inbound"), ("result", "ok")]
+        ),
+        0.0,
+        "{}",
+        m.lines_for("weft_tls_handshakes_total")
     );
 }

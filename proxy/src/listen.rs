@@ -259,6 +259,7 @@ fn dispatch(
                 peer,
                 original,
                 listener,
+                limit: limit.clone(),
             };
             let plane = plane.clone();
             tokio::spawn(async move {

@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use crate::conn_limit::ConnectionLimit;
 use crate::drain::DrainWatch;
 use crate::http::connect::{decide, ConnectTarget, CONNECT_TIMEOUT};
 use crate::http::{self, ProtocolHint, ServerStream};
@@ -103,6 +104,9 @@ pub struct Captured {
     pub original: SocketAddr,
     /// The listener it was redirected to (a captured one).
     pub listener: Arc<Listener>,
+    /// The listener's connection cap. The accepted connection already holds one slot; each
+    /// stream of a peer sidecar's tunnel connection takes one more, as a direct connection would.
+    pub limit: ConnectionLimit,
 }
 
 /// Serves a captured connection until it ends (see the module docs).
@@ -300,7 +304,7 @@ async fn inbound(
             Arc::clone(plane.tls.trust()),
             Some(c.peer),
             resolve,
-            None,
+            Some((c.limit.clone(), Arc::clone(&c.listener.name))),
             drain,
             drain_timeout,
         )
