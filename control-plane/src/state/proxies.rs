@@ -56,6 +56,12 @@ pub struct ProxyStatus {
     pub(super) remove_at: Option<Instant>,
 }
 
+/// Whether a status counts in `weft_control_proxies_nacking`: connected, and its latest
+/// answer was a NACK.
+fn counts_as_nacking(s: &ProxyStatus) -> bool {
+    s.state == ProxyState::Connected && s.nacking
+}
+
 impl ControlPlane {
     /// Registers a proxy's stream (its node already admitted: see [`crate::admission`]);
     /// returns its session. Refused when the id belongs to another identity or the registry is
@@ -79,7 +85,8 @@ impl ControlPlane {
         } else {
             node.namespace.clone()
         };
-        lock(&self.statuses).insert(
+        let mut statuses = lock(&self.statuses);
+        let replaced = statuses.insert(
             node.id.clone(),
             ProxyStatus {
                 id: node.id.clone(),
@@ -100,6 +107,9 @@ impl ControlPlane {
                 remove_at: None,
             },
         );
+        // A new stream of the same id replaces the old one's status (and its NACKing streak).
+        self.nacking_changed(replaced.as_ref().is_some_and(counts_as_nacking), false);
+        drop(statuses);
         self.metrics.proxies_connected.inc();
         self.registry_changed();
         self.bump_services(&changed, &[]);
@@ -120,15 +130,16 @@ impl ControlPlane {
         {
             let mut statuses = lock(&self.statuses);
             if let Some(s) = statuses.get_mut(id).filter(|s| s.session == session) {
+                let before = counts_as_nacking(s);
                 s.state = ProxyState::Disconnected;
                 s.disconnected_since =
                     Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
                 s.remove_at = Some(remove_at.unwrap_or(now));
+                self.nacking_changed(before, counts_as_nacking(s));
             }
         }
         self.metrics.proxies_connected.dec();
         self.registry_changed();
-        self.refresh_nacking_gauge();
     }
 
     /// Drops registrations (and statuses) whose grace expired, and wakes streams if any did.
@@ -146,21 +157,29 @@ impl ControlPlane {
             }
             registry.take_changed()
         };
-        lock(&self.statuses).retain(|_, s| s.remove_at.is_none_or(|at| at > now));
+        lock(&self.statuses).retain(|_, s| {
+            let keep = s.remove_at.is_none_or(|at| at > now);
+            if !keep {
+                self.nacking_changed(counts_as_nacking(s), false);
+            }
+            keep
+        });
         if !changed.is_empty() {
             self.registry_changed();
             self.bump_services(&changed, &[]);
         }
     }
 
-    fn refresh_nacking_gauge(&self) {
-        let nacking = lock(&self.statuses)
-            .values()
-            .filter(|s| s.state == ProxyState::Connected && s.nacking)
-            .count();
-        self.metrics
-            .proxies_nacking
-            .set(i64::try_from(nacking).unwrap_or(i64::MAX));
+    /// Moves `weft_control_proxies_nacking` by what one status change did to whether that
+    /// status counts. Called with the statuses locked, so the gauge and the statuses agree
+    /// without scanning every proxy on every ACK (an O(proxies) scan per ACK made a cold start
+    /// of N proxies O(N^2)).
+    fn nacking_changed(&self, before: bool, after: bool) {
+        match (before, after) {
+            (false, true) => self.metrics.proxies_nacking.inc(),
+            (true, false) => self.metrics.proxies_nacking.dec(),
+            _ => {}
+        }
     }
 
     /// Records what a proxy holds: `last_nack` is the reason of a NACK just received; `None`
@@ -174,6 +193,7 @@ impl ControlPlane {
     ) {
         let mut statuses = lock(&self.statuses);
         if let Some(s) = statuses.get_mut(id).filter(|s| s.session == session) {
+            let before = counts_as_nacking(s);
             s.versions = versions
                 .iter()
                 .filter_map(|(t, v)| {
@@ -187,9 +207,8 @@ impl ControlPlane {
                 s.last_nack_at =
                     Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
             }
+            self.nacking_changed(before, counts_as_nacking(s));
         }
-        drop(statuses);
-        self.refresh_nacking_gauge();
     }
 
     /// Every proxy's status (connected, or disconnected within its grace), sorted by id: this
@@ -295,4 +314,70 @@ pub enum LogLevelError {
     /// The proxy is another replica's and the store could not be written.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use weft_proto::v1::Node;
+
+    use crate::metrics::Metrics;
+    use crate::state::ControlPlane;
+
+    fn node(id: &str) -> Node {
+        Node {
+            id: id.into(),
+            service: "a".into(),
+            inbound_address: format!("127.0.0.{}:15006", id.len() + 1),
+            outbound_address: "127.0.0.1:15001".into(),
+            ..Node::default()
+        }
+    }
+
+    /// The NACKing gauge follows every transition of every proxy (it is moved per change, not
+    /// recounted): NACK, ACK, disconnect while NACKing, a new stream replacing a NACKing one.
+    #[test]
+    fn the_nacking_gauge_follows_each_proxys_transitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::new(
+            Arc::new(crate::store::FileStore::in_dir(dir.path())),
+            Duration::from_secs(60),
+            Metrics::new().unwrap(),
+        );
+        let gauge = || cp.metrics().proxies_nacking.get();
+        let nack = Some("routes: bad regex".to_owned());
+        let none = HashMap::new();
+        let a = cp.connect(&node("a")).unwrap();
+        let b = cp.connect(&node("bb")).unwrap();
+        cp.update_status("a", a, &none, nack.clone());
+        cp.update_status("bb", b, &none, nack.clone());
+        assert_eq!(gauge(), 2);
+        // A second NACK in the streak counts once; a stale session changes nothing.
+        cp.update_status("a", a, &none, nack.clone());
+        cp.update_status("a", a + 1000, &none, None);
+        assert_eq!(gauge(), 2);
+        cp.update_status("a", a, &none, None);
+        assert_eq!(gauge(), 1);
+        // Disconnected while NACKing: no longer counted, and expiry does not count it twice.
+        cp.disconnect("bb", b);
+        assert_eq!(gauge(), 0);
+        cp.expire_registrations();
+        assert_eq!(gauge(), 0);
+        // A new stream of a NACKing proxy replaces its status: the streak ends with it.
+        cp.update_status("a", a, &none, nack.clone());
+        assert_eq!(gauge(), 1);
+        let a2 = cp.connect(&node("a")).unwrap();
+        assert_ne!(a, a2);
+        assert_eq!(gauge(), 0);
+        cp.update_status("a", a2, &none, nack);
+        assert_eq!(gauge(), 1);
+        let listed = cp.proxy_statuses();
+        let nacking = listed
+            .iter()
+            .filter(|s| s.nacking && s.state == super::ProxyState::Connected);
+        assert_eq!(nacking.count(), 1);
+    }
 }
