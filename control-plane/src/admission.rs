@@ -366,15 +366,7 @@ pub fn admit(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn node(id: &str, service: &str, inbound: &str) -> Node {
-        Node {
-            id: id.into(),
-            service: service.into(),
-            inbound_address: inbound.into(),
-            ..Default::default()
-        }
-    }
+    use crate::testing::node;
 
     fn web() -> Caller {
         Caller::Workload {

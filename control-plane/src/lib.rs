@@ -32,6 +32,8 @@ pub mod registry;
 pub mod server;
 pub mod state;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod token;
 pub mod watch;

@@ -524,6 +524,7 @@ impl ControlPlane {
 mod tests {
     use super::*;
     use crate::store::Store as _;
+    use crate::testing::sidecar_node as node;
     use std::collections::HashMap;
 
     fn cp(dir: &std::path::Path) -> ControlPlane {
@@ -623,16 +624,6 @@ mod tests {
         cp.reload().await.unwrap();
         assert_eq!(cp.policy_error(), None);
         assert_eq!(cp.metrics().policy_errors.get(), 0);
-    }
-
-    fn node(id: &str, service: &str, inbound: &str) -> Node {
-        Node {
-            id: id.into(),
-            service: service.into(),
-            inbound_address: inbound.into(),
-            outbound_address: "127.0.0.1:15001".into(),
-            ..Node::default()
-        }
     }
 
     #[test]

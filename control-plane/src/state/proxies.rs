@@ -326,15 +326,10 @@ mod tests {
 
     use crate::metrics::Metrics;
     use crate::state::ControlPlane;
+    use crate::testing::sidecar_node;
 
     fn node(id: &str) -> Node {
-        Node {
-            id: id.into(),
-            service: "a".into(),
-            inbound_address: format!("127.0.0.{}:15006", id.len() + 1),
-            outbound_address: "127.0.0.1:15001".into(),
-            ..Node::default()
-        }
+        sidecar_node(id, "a", &format!("127.0.0.{}:15006", id.len() + 1))
     }
 
     /// The NACKing gauge follows every transition of every proxy (it is moved per change, not

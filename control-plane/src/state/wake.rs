@@ -100,20 +100,9 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use weft_proto::v1::Node;
-
     use super::*;
     use crate::metrics::Metrics;
-
-    fn node(id: &str, service: &str, inbound: &str) -> Node {
-        Node {
-            id: id.into(),
-            service: service.into(),
-            inbound_address: inbound.into(),
-            outbound_address: "127.0.0.1:15001".into(),
-            ..Node::default()
-        }
-    }
+    use crate::testing::sidecar_node as node;
 
     #[tokio::test]
     async fn a_registration_wakes_only_the_streams_of_scopes_holding_its_service() {

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use weft_proto::v1::Node;
 use weft_testkit::etcd::Etcd;
 
 use super::ca::{CaCheck, CaFingerprint};
@@ -13,6 +12,7 @@ use super::*;
 use crate::metrics::Metrics;
 use crate::state::{ControlPlane, ProxyState};
 use crate::store::SharedStore;
+use crate::testing::node;
 
 const GRACE: Duration = Duration::from_millis(500);
 
@@ -55,15 +55,6 @@ async fn replica(etcd: &Etcd, name: &str) -> Replica {
         tokio::spawn(async move { store.sync_registrations(cp).await })
     };
     Replica { store, cp, sync }
-}
-
-fn node(id: &str, service: &str, inbound: &str) -> Node {
-    Node {
-        id: id.into(),
-        service: service.into(),
-        inbound_address: inbound.into(),
-        ..Node::default()
-    }
 }
 
 /// Polls `probe` every 50 ms for up to `within`; panics naming `what`.
