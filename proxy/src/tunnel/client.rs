@@ -180,17 +180,20 @@ impl Drop for OpenSlot<'_> {
     }
 }
 
+/// The status the peer refused the stream with, if `e` is such a refusal.
+fn refusal(e: &io::Error) -> Option<http::StatusCode> {
+    Some(e.get_ref()?.downcast_ref::<Refused>()?.0)
+}
+
 /// Whether `e` is the peer retiring the connection for stale credentials (421).
 fn is_stale(e: &io::Error) -> bool {
-    e.get_ref()
-        .and_then(|i| i.downcast_ref::<Refused>())
-        .is_some_and(|r| r.0 == http::StatusCode::MISDIRECTED_REQUEST)
+    refusal(e) == Some(http::StatusCode::MISDIRECTED_REQUEST)
 }
 
 /// Whether `e` (from [`Tunnel::open`]) is the peer refusing the stream (a status other than
 /// 200: denied, over a limit, its upstream unreachable) rather than a failure to reach it.
 pub fn is_refusal(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|i| i.is::<Refused>())
+    refusal(e).is_some()
 }
 
 /// Sends the CONNECT on `sender` and takes the stream on a 200.
