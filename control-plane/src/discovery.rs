@@ -23,6 +23,10 @@
 //! Versions are content hashes of what is compiled, and every replica compiles the same inputs
 //! (the same policy revision, the same registrations from the store; see
 //! `state::remote`), so a proxy moving between replicas of one mesh is pushed nothing.
+//!
+//! **Endpoint deltas.** A proxy whose Node lists `endpoint-delta` gets its ENDPOINTS as a
+//! delta against the set it ACKed when that is smaller ([`crate::push::delta`]); a NACKed delta
+//! is pushed again at once as the whole set.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -42,6 +46,7 @@ use weft_proto::v1::{DiscoveryRequest, DiscoveryResponse, Hello, Node, ResourceT
 
 use crate::admission::{self, Caller, Refusal};
 use crate::compile::{type_name, Resources};
+use crate::push::delta::{self, EndpointPushes, EndpointStream};
 use crate::state::ControlPlane;
 
 /// One item of a proxy's response stream, boxed (see `DiscoveryService::stream`).
@@ -63,11 +68,17 @@ pub enum RegistrationAuth {
 pub struct DiscoveryService {
     cp: Arc<ControlPlane>,
     auth: RegistrationAuth,
+    endpoint_pushes: EndpointPushes,
 }
 
 impl DiscoveryService {
     pub fn new(cp: Arc<ControlPlane>, auth: RegistrationAuth) -> Self {
-        Self { cp, auth }
+        let endpoint_pushes = EndpointPushes::register(cp.metrics());
+        Self {
+            cp,
+            auth,
+            endpoint_pushes,
+        }
     }
 
     /// Who the caller is, from its verified client certificate; with the certificate's
@@ -118,6 +129,7 @@ impl Discovery for DiscoveryService {
             },
             inbound,
             tx,
+            self.endpoint_pushes.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|b| *b))))
     }
@@ -331,27 +343,66 @@ fn send(
     Box::pin(async move { tx.send(Box::new(item)).await.is_ok() })
 }
 
+/// Sends an item already boxed ([`send`]).
+fn send_item(
+    tx: &mpsc::Sender<PushItem>,
+    item: PushItem,
+) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+    Box::pin(async move { tx.send(item).await.is_ok() })
+}
+
+/// Compiles `node`'s resources and builds the push of what it does not hold (endpoints as a
+/// delta when they may be: [`EndpointStream::prepare`]), boxed for the stream; with whether a
+/// policy change raced the compilation. Not async: none of it lives in the stream's future.
+fn compose(
+    cp: &ControlPlane,
+    node: &Node,
+    held: &HashMap<i32, String>,
+    rejected: Option<&Rejected>,
+    generation: u64,
+    changed_at: Instant,
+    endpoints: &mut EndpointStream,
+) -> (Option<(PushItem, Pending)>, bool) {
+    let (resources, policy) = cp.compile_for_at(node);
+    let raced = !cp.serves(&policy);
+    let held_endpoints = held
+        .get(&(ResourceType::Endpoints as i32))
+        .map(String::as_str);
+    endpoints.learn(held_endpoints, &resources.endpoints);
+    let response = build_response(resources, held, rejected, generation, changed_at).map(
+        |(mut response, pending)| {
+            endpoints.prepare(&mut response, held_endpoints);
+            (Box::new(Ok(response)), pending)
+        },
+    );
+    (response, raced)
+}
+
 /// Reads and admits the Hello, then registers the node: its node, the versions it holds, its
-/// session and when it connected. On a refusal the status is sent to the proxy and `None`
-/// returned. Its own future (the Hello deadline, the read): the caller boxes it, so that state
-/// does not stay in the stream's future after admission.
+/// session, when it connected and whether it applies endpoint deltas. On a refusal the status
+/// is sent to the proxy and `None` returned. Its own future (the Hello deadline, the read): the
+/// caller boxes it, so that state does not stay in the stream's future after admission.
 async fn admit_and_connect(
     cp: &ControlPlane,
     admission: Admission,
     inbound: &mut Streaming<DiscoveryRequest>,
     tx: &mpsc::Sender<PushItem>,
-) -> Option<(Node, HashMap<i32, String>, u64, Instant)> {
-    let (node, held) = match admit_hello(cp, &admission, inbound).await {
+) -> Option<(Node, HashMap<i32, String>, u64, Instant, bool)> {
+    let (mut node, held) = match admit_hello(cp, &admission, inbound).await {
         Ok(admitted) => admitted,
         Err(status) => {
             send(tx, Err(status)).await;
             return None;
         }
     };
+    let capable = delta::advertised(&node);
+    // Read here and not kept: the list is the proxy's to make up (unbounded), and the
+    // registration stores the node.
+    node.capabilities = Vec::new();
     let held = versions_map(&held);
     let connected_at = Instant::now();
     match cp.connect(&node) {
-        Ok(session) => Some((node, held, session, connected_at)),
+        Ok(session) => Some((node, held, session, connected_at, capable)),
         Err(refusal) => {
             send(tx, Err(refuse(cp, &refusal, admission.peer))).await;
             None
@@ -364,14 +415,17 @@ async fn run_stream(
     admission: Admission,
     mut inbound: Streaming<DiscoveryRequest>,
     tx: mpsc::Sender<PushItem>,
+    endpoint_pushes: EndpointPushes,
 ) {
     // Only the certificate's expiry is kept: the rest of the admission is not needed after it.
     let cert_expiry = admission.cert_expiry;
-    let Some((node, mut held, session, connected_at)) =
+    let Some((node, mut held, session, connected_at, capable)) =
         Box::pin(admit_and_connect(&cp, admission, &mut inbound, &tx)).await
     else {
         return;
     };
+    // Boxed, like the rest of what the task holds for its life: its future stays small.
+    let mut endpoints = Box::new(EndpointStream::new(endpoint_pushes, capable));
     // The stream lives no longer than the certificate that authenticated it: the proxy
     // reconnects with its renewed one.
     let cert_expired = async {
@@ -433,14 +487,20 @@ async fn run_stream(
             };
             let first = compiled.is_none();
             compiled = Some(generation);
-            let (resources, policy) = cp.compile_for_at(&node);
-            if !cp.serves(&policy) {
+            let (response, raced) = compose(
+                &cp,
+                &node,
+                &held,
+                rejected.as_ref(),
+                generation,
+                changed_at,
+                &mut endpoints,
+            );
+            if raced {
                 // A policy change raced this compilation: compile again under the new set.
                 woken_by.get_or_insert(cp.generation());
                 dirty.set();
             }
-            let response =
-                build_response(resources, &held, rejected.as_ref(), generation, changed_at);
             if first && !held.is_empty() {
                 // A resumed stream (the proxy reconnected, maybe from another replica): only
                 // what differs from what it holds goes out, often nothing at all.
@@ -453,7 +513,7 @@ async fn run_stream(
             }
             if let Some((response, pending)) = response {
                 tracing::debug!(proxy = %node.id, nonce = %pending.nonce, types = ?pending.versions, "push");
-                if !send(&tx, Ok(response)).await {
+                if !send_item(&tx, response).await {
                     break;
                 }
                 outstanding = Some(pending);
@@ -484,6 +544,7 @@ async fn run_stream(
                         "push unanswered: considered lost; the next change pushes again"
                     );
                     record_answer(&cp, &p, "timeout");
+                    endpoints.lost();
                 }
             }
             changed = generations.changed() => {
@@ -508,6 +569,7 @@ async fn run_stream(
                     if matches {
                         if let Some(p) = outstanding.take() {
                             record_answer(&cp, &p, "ack");
+                            endpoints.acked(&p.nonce);
                             // The ACK covers every set of the push; versions the proxy reports
                             // override them (a proxy that does not list a type it was sent,
                             // say an older one unaware of it, is not re-sent it forever).
@@ -521,14 +583,24 @@ async fn run_stream(
                 }
                 Some(Ok(DiscoveryRequest { kind: Some(Kind::Nack(nack)) })) => {
                     tracing::warn!(proxy = %node.id, nonce = %nack.nonce, error = %nack.error, "proxy rejected config");
+                    // Whatever was NACKed, the next ENDPOINTS push is whole.
+                    let was_delta = endpoints.nacked(&nack.nonce);
                     if outstanding.as_ref().is_some_and(|p| p.nonce == nack.nonce) {
                         if let Some(p) = outstanding.take() {
                             record_answer(&cp, &p, "nack");
-                            let listed = versions_map(&nack.rejected);
-                            rejected = Some(Rejected {
-                                generation: p.generation,
-                                versions: if listed.is_empty() { p.versions } else { listed },
-                            });
+                            if was_delta {
+                                // The proxy may just not hold the delta's base: push again at
+                                // once, the whole set (rejected for good only if that fails).
+                                tracing::info!(proxy = %node.id, nonce = %nack.nonce, "endpoint delta rejected: pushing the whole set");
+                                woken_by.get_or_insert(p.generation);
+                                dirty.set();
+                            } else {
+                                let listed = versions_map(&nack.rejected);
+                                rejected = Some(Rejected {
+                                    generation: p.generation,
+                                    versions: if listed.is_empty() { p.versions } else { listed },
+                                });
+                            }
                         }
                     }
                     cp.update_status(&node.id, session, &held, Some(bounded(nack.error)));
@@ -775,7 +847,8 @@ mod tests {
             peer: None,
             cert_expiry: None,
         };
-        let future = run_stream(cp, admission, inbound, tx);
+        let pushes = EndpointPushes::register(cp.metrics());
+        let future = run_stream(cp, admission, inbound, tx, pushes);
         let size = std::mem::size_of_val(&future);
         println!(
             "run_stream future: {size} bytes (tokio Sleep: {} bytes)",

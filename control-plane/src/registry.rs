@@ -130,6 +130,8 @@ impl PersistedProxy {
             build_version: self.build_version.clone(),
             instance_ip: self.instance_ip.clone(),
             app_ports: self.app_ports.clone(),
+            // Per stream (read at its Hello), never persisted.
+            capabilities: Vec::new(),
         }
     }
 }

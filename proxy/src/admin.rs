@@ -254,9 +254,13 @@ pub fn config_dump(node: &v1::Node, snapshot: Option<&Snapshot>) -> Value {
             "route_table": l.route_table, "cluster": l.cluster,
         })
     }).collect();
-    let routes: Vec<Value> = r.routes.iter().flat_map(|s| &s.tables).map(|t| {
-        json!({ "name": t.name, "routes": t.routes.iter().map(route_json).collect::<Vec<_>>() })
-    }).collect();
+    // Held encoded (`HeldResources`): decoded for this dump only.
+    let routes: Value = match r.routes() {
+        Ok(set) => set.iter().flat_map(|s| &s.tables).map(|t| {
+            json!({ "name": t.name, "routes": t.routes.iter().map(route_json).collect::<Vec<_>>() })
+        }).collect(),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
     let clusters: Vec<Value> = r.clusters.iter().flat_map(|s| &s.clusters).map(|c| {
         json!({
             "name": c.name, "service": c.service, "namespace": c.namespace,
@@ -373,5 +377,36 @@ mod tests {
         let empty = config_dump(&node, None);
         assert_eq!(empty["versions"]["routes"], Value::Null);
         assert_eq!(empty["listeners"], json!([]));
+        assert_eq!(empty["routes"], json!([]));
+    }
+
+    /// The route set is held encoded: the dump decodes it to exactly what was pushed.
+    #[test]
+    fn config_dump_shows_the_pushed_routes() {
+        let mut r = crate::snapshot::tests::resources();
+        let table = &mut r.routes.as_mut().unwrap().tables[0];
+        let mut canary = table.routes[0].clone();
+        canary.name = "canary".into();
+        canary.timeout_ms = 2000;
+        canary.r#match.as_mut().unwrap().headers = vec![v1::HeaderMatch {
+            name: "x-canary".into(),
+            kind: Some(v1::header_match::Kind::Exact("true".into())),
+            ..Default::default()
+        }];
+        canary.r#match.as_mut().unwrap().path = Some(v1::PathMatch {
+            kind: Some(v1::path_match::Kind::Prefix("/api".into())),
+        });
+        table.routes.insert(0, canary);
+        let want: Vec<Value> = r.routes.as_ref().unwrap().tables.iter().map(|t| {
+            json!({ "name": t.name, "routes": t.routes.iter().map(route_json).collect::<Vec<_>>() })
+        }).collect();
+        let s = Snapshot::build(r, None, &Metrics::new().unwrap()).unwrap();
+        let d = config_dump(&v1::Node::default(), Some(&s));
+        assert_eq!(d["routes"], Value::Array(want));
+        assert_eq!(
+            d["routes"][0]["routes"][0]["match"]["headers"][0]["name"],
+            "x-canary"
+        );
+        assert_eq!(d["versions"]["routes"], "r1");
     }
 }

@@ -90,6 +90,7 @@ pub fn node(b: &Bootstrap) -> v1::Node {
             .as_ref()
             .map(|t| t.app_ports.iter().map(|p| u32::from(*p)).collect())
             .unwrap_or_default(),
+        capabilities: vec![crate::discovery::delta::CAPABILITY.to_owned()],
     }
 }
 

@@ -23,7 +23,7 @@ use crate::breaker::{Limit, Permit};
 use crate::cluster::Cluster;
 use crate::http::error::ProxyError;
 use crate::retry::body::{buffer_for_replay, Buffered, Replayable};
-use crate::retry::policy::{grpc_status_of, retry_after, MAX_RETRY_AFTER};
+use crate::retry::policy::{retry_after, MAX_RETRY_AFTER};
 use crate::retry::{Outcome, RequestBody, RetryPolicy};
 use crate::upstream::{UpstreamBody, UpstreamError, Wire};
 
@@ -33,7 +33,15 @@ use crate::upstream::{UpstreamBody, UpstreamError, Wire};
 pub struct Answer {
     /// Response head and streaming body.
     pub response: Response<UpstreamBody>,
+    /// Its `grpc-status` header field (a trailers-only gRPC response), looked up once for the
+    /// retry decision and the request's metrics.
+    pub grpc_status: Option<http::HeaderValue>,
+    /// When its head arrived (one clock read for the endpoint's load and the metrics).
+    pub at: std::time::Instant,
 }
+
+/// Looked up in every response: a name parsed once, not per lookup.
+pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// The request as it is sent on each attempt.
 enum Sendable {
@@ -60,10 +68,13 @@ impl Drop for Abandoned<'_> {
     }
 }
 
-/// Sends `req` (already prepared for `wire`) to `cluster`, retrying as `policy` allows.
-/// `deadline` is when the route/cluster request timeout fires (the caller enforces it).
+/// Sends the request `head` + `body` (already prepared for `wire`) to `cluster`, retrying as
+/// `policy` allows. `deadline` is when the route/cluster request timeout fires (the caller
+/// enforces it). Taken apart: the head is moved once into whatever is sent (no
+/// `Request::map`, no second split).
 pub async fn send(
-    req: Request<crate::http::body::CountedBody>,
+    head: Parts,
+    body: crate::http::body::CountedBody,
     cluster: &Arc<Cluster>,
     policy: Option<&RetryPolicy>,
     hash: Option<u64>,
@@ -71,17 +82,16 @@ pub async fn send(
     deadline: Option<Instant>,
 ) -> Result<Answer, ProxyError> {
     // Access log / span: which endpoint each attempt went to (`None` unless observed).
-    let observed = crate::observe::note_of(&req);
+    let observed = crate::observe::note_in(&head.extensions, &head.headers);
     let state = cluster.state();
-    let retrying = policy.filter(|p| p.max_retries > 0 && p.allows_method(req.method()));
+    let retrying = policy.filter(|p| p.max_retries > 0 && p.allows_method(&head.method));
     let mut sendable = match retrying {
-        None => Sendable::Once(Some(req.map(RequestBody::Stream))),
+        None => Sendable::Once(Some(Request::from_parts(head, RequestBody::Stream(body)))),
         Some(p) => {
             state.budget.deposit(&p.budget);
-            let (parts, body) = req.into_parts();
             match buffer_for_replay(body, p.max_body_bytes).await {
-                Ok(Buffered::Replayable(body)) => Sendable::Replay(parts, body),
-                Ok(Buffered::Once(body)) => Sendable::Once(Some(Request::from_parts(parts, body))),
+                Ok(Buffered::Replayable(body)) => Sendable::Replay(head, body),
+                Ok(Buffered::Once(body)) => Sendable::Once(Some(Request::from_parts(head, body))),
                 Err(e) => return Err(ProxyError::BadRequestBody(e)),
             }
         }
@@ -157,12 +167,18 @@ pub async fn send(
         guard.deadline = None;
         drop(guard);
         drop(pending);
+        // Only a response needs the time (its endpoint's RTT, then the request's metrics).
+        let mut arrived = None;
+        let mut grpc = None;
         let outcome = match &result {
             Ok(resp) => {
-                load.observe();
+                let now = std::time::Instant::now();
+                arrived = Some(now);
+                load.observe_at(crate::lb::load::nanos_at(now));
+                grpc = resp.headers().get(&GRPC_STATUS).cloned();
                 Outcome::Response {
                     status: resp.status(),
-                    grpc_status: grpc_status_of(resp.headers()),
+                    grpc_status: grpc.as_ref().and_then(|v| v.to_str().ok()?.parse().ok()),
                 }
             }
             Err(ProxyError::ConnectFailed(_) | ProxyError::ConnectTimeout(_)) => {
@@ -172,7 +188,7 @@ pub async fn send(
             Err(ProxyError::BadRequest(_) | ProxyError::Overloaded(_)) => {
                 // The client's body broke, or the pool refused: not the endpoint's fault.
                 drop(load);
-                return finish(result, attempt, state);
+                return finish(result, attempt, state, None, arrived);
             }
             Err(_) => Outcome::Reset,
         };
@@ -184,10 +200,10 @@ pub async fn send(
         cluster.report(i, !failed);
         let retriable = retrying.is_some_and(|p| p.is_retriable(outcome));
         if !retriable || attempt >= max_retries {
-            return finish(result, attempt, state);
+            return finish(result, attempt, state, grpc, arrived);
         }
         let Some(p) = retrying else {
-            return finish(result, attempt, state);
+            return finish(result, attempt, state, grpc, arrived);
         };
         // The pause: the upstream's Retry-After if it sent one, else jittered backoff.
         let hinted = result
@@ -195,18 +211,18 @@ pub async fn send(
             .ok()
             .and_then(|resp| retry_after(resp.headers()));
         let pause = match hinted {
-            Some(d) if d > MAX_RETRY_AFTER => return finish(result, attempt, state),
+            Some(d) if d > MAX_RETRY_AFTER => return finish(result, attempt, state, grpc, arrived),
             Some(d) => d,
             None => p.backoff(attempt + 1),
         };
         if deadline.is_some_and(|d| Instant::now() + pause >= d) {
             // No time left for another attempt: answer with what we have.
-            return finish(result, attempt, state);
+            return finish(result, attempt, state, grpc, arrived);
         }
         if !state.budget.try_withdraw(&p.budget) {
             state.metrics.budget_exhausted.inc();
             state.metrics.retry_budget_exhausted.inc();
-            return finish(result, attempt, state);
+            return finish(result, attempt, state, grpc, arrived);
         }
         if attempt > 0 {
             state.metrics.retry_failure.inc();
@@ -217,11 +233,14 @@ pub async fn send(
     }
 }
 
-/// Counts how the last retry ended and returns the attempt's result.
+/// Counts how the last retry ended and returns the attempt's result (`grpc_status`: its
+/// `grpc-status` field if it was looked up; `arrived`: when the response arrived).
 fn finish(
     result: Result<Response<UpstreamBody>, ProxyError>,
     attempt: u32,
     state: &crate::cluster::ClusterState,
+    grpc_status: Option<http::HeaderValue>,
+    arrived: Option<std::time::Instant>,
 ) -> Result<Answer, ProxyError> {
     let ok = matches!(&result, Ok(r) if !r.status().is_server_error());
     if attempt > 0 {
@@ -231,7 +250,11 @@ fn finish(
             state.metrics.retry_failure.inc();
         }
     }
-    result.map(|response| Answer { response })
+    result.map(|response| Answer {
+        response,
+        grpc_status,
+        at: arrived.unwrap_or_else(std::time::Instant::now),
+    })
 }
 
 /// Picks an endpoint, avoiding the one the previous attempt used when another is available.

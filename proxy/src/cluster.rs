@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -63,8 +63,8 @@ pub struct ClusterState {
     pub breaker: Arc<BreakerState>,
     /// The `max_connections` limit, shared with the endpoints' connection pools.
     pub connections: Arc<ConnectionGate>,
-    /// Retry budget.
-    pub budget: RetryBudget,
+    /// Retry budget, made by the first request that deposits into it ([`LazyBudget`]).
+    pub budget: LazyBudget,
     /// Outlier-detection state (also told about failed health checks).
     pub outlier: Arc<OutlierState>,
     /// Active health checks.
@@ -84,12 +84,34 @@ impl ClusterState {
             position: AtomicUsize::new(0),
             connections: Arc::new(ConnectionGate::new(Arc::clone(&breaker))),
             breaker,
-            budget: RetryBudget::default(),
+            budget: LazyBudget::default(),
             health: Arc::new(HealthChecker::new(Arc::clone(&outlier), metrics.clone())),
             outlier,
             metrics,
             dns: ArcSwapOption::empty(),
         }
+    }
+}
+
+/// A cluster's [`RetryBudget`], allocated the first time it is reached ([`Deref`](std::ops::Deref)):
+/// requests of routes with a retry policy deposit into it, retries withdraw. Its window of slots
+/// is about 240 bytes, held per cluster of the scope: a sidecar that may call thousands of
+/// services and calls a few holds only theirs. A fresh budget is the same as an untouched one.
+#[derive(Debug, Default)]
+pub struct LazyBudget(OnceLock<Box<RetryBudget>>);
+
+impl LazyBudget {
+    /// Whether the budget was made.
+    pub fn created(&self) -> bool {
+        self.0.get().is_some()
+    }
+}
+
+impl std::ops::Deref for LazyBudget {
+    type Target = RetryBudget;
+
+    fn deref(&self) -> &RetryBudget {
+        self.0.get_or_init(Box::default)
     }
 }
 
@@ -127,23 +149,80 @@ pub struct Cluster {
     pub endpoints: Box<[Endpoint]>,
     /// Circuit-breaker limits.
     pub breaker: BreakerLimits,
-    /// Outlier detection; `None` = off.
-    pub outlier: Option<OutlierConfig>,
+    /// Outlier detection; `None` = off. (This, the health check and the locality are boxed:
+    /// most clusters have none, and a sidecar holds one `Cluster` per service in scope.)
+    pub outlier: Option<Box<OutlierConfig>>,
     /// Active health check; `None` = off.
-    pub health_check: Option<HealthCheckConfig>,
+    pub health_check: Option<Box<HealthCheckConfig>>,
     /// TLS originated to the endpoints outside the mesh (`upstream_tls`); `None` = plaintext.
     pub upstream_tls: Option<Arc<OriginationConfig>>,
     balancer: Balancer,
     /// Panic threshold (percent of available endpoints below which all are used).
     min_healthy_percent: u32,
     /// Zone preference: the endpoints in the caller's zone (`None`: no preference).
-    locality: Option<LocalZone>,
+    locality: Option<Box<LocalZone>>,
     state: Arc<ClusterState>,
-    /// `weft_upstream_connect_errors_total{cluster}`.
-    pub connect_errors: IntCounter,
-    /// Keeps `connect_errors`' series exported while this cluster (of any snapshot, or held by a
-    /// request or connection) lives; the last cluster of that name to go removes it.
-    _connect_errors_series: SeriesLease,
+    /// `weft_upstream_connect_errors_total{cluster}`, created when first used ([`ConnectErrors`]).
+    pub connect_errors: ConnectErrors,
+}
+
+/// `weft_upstream_connect_errors_total{cluster}` of one cluster, shared by every snapshot's
+/// view of it (a rebuilt cluster takes it over from the previous one, like [`ClusterState`]).
+///
+/// The series is created, under a lease that keeps it exported while any cluster of that name
+/// holds it, the first time the counter is reached ([`Deref`](std::ops::Deref)): the data path
+/// hands it to every connect it makes to the cluster (`&cluster.connect_errors`), so the series
+/// appears with the cluster's first request or connection, at 0, and counts from there. A
+/// sidecar whose scope holds thousands of services it never calls holds (and exports) none
+/// for them: the series and its lease were about 600 bytes per cluster.
+pub struct ConnectErrors(Arc<ConnectErrorsCell>);
+
+struct ConnectErrorsCell {
+    /// The proxy's families (one `Arc` per snapshot build, shared by its new clusters).
+    metrics: Arc<Metrics>,
+    cluster: Arc<str>,
+    series: OnceLock<(IntCounter, SeriesLease)>,
+}
+
+impl ConnectErrors {
+    fn new(metrics: Arc<Metrics>, cluster: Arc<str>) -> Self {
+        Self(Arc::new(ConnectErrorsCell {
+            metrics,
+            cluster,
+            series: OnceLock::new(),
+        }))
+    }
+
+    /// The counter of the previous snapshot's cluster of the same name.
+    fn carry(previous: &ConnectErrors) -> Self {
+        Self(Arc::clone(&previous.0))
+    }
+
+    /// Whether the series exists (the counter was reached).
+    pub fn created(&self) -> bool {
+        self.0.series.get().is_some()
+    }
+}
+
+impl std::ops::Deref for ConnectErrors {
+    type Target = IntCounter;
+
+    fn deref(&self) -> &IntCounter {
+        let cell = &*self.0;
+        &cell
+            .series
+            .get_or_init(|| cell.metrics.connect_errors(&cell.cluster))
+            .0
+    }
+}
+
+impl std::fmt::Debug for ConnectErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectErrors")
+            .field("cluster", &self.0.cluster)
+            .field("created", &self.created())
+            .finish()
+    }
 }
 
 /// The endpoints in the caller's zone, preferred while enough of them are healthy (Envoy's
@@ -323,6 +402,25 @@ impl Cluster {
         )
     }
 
+    /// [`Cluster::build`] for a snapshot build that makes many clusters: those new to it share
+    /// `shared` (a copy of `metrics`) for their lazily created series ([`ConnectErrors`]).
+    pub fn build_sharing(
+        proto: &v1::Cluster,
+        endpoints: &[v1::Endpoint],
+        previous: Option<&Cluster>,
+        metrics: &Metrics,
+        shared: &Arc<Metrics>,
+    ) -> Result<Self, Vec<Rejection>> {
+        Self::build_in(
+            proto,
+            endpoints,
+            previous,
+            metrics,
+            Some(shared),
+            crate::egress::context(),
+        )
+    }
+
     /// [`Cluster::build`], resolving DNS endpoints through `egress` (`None`: they never
     /// resolve).
     pub fn build_with(
@@ -330,6 +428,17 @@ impl Cluster {
         endpoints: &[v1::Endpoint],
         previous: Option<&Cluster>,
         metrics: &Metrics,
+        egress: Option<&Arc<EgressContext>>,
+    ) -> Result<Self, Vec<Rejection>> {
+        Self::build_in(proto, endpoints, previous, metrics, None, egress)
+    }
+
+    fn build_in(
+        proto: &v1::Cluster,
+        endpoints: &[v1::Endpoint],
+        previous: Option<&Cluster>,
+        metrics: &Metrics,
+        shared: Option<&Arc<Metrics>>,
         egress: Option<&Arc<EgressContext>>,
     ) -> Result<Self, Vec<Rejection>> {
         let mut errors = Vec::new();
@@ -524,9 +633,16 @@ impl Cluster {
                 .collect(),
         );
         let ms = |v: u64| Duration::from_millis(v);
-        let (connect_errors, connect_errors_series) = metrics.connect_errors(&proto.name);
+        let name: Arc<str> = proto.name.as_str().into();
+        let connect_errors = match previous {
+            Some(p) => ConnectErrors::carry(&p.connect_errors),
+            None => ConnectErrors::new(
+                shared.map_or_else(|| Arc::new(metrics.clone()), Arc::clone),
+                Arc::clone(&name),
+            ),
+        };
         Ok(Self {
-            name: proto.name.as_str().into(),
+            name,
             connect_timeout: if proto.connect_timeout_ms == 0 {
                 DEFAULT_CONNECT_TIMEOUT
             } else {
@@ -537,15 +653,14 @@ impl Cluster {
             protocol,
             balancer: Balancer::new(policy, hash_on, &keys, &weights, loads),
             min_healthy_percent: outlier.as_ref().map_or(0, |o| o.min_healthy_percent),
-            locality,
-            outlier,
-            health_check,
+            locality: locality.map(Box::new),
+            outlier: outlier.map(Box::new),
+            health_check: health_check.map(Box::new),
             upstream_tls,
             breaker,
             endpoints: eps.into(),
             state,
             connect_errors,
-            _connect_errors_series: connect_errors_series,
         })
     }
 }
@@ -588,6 +703,79 @@ mod tests {
             lb: v1::LbPolicy::RoundRobin.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn connect_errors_appear_on_first_use_and_follow_the_cluster_across_rebuilds() {
+        let m = Metrics::new().unwrap();
+        let scrape = || {
+            String::from_utf8(m.encode())
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("weft_upstream_connect_errors_total{"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let proto = rr("b");
+        let c1 = Cluster::build(&proto, &[ep("127.0.0.1:1", 1)], None, &m).unwrap();
+        assert!(scrape().is_empty(), "no series before the cluster is used");
+        assert!(!c1.connect_errors.created());
+        c1.connect_errors.inc();
+        assert_eq!(
+            scrape(),
+            [r#"weft_upstream_connect_errors_total{cluster="b"} 1"#]
+        );
+        // An endpoint change rebuilds the cluster: the same counter, counting on.
+        let c2 = Cluster::build(&proto, &[ep("127.0.0.1:2", 1)], Some(&c1), &m).unwrap();
+        assert!(c2.connect_errors.created());
+        c2.connect_errors.inc();
+        assert_eq!(
+            scrape(),
+            [r#"weft_upstream_connect_errors_total{cluster="b"} 2"#]
+        );
+        drop(c1);
+        assert_eq!(scrape().len(), 1, "the rebuilt cluster holds the series");
+        drop(c2);
+        assert!(
+            scrape().is_empty(),
+            "gone with the last cluster of that name"
+        );
+        // A cluster never used, rebuilt and dropped, never had one.
+        let unused = Cluster::build(&rr("u"), &[], None, &m).unwrap();
+        let next = Cluster::build(&rr("u"), &[], Some(&unused), &m).unwrap();
+        drop(unused);
+        assert!(!next.connect_errors.created());
+        assert!(scrape().is_empty());
+    }
+
+    #[test]
+    fn the_retry_budget_is_made_on_first_use_and_kept_across_rebuilds() {
+        let m = Metrics::new().unwrap();
+        let proto = rr("b");
+        let c1 = Cluster::build(&proto, &[ep("127.0.0.1:1", 1)], None, &m).unwrap();
+        assert!(!c1.state().budget.created());
+        // No minimum: only deposits allow retries (20% of the requests).
+        let params = crate::retry::budget::BudgetParams {
+            min_per_second: 0,
+            ..Default::default()
+        };
+        assert!(
+            !c1.state().budget.try_withdraw(&params),
+            "a fresh budget is empty"
+        );
+        assert!(c1.state().budget.created());
+        for _ in 0..5 {
+            c1.state().budget.deposit(&params);
+        }
+        let c2 = Cluster::build(&proto, &[ep("127.0.0.1:2", 1)], Some(&c1), &m).unwrap();
+        assert!(
+            c2.state().budget.try_withdraw(&params),
+            "the deposits carried over"
+        );
+        assert!(
+            !c2.state().budget.try_withdraw(&params),
+            "one retry per five requests"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 pub mod apply_metrics;
 pub mod backoff;
+pub mod delta;
 pub mod status;
 pub mod targets;
 #[cfg(test)]
@@ -155,6 +156,17 @@ impl ConfigApplier {
         self.apply_metrics
             .received_bytes
             .inc_by(prost::Message::encoded_len(&resp) as u64);
+        // An endpoint delta becomes the whole set it describes ([`delta`]); a bad one is NACKed.
+        let held = self.store.load();
+        let resp = match delta::resolve(
+            held.as_ref().and_then(|s| s.resources.endpoints.as_ref()),
+            resp,
+            &self.metrics,
+        ) {
+            Ok(resp) => resp,
+            Err(nack) => return *nack,
+        };
+        drop(held);
         let kinds = carried(&resp);
         let nonce = resp.nonce.clone();
         // Held from loading the current snapshot to storing its successor: the DNS refresher
@@ -223,7 +235,8 @@ impl ConfigApplier {
     ) -> Result<Vec<v1::TypeVersion>, String> {
         let trust_carried = resp.trust.is_some();
         let log_level = resp.listeners.as_ref().map(|l| l.log_level.clone());
-        let resources = Resources::merged(current.map(|s| &s.resources), resp);
+        let resources =
+            Resources::merged(current.map(|s| &s.resources), resp).map_err(|e| e.to_string())?;
         let snapshot =
             Snapshot::build(resources, current, &self.metrics).map_err(|e| nack_reason(&e))?;
         let prepared = listeners.prepare(&snapshot).map_err(|e| nack_reason(&e))?;

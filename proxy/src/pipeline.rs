@@ -24,7 +24,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use http::{header, Request, Response, Version};
@@ -89,6 +89,64 @@ pub struct HttpProxy {
     /// Transparent mode: the routing of a captured connection's destination, instead of the
     /// listener's.
     captured: Option<Arc<dyn CapturedRouting>>,
+    /// The listener the connection's last request found in the snapshot ([`ListenerCache`]).
+    listener_cache: ListenerCache,
+}
+
+/// The listener a connection's requests found in the snapshot in force, kept for the next
+/// request while that snapshot stays in force: the lookup by address (a SipHash of the socket
+/// address and a probe) is then one pointer comparison. Weak references only: an idle
+/// connection keeps neither an old snapshot's contents nor its listener alive. A clone starts
+/// empty.
+#[derive(Default)]
+struct ListenerCache(Mutex<Option<CachedListener>>);
+
+struct CachedListener {
+    /// The snapshot looked in (held weakly: its allocation is not reused meanwhile, so the
+    /// pointer comparison cannot match another snapshot).
+    snapshot: Weak<Snapshot>,
+    /// Its HTTP listener at the connection's address (`None`: it has none).
+    listener: Option<Weak<Listener>>,
+}
+
+impl Clone for ListenerCache {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl ListenerCache {
+    /// The HTTP listener at `addr` in `snapshot`, `None` if it has none.
+    fn get(&self, snapshot: &Arc<Snapshot>, addr: &SocketAddr) -> Option<Arc<Listener>> {
+        let mut cached = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = &*cached {
+            if std::ptr::eq(c.snapshot.as_ptr(), Arc::as_ptr(snapshot)) {
+                match &c.listener {
+                    None => return None,
+                    // Always alive: the snapshot (held by the caller) holds it.
+                    Some(l) => {
+                        if let Some(l) = l.upgrade() {
+                            return Some(l);
+                        }
+                    }
+                }
+            }
+        }
+        let found = snapshot
+            .listeners
+            .get(addr)
+            .filter(|l| matches!(l.kind, ListenerKind::Http(_)));
+        *cached = Some(CachedListener {
+            snapshot: Arc::downgrade(snapshot),
+            listener: found.map(Arc::downgrade),
+        });
+        found.cloned()
+    }
+
+    /// Forgets the cached lookup (the connection goes quiet).
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
 }
 
 type ResponseFuture =
@@ -132,6 +190,7 @@ impl HttpProxy {
             source: None,
             activity: Activity::new(),
             captured: None,
+            listener_cache: ListenerCache::default(),
         }
     }
 
@@ -148,6 +207,12 @@ impl HttpProxy {
     pub fn with_source(mut self, addr: SocketAddr) -> Self {
         self.source = Some(addr.ip());
         self
+    }
+
+    /// Forgets what the connection's requests cached (it hibernates: nothing of an old snapshot
+    /// is kept for it).
+    pub fn forget_cached(&self) {
+        self.listener_cache.clear();
     }
 
     /// The connection's request activity and the listener's idle timeout (as accepted).
@@ -314,16 +379,18 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
 
 impl HttpProxy {
     /// The request path proper (everything [`HttpProxy::call`] does besides observing).
+    /// Inlined into both branches of `call`: the request is not copied into its arguments.
+    #[inline(always)]
     fn proxy(&self, mut req: Request<Incoming>) -> ResponseFuture {
         let start = Instant::now();
         // Dropped with the target, or when the response body ends.
         let in_flight = self.activity.begin();
         let snapshot = self.store.load();
-        let current = snapshot
+        // The listener at this address in the snapshot in force, if it is still an HTTP one.
+        let found = snapshot
             .as_ref()
-            .and_then(|s| s.listeners.get(&self.accepted_on.addr))
-            .filter(|l| matches!(l.kind, ListenerKind::Http(_)))
-            .unwrap_or(&self.accepted_on);
+            .and_then(|s| self.listener_cache.get(s, &self.accepted_on.addr));
+        let current = found.as_ref().unwrap_or(&self.accepted_on);
         let ListenerKind::Http(http) = &current.kind else {
             // Connections are only served as HTTP when accepted on an HTTP listener.
             return Box::pin(async { Ok(Response::new(ResponseBody::local(Default::default()))) });
@@ -462,9 +529,6 @@ impl HttpProxy {
     }
 }
 
-/// Looked up in every response: a name parsed once, not per lookup.
-const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-
 /// [`forward`] with the route's filters around it (`crate::filters`): the fault delay drawn in
 /// `select`, then request header mutation, path/host rewrite and the mirror's copy before it,
 /// and response header mutation on whatever it answers.
@@ -538,32 +602,55 @@ async fn forward(
     let limit = route_timeout.or(cluster.request_timeout);
     // From the request's arrival (no second clock read).
     let deadline = limit.map(|l| tokio::time::Instant::from_std(start) + l);
-    let req = req.map(|b| CountedBody::new(b, Arc::clone(&metrics)).with_tap(body_tap));
-    let send = attempts::send(req, &cluster, retry.as_deref(), hash, wire, deadline);
+    let (head, body) = req.into_parts();
+    let body = CountedBody::new(body, Arc::clone(&metrics)).with_tap(body_tap);
+    // `attempts::send` is built where it is awaited: a local would be one more copy of it.
     let result = match (limit, deadline) {
         (Some(limit), Some(deadline)) => {
             // The connection's timer, re-armed (`crate::http::request_timer`).
             let timers = in_flight.activity().request_timer();
             let mut timer = timers.take(deadline);
-            let result = run_until(send, &mut timer).await;
+            let result = run_until(
+                attempts::send(
+                    head,
+                    body,
+                    &cluster,
+                    retry.as_deref(),
+                    hash,
+                    wire,
+                    Some(deadline),
+                ),
+                &mut timer,
+            )
+            .await;
             timers.put(timer);
             match result {
                 Some(r) => r,
                 None => return Ok(fail(ProxyError::RequestTimeout(limit))),
             }
         }
-        _ => send.await,
+        _ => attempts::send(head, body, &cluster, retry.as_deref(), hash, wire, deadline).await,
     };
-    let Answer { response: resp } = match result {
+    let Answer {
+        response: resp,
+        grpc_status,
+        at,
+    } = match result {
         Ok(ok) => ok,
         Err(e) => return Ok(fail(e)),
     };
-    metrics.record_response_headers(start.elapsed().as_secs_f64());
+    metrics.record_response_headers(at.saturating_duration_since(start).as_secs_f64());
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.version = downstream_version;
+    // As sent downstream (a `Connection` option may have named it): looked up again only if
+    // the upstream sent one.
+    let grpc_status = match grpc_status {
+        Some(_) => parts.headers.get(&attempts::GRPC_STATUS).cloned(),
+        None => None,
+    };
     let completion = Completion {
-        grpc_status: parts.headers.get(&GRPC_STATUS).cloned(),
+        grpc_status,
         status: parts.status,
         metrics,
         start,
@@ -574,4 +661,53 @@ async fn forward(
         parts,
         ResponseBody::upstream(body, completion),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn build() -> Arc<Snapshot> {
+        let r = crate::snapshot::tests::resources();
+        Arc::new(Snapshot::build(r, None, &Metrics::new().unwrap()).unwrap())
+    }
+
+    #[test]
+    fn cached_listener_follows_the_snapshot_in_force() {
+        let http_addr: SocketAddr = "127.0.0.1:15001".parse().unwrap();
+        let tcp_addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let cache = ListenerCache::default();
+        let first = build();
+        let l1 = cache.get(&first, &http_addr).expect("HTTP listener");
+        assert!(Arc::ptr_eq(&l1, &first.listeners[&http_addr]));
+        // Same snapshot: the cached one.
+        let again = cache.get(&first, &http_addr).unwrap();
+        assert!(Arc::ptr_eq(&again, &l1));
+        // Another snapshot (same config, new listener objects): looked up again.
+        let second = build();
+        let l2 = cache.get(&second, &http_addr).unwrap();
+        assert!(Arc::ptr_eq(&l2, &second.listeners[&http_addr]));
+        assert!(!Arc::ptr_eq(&l2, &l1));
+        // The weak references keep nothing of the old snapshot alive.
+        drop((l1, again, first));
+        assert!(Arc::ptr_eq(
+            &cache.get(&second, &http_addr).unwrap(),
+            &second.listeners[&http_addr]
+        ));
+        // A TCP listener at the address, or none: `None` (cached as such), for the right key.
+        let other = ListenerCache::default();
+        assert!(other.get(&second, &tcp_addr).is_none());
+        assert!(other.get(&second, &tcp_addr).is_none());
+        let missing: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert!(ListenerCache::default().get(&second, &missing).is_none());
+        // Cleared (hibernation): empty, and still correct afterwards.
+        cache.clear();
+        assert!(cache.0.lock().unwrap().is_none());
+        assert!(cache.get(&second, &http_addr).is_some());
+        // Cloned (a new connection's service): starts empty.
+        let fresh = cache.clone();
+        assert!(fresh.0.lock().unwrap().is_none());
+        assert!(cache.0.lock().unwrap().is_some());
+    }
 }

@@ -17,7 +17,7 @@
 //! `?name`, `?name=` and any value. Names and values are case-sensitive.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -45,8 +45,9 @@ pub struct RouteTable {
 /// Which routes may match a host.
 #[derive(Debug)]
 struct HostIndex {
-    /// Exact host -> indices into `routes` that may match it, in order.
-    by_host: HashMap<Box<str>, Box<[u32]>>,
+    /// Exact host -> indices into `routes` that may match it, in order. The keys are the
+    /// routes' own host strings (shared, not copied).
+    by_host: HashMap<Arc<str>, Box<[u32]>>,
     /// Indices of routes with wildcard hosts or no hosts, in order.
     fallback: Box<[u32]>,
 }
@@ -56,9 +57,11 @@ struct HostIndex {
 pub struct Route {
     /// Route name (a metric label).
     pub name: Arc<str>,
-    hosts: Box<[HostPattern]>,
+    /// Shared by the routes of one table build whose `hosts` are equal ([`SharedParts`]).
+    hosts: Arc<[HostPattern]>,
     path: PathMatcher,
-    headers: Box<[HeaderMatcher]>,
+    /// Shared by the routes of one table build whose header conditions are equal.
+    headers: Arc<[HeaderMatcher]>,
     methods: Box<[Method]>,
     query: Box<[QueryMatcher]>,
     /// Weighted clusters (none for a route whose filters answer every request).
@@ -98,7 +101,7 @@ impl Destination {
 
 #[derive(Debug)]
 enum HostPattern {
-    Exact(Box<str>),
+    Exact(Arc<str>),
     /// `*.example.com` stored as `.example.com`.
     Suffix(Box<str>),
 }
@@ -200,6 +203,7 @@ impl RouteTable {
         let mut routes = Vec::with_capacity(table.routes.len());
         // The family of the routes built here, made on the first one.
         let mut family: Option<Arc<Metrics>> = None;
+        let mut shared = SharedParts::default();
         // Every route's proto equal to the previous one's: the host index is still right.
         let mut same_protos =
             previous.is_some_and(|(proto, _)| proto.routes.len() == table.routes.len());
@@ -215,7 +219,16 @@ impl RouteTable {
                 continue;
             }
             let family = family.get_or_insert_with(|| Arc::new(metrics.clone()));
-            match Route::build(&table.name, i, r, clusters, metrics, family, direction) {
+            match Route::build(
+                &table.name,
+                i,
+                r,
+                clusters,
+                metrics,
+                family,
+                direction,
+                &mut shared,
+            ) {
                 Ok(route) => routes.push(Arc::new(route)),
                 Err(mut e) => errors.append(&mut e),
             }
@@ -234,6 +247,21 @@ impl RouteTable {
         })
     }
 
+    /// Whether a route of this table names `host` (lower case) in its `hosts`: exactly, or as
+    /// the wildcard itself (`*.example.com`). What CONNECT's egress check calls a mesh
+    /// service's host name (`crate::http::connect::is_known`); not request routing.
+    pub fn names_host(&self, host: &str) -> bool {
+        if self.index.by_host.contains_key(host) {
+            return true;
+        }
+        host.strip_prefix('*').is_some_and(|suffix| {
+            self.routes
+                .iter()
+                .flat_map(|r| r.hosts.iter())
+                .any(|h| matches!(h, HostPattern::Suffix(s) if **s == *suffix))
+        })
+    }
+
     /// Whether `self` and `other` share route `i` (tests of the reuse).
     #[cfg(test)]
     pub(crate) fn shares_route(&self, other: &RouteTable, i: usize) -> bool {
@@ -243,11 +271,11 @@ impl RouteTable {
 
 impl HostIndex {
     fn of(routes: &[Arc<Route>]) -> Self {
-        let mut by_host: HashMap<Box<str>, Vec<u32>> = HashMap::new();
+        let mut by_host: HashMap<Arc<str>, Vec<u32>> = HashMap::new();
         for r in routes {
             for h in r.hosts.iter() {
                 if let HostPattern::Exact(h) = h {
-                    by_host.entry(h.clone()).or_default();
+                    by_host.entry(Arc::clone(h)).or_default();
                 }
             }
         }
@@ -329,6 +357,30 @@ impl RouteTable {
     }
 }
 
+/// What the routes of one table build share instead of each holding a copy: the compiled
+/// `hosts` of an equal host list (a service's routes all name its 4 host names) and the
+/// compiled header conditions of an equal list (`x-canary: true` on every canary route). At
+/// thousands of services this is a few hundred bytes and several allocations per route.
+#[derive(Default)]
+struct SharedParts<'p> {
+    hosts: HashMap<&'p [String], Arc<[HostPattern]>>,
+    /// Keyed by the protos' encoding (protos are not `Hash`).
+    headers: HashMap<Vec<u8>, Arc<[HeaderMatcher]>>,
+    /// Exact host names already made, shared by every list naming them (and the host index).
+    names: HashSet<Arc<str>>,
+}
+
+impl SharedParts<'_> {
+    fn name(&mut self, host: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(host) {
+            return Arc::clone(n);
+        }
+        let n: Arc<str> = host.into();
+        self.names.insert(Arc::clone(&n));
+        n
+    }
+}
+
 impl Route {
     /// Whether every cluster this route (built from a proto equal to `proto`) holds is the
     /// cluster of that name in `clusters` (its destinations; a route that mirrors never is).
@@ -343,14 +395,16 @@ impl Route {
         mirror && self.destinations.items().all(|d| same(&d.cluster))
     }
 
-    fn build(
+    #[allow(clippy::too_many_arguments)]
+    fn build<'p>(
         table: &str,
         index: usize,
-        r: &v1::Route,
+        r: &'p v1::Route,
         clusters: &HashMap<Arc<str>, Arc<Cluster>>,
         metrics: &Metrics,
         family: &Arc<Metrics>,
         direction: &'static str,
+        shared: &mut SharedParts<'p>,
     ) -> Result<Self, Vec<Rejection>> {
         let label = if r.name.is_empty() {
             format!("#{index}")
@@ -363,10 +417,19 @@ impl Route {
             errors.push(Rejection::new(resource.clone(), field, reason));
         };
         let name: Arc<str> = label.as_str().into();
-        let m = r.r#match.clone().unwrap_or_default();
+        let no_match = v1::RouteMatch::default();
+        let m = r.r#match.as_ref().unwrap_or(&no_match);
 
+        let host_list: &'p [String] = r.r#match.as_ref().map_or(&[], |m| m.hosts.as_slice());
+        let known_hosts = shared.hosts.get(host_list).cloned();
         let mut hosts = Vec::new();
-        for (i, h) in m.hosts.iter().enumerate() {
+        // A list compiled (and valid) for an earlier route of this build is not compiled again.
+        let to_compile = if known_hosts.is_some() {
+            &[][..]
+        } else {
+            host_list
+        };
+        for (i, h) in to_compile.iter().enumerate() {
             let h = h.trim().to_ascii_lowercase();
             if h == "*" {
                 // "*" alone means any host: same as no hosts at all.
@@ -388,17 +451,17 @@ impl Route {
                     format!("invalid host name {h:?}"),
                 );
             } else {
-                hosts.push(HostPattern::Exact(h.into()));
+                hosts.push(HostPattern::Exact(shared.name(&h)));
             }
         }
 
         use v1::path_match::Kind as P;
-        let path = match m.path.and_then(|p| p.kind) {
+        let path = match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
             None => PathMatcher::Any,
-            Some(P::Exact(p)) => PathMatcher::Exact(p.into()),
+            Some(P::Exact(p)) => PathMatcher::Exact(p.as_str().into()),
             Some(P::Prefix(p)) if p.is_empty() || p == "/" => PathMatcher::Any,
-            Some(P::Prefix(p)) => PathMatcher::Prefix(p.into()),
-            Some(P::Regex(re)) => match full_regex(&re) {
+            Some(P::Prefix(p)) => PathMatcher::Prefix(p.as_str().into()),
+            Some(P::Regex(re)) => match full_regex(re) {
                 Ok(re) => PathMatcher::Regex(re),
                 Err(e) => {
                     reject(
@@ -411,8 +474,19 @@ impl Route {
         };
 
         use v1::header_match::Kind as H;
+        let headers_key: Vec<u8> = m
+            .headers
+            .iter()
+            .flat_map(prost::Message::encode_length_delimited_to_vec)
+            .collect();
+        let known_headers = shared.headers.get(&headers_key).cloned();
         let mut headers = Vec::new();
-        for (i, h) in m.headers.iter().enumerate() {
+        let to_compile = if known_headers.is_some() {
+            &[][..]
+        } else {
+            &m.headers[..]
+        };
+        for (i, h) in to_compile.iter().enumerate() {
             let Ok(hname) = HeaderName::from_bytes(h.name.as_bytes()) else {
                 reject(
                     format!("match.headers[{i}].name"),
@@ -587,11 +661,21 @@ impl Route {
         if !errors.is_empty() {
             return Err(errors);
         }
+        let hosts = known_hosts.unwrap_or_else(|| {
+            let hosts: Arc<[HostPattern]> = hosts.into();
+            shared.hosts.insert(host_list, Arc::clone(&hosts));
+            hosts
+        });
+        let headers = known_headers.unwrap_or_else(|| {
+            let headers: Arc<[HeaderMatcher]> = headers.into();
+            shared.headers.insert(headers_key, Arc::clone(&headers));
+            headers
+        });
         Ok(Self {
             name,
-            hosts: hosts.into(),
+            hosts,
             path,
-            headers: headers.into(),
+            headers,
             methods: methods.into(),
             query: query.into(),
             destinations: WeightedPick::new(dests),
@@ -719,19 +803,31 @@ impl HeaderMatcher {
 /// Lower-cases a host and strips its port (`Api.Example.com:8080` -> `api.example.com`,
 /// `[::1]:80` -> `[::1]`). Borrows when nothing changes, the common case.
 pub fn normalize_host(raw: &str) -> Cow<'_, str> {
-    let host = if let Some(rest) = raw.strip_prefix('[') {
+    if let Some(rest) = raw.strip_prefix('[') {
         // IPv6 literal: keep the brackets, drop what follows "]".
-        match rest.find(']') {
+        let host = match rest.find(']') {
             Some(end) => &raw[..end + 2],
             None => raw,
+        };
+        return if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(host.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(host)
+        };
+    }
+    // One pass over the bytes finds the last ':' and the first upper-case letter (this runs
+    // on every request; `str::rfind` alone went through the generic pattern machinery). ':' is
+    // ASCII, so the cut is at a char boundary.
+    let (mut colon, mut upper) = (None, None);
+    for (i, &b) in raw.as_bytes().iter().enumerate() {
+        if b == b':' {
+            colon = Some(i);
+        } else if upper.is_none() && b.is_ascii_uppercase() {
+            upper = Some(i);
         }
-    } else {
-        match raw.rfind(':') {
-            Some(i) => &raw[..i],
-            None => raw,
-        }
-    };
-    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+    }
+    let host = &raw[..colon.unwrap_or(raw.len())];
+    if upper.is_some_and(|u| u < host.len()) {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
         Cow::Borrowed(host)
@@ -847,6 +943,90 @@ mod tests {
             headers: &h,
         };
         t.find(&req).map(|r| &*r.name)
+    }
+
+    fn with_header(mut r: v1::Route, name: &str, value: &str) -> v1::Route {
+        r.r#match
+            .get_or_insert_with(Default::default)
+            .headers
+            .push(v1::HeaderMatch {
+                name: name.into(),
+                kind: Some(v1::header_match::Kind::Exact(value.into())),
+                invert: false,
+            });
+        r
+    }
+
+    /// A service's routes name the same hosts, canary routes the same header: one compiled copy
+    /// each per table build (the index keys are those same names), and routing is unchanged.
+    #[test]
+    fn equal_hosts_and_header_conditions_are_compiled_once_per_table() {
+        let t = table(vec![
+            with_header(route("a-canary", &["a", "a.ns"], "b"), "x-canary", "true"),
+            route("a-default", &["a", "a.ns"], "a"),
+            with_header(route("c-canary", &["c", "c.ns"], "b"), "x-canary", "true"),
+            with_header(route("c-beta", &["C", "c.ns "], "b"), "x-canary", "beta"),
+            route("c-default", &["c", "c.ns"], "c"),
+        ]);
+        let r = |i: usize| &t.routes[i];
+        assert!(Arc::ptr_eq(&r(0).hosts, &r(1).hosts));
+        assert!(Arc::ptr_eq(&r(2).hosts, &r(4).hosts));
+        assert!(!Arc::ptr_eq(&r(0).hosts, &r(2).hosts));
+        // A list written differently compiles on its own, to the same names.
+        assert!(!Arc::ptr_eq(&r(3).hosts, &r(2).hosts));
+        let exact = |i: usize, j: usize| match &r(i).hosts[j] {
+            HostPattern::Exact(h) => Arc::clone(h),
+            HostPattern::Suffix(_) => panic!("exact"),
+        };
+        assert!(Arc::ptr_eq(&exact(3, 0), &exact(2, 0)));
+        assert!(Arc::ptr_eq(&exact(3, 1), &exact(2, 1)));
+        let (key, _) = t.index.by_host.get_key_value("c.ns").unwrap();
+        assert!(Arc::ptr_eq(key, &exact(2, 1)));
+        assert!(Arc::ptr_eq(&r(0).headers, &r(2).headers));
+        assert!(!Arc::ptr_eq(&r(2).headers, &r(3).headers));
+        assert!(Arc::ptr_eq(&r(1).headers, &r(4).headers));
+        assert!(r(1).headers.is_empty());
+
+        assert_eq!(
+            find(&t, "a", "GET", "/", &[("x-canary", "true")]),
+            Some("a-canary")
+        );
+        assert_eq!(find(&t, "a.ns", "GET", "/", &[]), Some("a-default"));
+        assert_eq!(
+            find(&t, "c", "GET", "/", &[("x-canary", "true")]),
+            Some("c-canary")
+        );
+        assert_eq!(
+            find(&t, "c.ns", "GET", "/", &[("x-canary", "beta")]),
+            Some("c-beta")
+        );
+        assert_eq!(
+            find(&t, "c", "GET", "/", &[("x-canary", "no")]),
+            Some("c-default")
+        );
+        assert_eq!(find(&t, "b", "GET", "/", &[]), None);
+        assert!(t.names_host("c.ns") && t.names_host("a") && !t.names_host("b"));
+    }
+
+    /// A list rejected for one route is rejected for the next one naming it too (nothing
+    /// invalid is shared).
+    #[test]
+    fn an_invalid_shared_list_is_rejected_for_every_route() {
+        let t = v1::RouteTable {
+            name: "outbound".into(),
+            routes: vec![
+                route("one", &["bad host"], "a"),
+                route("two", &["bad host"], "a"),
+            ],
+        };
+        let errs = RouteTable::build(&t, &clusters(&["a"]), &Metrics::new().unwrap(), "outbound")
+            .unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert!(
+            text[0].contains("\"one\"") && text[1].contains("\"two\""),
+            "{text:?}"
+        );
     }
 
     #[test]
@@ -1119,5 +1299,10 @@ mod tests {
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
         assert_eq!(normalize_host("[::1]"), "[::1]");
         assert!(matches!(normalize_host("svc"), Cow::Borrowed(_)));
+        // Upper case only counts before the port; the last ':' cuts.
+        assert_eq!(normalize_host("Api.Example.com:8080"), "api.example.com");
+        assert!(matches!(normalize_host("svc:X"), Cow::Borrowed("svc")));
+        assert_eq!(normalize_host("a:b:80"), "a:b");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
     }
 }

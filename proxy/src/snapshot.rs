@@ -6,7 +6,9 @@
 //! problem as a [`Rejection`] naming the resource and field (this becomes the NACK). The data
 //! path reads the current snapshot through a [`SnapshotStore`] (`ArcSwap`), once per request.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -144,9 +146,13 @@ impl Resources {
     }
 
     /// The sets `resp` carries (moved out of it, their lists trimmed to their length: see
-    /// [`Resources::shrink`]) and, for the types it does not carry, copies of `held`'s: what a
-    /// push leaves the proxy holding, with one copy of the unchanged sets.
-    pub fn merged(held: Option<&Resources>, resp: v1::DiscoveryResponse) -> Self {
+    /// [`Resources::shrink`]) and, for the types it does not carry, copies of `held`'s (its
+    /// route set decoded): what the next snapshot is built from, with one copy of the unchanged
+    /// sets. `Err` only if the held route set does not decode ([`Encoded::decode`]).
+    pub fn merged(
+        held: Option<&HeldResources>,
+        resp: v1::DiscoveryResponse,
+    ) -> Result<Self, Rejection> {
         let mut carried = Self {
             listeners: resp.listeners,
             routes: resp.routes,
@@ -156,16 +162,21 @@ impl Resources {
             trust: resp.trust,
         };
         carried.shrink();
-        let Some(h) = held else { return carried };
+        let Some(h) = held else { return Ok(carried) };
+        let routes = match carried.routes {
+            Some(r) => Some(r),
+            // Not trimmed: held only while the next snapshot is built, which holds it encoded.
+            None => h.routes()?,
+        };
         // `clone` allocates each list at its length: the copies need no trimming.
-        Self {
+        Ok(Self {
             listeners: carried.listeners.or_else(|| h.listeners.clone()),
-            routes: carried.routes.or_else(|| h.routes.clone()),
+            routes,
             clusters: carried.clusters.or_else(|| h.clusters.clone()),
             endpoints: carried.endpoints.or_else(|| h.endpoints.clone()),
             policies: carried.policies.or_else(|| h.policies.clone()),
             trust: carried.trust.or_else(|| h.trust.clone()),
-        }
+        })
     }
 
     /// Gives back what decoding allocated beyond each list's length. prost grows a repeated
@@ -244,18 +255,161 @@ impl Resources {
         }
     }
 
+    /// Every type version, as Hello and Ack list them.
+    pub fn type_versions(&self) -> Vec<v1::TypeVersion> {
+        type_versions(|k| self.version(k))
+    }
+}
+
+/// A protobuf message held encoded (the bytes prost made of it) with its version, which is
+/// read without decoding (Hello, ACKs, `/config_dump`). A decoded set of thousands of routes
+/// is a tree of small allocations (each string, list and boxed sub-message its own) several
+/// times the size of its encoding; what reads it (the next build, `/config_dump`) decodes it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Encoded<T> {
+    version: Box<str>,
+    bytes: bytes::Bytes,
+    message: PhantomData<fn() -> T>,
+}
+
+impl<T: prost::Message + Default> Encoded<T> {
+    /// `message`, encoded; `version` is its version field.
+    pub fn new(message: &T, version: &str) -> Self {
+        Self {
+            version: version.into(),
+            bytes: message.encode_to_vec().into(),
+            message: PhantomData,
+        }
+    }
+
+    /// The message. Only bytes that [`Encoded::new`] made are held, so this fails only if
+    /// they were corrupted in memory: callers turn that into a rejection, never a default.
+    pub fn decode(&self) -> Result<T, prost::DecodeError> {
+        T::decode(self.bytes.clone())
+    }
+
+    /// The message's version.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Size of the encoding, in bytes.
+    pub fn encoded_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether `message` encodes to these bytes (then it is equal to the held message; the
+    /// sets held encoded have no map fields, whose order could make equal messages differ).
+    pub fn holds(&self, message: &T) -> bool {
+        message.encoded_len() == self.bytes.len() && message.encode_to_vec() == self.bytes
+    }
+}
+
+impl<T> std::fmt::Debug for Encoded<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoded")
+            .field("type", &std::any::type_name::<T>())
+            .field("version", &self.version)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
+}
+
+/// The resource sets a [`Snapshot`] holds (the last applied of each type), for versions, ACKs,
+/// `/config_dump`, the next push's merge and the next build's reuse comparisons. The route set
+/// is held encoded ([`Encoded`]): it is the largest set after the endpoints and nothing on a
+/// request's path reads it (the built [`RouteTable`]s serve requests). The endpoint set stays
+/// decoded: the next build compares it per cluster, and endpoint deltas merge into it.
+#[derive(Debug, Clone, Default)]
+pub struct HeldResources {
+    /// Listeners.
+    pub listeners: Option<v1::ListenerSet>,
+    /// Route tables, encoded: [`HeldResources::routes`] decodes them.
+    pub routes: Option<Encoded<v1::RouteSet>>,
+    /// Clusters.
+    pub clusters: Option<v1::ClusterSet>,
+    /// Endpoints.
+    pub endpoints: Option<v1::EndpointSet>,
+    /// Authorization policies.
+    pub policies: Option<v1::PolicySet>,
+    /// Trust domain and roots.
+    pub trust: Option<v1::TrustSet>,
+}
+
+impl HeldResources {
+    /// Holds `r`, encoding its route set.
+    pub fn hold(r: Resources) -> Self {
+        let routes = r.routes.as_ref().map(|s| Encoded::new(s, &s.version));
+        Self::with_routes(r, routes)
+    }
+
+    /// Holds `r` with `routes`, the encoding of `r.routes`.
+    fn with_routes(r: Resources, routes: Option<Encoded<v1::RouteSet>>) -> Self {
+        Self {
+            listeners: r.listeners,
+            routes,
+            clusters: r.clusters,
+            endpoints: r.endpoints,
+            policies: r.policies,
+            trust: r.trust,
+        }
+    }
+
+    /// The route set, decoded.
+    pub fn routes(&self) -> Result<Option<v1::RouteSet>, Rejection> {
+        self.routes.as_ref().map(decode_held_routes).transpose()
+    }
+
+    /// Copies of every set, the routes decoded: the input of a rebuild of the same config.
+    pub fn to_resources(&self) -> Result<Resources, Rejection> {
+        Ok(Resources {
+            listeners: self.listeners.clone(),
+            routes: self.routes()?,
+            clusters: self.clusters.clone(),
+            endpoints: self.endpoints.clone(),
+            policies: self.policies.clone(),
+            trust: self.trust.clone(),
+        })
+    }
+
+    /// The version held for `kind`, if any.
+    pub fn version(&self, kind: ResourceKind) -> Option<&str> {
+        match kind {
+            ResourceKind::Listeners => self.listeners.as_ref().map(|s| s.version.as_str()),
+            ResourceKind::Routes => self.routes.as_ref().map(Encoded::version),
+            ResourceKind::Clusters => self.clusters.as_ref().map(|s| s.version.as_str()),
+            ResourceKind::Endpoints => self.endpoints.as_ref().map(|s| s.version.as_str()),
+            ResourceKind::Policies => self.policies.as_ref().map(|s| s.version.as_str()),
+            ResourceKind::Trust => self.trust.as_ref().map(|s| s.version.as_str()),
+        }
+    }
+
     /// Every held type version, for Hello and Ack.
     pub fn type_versions(&self) -> Vec<v1::TypeVersion> {
-        ResourceKind::ALL
-            .iter()
-            .filter_map(|&k| {
-                self.version(k).map(|v| v1::TypeVersion {
-                    r#type: k.proto().into(),
-                    version: v.to_owned(),
-                })
-            })
-            .collect()
+        type_versions(|k| self.version(k))
     }
+}
+
+fn decode_held_routes(e: &Encoded<v1::RouteSet>) -> Result<v1::RouteSet, Rejection> {
+    e.decode().map_err(|err| {
+        Rejection::new(
+            "held route set",
+            "routes",
+            format!("version {:?} does not decode: {err}", e.version()),
+        )
+    })
+}
+
+fn type_versions<'a>(version: impl Fn(ResourceKind) -> Option<&'a str>) -> Vec<v1::TypeVersion> {
+    ResourceKind::ALL
+        .iter()
+        .filter_map(|&k| {
+            version(k).map(|v| v1::TypeVersion {
+                r#type: k.proto().into(),
+                version: v.to_owned(),
+            })
+        })
+        .collect()
 }
 
 /// The kinds (and versions) a discovery response carries.
@@ -442,8 +596,9 @@ impl HttpListener {
 /// Everything the data path needs, validated and compiled; immutable once built.
 #[derive(Debug)]
 pub struct Snapshot {
-    /// The sets this was built from (for versions, ACKs and `/config_dump`).
-    pub resources: Resources,
+    /// The sets this was built from (for versions, ACKs, `/config_dump`, the next merge and
+    /// the next build's reuse comparisons); the route set encoded.
+    pub resources: HeldResources,
     /// Listeners by bound address.
     pub listeners: HashMap<SocketAddr, Arc<Listener>>,
     /// Clusters by name.
@@ -461,6 +616,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The built route table named `name`: an HTTP listener's, or a table no listener names.
+    pub fn route_table(&self, name: &str) -> Option<&RouteTable> {
+        self.listeners
+            .values()
+            .filter_map(|l| match &l.kind {
+                ListenerKind::Http(h) => h.routes.as_ref(),
+                ListenerKind::Tcp { .. } => None,
+            })
+            .find(|t| &*t.name == name)
+            .or_else(|| self.tables.get(name).map(|t| &**t))
+    }
+
     /// Compiles and validates `resources`, reusing long-lived cluster state of `previous`.
     ///
     /// What did not change since `previous` is reused rather than rebuilt: a cluster whose proto
@@ -529,8 +696,25 @@ impl Snapshot {
                 }
             },
         };
-        // The tables `previous` built, with their protos, for `RouteTable::build_reusing`.
-        let reusable = kept_family.map(PreviousTables::of).unwrap_or_default();
+        // The route set as this snapshot will hold it, and the one `previous` was built from
+        // (its tables' protos, for `RouteTable::build_reusing`): an endpoint-only push carries
+        // the same bytes, so the held set is decoded only when the routes changed.
+        let held_routes = resources
+            .routes
+            .as_ref()
+            .map(|s| Encoded::new(s, &s.version));
+        let previous_routes = match kept_family.and_then(|p| p.resources.routes.as_ref()) {
+            Some(prev) if held_routes.as_ref() == Some(prev) => {
+                resources.routes.as_ref().map(Cow::Borrowed)
+            }
+            // Not decodable (a bug, not a config error): built without reuse.
+            Some(prev) => prev.decode().ok().map(Cow::Owned),
+            None => None,
+        };
+        let reusable = match kept_family {
+            Some(p) => PreviousTables::of(p, previous_routes.as_deref()),
+            None => PreviousTables::default(),
+        };
         let tables: HashMap<&str, &v1::RouteTable> = resources
             .routes
             .iter()
@@ -752,7 +936,7 @@ impl Snapshot {
             return Err(errors);
         }
         Ok(Self {
-            resources,
+            resources: HeldResources::with_routes(resources, held_routes),
             listeners,
             clusters,
             policies,
@@ -824,10 +1008,9 @@ struct PreviousTables<'a> {
 }
 
 impl<'a> PreviousTables<'a> {
-    fn of(s: &'a Snapshot) -> Self {
-        let protos: HashMap<&str, &v1::RouteTable> = s
-            .resources
-            .routes
+    /// The tables `s` built from `routes` (its route set, decoded).
+    fn of(s: &'a Snapshot, routes: Option<&'a v1::RouteSet>) -> Self {
+        let protos: HashMap<&str, &v1::RouteTable> = routes
             .iter()
             .flat_map(|r| &r.tables)
             .map(|t| (t.name.as_str(), t))
@@ -905,6 +1088,8 @@ fn build_clusters(
         None => (HashMap::new(), HashMap::new()),
     };
     let mut clusters = HashMap::new();
+    // The families the clusters new to this build make their lazy series with, made once.
+    let mut shared: Option<Arc<Metrics>> = None;
     for c in resources.clusters.iter().flat_map(|s| &s.clusters) {
         if c.name.is_empty() {
             errors.push(Rejection::new("cluster \"\"", "name", "must not be empty"));
@@ -935,7 +1120,8 @@ fn build_clusters(
             }
             continue;
         }
-        match Cluster::build(c, eps, prev, metrics) {
+        let shared = shared.get_or_insert_with(|| Arc::new(metrics.clone()));
+        match Cluster::build_sharing(c, eps, prev, metrics, shared) {
             Ok(built) => {
                 if clusters
                     .insert(built.name.clone(), Arc::new(built))
@@ -1383,7 +1569,7 @@ pub(crate) mod tests {
             }),
             ..Default::default()
         };
-        let merged = Resources::merged(Some(&same.resources), push);
+        let merged = Resources::merged(Some(&same.resources), push).unwrap();
         assert_eq!(merged.version(ResourceKind::Endpoints), Some("e2"));
         assert_eq!(merged.version(ResourceKind::Routes), Some("r1"));
         let next = Snapshot::build(merged, Some(&same), &m).unwrap();
@@ -1433,7 +1619,7 @@ pub(crate) mod tests {
         ));
 
         // A changed cluster proto (a timeout) is rebuilt too, an unchanged one is not.
-        let mut changed = next.resources.clone();
+        let mut changed = next.resources.to_resources().unwrap();
         changed.clusters.as_mut().unwrap().clusters[1].connect_timeout_ms = 250;
         let last = Snapshot::build(changed, Some(&next), &m).unwrap();
         assert!(!Arc::ptr_eq(
@@ -1482,7 +1668,7 @@ pub(crate) mod tests {
         // What prost's pushes leave (the test is void if it ever decodes to the length).
         assert!(eps(decoded.endpoints.as_ref().unwrap()) > 5);
         assert!(hosts(decoded.routes.as_ref().unwrap()) > 1);
-        let merged = Resources::merged(Some(&r), decoded);
+        let merged = Resources::merged(Some(&HeldResources::hold(r.clone())), decoded).unwrap();
         assert_eq!(eps(merged.endpoints.as_ref().unwrap()), 5);
         assert_eq!(hosts(merged.routes.as_ref().unwrap()), 1);
         // The same content, and the sets not carried are the held ones.
@@ -1508,5 +1694,128 @@ pub(crate) mod tests {
         assert_eq!(m.version(ResourceKind::Routes), Some("r1"));
         assert_eq!(m.type_versions().len(), 4);
         assert_eq!(carried(&resp), [(ResourceKind::Endpoints, "e2".to_owned())]);
+    }
+
+    #[test]
+    fn the_route_set_is_held_encoded_and_decodes_to_what_was_pushed() {
+        let r = resources();
+        let s = Snapshot::build(r.clone(), None, &Metrics::new().unwrap()).unwrap();
+        let held = s.resources.routes.as_ref().unwrap();
+        assert_eq!(held.version(), "r1");
+        assert_eq!(s.resources.version(ResourceKind::Routes), Some("r1"));
+        assert_eq!(
+            held.encoded_len(),
+            prost::Message::encoded_len(r.routes.as_ref().unwrap())
+        );
+        assert!(held.holds(r.routes.as_ref().unwrap()));
+        assert_eq!(s.resources.routes().unwrap(), r.routes);
+        // Everything else as pushed, and a rebuild's input is the pushed resources again.
+        let back = s.resources.to_resources().unwrap();
+        assert_eq!(back.routes, r.routes);
+        assert_eq!(back.listeners, r.listeners);
+        assert_eq!(back.clusters, r.clusters);
+        assert_eq!(back.endpoints, r.endpoints);
+        assert_eq!(
+            s.resources.type_versions(),
+            HeldResources::hold(r.clone()).type_versions()
+        );
+        assert_eq!(s.resources.type_versions(), r.type_versions());
+        // No route set held: none decoded.
+        let mut none = r;
+        none.routes = None;
+        none.listeners.as_mut().unwrap().listeners[0]
+            .route_table
+            .clear();
+        let s = Snapshot::build(none, None, &Metrics::new().unwrap()).unwrap();
+        assert!(s.resources.routes.is_none());
+        assert_eq!(s.resources.routes().unwrap(), None);
+    }
+
+    #[test]
+    fn corrupt_held_routes_are_a_rejection_not_an_empty_table() {
+        let mut held = HeldResources::hold(resources());
+        held.routes = Some(Encoded {
+            version: "r1".into(),
+            // A length-delimited field whose length runs past the end.
+            bytes: bytes::Bytes::from_static(&[0x12, 0x7f, 0x01]),
+            message: PhantomData,
+        });
+        let push = v1::DiscoveryResponse {
+            endpoints: resources().endpoints,
+            ..Default::default()
+        };
+        let err = Resources::merged(Some(&held), push).unwrap_err();
+        assert_eq!(err.field, "routes");
+        assert!(err.reason.contains("\"r1\""), "{err}");
+        assert!(held.to_resources().is_err());
+    }
+
+    /// A route push, then a push carrying only endpoints: the new snapshot routes with the
+    /// routes of the first push (held encoded in between), to the new endpoints.
+    #[test]
+    fn an_endpoint_only_push_after_a_routes_push_still_routes() {
+        let m = Metrics::new().unwrap();
+        let first = Snapshot::build(resources(), None, &m).unwrap();
+        let mut routes = resources().routes.unwrap();
+        routes.version = "r2".into();
+        routes.tables[0].routes[0]
+            .r#match
+            .as_mut()
+            .unwrap()
+            .hosts
+            .push("backend.default.svc".into());
+        let routes_push = v1::DiscoveryResponse {
+            nonce: "n2".into(),
+            routes: Some(routes.clone()),
+            ..Default::default()
+        };
+        let merged = Resources::merged(Some(&first.resources), routes_push).unwrap();
+        let second = Snapshot::build(merged, Some(&first), &m).unwrap();
+        assert_eq!(second.resources.version(ResourceKind::Routes), Some("r2"));
+        assert!(!outbound_table(&second).shares_route(outbound_table(&first), 0));
+        let endpoints_push = v1::DiscoveryResponse {
+            nonce: "n3".into(),
+            endpoints: Some(v1::EndpointSet {
+                version: "e2".into(),
+                clusters: vec![v1::ClusterEndpoints {
+                    cluster: "backend.default".into(),
+                    endpoints: vec![v1::Endpoint {
+                        address: "127.0.0.1:9002".into(),
+                        weight: 1,
+                        ..Default::default()
+                    }],
+                }],
+            }),
+            ..Default::default()
+        };
+        let merged = Resources::merged(Some(&second.resources), endpoints_push).unwrap();
+        assert_eq!(merged.routes.as_ref(), Some(&routes));
+        let third = Snapshot::build(merged, Some(&second), &m).unwrap();
+        assert_eq!(third.resources.version(ResourceKind::Routes), Some("r2"));
+        assert_eq!(third.resources.version(ResourceKind::Endpoints), Some("e2"));
+        assert_eq!(third.resources.routes().unwrap(), Some(routes));
+        let headers = http::HeaderMap::new();
+        let info = crate::route::RequestInfo {
+            host: "backend.default.svc",
+            path: "/",
+            query: None,
+            method: &http::Method::GET,
+            headers: &headers,
+        };
+        let picked = outbound_table(&third)
+            .find(&info)
+            .expect("the pushed host routes");
+        let cluster = &picked.destinations.pick().unwrap().cluster;
+        assert_eq!(cluster.endpoints[0].addr, "127.0.0.1:9002".parse().unwrap());
+        // The route to the changed cluster was rebuilt; a table whose protos and clusters were
+        // unchanged would have been kept (see the test above).
+        assert!(!outbound_table(&third).shares_route(outbound_table(&second), 0));
+        // CONNECT's "known host" reads the built table.
+        assert!(third
+            .route_table("outbound")
+            .unwrap()
+            .names_host("backend.default.svc"));
+        assert!(!third.route_table("outbound").unwrap().names_host("db"));
+        assert!(third.route_table("nope").is_none());
     }
 }

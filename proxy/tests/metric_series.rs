@@ -198,9 +198,26 @@ fn a_kept_route_keeps_its_series_and_a_removed_one_loses_them() {
         samples(&m, "weft_requests_total", &[r#"route="to-a""#]).len(),
         1
     );
+    // A cluster's connect-error series appears when the data path first reaches its counter
+    // (every connect to the cluster does), not for every cluster of a snapshot.
+    let connect_errors = |cluster: &str| {
+        samples(
+            &m,
+            "weft_upstream_connect_errors_total",
+            &[&format!(r#"cluster="{cluster}""#)],
+        )
+    };
+    assert_eq!(connect_errors("a.default"), Vec::<String>::new());
+    assert!(!s1.clusters["a.default"].connect_errors.created());
+    s1.clusters["a.default"].connect_errors.inc();
+    s1.clusters["db.default"].connect_errors.inc();
+    assert_eq!(
+        connect_errors("a.default"),
+        [r#"weft_upstream_connect_errors_total{cluster="a.default"} 1"#]
+    );
 
     // A push that changes nothing the handles depend on: the same handles, no new series.
-    let s2 = Snapshot::build(s1.resources.clone(), Some(&s1), &m).unwrap();
+    let s2 = Snapshot::build(s1.resources.to_resources().unwrap(), Some(&s1), &m).unwrap();
     assert!(Arc::ptr_eq(
         &outbound_metrics(&s1, "a.default"),
         &outbound_metrics(&s2, "a.default")
@@ -241,16 +258,19 @@ fn a_kept_route_keeps_its_series_and_a_removed_one_loses_them() {
         [1.0],
         "{b:?}"
     );
-    // Cluster `a.default` is still configured: its connect-error series stays.
+    // Cluster `a.default` is still configured: its connect-error series stays, with its count,
+    // and the kept cluster counts on into it.
     assert_eq!(
-        samples(
-            &m,
-            "weft_upstream_connect_errors_total",
-            &[r#"cluster="a.default""#]
-        )
-        .len(),
-        1
+        connect_errors("a.default"),
+        [r#"weft_upstream_connect_errors_total{cluster="a.default"} 1"#]
     );
+    s3.clusters["a.default"].connect_errors.inc();
+    assert_eq!(
+        connect_errors("a.default"),
+        [r#"weft_upstream_connect_errors_total{cluster="a.default"} 2"#]
+    );
+    // A cluster nothing connected to has none.
+    assert_eq!(connect_errors("b.default"), Vec::<String>::new());
 
     // A push removing cluster (service) `a.default` and the TCP listener to `db.default`; a
     // connection accepted on that listener is still draining.

@@ -16,7 +16,11 @@
 //! noted per scope by [`ScopeCache::note_assembled`]).
 //!
 //! `weft_control_compilations_total{result=compiled|reused}` counts scope lookups by outcome.
+//!
+//! What a stream remembers of the endpoints its proxy holds, to push only what changed, is in
+//! [`delta`].
 
+pub mod delta;
 pub mod wake;
 
 use std::collections::{HashMap, HashSet};

@@ -71,7 +71,11 @@ impl Refresher {
         let Some(current) = self.store.load_full() else {
             return Ok(false);
         };
-        let snapshot = Snapshot::build(current.resources.clone(), Some(&current), &self.metrics)
+        let resources = current
+            .resources
+            .to_resources()
+            .map_err(|e| e.to_string())?;
+        let snapshot = Snapshot::build(resources, Some(&current), &self.metrics)
             .map_err(|e| nack_reason(&e))?;
         // The same listeners as the current snapshot: binds nothing, but stays correct if not.
         let prepared = listeners.prepare(&snapshot).map_err(|e| nack_reason(&e))?;

@@ -113,9 +113,10 @@ pub struct Conn<T> {
     write_buf: Vec<u8>,
     /// How much room the next read gets when the buffer runs low.
     read_chunk: usize,
-    /// The field names of the last response head, in order: an upstream sends the same ones
-    /// in the same order, and comparing the bytes is cheaper than parsing a name again.
-    names: Vec<HeaderName>,
+    /// The field names of the last response head, in order, each with its spelling on the
+    /// wire: an upstream sends the same ones in the same order, and comparing the bytes
+    /// (`memcmp`) is cheaper than parsing a name again or comparing it case-insensitively.
+    names: Vec<(HeaderName, Box<[u8]>)>,
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
@@ -465,7 +466,7 @@ struct Field {
 /// `None`: incomplete.
 fn parse_head(
     buf: &mut BytesMut,
-    names: &mut Vec<HeaderName>,
+    names: &mut Vec<(HeaderName, Box<[u8]>)>,
     head_request: bool,
 ) -> Result<Option<ParsedHead>, Error> {
     loop {
@@ -524,14 +525,14 @@ fn parse_head(
         let mut framing = ResponseFraming::default();
         for (i, f) in fields[..count].iter().enumerate() {
             let raw_name = &head[f.name.0 as usize..f.name.1 as usize];
-            // A valid name equals its parse, lower-cased: a case-insensitive match is exact.
+            // The same bytes as the previous head's field at this position: the same name.
             let name = match names.get(i) {
-                Some(n) if n.as_str().as_bytes().eq_ignore_ascii_case(raw_name) => n.clone(),
+                Some((n, spelled)) if **spelled == *raw_name => n.clone(),
                 _ => {
                     let n = HeaderName::from_bytes(raw_name)
                         .map_err(|_| Error::Invalid("malformed header name"))?;
                     names.truncate(i);
-                    names.push(n.clone());
+                    names.push((n.clone(), raw_name.into()));
                     n
                 }
             };

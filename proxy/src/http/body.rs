@@ -40,10 +40,16 @@ pub struct Completion {
 }
 
 impl Completion {
-    fn finish(self) {
+    fn finish(mut self) {
         let grpc = grpc_status_label(self.grpc_status.as_ref());
+        // One clock read for the duration and the connection's idle tracking.
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.start);
         self.metrics
-            .record_finished(self.status, grpc, self.start.elapsed().as_secs_f64());
+            .record_finished(self.status, grpc, elapsed.as_secs_f64());
+        if let Some(in_flight) = self.in_flight.take() {
+            in_flight.end_at(crate::lb::load::nanos_at(now));
+        }
     }
 }
 

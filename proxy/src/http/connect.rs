@@ -13,8 +13,9 @@
 //!    a DNS-declared endpoint, or an address such a name resolves to) — or its host must
 //!    match an `allow_hosts` pattern (`api.example.com`, or `*.example.com` for any name below
 //!    `example.com`, never `example.com` itself). A refusal is 403 `egress-denied`, counted in
-//!    `weft_egress_denied_total{via="connect"}`. The decision reads the snapshot's resources:
-//!    linear in the routes and endpoints, once per CONNECT (never on other requests);
+//!    `weft_egress_denied_total{via="connect"}`. The decision reads the snapshot: the route
+//!    table's host index, then the endpoints (linear), once per CONNECT (never on other
+//!    requests);
 //! 3. the host is resolved (an IP literal as is, a name by the system resolver) and its
 //!    addresses tried in order until one accepts, within [`CONNECT_TIMEOUT`] in all: 503
 //!    `connect-failed` / 504 `connect-timeout` otherwise;
@@ -140,15 +141,8 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 /// name and port, or a static endpoint's address, or an address a declared name resolves to).
 pub fn is_known(snapshot: &Snapshot, route_table: &str, target: &ConnectTarget) -> bool {
     let service_host = snapshot
-        .resources
-        .routes
-        .iter()
-        .flat_map(|set| &set.tables)
-        .filter(|t| t.name == route_table)
-        .flat_map(|t| &t.routes)
-        .filter_map(|r| r.r#match.as_ref())
-        .flat_map(|m| &m.hosts)
-        .any(|h| h.eq_ignore_ascii_case(&target.host));
+        .route_table(route_table)
+        .is_some_and(|t| t.names_host(&target.host));
     service_host || crate::egress::is_declared(snapshot, &target.host, target.port)
 }
 

@@ -111,7 +111,14 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Connection` lists `upgrade` (RFC 9110 §7.8) and any protocol is left. `None`: not an upgrade
 /// the proxy carries (the request is forwarded as a plain request, without `Upgrade`).
 pub fn upgrade_protocols(headers: &HeaderMap) -> Option<HeaderValue> {
-    if !headers.contains_key(header::UPGRADE) || !connection_has(headers, "upgrade") {
+    // Asked of every HTTP/1.1 request: a usual head has a few fields, and comparing their
+    // (standard) names is cheaper than hashing `upgrade` for a lookup.
+    let has_upgrade = if headers.len() <= 16 {
+        headers.keys().any(|k| k == header::UPGRADE)
+    } else {
+        headers.contains_key(header::UPGRADE)
+    };
+    if !has_upgrade || !connection_has(headers, "upgrade") {
         return None;
     }
     let mut kept = String::new();

@@ -108,11 +108,13 @@ pub fn apply<B>(hygiene: &Hygiene, req: &mut Request<B>) -> Result<(), Outcome> 
 }
 
 fn reconcile_host<B>(req: &mut Request<B>) -> Result<(), Outcome> {
-    let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
+    let Some(authority) = req.uri().authority() else {
         return Ok(());
     };
     if req.version() == Version::HTTP_2 {
+        // Every HTTP/2 request has an authority: compared in place, not copied.
         if let Some(host) = req.headers().get(HOST) {
+            let authority = authority.as_str();
             if !host.as_bytes().eq_ignore_ascii_case(authority.as_bytes()) {
                 return Err(Outcome::Refused(format!(
                     "the host header ({:?}) differs from :authority ({authority:?})",
@@ -122,6 +124,7 @@ fn reconcile_host<B>(req: &mut Request<B>) -> Result<(), Outcome> {
         }
         return Ok(());
     }
+    let authority = authority.as_str().to_owned();
     // HTTP/1.x absolute-form: the target's authority is the host; the app must see it too.
     match HeaderValue::from_str(&authority) {
         Ok(v) => {

@@ -106,7 +106,7 @@ impl Activity {
     /// A request arrived: in flight until the returned guard drops.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(Arc::clone(self))
+        InFlight(Arc::clone(self), 0)
     }
 
     /// How long until the connection has been idle for `idle` (zero: it has), or `None` while a
@@ -121,21 +121,31 @@ impl Activity {
     }
 }
 
-/// A request in flight on a connection (see [`Activity::begin`]).
+/// A request in flight on a connection (see [`Activity::begin`]), and when it ended if the
+/// caller knows ([`InFlight::end_at`]; 0: the drop reads the clock).
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub struct InFlight(Arc<Activity>, u64);
 
 impl InFlight {
     /// The connection the request is in flight on.
     pub fn activity(&self) -> &Activity {
         &self.0
     }
+
+    /// Ends the request at `now` ([`now_nanos`] of a clock read the caller made anyway).
+    pub fn end_at(mut self, now: u64) {
+        self.1 = now;
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        let now = match self.1 {
+            0 => now_nanos(),
+            at => at,
+        };
         // The timestamp first: a watchdog that sees nothing in flight sees this end too.
-        self.0.last.store(now_nanos(), Ordering::Release);
+        self.0.last.store(now, Ordering::Release);
         // What was read so far belonged to this request (its head and body).
         self.0.dirty.store(false, Ordering::Relaxed);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -181,5 +191,17 @@ mod tests {
             left > Duration::from_millis(40),
             "the end of a request restarts the clock"
         );
+    }
+
+    #[test]
+    fn a_request_ended_at_a_given_time_counts_from_then() {
+        let a = Activity::new();
+        let idle = Duration::from_secs(10);
+        let at = crate::lb::load::nanos_at(std::time::Instant::now());
+        let r = a.begin();
+        // Ended "5 s later" by the caller's clock reading: idle counts from that reading.
+        r.end_at(at + 5_000_000_000);
+        assert_eq!(a.idle_in(idle, at + 5_000_000_000), Some(idle));
+        assert_eq!(a.idle_in(idle, at + 15_000_000_000), Some(Duration::ZERO));
     }
 }

@@ -16,11 +16,23 @@ pub const DECAY: Duration = Duration::from_secs(10);
 /// probed soon rather than starved (its outstanding count still limits a burst).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
 
+/// The process-wide epoch of [`now_nanos`].
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 /// Nanoseconds since a process-wide epoch: a cheap monotonic clock storable in an atomic.
 pub fn now_nanos() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    nanos_at(Instant::now())
+}
+
+/// [`now_nanos`] of a clock reading `at` the caller made anyway (no second clock read). At
+/// least 1 (0 means "never" to some users).
+pub fn nanos_at(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// Load of one endpoint, shared by every snapshot that has the endpoint.
@@ -118,7 +130,11 @@ pub struct LoadGuard {
 impl LoadGuard {
     /// Records the time since the start as an RTT sample (call when response headers arrive).
     pub fn observe(&self) {
-        let now = now_nanos();
+        self.observe_at(now_nanos());
+    }
+
+    /// [`LoadGuard::observe`] with the caller's clock reading ([`now_nanos`] / [`nanos_at`]).
+    pub fn observe_at(&self, now: u64) {
         self.load.observe(now.saturating_sub(self.started), now);
     }
 }

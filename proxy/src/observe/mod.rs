@@ -565,11 +565,15 @@ pub fn note_flags<B>(req: &Request<B>, flags: ResponseFlags) {
 /// attempt loop to call [`UpstreamNote::attempt`] on. Inbound, it also takes the verified peer
 /// identity the authorization layer put in `x-weft-peer-identity` by then.
 pub fn note_of<B>(req: &Request<B>) -> Option<UpstreamNote> {
-    let note = req.extensions().get::<UpstreamNote>()?;
+    note_in(req.extensions(), req.headers())
+}
+
+/// [`note_of`] for a request taken apart (its head's extensions and header fields).
+pub fn note_in(extensions: &http::Extensions, headers: &http::HeaderMap) -> Option<UpstreamNote> {
+    let note = extensions.get::<UpstreamNote>()?;
     let mut n = note.data();
     if n.inbound {
-        n.peer_identity = req
-            .headers()
+        n.peer_identity = headers
             .get(PEER_IDENTITY)
             .and_then(|v| v.to_str().ok())
             .map(Into::into);
