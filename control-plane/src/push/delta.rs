@@ -4,8 +4,11 @@
 //! in scope a one-address change is 154 KiB whole and well under 1 KiB as a delta.
 //!
 //! What a stream remembers of a proxy's endpoints is an [`EndpointDigest`]: the set's version
-//! and one 64-bit hash per cluster (not a copy of the protos: 5,000 clusters cost about
-//! 5,000 x (name + 24) bytes per proxy, and only for proxies that advertise the capability).
+//! and one 64-bit hash per cluster (not a copy of the protos). Versions are content hashes, so
+//! one digest serves every stream holding that version: [`Digests`] hands out shared digests by
+//! version, and a digest lives while some stream holds it as its base or pending push. Memory
+//! and hashing are per distinct endpoint set, not per proxy (5,000 proxies of one scope share
+//! one digest of ~5,000 x (name + 24) bytes instead of one each).
 //! A delta goes out only against a digest whose version the proxy holds now (it ACKed it, or
 //! listed it in its Hello while the stream compiled the same set), and only when it encodes
 //! smaller than the whole set. A push not yet answered is never a base: the stream waits for
@@ -17,8 +20,9 @@
 //! `weft_control_endpoint_pushes_total{kind="delta|full"}` counts ENDPOINTS pushes by form,
 //! every proxy's (a proxy without the capability only ever gets `full`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::Hasher;
+use std::sync::{Arc, Mutex, Weak};
 
 use prost::Message;
 use weft_proto::v1::{ClusterEndpoints, DiscoveryResponse, EndpointDelta, EndpointSet, Node};
@@ -105,6 +109,59 @@ trait WriteField: Hasher {
 
 impl<H: Hasher> WriteField for H {}
 
+/// Digests shared by version among every stream of the discovery service (see the module docs).
+#[derive(Debug, Default)]
+pub struct Digests {
+    inner: Mutex<DigestMap>,
+}
+
+#[derive(Debug, Default)]
+struct DigestMap {
+    by_version: HashMap<String, Weak<EndpointDigest>>,
+    /// Entries whose digest is gone are dropped when the map grows past this.
+    prune_at: usize,
+}
+
+impl Digests {
+    /// The digest of `set`: the one a stream already holds for its version, else made now.
+    pub fn of(&self, set: &EndpointSet) -> Arc<EndpointDigest> {
+        if let Some(d) = self.get(&set.version) {
+            return d;
+        }
+        // Hashed outside the lock; two streams racing on one new version make it twice, and
+        // the second takes the first's.
+        let made = Arc::new(EndpointDigest::of(set));
+        let mut map = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(d) = map.by_version.get(&set.version).and_then(Weak::upgrade) {
+            return d;
+        }
+        map.by_version
+            .insert(set.version.clone(), Arc::downgrade(&made));
+        if map.by_version.len() > map.prune_at {
+            map.by_version.retain(|_, d| d.strong_count() > 0);
+            map.prune_at = (map.by_version.len() * 2).max(64);
+        }
+        made
+    }
+
+    fn get(&self, version: &str) -> Option<Arc<EndpointDigest>> {
+        let map = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.by_version.get(version).and_then(Weak::upgrade)
+    }
+
+    /// How many versions are tracked (live or not yet pruned).
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.inner.lock().unwrap().by_version.len()
+    }
+}
+
 /// What to send for a new endpoint set.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EndpointPush {
@@ -112,12 +169,15 @@ pub enum EndpointPush {
     Delta(EndpointDelta),
 }
 
-/// `set` against `base`: a delta when there is a base and the delta encodes smaller than the
-/// whole set, else the whole set; with the digest of `set` (the base once it is ACKed).
-pub fn diff(base: Option<&EndpointDigest>, set: EndpointSet) -> (EndpointPush, EndpointDigest) {
-    let digest = EndpointDigest::of(&set);
+/// `set` (whose digest is `digest`) against `base`: a delta when there is a base and the delta
+/// encodes smaller than the whole set, else the whole set.
+pub fn diff(
+    base: Option<&EndpointDigest>,
+    set: EndpointSet,
+    digest: &EndpointDigest,
+) -> EndpointPush {
     let Some(base) = base else {
-        return (EndpointPush::Full(set), digest);
+        return EndpointPush::Full(set);
     };
     let changed: Vec<usize> = set
         .clusters
@@ -139,17 +199,18 @@ pub fn diff(base: Option<&EndpointDigest>, set: EndpointSet) -> (EndpointPush, E
         removed,
     };
     if delta.encoded_len() < set.encoded_len() {
-        (EndpointPush::Delta(delta), digest)
+        EndpointPush::Delta(delta)
     } else {
-        (EndpointPush::Full(set), digest)
+        EndpointPush::Full(set)
     }
 }
 
-/// `weft_control_endpoint_pushes_total{kind}`.
+/// `weft_control_endpoint_pushes_total{kind}`, and the [`Digests`] every stream shares.
 #[derive(Debug, Clone)]
 pub struct EndpointPushes {
     full: prometheus::IntCounter,
     delta: prometheus::IntCounter,
+    digests: Arc<Digests>,
 }
 
 impl EndpointPushes {
@@ -170,6 +231,7 @@ impl EndpointPushes {
         Self {
             full: vec.with_label_values(&["full"]),
             delta: vec.with_label_values(&["delta"]),
+            digests: Arc::default(),
         }
     }
 }
@@ -185,9 +247,9 @@ pub struct EndpointStream {
 #[derive(Debug, Default)]
 struct DeltaState {
     /// The last set the proxy ACKed (or held at connect), if its content is known.
-    acked: Option<EndpointDigest>,
+    acked: Option<Arc<EndpointDigest>>,
     /// The set carried by the push awaiting an answer, and whether it went as a delta.
-    pending: Option<(String, EndpointDigest, bool)>,
+    pending: Option<(String, Arc<EndpointDigest>, bool)>,
 }
 
 impl EndpointStream {
@@ -213,7 +275,7 @@ impl EndpointStream {
                 .as_ref()
                 .is_none_or(|a| a.version != current.version)
         {
-            state.acked = Some(EndpointDigest::of(current));
+            state.acked = Some(self.pushes.digests.of(current));
         }
     }
 
@@ -228,8 +290,9 @@ impl EndpointStream {
             response.endpoints = Some(set);
             return;
         };
-        let base = state.acked.as_ref().filter(|a| held == Some(a.version()));
-        let (push, digest) = diff(base, set);
+        let base = state.acked.as_deref().filter(|a| held == Some(a.version()));
+        let digest = self.pushes.digests.of(&set);
+        let push = diff(base, set, &digest);
         let is_delta = matches!(push, EndpointPush::Delta(_));
         match push {
             EndpointPush::Full(set) => {
@@ -330,8 +393,7 @@ mod tests {
         let v1 = set("v1", 50, None);
         let v2 = set("v2", 50, Some("10.9.9.9:80"));
         let base = EndpointDigest::of(&v1);
-        let (push, digest) = diff(Some(&base), v2.clone());
-        assert_eq!(digest, EndpointDigest::of(&v2));
+        let push = diff(Some(&base), v2.clone(), &EndpointDigest::of(&v2));
         let EndpointPush::Delta(d) = push else {
             panic!("expected a delta, got {push:?}")
         };
@@ -347,7 +409,8 @@ mod tests {
         let mut v2 = set("v2", 50, None);
         v2.clusters.remove(7);
         v2.clusters.push(cluster("zzz.ns", &["10.1.1.1:80"]));
-        let (push, _) = diff(Some(&EndpointDigest::of(&v1)), v2);
+        let digest = EndpointDigest::of(&v2);
+        let push = diff(Some(&EndpointDigest::of(&v1)), v2, &digest);
         let EndpointPush::Delta(d) = push else {
             panic!("expected a delta, got {push:?}")
         };
@@ -385,16 +448,19 @@ mod tests {
         for c in &mut v2.clusters {
             c.endpoints[0].address = "10.7.7.7:80".into();
         }
-        let (push, _) = diff(Some(&EndpointDigest::of(&v1)), v2.clone());
+        let push = diff(
+            Some(&EndpointDigest::of(&v1)),
+            v2.clone(),
+            &EndpointDigest::of(&v2),
+        );
         assert_eq!(push, EndpointPush::Full(v2));
     }
 
     #[test]
     fn no_base_no_delta() {
         let v1 = set("v1", 20, None);
-        let (push, digest) = diff(None, v1.clone());
+        let push = diff(None, v1.clone(), &EndpointDigest::of(&v1));
         assert_eq!(push, EndpointPush::Full(v1));
-        assert_eq!(digest.version(), "v1");
     }
 
     #[test]
@@ -505,5 +571,43 @@ mod tests {
         let mut r = response("1", set("v2", 50, Some("10.9.9.9:80")));
         s.prepare(&mut r, Some("v1"));
         assert!(r.endpoint_delta.is_some());
+    }
+
+    /// Streams holding the same version share one digest; it goes when no stream holds it.
+    #[test]
+    fn streams_share_one_digest_per_version() {
+        let (pushes, _m) = counts();
+        let digests = Arc::clone(&pushes.digests);
+        let mut streams: Vec<EndpointStream> = (0..100)
+            .map(|_| EndpointStream::new(pushes.clone(), true))
+            .collect();
+        for (i, s) in streams.iter_mut().enumerate() {
+            let mut r = response(&i.to_string(), set("v1", 50, None));
+            s.prepare(&mut r, None);
+            s.acked(&i.to_string());
+        }
+        let first = streams[0].delta.as_ref().unwrap().acked.clone().unwrap();
+        assert!(streams
+            .iter()
+            .all(|s| Arc::ptr_eq(s.delta.as_ref().unwrap().acked.as_ref().unwrap(), &first)));
+        assert_eq!(Arc::strong_count(&first), 101);
+        drop(first);
+        // Every stream moves on to v2 (a delta each, one digest of v2 for all).
+        for (i, s) in streams.iter_mut().enumerate() {
+            let nonce = format!("b{i}");
+            let mut r = response(&nonce, set("v2", 50, Some("10.9.9.9:80")));
+            s.prepare(&mut r, Some("v1"));
+            assert!(r.endpoint_delta.is_some());
+            s.acked(&nonce);
+        }
+        assert!(digests.get("v1").is_none(), "no stream holds v1 any more");
+        assert!(digests.get("v2").is_some());
+        drop(streams);
+        assert!(digests.get("v2").is_none());
+        // Dead entries are pruned as new versions come.
+        for v in 0..200 {
+            drop(digests.of(&set(&format!("x{v}"), 1, None)));
+        }
+        assert!(digests.tracked() <= 64 + 1, "{}", digests.tracked());
     }
 }
