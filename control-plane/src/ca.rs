@@ -18,8 +18,7 @@
 //! The CA refuses to sign when its issuing certificate is expired or expires before the requested
 //! certificate would (no silent capping of a proxy's lifetime).
 
-use std::fs::{self, OpenOptions};
-use std::io::Write as _;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::Duration;
@@ -33,6 +32,7 @@ use rcgen::{
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
+use crate::private_file::write_atomic;
 use crate::token::{TokenError, TokenSecret};
 
 /// The root's lifetime when the control plane generates it.
@@ -807,45 +807,6 @@ fn create_private_dir(dir: &Path) -> Result<(), CaError> {
         }
     }
     Ok(())
-}
-
-fn open_options(mode: u32) -> OpenOptions {
-    let mut opts = OpenOptions::new();
-    opts.write(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        opts.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    opts
-}
-
-/// Writes `bytes` to a new file `path` with mode 0600; fails with `AlreadyExists` if it exists.
-pub(crate) fn write_new_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = open_options(0o600).create_new(true).open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
-}
-
-/// Replaces `path` with `bytes` atomically (temporary file + rename) with `mode`.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut file = open_options(mode).create(true).truncate(true).open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod persist;
 pub mod policy;
+pub mod private_file;
 pub mod push;
 pub mod registry;
 pub mod server;

@@ -87,7 +87,7 @@ impl TokenSecret {
         }
         let secret = Self::generate();
         let text = format!("{}\n", URL_SAFE_NO_PAD.encode(secret.0));
-        match crate::ca::write_new_private(&path, text.as_bytes()) {
+        match crate::private_file::write_new_private(&path, text.as_bytes()) {
             Ok(()) => Ok(secret),
             // Another process created it first: use theirs.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::load(dir),

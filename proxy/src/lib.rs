@@ -71,6 +71,7 @@ pub mod metrics;
 pub mod observe;
 pub mod outlier;
 pub mod pipeline;
+pub mod plane;
 pub mod ratelimit;
 pub mod resilience_metrics;
 pub mod retry;

@@ -22,37 +22,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::conn_limit::{ConnectionLimit, RefusalMetrics};
+use crate::conn_limit::ConnectionLimit;
 use crate::drain::{DrainSignal, DrainWatch};
-use crate::http::{self, ServerBuilder};
+use crate::http;
 use crate::pipeline::HttpProxy;
-use crate::snapshot::{Direction, ListenerKind, Rejection, Snapshot, SnapshotStore};
+use crate::snapshot::{Direction, ListenerKind, Rejection, Snapshot};
 use crate::tcp;
 use crate::tls::inbound;
 use crate::tls::io::ServerIo;
-use crate::tls::MeshTls;
+
+pub use crate::plane::DataPlane;
 
 /// Listen backlog for every listener.
 const BACKLOG: i32 = 1024;
-
-/// What accepted connections need, shared by every listener.
-#[derive(Clone)]
-pub struct DataPlane {
-    /// The current snapshot.
-    pub store: Arc<SnapshotStore>,
-    /// How long removed listeners' connections may take to finish.
-    pub drain_timeout: Duration,
-    /// HTTP server settings.
-    pub http: Arc<ServerBuilder>,
-    /// Mesh mTLS (inbound termination).
-    pub tls: Arc<MeshTls>,
-    /// Per-listener connection caps: the counters, and the cap of each listener.
-    pub limits: RefusalMetrics,
-    /// Most connections one listener keeps open.
-    pub max_connections: usize,
-    /// Transparent mode: captured connections' lookup tables and detection metrics.
-    pub transparent: Arc<crate::transparent::Transparent>,
-}
 
 struct Running {
     name: Arc<str>,

@@ -141,7 +141,7 @@ pub fn ensure_bootstrap_token(ca_dir: &Path) -> Result<PathBuf, AuthError> {
             "{}\n",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
         );
-        match crate::ca::write_new_private(&path, text.as_bytes()) {
+        match crate::private_file::write_new_private(&path, text.as_bytes()) {
             Ok(()) => {
                 tracing::info!(path = %path.display(), "wrote the bootstrap admin token (role write)")
             }

@@ -27,6 +27,7 @@
 mod destinations;
 pub mod dump;
 pub mod metrics;
+pub mod shared;
 pub mod sniff;
 
 use std::net::SocketAddr;
@@ -39,49 +40,17 @@ use crate::conn_limit::ConnectionLimit;
 use crate::drain::DrainWatch;
 use crate::http::connect::{decide, ConnectTarget, CONNECT_TIMEOUT};
 use crate::http::{self, ProtocolHint, ServerStream};
-use crate::listen::DataPlane;
 use crate::pipeline::{CapturedRouting, HttpProxy, Routing};
+use crate::plane::DataPlane;
 use crate::snapshot::{Direction, Listener, ListenerKind, Snapshot};
 use crate::tcp::{self, TcpTarget, Upstream};
 use crate::tls::inbound::{self, Detected, MtlsMode};
 use crate::tls::io::ServerIo;
 
-use destinations::{DestinationCache, Outbound};
+use destinations::Outbound;
 pub use destinations::{Destinations, INBOUND_PASSTHROUGH, PASSTHROUGH};
-use metrics::DetectionMetrics;
+pub use shared::Transparent;
 use sniff::{sniff, Sniffed};
-
-/// What captured connections share: the per-snapshot lookup tables and the metric families.
-#[derive(Debug)]
-pub struct Transparent {
-    tables: DestinationCache,
-    metrics: DetectionMetrics,
-}
-
-impl Transparent {
-    /// With `metrics` (registered in the proxy's registry).
-    pub fn new(metrics: DetectionMetrics) -> Self {
-        Self {
-            tables: DestinationCache::default(),
-            metrics,
-        }
-    }
-
-    /// With unregistered metrics (tests).
-    pub fn unregistered() -> Self {
-        Self::new(DetectionMetrics::unregistered())
-    }
-
-    /// The detection counters.
-    pub fn metrics(&self) -> &DetectionMetrics {
-        &self.metrics
-    }
-
-    /// The lookup tables of `snapshot`.
-    pub fn destinations(&self, snapshot: &Arc<Snapshot>) -> Arc<Destinations> {
-        self.tables.get(snapshot)
-    }
-}
 
 /// Where a connection accepted on a captured listener was sent before the capture rules
 /// redirected it; `None` when it was not redirected (its original destination is the socket's
