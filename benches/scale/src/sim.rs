@@ -226,8 +226,27 @@ struct Held {
 }
 
 impl Held {
-    /// Merges a response (each set it carries replaces the held one).
-    fn merge(&mut self, resp: &v1::DiscoveryResponse, plan: &Plan) {
+    /// Merges a response (each set it carries replaces the held one; an endpoint delta is
+    /// applied to the held endpoints), or refuses it whole, as weft-proxy does, when it carries
+    /// an endpoint delta against another set than the one held: the reason to NACK with.
+    fn merge(&mut self, resp: &v1::DiscoveryResponse, plan: &Plan) -> Result<(), String> {
+        if let Some(d) = &resp.endpoint_delta {
+            let held = self.versions[ResourceType::Endpoints as usize].as_deref();
+            if resp.endpoints.is_some() {
+                return Err(format!(
+                    "endpoint delta {} arrived with a whole endpoint set",
+                    d.version
+                ));
+            }
+            if held != Some(d.base_version.as_str()) {
+                return Err(format!(
+                    "endpoint delta {} is against endpoints {}, but this proxy holds {}",
+                    d.version,
+                    d.base_version,
+                    held.unwrap_or("none")
+                ));
+            }
+        }
         let mut set = |t: ResourceType, v: &str| self.versions[t as usize] = Some(v.to_owned());
         if let Some(s) = &resp.listeners {
             set(ResourceType::Listeners, &s.version);
@@ -268,6 +287,27 @@ impl Held {
             counts.sort_unstable();
             self.endpoints = counts;
         }
+        if let Some(d) = &resp.endpoint_delta {
+            self.versions[ResourceType::Endpoints as usize] = Some(d.version.clone());
+            for c in &d.clusters {
+                let Some(i) = plan.cluster_index(&c.cluster) else {
+                    continue;
+                };
+                let n = u32::try_from(c.endpoints.len()).unwrap_or(u32::MAX);
+                match self.endpoints.binary_search_by_key(&i, |(c, _)| *c) {
+                    Ok(at) => self.endpoints[at].1 = n,
+                    Err(at) => self.endpoints.insert(at, (i, n)),
+                }
+            }
+            for name in &d.removed {
+                if let Some(i) = plan.cluster_index(name) {
+                    if let Ok(at) = self.endpoints.binary_search_by_key(&i, |(c, _)| *c) {
+                        self.endpoints.remove(at);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every version held, for Hello and Ack.
@@ -340,6 +380,8 @@ impl Sim {
             app_address: format!("{ip}:8080"),
             tcp_bind_ip: ip,
             build_version: concat!("weft-scale/", env!("CARGO_PKG_VERSION")).to_owned(),
+            // As weft-proxy: endpoint changes may come as deltas ([`Held::merge`]).
+            capabilities: vec!["endpoint-delta".to_owned()],
             ..Default::default()
         }
     }
@@ -411,14 +453,25 @@ impl Sim {
             .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
         {
             let bytes = resp.encoded_len() as u64;
-            held.merge(&resp, plan);
-            let ack = v1::DiscoveryRequest {
-                kind: Some(Kind::Ack(v1::Ack {
+            let answer = match held.merge(&resp, plan) {
+                Ok(()) => Kind::Ack(v1::Ack {
                     nonce: resp.nonce,
                     versions: held.type_versions(),
-                })),
+                }),
+                Err(error) => Kind::Nack(v1::Nack {
+                    rejected: resp
+                        .endpoint_delta
+                        .iter()
+                        .map(|d| v1::TypeVersion {
+                            r#type: ResourceType::Endpoints as i32,
+                            version: d.version.clone(),
+                        })
+                        .collect(),
+                    nonce: resp.nonce,
+                    error,
+                }),
             };
-            tx.send(ack).await?;
+            tx.send(v1::DiscoveryRequest { kind: Some(answer) }).await?;
             let at = board.now();
             let phase = board.phase();
             let satisfied = phase.affected.get(self.index).copied().unwrap_or(false)
@@ -503,8 +556,8 @@ mod tests {
     fn acks_carry_every_held_version() {
         let plan = Plan::new(4, 2, 1).unwrap();
         let mut held = Held::default();
-        held.merge(&routes(&[(1, 2)]), &plan);
-        held.merge(&endpoints(&[(1, 2)]), &plan);
+        held.merge(&routes(&[(1, 2)]), &plan).unwrap();
+        held.merge(&endpoints(&[(1, 2)]), &plan).unwrap();
         let versions = held.type_versions();
         assert_eq!(
             versions,
@@ -533,9 +586,9 @@ mod tests {
         };
         let mut held = Held::default();
         assert!(!held.satisfies(&cold, &plan, 0));
-        held.merge(&endpoints(&[(1, 1)]), &plan);
+        held.merge(&endpoints(&[(1, 1)]), &plan).unwrap();
         assert!(!held.satisfies(&cold, &plan, 0), "one endpoint of two");
-        held.merge(&endpoints(&[(1, 2)]), &plan);
+        held.merge(&endpoints(&[(1, 2)]), &plan).unwrap();
         assert!(held.satisfies(&cold, &plan, 0));
         assert!(
             !held.satisfies(&cold, &plan, 1),
@@ -549,10 +602,47 @@ mod tests {
             affected: vec![true; 4],
         };
         assert!(!held.satisfies(&apply, &plan, 0), "no routes yet");
-        held.merge(&routes(&[(1, 2)]), &plan);
+        held.merge(&routes(&[(1, 2)]), &plan).unwrap();
         assert!(!held.satisfies(&apply, &plan, 0));
-        held.merge(&routes(&[(1, 3)]), &plan);
+        held.merge(&routes(&[(1, 3)]), &plan).unwrap();
         assert!(held.satisfies(&apply, &plan, 0));
+    }
+
+    #[test]
+    fn endpoint_deltas_apply_to_the_held_set_or_are_refused_whole() {
+        // 4 proxies over 2 services: clusters svc-0 and svc-1.
+        let plan = Plan::new(4, 2, 1).unwrap();
+        let mut held = Held::default();
+        held.merge(&endpoints(&[(0, 2), (1, 2)]), &plan).unwrap();
+        let delta = |base: &str, version: &str, clusters: &[(usize, usize)], removed: &[usize]| {
+            v1::DiscoveryResponse {
+                nonce: version.into(),
+                endpoint_delta: Some(v1::EndpointDelta {
+                    version: version.into(),
+                    base_version: base.into(),
+                    clusters: endpoints(clusters).endpoints.unwrap().clusters,
+                    removed: removed.iter().map(|&i| Plan::cluster_name(i)).collect(),
+                }),
+                ..Default::default()
+            }
+        };
+        let e = held.merge(&delta("other", "e2", &[(1, 3)], &[]), &plan);
+        assert!(e.unwrap_err().contains("holds e1"));
+        assert_eq!(
+            held.endpoints,
+            [(0, 2), (1, 2)],
+            "nothing merged from a refused delta"
+        );
+        held.merge(&delta("e1", "e2", &[(1, 3)], &[0]), &plan)
+            .unwrap();
+        assert_eq!(held.endpoints, [(1, 3)]);
+        assert_eq!(
+            held.versions[ResourceType::Endpoints as usize].as_deref(),
+            Some("e2")
+        );
+        assert!(Sim::node(0, 0)
+            .capabilities
+            .contains(&"endpoint-delta".to_owned()));
     }
 
     #[test]
