@@ -264,9 +264,20 @@ pub(crate) mod tests {
 
     impl FakeUpstream {
         pub(crate) async fn start() -> FakeUpstream {
-            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            let addr = udp.local_addr().unwrap();
-            let tcp = TcpListener::bind(addr).await.unwrap();
+            // UDP on a free port, then TCP on the same number, which some other socket of this
+            // busy machine may hold (a connection's ephemeral local port): try another port.
+            let mut tries = 0;
+            let (udp, tcp, addr) = loop {
+                let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                let addr = udp.local_addr().unwrap();
+                match TcpListener::bind(addr).await {
+                    Ok(tcp) => break (udp, tcp, addr),
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 100 => {
+                        tries += 1;
+                    }
+                    Err(e) => panic!("TCP on {addr}: {e}"),
+                }
+            };
             let (udp_queries, tcp_queries) =
                 (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
             let counted = Arc::clone(&udp_queries);
