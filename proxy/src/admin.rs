@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use weft_proto::v1;
 
 use crate::metrics::Metrics;
-use crate::snapshot::{ResourceKind, Snapshot, SnapshotStore};
+use crate::snapshot::{HeldEndpoints, ResourceKind, Snapshot, SnapshotStore};
 
 /// What the admin endpoints report on.
 #[derive(Clone)]
@@ -269,14 +269,18 @@ pub fn config_dump(node: &v1::Node, snapshot: Option<&Snapshot>) -> Value {
             "protocol": enum_name(v1::UpstreamProtocol::try_from(c.protocol).unwrap_or_default().as_str_name(), "UPSTREAM_PROTOCOL_"),
         })
     }).collect();
-    let endpoints: Vec<Value> = r.endpoints.iter().flat_map(|s| &s.clusters).map(|ce| {
-        json!({
-            "cluster": ce.cluster,
-            "endpoints": ce.endpoints.iter().map(|e| json!({
-                "address": e.address, "weight": e.weight, "proxy_id": e.proxy_id, "labels": e.labels,
-            })).collect::<Vec<_>>(),
-        })
-    }).collect();
+    // Held encoded per cluster (`HeldEndpoints`): decoded for this dump only.
+    let endpoints: Value = match r.endpoints.as_deref().map(HeldEndpoints::decode).transpose() {
+        Ok(set) => set.iter().flat_map(|s| &s.clusters).map(|ce| {
+            json!({
+                "cluster": ce.cluster,
+                "endpoints": ce.endpoints.iter().map(|e| json!({
+                    "address": e.address, "weight": e.weight, "proxy_id": e.proxy_id, "labels": e.labels,
+                })).collect::<Vec<_>>(),
+            })
+        }).collect(),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
     json!({
         "node": node_json(node),
         "versions": versions,

@@ -36,7 +36,10 @@ use weft_proto::v1::discovery_request::Kind;
 
 use crate::listen::ListenerManager;
 use crate::metrics::Metrics;
-use crate::snapshot::{carried, nack_reason, Resources, Snapshot, SnapshotStore};
+use crate::snapshot::{
+    carried, nack_reason, EndpointChange, HeldEndpoints, ResourceKind, Resources, Snapshot,
+    SnapshotStore,
+};
 use crate::tls::certs::CertStore;
 use crate::tls::control::{control_endpoint, discovery_endpoint};
 use crate::tls::trust::TrustStore;
@@ -158,16 +161,23 @@ impl ConfigApplier {
             .inc_by(prost::Message::encoded_len(&resp) as u64);
         // An endpoint delta becomes the whole set it describes ([`delta`]); a bad one is NACKed.
         let held = self.store.load();
-        let resp = match delta::resolve(
-            held.as_ref().and_then(|s| s.resources.endpoints.as_ref()),
+        let resolved = match delta::resolve(
+            held.as_ref().and_then(|s| s.resources.endpoints.as_deref()),
             resp,
             &self.metrics,
         ) {
-            Ok(resp) => resp,
+            Ok(resolved) => resolved,
             Err(nack) => return *nack,
         };
         drop(held);
-        let kinds = carried(&resp);
+        let mut kinds = carried(&resolved.resp);
+        if let Some((set, _)) = &resolved.endpoints {
+            kinds.push((ResourceKind::Endpoints, set.version.clone()));
+        }
+        let delta::Resolved {
+            resp,
+            endpoints: endpoint_delta,
+        } = resolved;
         let nonce = resp.nonce.clone();
         // Held from loading the current snapshot to storing its successor: the DNS refresher
         // (`crate::egress::refresh`) rebuilds under the same lock, so a rebuild for new addresses
@@ -188,7 +198,7 @@ impl ConfigApplier {
                     .map(str::to_owned)
             })
             .collect();
-        let result = self.try_apply(resp, current.as_deref(), &mut listeners);
+        let result = self.try_apply(resp, endpoint_delta, current.as_deref(), &mut listeners);
         drop(listeners);
         self.apply_metrics
             .duration
@@ -230,15 +240,19 @@ impl ConfigApplier {
     fn try_apply(
         &self,
         resp: v1::DiscoveryResponse,
+        endpoint_delta: Option<(HeldEndpoints, EndpointChange)>,
         current: Option<&Snapshot>,
         listeners: &mut ListenerManager,
     ) -> Result<Vec<v1::TypeVersion>, String> {
         let trust_carried = resp.trust.is_some();
         let log_level = resp.listeners.as_ref().map(|l| l.log_level.clone());
-        let resources =
-            Resources::merged(current.map(|s| &s.resources), resp).map_err(|e| e.to_string())?;
-        let snapshot =
-            Snapshot::build(resources, current, &self.metrics).map_err(|e| nack_reason(&e))?;
+        // What the push left as `current` holds it is reused without comparing (the held
+        // route bytes, the clusters an endpoint delta did not touch).
+        let (resources, unchanged) =
+            Resources::merged_unchanged(current.map(|s| &s.resources), resp, endpoint_delta)
+                .map_err(|e| e.to_string())?;
+        let snapshot = Snapshot::build_after(resources, unchanged, current, &self.metrics)
+            .map_err(|e| nack_reason(&e))?;
         let prepared = listeners.prepare(&snapshot).map_err(|e| nack_reason(&e))?;
         let snapshot = Arc::new(snapshot);
         self.store.store(Some(Arc::clone(&snapshot)));

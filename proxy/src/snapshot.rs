@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use prost::Message as _;
 use weft_proto::v1;
 
 use crate::authz::{build_policies, AuthzPolicy, Policies};
@@ -170,13 +171,74 @@ impl Resources {
         };
         // `clone` allocates each list at its length: the copies need no trimming.
         Ok(Self {
-            listeners: carried.listeners.or_else(|| h.listeners.clone()),
+            listeners: carried
+                .listeners
+                .or_else(|| h.listeners.as_deref().cloned()),
             routes,
-            clusters: carried.clusters.or_else(|| h.clusters.clone()),
-            endpoints: carried.endpoints.or_else(|| h.endpoints.clone()),
-            policies: carried.policies.or_else(|| h.policies.clone()),
-            trust: carried.trust.or_else(|| h.trust.clone()),
+            clusters: carried.clusters.or_else(|| h.clusters.as_deref().cloned()),
+            endpoints: match carried.endpoints {
+                Some(e) => Some(e),
+                None => h
+                    .endpoints
+                    .as_deref()
+                    .map(HeldEndpoints::decode)
+                    .transpose()?,
+            },
+            policies: carried.policies.or_else(|| h.policies.as_deref().cloned()),
+            trust: carried.trust.or_else(|| h.trust.as_deref().cloned()),
         })
+    }
+
+    /// [`Resources::merged`], also saying what `held` still describes as it is ([`Unchanged`]),
+    /// for [`Snapshot::build_after`] with the snapshot that holds `held`: the held route set is
+    /// kept as its bytes (decoded only if a route table must be rebuilt, never re-encoded), and
+    /// with `endpoints` (the clusters an endpoint delta touched, [`crate::discovery::delta`]) the
+    /// clusters it did not touch are reused without comparing them.
+    pub fn merged_unchanged(
+        held: Option<&HeldResources>,
+        resp: v1::DiscoveryResponse,
+        delta: Option<(HeldEndpoints, EndpointChange)>,
+    ) -> Result<(Self, Unchanged), Rejection> {
+        let Some(h) = held else {
+            let mut merged = Self::merged(None, resp)?;
+            // Resolving a delta fails without a held set; should one come here, it is whole.
+            if let Some((set, _)) = delta.filter(|_| merged.endpoints.is_none()) {
+                merged.endpoints = Some(set.decode()?);
+            }
+            return Ok((merged, Unchanged::default()));
+        };
+        let (endpoints, endpoint_change) = match (&resp.endpoints, delta) {
+            (None, Some((set, change))) => (Some(Arc::new(set)), Some(change)),
+            (None, None) => (
+                h.endpoints.clone(),
+                h.endpoints.as_ref().map(|e| EndpointChange {
+                    base: e.version.clone(),
+                    clusters: HashSet::new(),
+                }),
+            ),
+            (Some(_), _) => (None, None),
+        };
+        // The held sets the push does not replace are shared with the held snapshot, not
+        // copied; the route set stays encoded (decoded by the build for its tables).
+        let unchanged = Unchanged {
+            routes: h.routes.clone().filter(|_| resp.routes.is_none()),
+            listeners: h.listeners.clone().filter(|_| resp.listeners.is_none()),
+            clusters: h.clusters.clone().filter(|_| resp.clusters.is_none()),
+            endpoints,
+            policies: h.policies.clone().filter(|_| resp.policies.is_none()),
+            trust: h.trust.clone().filter(|_| resp.trust.is_none()),
+            endpoint_change,
+        };
+        let mut carried = Self {
+            listeners: resp.listeners,
+            routes: resp.routes,
+            clusters: resp.clusters,
+            endpoints: resp.endpoints,
+            policies: resp.policies,
+            trust: resp.trust,
+        };
+        carried.shrink();
+        Ok((carried, unchanged))
     }
 
     /// Gives back what decoding allocated beyond each list's length. prost grows a repeated
@@ -261,6 +323,66 @@ impl Resources {
     }
 }
 
+/// The endpoint clusters an endpoint delta replaced, added or removed
+/// ([`crate::discovery::delta`]), against the held set of version `base`: every other
+/// cluster's endpoint list is the one held.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointChange {
+    /// The version of the endpoint set the delta was applied to.
+    pub base: String,
+    /// The clusters whose endpoint lists are not the held ones.
+    pub clusters: HashSet<String>,
+}
+
+/// The sets a snapshot holds that a push did not replace ([`Resources::merged_unchanged`]),
+/// shared with it rather than copied, and what [`Snapshot::build_after`] may therefore reuse
+/// from that snapshot without comparing protos. Whether a part is that snapshot's own is checked
+/// (the same allocation, or for the endpoints of a delta the version it was applied to) before
+/// it is trusted; otherwise the build compares as [`Snapshot::build`] does.
+#[derive(Debug, Clone, Default)]
+pub struct Unchanged {
+    /// The held route set, when the push carried none: the next snapshot holds these bytes.
+    routes: Option<Encoded<v1::RouteSet>>,
+    /// The held listener set, when the push carried none.
+    listeners: Option<Arc<v1::ListenerSet>>,
+    /// The held cluster set, when the push carried none.
+    clusters: Option<Arc<v1::ClusterSet>>,
+    /// The held endpoint set when the push carried none, or the held set with an endpoint
+    /// delta applied.
+    endpoints: Option<Arc<HeldEndpoints>>,
+    /// The held policy set, when the push carried none.
+    policies: Option<Arc<v1::PolicySet>>,
+    /// The held trust set, when the push carried none.
+    trust: Option<Arc<v1::TrustSet>>,
+    /// The clusters whose endpoints changed since the held set (none: endpoints not carried);
+    /// `None` when a whole set was carried (every cluster's endpoints are compared).
+    endpoint_change: Option<EndpointChange>,
+}
+
+/// The endpoint set a build reads: carried whole (decoded), or held (encoded per cluster).
+#[derive(Clone, Copy)]
+enum EndpointsIn<'a> {
+    Decoded(&'a v1::EndpointSet),
+    Held(&'a HeldEndpoints),
+}
+
+/// Whether `a` is `b`'s very allocation (shared, so equal without comparing).
+fn same_arc<T>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if Arc::ptr_eq(a, b))
+}
+
+/// The sets a build reads: each the one a push carried, else the one shared from the held
+/// snapshot ([`Unchanged`]).
+#[derive(Clone, Copy)]
+struct Sets<'a> {
+    listeners: Option<&'a v1::ListenerSet>,
+    routes: Option<&'a v1::RouteSet>,
+    clusters: Option<&'a v1::ClusterSet>,
+    endpoints: Option<EndpointsIn<'a>>,
+    policies: Option<&'a v1::PolicySet>,
+    trust: Option<&'a v1::TrustSet>,
+}
+
 /// A protobuf message held encoded (the bytes prost made of it) with its version, which is
 /// read without decoding (Hello, ACKs, `/config_dump`). A decoded set of thousands of routes
 /// is a tree of small allocations (each string, list and boxed sub-message its own) several
@@ -298,6 +420,13 @@ impl<T: prost::Message + Default> Encoded<T> {
         self.bytes.len()
     }
 
+    /// Whether `other` is these very bytes (a clone of this `Encoded`), not only equal ones.
+    fn same_bytes(&self, other: &Self) -> bool {
+        self.bytes.as_ptr() == other.bytes.as_ptr()
+            && self.bytes.len() == other.bytes.len()
+            && self.version == other.version
+    }
+
     /// Whether `message` encodes to these bytes (then it is equal to the held message; the
     /// sets held encoded have no map fields, whose order could make equal messages differ).
     pub fn holds(&self, message: &T) -> bool {
@@ -315,25 +444,111 @@ impl<T> std::fmt::Debug for Encoded<T> {
     }
 }
 
+/// The endpoint set as a snapshot holds it: each cluster's `v1::ClusterEndpoints` encoded (the
+/// protobuf bytes, a fraction of the decoded lists' size: every address a string, every
+/// endpoint a 128-byte message), by cluster name, in the set's order. An endpoint delta replaces
+/// the bytes of the clusters it names and shares the others' ([`crate::discovery::delta`]); a
+/// build decodes the endpoints of the clusters it rebuilds only, and compares the others by
+/// bytes; `/config_dump` decodes them per request.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct HeldEndpoints {
+    /// The set's version.
+    pub version: String,
+    clusters: Vec<(Arc<str>, bytes::Bytes)>,
+}
+
+impl HeldEndpoints {
+    /// `set`, encoded (one buffer, each cluster's bytes a slice of it).
+    pub fn encode(set: &v1::EndpointSet) -> Self {
+        let mut buf = Vec::with_capacity(set.clusters.iter().map(|c| c.encoded_len()).sum());
+        let mut ranges = Vec::with_capacity(set.clusters.len());
+        for c in &set.clusters {
+            let start = buf.len();
+            buf.extend_from_slice(&c.encode_to_vec());
+            ranges.push((c.cluster.as_str(), start..buf.len()));
+        }
+        let all = bytes::Bytes::from(buf);
+        Self {
+            version: set.version.clone(),
+            clusters: ranges
+                .into_iter()
+                .map(|(name, r)| (Arc::from(name), all.slice(r)))
+                .collect(),
+        }
+    }
+
+    /// A set of `version` holding `clusters` (name and encoded `v1::ClusterEndpoints`).
+    pub fn from_parts(version: String, clusters: Vec<(Arc<str>, bytes::Bytes)>) -> Self {
+        Self { version, clusters }
+    }
+
+    /// `ce`, as this set holds a cluster.
+    pub fn encode_cluster(ce: &v1::ClusterEndpoints) -> (Arc<str>, bytes::Bytes) {
+        (Arc::from(ce.cluster.as_str()), ce.encode_to_vec().into())
+    }
+
+    /// Each cluster's name and encoded endpoints, in the set's order.
+    pub fn clusters(&self) -> &[(Arc<str>, bytes::Bytes)] {
+        &self.clusters
+    }
+
+    /// The whole set, decoded. Only bytes that prost made are held, so this fails only if
+    /// they were corrupted in memory: callers turn that into a rejection, never a default.
+    pub fn decode(&self) -> Result<v1::EndpointSet, Rejection> {
+        Ok(v1::EndpointSet {
+            version: self.version.clone(),
+            clusters: self
+                .clusters
+                .iter()
+                .map(|(name, b)| decode_cluster_endpoints(&self.version, name, b))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+impl std::fmt::Debug for HeldEndpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldEndpoints")
+            .field("version", &self.version)
+            .field("clusters", &self.clusters.len())
+            .finish()
+    }
+}
+
+fn decode_cluster_endpoints(
+    version: &str,
+    name: &str,
+    bytes: &bytes::Bytes,
+) -> Result<v1::ClusterEndpoints, Rejection> {
+    <v1::ClusterEndpoints as prost::Message>::decode(bytes.clone()).map_err(|err| {
+        Rejection::new(
+            format!("held endpoints of cluster {name:?}"),
+            "endpoints",
+            format!("version {version:?} does not decode: {err}"),
+        )
+    })
+}
+
 /// The resource sets a [`Snapshot`] holds (the last applied of each type), for versions, ACKs,
 /// `/config_dump`, the next push's merge and the next build's reuse comparisons. The route set
 /// is held encoded ([`Encoded`]): it is the largest set after the endpoints and nothing on a
-/// request's path reads it (the built [`RouteTable`]s serve requests). The endpoint set stays
-/// decoded: the next build compares it per cluster, and endpoint deltas merge into it.
+/// request's path reads it (the built [`RouteTable`]s serve requests); the endpoint set is held
+/// encoded per cluster ([`HeldEndpoints`]). Every set is behind an `Arc`, shared with the next
+/// snapshot when a push does not carry its type ([`Resources::merged_unchanged`]).
 #[derive(Debug, Clone, Default)]
 pub struct HeldResources {
     /// Listeners.
-    pub listeners: Option<v1::ListenerSet>,
+    pub listeners: Option<Arc<v1::ListenerSet>>,
     /// Route tables, encoded: [`HeldResources::routes`] decodes them.
     pub routes: Option<Encoded<v1::RouteSet>>,
     /// Clusters.
-    pub clusters: Option<v1::ClusterSet>,
-    /// Endpoints.
-    pub endpoints: Option<v1::EndpointSet>,
+    pub clusters: Option<Arc<v1::ClusterSet>>,
+    /// Endpoints, encoded per cluster.
+    pub endpoints: Option<Arc<HeldEndpoints>>,
     /// Authorization policies.
-    pub policies: Option<v1::PolicySet>,
+    pub policies: Option<Arc<v1::PolicySet>>,
     /// Trust domain and roots.
-    pub trust: Option<v1::TrustSet>,
+    pub trust: Option<Arc<v1::TrustSet>>,
 }
 
 impl HeldResources {
@@ -346,12 +561,15 @@ impl HeldResources {
     /// Holds `r` with `routes`, the encoding of `r.routes`.
     fn with_routes(r: Resources, routes: Option<Encoded<v1::RouteSet>>) -> Self {
         Self {
-            listeners: r.listeners,
+            listeners: r.listeners.map(Arc::new),
             routes,
-            clusters: r.clusters,
-            endpoints: r.endpoints,
-            policies: r.policies,
-            trust: r.trust,
+            clusters: r.clusters.map(Arc::new),
+            endpoints: r
+                .endpoints
+                .as_ref()
+                .map(|e| Arc::new(HeldEndpoints::encode(e))),
+            policies: r.policies.map(Arc::new),
+            trust: r.trust.map(Arc::new),
         }
     }
 
@@ -363,12 +581,16 @@ impl HeldResources {
     /// Copies of every set, the routes decoded: the input of a rebuild of the same config.
     pub fn to_resources(&self) -> Result<Resources, Rejection> {
         Ok(Resources {
-            listeners: self.listeners.clone(),
+            listeners: self.listeners.as_deref().cloned(),
             routes: self.routes()?,
-            clusters: self.clusters.clone(),
-            endpoints: self.endpoints.clone(),
-            policies: self.policies.clone(),
-            trust: self.trust.clone(),
+            clusters: self.clusters.as_deref().cloned(),
+            endpoints: self
+                .endpoints
+                .as_deref()
+                .map(HeldEndpoints::decode)
+                .transpose()?,
+            policies: self.policies.as_deref().cloned(),
+            trust: self.trust.as_deref().cloned(),
         })
     }
 
@@ -646,8 +868,22 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         metrics: &Metrics,
     ) -> Result<Self, Vec<Rejection>> {
+        Self::build_after(resources, Unchanged::default(), previous, metrics)
+    }
+
+    /// [`Snapshot::build`] of what [`Resources::merged_unchanged`] made of `previous`' sets and
+    /// a push: the parts `unchanged` names are reused without comparing them (a route set the
+    /// push did not carry is held as the same bytes and decoded once, for the tables that are
+    /// rebuilt; the clusters an endpoint delta did not touch are `previous`' own).
+    pub fn build_after(
+        resources: Resources,
+        unchanged: Unchanged,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+    ) -> Result<Self, Vec<Rejection>> {
         Self::build_with_identity(
             resources,
+            unchanged,
             previous,
             metrics,
             crate::tls::origination().is_some(),
@@ -657,12 +893,64 @@ impl Snapshot {
     /// [`Snapshot::build`] for a proxy that has (`has_identity`) or lacks a mesh identity.
     fn build_with_identity(
         resources: Resources,
+        unchanged: Unchanged,
         previous: Option<&Snapshot>,
         metrics: &Metrics,
         has_identity: bool,
     ) -> Result<Self, Vec<Rejection>> {
+        // The route set as this snapshot will hold it: the held bytes when the push carried
+        // none (decoded here for the tables, never re-encoded), else the carried set encoded.
+        let decoded_held_routes = match (&resources.routes, &unchanged.routes) {
+            (None, Some(held)) => Some(decode_held_routes(held).map_err(|e| vec![e])?),
+            _ => None,
+        };
+        let held_routes = match &resources.routes {
+            Some(s) => Some(Encoded::new(s, &s.version)),
+            None => unchanged.routes.clone(),
+        };
+        let sets = Sets {
+            listeners: resources
+                .listeners
+                .as_ref()
+                .or(unchanged.listeners.as_deref()),
+            routes: resources.routes.as_ref().or(decoded_held_routes.as_ref()),
+            clusters: resources
+                .clusters
+                .as_ref()
+                .or(unchanged.clusters.as_deref()),
+            endpoints: match (&resources.endpoints, unchanged.endpoints.as_deref()) {
+                (Some(e), _) => Some(EndpointsIn::Decoded(e)),
+                (None, Some(e)) => Some(EndpointsIn::Held(e)),
+                (None, None) => None,
+            },
+            policies: resources
+                .policies
+                .as_ref()
+                .or(unchanged.policies.as_deref()),
+            trust: resources.trust.as_ref().or(unchanged.trust.as_deref()),
+        };
+        // What is `previous`' own and needs no comparing: the very route bytes it holds; its
+        // cluster set, with the endpoints of the clusters an endpoint delta did not touch (the
+        // delta checked against the endpoint version it holds).
+        let held = previous.map(|p| &p.resources);
+        let same_routes = resources.routes.is_none()
+            && matches!((&unchanged.routes, held.and_then(|h| h.routes.as_ref())),
+                (Some(a), Some(b)) if a.same_bytes(b));
+        let changed_endpoints = unchanged
+            .endpoint_change
+            .as_ref()
+            .filter(|c| {
+                held.and_then(|h| h.version(ResourceKind::Endpoints)) == Some(c.base.as_str())
+            })
+            .map(|c| &c.clusters);
+        let changed_clusters = changed_endpoints.filter(|_| {
+            same_arc(
+                unchanged.clusters.as_ref(),
+                held.and_then(|h| h.clusters.as_ref()),
+            )
+        });
         let mut errors = Vec::new();
-        let clusters = build_clusters(&resources, previous, metrics, &mut errors);
+        let clusters = build_clusters(sets, changed_clusters, previous, metrics, &mut errors);
         // Every request handle of this snapshot (route destinations resolve theirs lazily) knows
         // the transport of its destination cluster.
         let peers: HashMap<Arc<str>, PeerLabels> = clusters
@@ -676,16 +964,20 @@ impl Snapshot {
             Some(p) => p.metrics.clone(),
             None => metrics.for_clusters(peers),
         };
-        let policies = match previous.filter(|p| p.resources.policies == resources.policies) {
+        let same_policies = |p: &&Snapshot| {
+            same_arc(unchanged.policies.as_ref(), p.resources.policies.as_ref())
+                || p.resources.policies.as_deref() == sets.policies
+        };
+        let policies = match previous.filter(same_policies) {
             Some(p) => p.policies.clone(),
-            None => build_policies(resources.policies.as_ref()).unwrap_or_else(|mut e| {
+            None => build_policies(sets.policies).unwrap_or_else(|mut e| {
                 errors.append(&mut e);
                 Policies::new()
             }),
         };
-        let trust = match &resources.trust {
+        let trust = match sets.trust {
             None => None,
-            Some(t) if previous.is_some_and(|p| p.resources.trust.as_ref() == Some(t)) => {
+            Some(t) if previous.is_some_and(|p| p.resources.trust.as_deref() == Some(t)) => {
                 previous.and_then(|p| p.trust.clone())
             }
             Some(t) => match TrustBundle::from_pem(&t.trust_domain, &t.roots_pem) {
@@ -696,16 +988,12 @@ impl Snapshot {
                 }
             },
         };
-        // The route set as this snapshot will hold it, and the one `previous` was built from
-        // (its tables' protos, for `RouteTable::build_reusing`): an endpoint-only push carries
-        // the same bytes, so the held set is decoded only when the routes changed.
-        let held_routes = resources
-            .routes
-            .as_ref()
-            .map(|s| Encoded::new(s, &s.version));
+        // The route set `previous` was built from (its tables' protos, for
+        // `RouteTable::build_reusing`): an endpoint-only push holds the same bytes, so the
+        // previous set is the one decoded above.
         let previous_routes = match kept_family.and_then(|p| p.resources.routes.as_ref()) {
-            Some(prev) if held_routes.as_ref() == Some(prev) => {
-                resources.routes.as_ref().map(Cow::Borrowed)
+            Some(prev) if same_routes || held_routes.as_ref() == Some(prev) => {
+                sets.routes.map(Cow::Borrowed)
             }
             // Not decodable (a bug, not a config error): built without reuse.
             Some(prev) => prev.decode().ok().map(Cow::Owned),
@@ -715,13 +1003,13 @@ impl Snapshot {
             Some(p) => PreviousTables::of(p, previous_routes.as_deref()),
             None => PreviousTables::default(),
         };
-        let tables: HashMap<&str, &v1::RouteTable> = resources
+        let tables: HashMap<&str, &v1::RouteTable> = sets
             .routes
             .iter()
             .flat_map(|s| &s.tables)
             .map(|t| (t.name.as_str(), t))
             .collect();
-        if let Some(set) = &resources.routes {
+        if let Some(set) = sets.routes {
             let mut seen = HashSet::new();
             for t in &set.tables {
                 if !seen.insert(t.name.as_str()) {
@@ -736,7 +1024,7 @@ impl Snapshot {
         let mut listeners = HashMap::new();
         let mut names = HashSet::new();
         let mut referenced = HashSet::new();
-        for l in resources.listeners.iter().flat_map(|s| &s.listeners) {
+        for l in sets.listeners.iter().flat_map(|s| &s.listeners) {
             let res = format!("listener {:?}", l.name);
             if l.name.is_empty() {
                 errors.push(Rejection::new(res.clone(), "name", "must not be empty"));
@@ -936,7 +1224,17 @@ impl Snapshot {
             return Err(errors);
         }
         Ok(Self {
-            resources: HeldResources::with_routes(resources, held_routes),
+            resources: HeldResources {
+                listeners: resources.listeners.map(Arc::new).or(unchanged.listeners),
+                routes: held_routes,
+                clusters: resources.clusters.map(Arc::new).or(unchanged.clusters),
+                endpoints: match &resources.endpoints {
+                    Some(e) => Some(Arc::new(HeldEndpoints::encode(e))),
+                    None => unchanged.endpoints,
+                },
+                policies: resources.policies.map(Arc::new).or(unchanged.policies),
+                trust: resources.trust.map(Arc::new).or(unchanged.trust),
+            },
             listeners,
             clusters,
             policies,
@@ -1038,76 +1336,118 @@ impl<'a> PreviousTables<'a> {
     }
 }
 
-/// Whether a cluster built from `proto` and `endpoints` can be `previous`' cluster as is: the
-/// same inputs, and none that a build reads from elsewhere (DNS answers, certificate files).
-fn reusable_cluster(
-    proto: &v1::Cluster,
-    endpoints: &[v1::Endpoint],
-    previous: Option<(&v1::Cluster, &[v1::Endpoint])>,
-) -> bool {
-    proto.dns_endpoints.is_empty()
-        && proto.upstream_tls.is_none()
-        && previous.is_some_and(|(p, e)| p == proto && e == endpoints)
+/// A cluster's endpoint list as a build reads it: from a set carried whole, or held encoded.
+#[derive(Clone, Copy)]
+enum ClusterEps<'a> {
+    Decoded(&'a v1::ClusterEndpoints),
+    Encoded(&'a bytes::Bytes),
+}
+
+impl ClusterEps<'_> {
+    /// Whether this is the list `previous` (held encoded) describes; a cluster not listed has
+    /// no endpoints.
+    fn same_as(this: Option<Self>, previous: Option<&bytes::Bytes>) -> bool {
+        match (this, previous) {
+            (Some(Self::Encoded(b)), Some(p)) => b == p,
+            (Some(Self::Decoded(ce)), Some(p)) => {
+                ce.encoded_len() == p.len() && ce.encode_to_vec() == **p
+            }
+            (None, None) => true,
+            (Some(Self::Decoded(ce)), None) => ce.endpoints.is_empty(),
+            (Some(Self::Encoded(b)), None) => no_endpoints(b),
+            (None, Some(b)) => no_endpoints(b),
+        }
+    }
+}
+
+/// Whether `held` (an encoded `v1::ClusterEndpoints`) lists no endpoint.
+fn no_endpoints(held: &bytes::Bytes) -> bool {
+    v1::ClusterEndpoints::decode(held.clone()).is_ok_and(|ce| ce.endpoints.is_empty())
+}
+
+/// Whether a cluster built from `proto` reads nothing but its proto and endpoint list (no DNS
+/// answers, no certificate files), so that equal inputs make an equal cluster.
+fn rereads_nothing(proto: &v1::Cluster) -> bool {
+    proto.dns_endpoints.is_empty() && proto.upstream_tls.is_none()
 }
 
 fn build_clusters(
-    resources: &Resources,
+    sets: Sets<'_>,
+    changed: Option<&HashSet<String>>,
     previous: Option<&Snapshot>,
     metrics: &Metrics,
     errors: &mut Vec<Rejection>,
 ) -> HashMap<Arc<str>, Arc<Cluster>> {
-    let mut endpoints: HashMap<&str, &[v1::Endpoint]> = HashMap::new();
-    for ce in resources.endpoints.iter().flat_map(|s| &s.clusters) {
-        if endpoints
-            .insert(ce.cluster.as_str(), &ce.endpoints)
-            .is_some()
-        {
-            errors.push(Rejection::new(
-                format!("endpoints of cluster {:?}", ce.cluster),
-                "cluster",
-                "listed twice",
-            ));
-        }
-    }
-    // What `previous`' clusters were built from.
-    let (prev_protos, prev_endpoints) = match previous {
-        Some(p) => (
-            p.resources
-                .clusters
-                .iter()
-                .flat_map(|s| &s.clusters)
-                .map(|c| (c.name.as_str(), c))
-                .collect(),
-            p.resources
-                .endpoints
-                .iter()
-                .flat_map(|s| &s.clusters)
-                .map(|ce| (ce.cluster.as_str(), ce.endpoints.as_slice()))
-                .collect(),
-        ),
-        None => (HashMap::new(), HashMap::new()),
+    let endpoints_version = match sets.endpoints {
+        Some(EndpointsIn::Decoded(s)) => s.version.as_str(),
+        Some(EndpointsIn::Held(h)) => h.version.as_str(),
+        None => "",
     };
+    let mut endpoints: HashMap<&str, ClusterEps<'_>> = HashMap::new();
+    match sets.endpoints {
+        Some(EndpointsIn::Decoded(set)) => {
+            for ce in &set.clusters {
+                if endpoints
+                    .insert(ce.cluster.as_str(), ClusterEps::Decoded(ce))
+                    .is_some()
+                {
+                    errors.push(Rejection::new(
+                        format!("endpoints of cluster {:?}", ce.cluster),
+                        "cluster",
+                        "listed twice",
+                    ));
+                }
+            }
+        }
+        // Held sets were checked when they arrived (a delta keeps names unique).
+        Some(EndpointsIn::Held(h)) => endpoints.extend(
+            h.clusters()
+                .iter()
+                .map(|(name, b)| (&**name, ClusterEps::Encoded(b))),
+        ),
+        None => {}
+    }
+    // `changed`: when the cluster set is `previous`' own, the clusters whose endpoints are not
+    // `previous`' (every other one is reused without comparing). `None`: compare each one.
+    // What `previous`' clusters were built from (not needed when nothing is compared).
+    let (prev_protos, prev_endpoints): (HashMap<&str, &v1::Cluster>, HashMap<&str, &bytes::Bytes>) =
+        match previous.filter(|_| changed.is_none()) {
+            Some(p) => (
+                p.resources
+                    .clusters
+                    .iter()
+                    .flat_map(|s| &s.clusters)
+                    .map(|c| (c.name.as_str(), c))
+                    .collect(),
+                p.resources
+                    .endpoints
+                    .iter()
+                    .flat_map(|s| s.clusters())
+                    .map(|(name, b)| (&**name, b))
+                    .collect(),
+            ),
+            None => (HashMap::new(), HashMap::new()),
+        };
     let mut clusters = HashMap::new();
     // The families the clusters new to this build make their lazy series with, made once.
     let mut shared: Option<Arc<Metrics>> = None;
-    for c in resources.clusters.iter().flat_map(|s| &s.clusters) {
+    for c in sets.clusters.iter().flat_map(|s| &s.clusters) {
         if c.name.is_empty() {
             errors.push(Rejection::new("cluster \"\"", "name", "must not be empty"));
             continue;
         }
         let prev_arc = previous.and_then(|p| p.clusters.get(c.name.as_str()));
         let prev = prev_arc.map(|c| &**c);
-        let eps = endpoints.get(c.name.as_str()).copied().unwrap_or_default();
-        let built_from = prev_protos.get(c.name.as_str()).map(|p: &&v1::Cluster| {
-            (
-                *p,
-                prev_endpoints
-                    .get(c.name.as_str())
-                    .copied()
-                    .unwrap_or_default(),
-            )
-        });
-        if let Some(kept) = prev_arc.filter(|_| reusable_cluster(c, eps, built_from)) {
+        let eps = endpoints.get(c.name.as_str()).copied();
+        let reusable = rereads_nothing(c)
+            && match changed {
+                Some(changed) => !changed.contains(c.name.as_str()),
+                None => {
+                    prev_protos.get(c.name.as_str()) == Some(&c)
+                        && ClusterEps::same_as(eps, prev_endpoints.get(c.name.as_str()).copied())
+                }
+            };
+        if let Some(kept) = prev_arc.filter(|_| reusable) {
             if clusters
                 .insert(Arc::clone(&kept.name), Arc::clone(kept))
                 .is_some()
@@ -1121,6 +1461,24 @@ fn build_clusters(
             continue;
         }
         let shared = shared.get_or_insert_with(|| Arc::new(metrics.clone()));
+        // A held list is decoded for the clusters rebuilt only.
+        let decoded;
+        let eps: &[v1::Endpoint] = match eps {
+            None => &[],
+            Some(ClusterEps::Decoded(ce)) => &ce.endpoints,
+            Some(ClusterEps::Encoded(b)) => {
+                match decode_cluster_endpoints(endpoints_version, &c.name, b) {
+                    Ok(ce) => {
+                        decoded = ce;
+                        &decoded.endpoints
+                    }
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
+                }
+            }
+        };
         match Cluster::build_sharing(c, eps, prev, metrics, shared) {
             Ok(built) => {
                 if clusters
@@ -1350,20 +1708,23 @@ pub(crate) mod tests {
         let none = || ("none".to_owned(), String::new());
 
         let m = Metrics::new().unwrap();
-        let s = Snapshot::build_with_identity(r.clone(), None, &m, true).unwrap();
+        let s =
+            Snapshot::build_with_identity(r.clone(), Unchanged::default(), None, &m, true).unwrap();
         let out = destination_metrics(&s, "127.0.0.1:15001", "backend");
         assert_eq!(labels(&out), mtls());
         // Inbound: the caller is per connection; the base handle is plaintext's.
         let mut inbound = resources();
         inbound.listeners.as_mut().unwrap().listeners[1].direction = v1::Direction::Inbound.into();
-        let si = Snapshot::build_with_identity(inbound, None, &m, true).unwrap();
+        let si =
+            Snapshot::build_with_identity(inbound, Unchanged::default(), None, &m, true).unwrap();
         assert_eq!(
             labels(&destination_metrics(&si, "127.0.0.1:15006", "x")),
             none()
         );
 
         // Without an identity of its own the proxy dials in plaintext.
-        let s = Snapshot::build_with_identity(r.clone(), None, &m, false).unwrap();
+        let s = Snapshot::build_with_identity(r.clone(), Unchanged::default(), None, &m, false)
+            .unwrap();
         assert_eq!(
             labels(&destination_metrics(&s, "127.0.0.1:15001", "backend")),
             none()
@@ -1373,7 +1734,8 @@ pub(crate) mod tests {
         for c in &mut disabled.clusters.as_mut().unwrap().clusters {
             c.mtls = v1::MtlsMode::Disabled.into();
         }
-        let s = Snapshot::build_with_identity(disabled, None, &m, true).unwrap();
+        let s =
+            Snapshot::build_with_identity(disabled, Unchanged::default(), None, &m, true).unwrap();
         assert_eq!(
             labels(&destination_metrics(&s, "127.0.0.1:15001", "backend")),
             none()
@@ -1387,7 +1749,7 @@ pub(crate) mod tests {
                 weight: 1,
                 ..Default::default()
             });
-        let s = Snapshot::build_with_identity(mixed, None, &m, true).unwrap();
+        let s = Snapshot::build_with_identity(mixed, Unchanged::default(), None, &m, true).unwrap();
         assert_eq!(
             labels(&destination_metrics(&s, "127.0.0.1:15001", "backend")),
             none()
@@ -1817,5 +2179,103 @@ pub(crate) mod tests {
             .names_host("backend.default.svc"));
         assert!(!third.route_table("outbound").unwrap().names_host("db"));
         assert!(third.route_table("nope").is_none());
+    }
+
+    /// An endpoint-only push as `delta::resolve` hands it over: the response without endpoints,
+    /// and the whole set (encoded) with the clusters the delta named.
+    fn delta_push() -> v1::DiscoveryResponse {
+        v1::DiscoveryResponse {
+            nonce: "n".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_endpoint_delta_keeps_the_held_route_bytes_and_trusts_the_change_set() {
+        let m = Metrics::new().unwrap();
+        let first = Snapshot::build(resources(), None, &m).unwrap();
+        let held_version = first.resources.endpoints.as_ref().unwrap().version.clone();
+        let endpoint = |addr: &str| v1::Endpoint {
+            address: addr.into(),
+            weight: 1,
+            ..Default::default()
+        };
+        // backend.default changes (named in the change set); db.default's list is changed
+        // too but not named: the build takes the change set's word for it, so db.default is
+        // the previous cluster, proving it was not compared.
+        let next_set = v1::EndpointSet {
+            version: "e2".into(),
+            clusters: vec![
+                v1::ClusterEndpoints {
+                    cluster: "backend.default".into(),
+                    endpoints: vec![endpoint("127.0.0.1:9101")],
+                },
+                v1::ClusterEndpoints {
+                    cluster: "db.default".into(),
+                    endpoints: vec![endpoint("127.0.0.1:9102")],
+                },
+            ],
+        };
+        let next_set = HeldEndpoints::encode(&next_set);
+        let change = EndpointChange {
+            base: held_version,
+            clusters: ["backend.default".to_owned()].into(),
+        };
+        let (merged, unchanged) = Resources::merged_unchanged(
+            Some(&first.resources),
+            delta_push(),
+            Some((next_set.clone(), change.clone())),
+        )
+        .unwrap();
+        assert!(merged.routes.is_none(), "the held routes stay encoded");
+        let second = Snapshot::build_after(merged, unchanged, Some(&first), &m).unwrap();
+        assert!(!Arc::ptr_eq(
+            &first.clusters["backend.default"],
+            &second.clusters["backend.default"]
+        ));
+        assert_eq!(
+            second.clusters["backend.default"].endpoints[0].addr,
+            "127.0.0.1:9101".parse().unwrap()
+        );
+        assert!(Arc::ptr_eq(
+            &first.clusters["db.default"],
+            &second.clusters["db.default"]
+        ));
+        // The route set is held as the very same bytes (not re-encoded), and still decodes.
+        let (a, b) = (
+            first.resources.routes.as_ref().unwrap(),
+            second.resources.routes.as_ref().unwrap(),
+        );
+        assert!(a.same_bytes(b));
+        // The sets the push did not carry are shared with the held snapshot, not copied.
+        let (h1, h2) = (&first.resources, &second.resources);
+        assert!(same_arc(h1.clusters.as_ref(), h2.clusters.as_ref()));
+        assert!(same_arc(h1.listeners.as_ref(), h2.listeners.as_ref()));
+        assert!(!same_arc(h1.endpoints.as_ref(), h2.endpoints.as_ref()));
+        assert_eq!(h2.version(ResourceKind::Endpoints), Some("e2"));
+        assert_eq!(second.resources.routes().unwrap(), resources().routes);
+        assert!(!outbound_table(&second).shares_route(outbound_table(&first), 0));
+
+        // A change set against another base than the one held is not trusted: every cluster
+        // is compared, so db.default's new list is seen.
+        let stale = EndpointChange {
+            base: "not-held".into(),
+            ..change
+        };
+        let (merged, unchanged) = Resources::merged_unchanged(
+            Some(&first.resources),
+            delta_push(),
+            Some((next_set, stale)),
+        )
+        .unwrap();
+        let third = Snapshot::build_after(merged, unchanged, Some(&first), &m).unwrap();
+        assert_eq!(
+            third.clusters["db.default"].endpoints[0].addr,
+            "127.0.0.1:9102".parse().unwrap()
+        );
+        assert!(Arc::ptr_eq(
+            &first.clusters["inbound"],
+            &third.clusters["inbound"]
+        ));
     }
 }

@@ -1,34 +1,34 @@
 //! Endpoint deltas (`DiscoveryResponse.endpoint_delta`, sent only to a proxy that advertises
 //! [`CAPABILITY`]): the clusters added or changed since a set the proxy holds, and the names of
-//! those removed, turned here into the whole set they describe before anything else sees the
-//! response, so the build, the ACK's versions and `/config_dump` work on whole sets as before,
-//! and [`crate::snapshot::Snapshot::build`] reuses every cluster the delta did not touch.
+//! those removed, turned here into the whole set they describe before the response is merged
+//! (held encoded per cluster, [`HeldEndpoints`]: the untouched clusters' bytes are shared, not
+//! copied), so the ACK's versions and `/config_dump` show whole sets as before, and
+//! [`crate::snapshot::Snapshot::build_after`] reuses every cluster the delta did not touch
+//! without comparing it.
 //!
 //! A delta whose base is not the set held (a push lost or rejected on the way, a control plane
 //! that lost track) is refused: the proxy NACKs it, keeps its config, and the control plane
 //! answers with the whole set.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use weft_proto::v1;
 
 use crate::metrics::Metrics;
-use crate::snapshot::ResourceKind;
+use crate::snapshot::{EndpointChange, HeldEndpoints, ResourceKind};
 
 /// The `Node.capabilities` entry announcing that this proxy applies endpoint deltas.
 pub const CAPABILITY: &str = "endpoint-delta";
 
-/// The whole endpoint set `incoming` describes: itself when it is whole, else `held` with the
-/// delta applied (clusters replaced or added, removed ones dropped, ordered by cluster name as
-/// the control plane orders whole sets). An error names why a delta cannot be applied.
+/// The whole endpoint set `delta` describes against `held` (the endpoint set this proxy runs,
+/// encoded per cluster): the clusters it lists replaced or added (encoded), those it removes
+/// dropped, every other cluster's bytes shared with `held` (no copy), ordered by cluster name as
+/// the control plane orders whole sets. An error names why the delta cannot be applied.
 pub fn apply_endpoint_delta(
-    held: Option<&v1::EndpointSet>,
-    incoming: Incoming,
-) -> Result<v1::EndpointSet, String> {
-    let delta = match incoming {
-        Incoming::Whole(set) => return Ok(set),
-        Incoming::Delta(delta) => delta,
-    };
+    held: Option<&HeldEndpoints>,
+    delta: v1::EndpointDelta,
+) -> Result<HeldEndpoints, String> {
     let Some(held) = held else {
         return Err(format!(
             "endpoint delta {} is against endpoints {}, but this proxy holds no endpoints",
@@ -41,10 +41,10 @@ pub fn apply_endpoint_delta(
             delta.version, delta.base_version, held.version
         ));
     }
-    let mut changed: HashMap<String, v1::ClusterEndpoints> =
+    let mut changed: HashMap<&str, &v1::ClusterEndpoints> =
         HashMap::with_capacity(delta.clusters.len());
-    for c in delta.clusters {
-        if let Some(dup) = changed.insert(c.cluster.clone(), c) {
+    for c in &delta.clusters {
+        if let Some(dup) = changed.insert(c.cluster.as_str(), c) {
             return Err(format!(
                 "endpoint delta {}: cluster {} listed twice",
                 delta.version, dup.cluster
@@ -53,26 +53,26 @@ pub fn apply_endpoint_delta(
     }
     let mut removed: HashSet<&str> = HashSet::with_capacity(delta.removed.len());
     for name in &delta.removed {
-        if changed.contains_key(name) || !removed.insert(name) {
+        if changed.contains_key(name.as_str()) || !removed.insert(name) {
             return Err(format!(
                 "endpoint delta {}: cluster {name} both removed and listed, or removed twice",
                 delta.version
             ));
         }
     }
-    let mut clusters = Vec::with_capacity(held.clusters.len() + changed.len());
+    let mut clusters = Vec::with_capacity(held.clusters().len() + changed.len());
     let mut gone = 0;
-    for c in &held.clusters {
-        if removed.contains(c.cluster.as_str()) {
+    for (name, bytes) in held.clusters() {
+        if removed.contains(&**name) {
             gone += 1;
-        } else if let Some(new) = changed.remove(&c.cluster) {
-            clusters.push(new);
+        } else if let Some(new) = changed.remove(&**name) {
+            clusters.push(HeldEndpoints::encode_cluster(new));
         } else {
-            clusters.push(c.clone());
+            clusters.push((Arc::clone(name), bytes.clone()));
         }
     }
     if gone != removed.len() {
-        let held_names: HashSet<&str> = held.clusters.iter().map(|c| c.cluster.as_str()).collect();
+        let held_names: HashSet<&str> = held.clusters().iter().map(|(n, _)| &**n).collect();
         let missing: Vec<&str> = removed
             .iter()
             .copied()
@@ -85,45 +85,69 @@ pub fn apply_endpoint_delta(
         ));
     }
     if !changed.is_empty() {
-        clusters.extend(changed.into_values());
+        clusters.extend(changed.into_values().map(HeldEndpoints::encode_cluster));
         // Stable, and nearly sorted already: the held set is, the additions come last.
-        clusters.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+        clusters.sort_by(|a, b| a.0.cmp(&b.0));
     }
-    Ok(v1::EndpointSet {
-        version: delta.version,
-        clusters,
-    })
+    Ok(HeldEndpoints::from_parts(delta.version, clusters))
 }
 
-/// An ENDPOINTS resource as a response carries it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Incoming {
-    /// `DiscoveryResponse.endpoints`.
-    Whole(v1::EndpointSet),
-    /// `DiscoveryResponse.endpoint_delta`.
-    Delta(v1::EndpointDelta),
+/// A response with its endpoint delta applied ([`resolve`]).
+#[derive(Debug)]
+pub struct Resolved {
+    /// The response, without `endpoint_delta`.
+    pub resp: v1::DiscoveryResponse,
+    /// The whole endpoint set a delta described (the held set with it applied) and the
+    /// clusters it named: what the build must not take from the held snapshot
+    /// ([`crate::snapshot::Unchanged`]). `None`: the response carried no delta.
+    pub endpoints: Option<(HeldEndpoints, EndpointChange)>,
 }
 
-/// `resp` with an endpoint delta replaced by the whole set it describes against `held` (the
-/// endpoints this proxy runs); any other response as it is. On a bad delta, the NACK to send
+impl Resolved {
+    /// The endpoint version the response carries (whole or as a delta), if any.
+    pub fn endpoint_version(&self) -> Option<&str> {
+        match (&self.resp.endpoints, &self.endpoints) {
+            (Some(set), _) => Some(&set.version),
+            (None, Some((set, _))) => Some(&set.version),
+            (None, None) => None,
+        }
+    }
+}
+
+/// `resp` with an endpoint delta taken out and applied to `held` (the endpoints this proxy
+/// runs): [`Resolved::endpoints`]; any other response as it is. On a bad delta, the NACK to send
 /// (boxed: a request is large, and the `Ok` path is the common one), counted in `metrics`'
 /// `weft_config_updates_total{result="nack"}` for every type the response carried.
 pub fn resolve(
-    held: Option<&v1::EndpointSet>,
+    held: Option<&HeldEndpoints>,
     mut resp: v1::DiscoveryResponse,
     metrics: &Metrics,
-) -> Result<v1::DiscoveryResponse, Box<v1::DiscoveryRequest>> {
+) -> Result<Resolved, Box<v1::DiscoveryRequest>> {
     let Some(delta) = resp.endpoint_delta.take() else {
-        return Ok(resp);
+        return Ok(Resolved {
+            resp,
+            endpoints: None,
+        });
     };
     let version = delta.version.clone();
     let error = if resp.endpoints.is_some() {
         format!("endpoint delta {version} arrived with a whole endpoint set in the same response")
     } else {
-        match apply_endpoint_delta(held, Incoming::Delta(delta)) {
+        let change = EndpointChange {
+            base: delta.base_version.clone(),
+            clusters: delta
+                .clusters
+                .iter()
+                .map(|c| c.cluster.clone())
+                .chain(delta.removed.iter().cloned())
+                .collect(),
+        };
+        match apply_endpoint_delta(held, delta) {
             Ok(set) => {
-                resp.endpoints = Some(set);
-                return Ok(resp);
+                return Ok(Resolved {
+                    resp,
+                    endpoints: Some((set, change)),
+                })
             }
             Err(e) => e,
         }
@@ -186,39 +210,41 @@ mod tests {
         }
     }
 
+    fn held_encoded() -> HeldEndpoints {
+        HeldEndpoints::encode(&held())
+    }
+
     #[test]
-    fn a_whole_set_passes_through() {
-        let set = held();
-        assert_eq!(
-            apply_endpoint_delta(None, Incoming::Whole(set.clone())).unwrap(),
-            set
-        );
-        let other = v1::EndpointSet {
-            version: "x".into(),
-            clusters: vec![],
-        };
-        assert_eq!(
-            apply_endpoint_delta(Some(&set), Incoming::Whole(other.clone())).unwrap(),
-            other
-        );
+    fn untouched_clusters_share_the_held_bytes() {
+        let held = held_encoded();
+        let merged = apply_endpoint_delta(
+            Some(&held),
+            delta(vec![cluster("b.ns", "10.9.9.9:80")], &[]),
+        )
+        .unwrap();
+        for ((name, old), (new_name, new)) in held.clusters().iter().zip(merged.clusters()) {
+            assert_eq!(name, new_name);
+            // Same allocation (a slice of the held buffer) for the untouched ones.
+            assert_eq!(old.as_ptr() == new.as_ptr(), &**name != "b.ns", "{name}");
+        }
     }
 
     #[test]
     fn changed_clusters_replace_held_ones_in_place_and_new_ones_are_sorted_in() {
         let merged = apply_endpoint_delta(
-            Some(&held()),
-            Incoming::Delta(delta(
+            Some(&held_encoded()),
+            delta(
                 vec![
                     cluster("b.ns", "10.9.9.9:80"),
                     cluster("bb.ns", "10.8.8.8:80"),
                 ],
                 &[],
-            )),
+            ),
         )
         .unwrap();
         assert_eq!(merged.version, "v2");
         assert_eq!(
-            merged.clusters,
+            merged.decode().unwrap().clusters,
             vec![
                 cluster("a.ns", "10.0.0.1:80"),
                 cluster("b.ns", "10.9.9.9:80"),
@@ -231,12 +257,9 @@ mod tests {
 
     #[test]
     fn removed_clusters_are_dropped() {
-        let merged = apply_endpoint_delta(
-            Some(&held()),
-            Incoming::Delta(delta(vec![], &["a.ns", "c.ns"])),
-        )
-        .unwrap();
-        let names: Vec<&str> = merged.clusters.iter().map(|c| c.cluster.as_str()).collect();
+        let merged =
+            apply_endpoint_delta(Some(&held_encoded()), delta(vec![], &["a.ns", "c.ns"])).unwrap();
+        let names: Vec<&str> = merged.clusters().iter().map(|(n, _)| &**n).collect();
         assert_eq!(names, ["b.ns", "inbound"]);
     }
 
@@ -244,32 +267,32 @@ mod tests {
     fn a_base_mismatch_is_an_error_naming_both_versions() {
         let mut d = delta(vec![cluster("b.ns", "10.9.9.9:80")], &[]);
         d.base_version = "v0".into();
-        let err = apply_endpoint_delta(Some(&held()), Incoming::Delta(d.clone())).unwrap_err();
+        let err = apply_endpoint_delta(Some(&held_encoded()), d.clone()).unwrap_err();
         assert!(err.contains("v0") && err.contains("holds v1"), "{err}");
-        let err = apply_endpoint_delta(None, Incoming::Delta(d)).unwrap_err();
+        let err = apply_endpoint_delta(None, d).unwrap_err();
         assert!(err.contains("holds no endpoints"), "{err}");
     }
 
     #[test]
     fn inconsistent_deltas_are_errors() {
-        let err = apply_endpoint_delta(Some(&held()), Incoming::Delta(delta(vec![], &["zz.ns"])))
-            .unwrap_err();
+        let err =
+            apply_endpoint_delta(Some(&held_encoded()), delta(vec![], &["zz.ns"])).unwrap_err();
         assert!(err.contains("zz.ns"), "{err}");
         let err = apply_endpoint_delta(
-            Some(&held()),
-            Incoming::Delta(delta(vec![cluster("a.ns", "10.1.1.1:80")], &["a.ns"])),
+            Some(&held_encoded()),
+            delta(vec![cluster("a.ns", "10.1.1.1:80")], &["a.ns"]),
         )
         .unwrap_err();
         assert!(err.contains("a.ns"), "{err}");
         let err = apply_endpoint_delta(
-            Some(&held()),
-            Incoming::Delta(delta(
+            Some(&held_encoded()),
+            delta(
                 vec![
                     cluster("a.ns", "10.1.1.1:80"),
                     cluster("a.ns", "10.1.1.2:80"),
                 ],
                 &[],
-            )),
+            ),
         )
         .unwrap_err();
         assert!(err.contains("twice"), "{err}");
@@ -283,10 +306,13 @@ mod tests {
             ..Default::default()
         };
         let metrics = Metrics::new().unwrap();
-        let ok = resolve(Some(&held()), resp.clone(), &metrics).unwrap();
-        assert!(ok.endpoint_delta.is_none());
-        assert_eq!(ok.endpoints.as_ref().unwrap().version, "v2");
-        assert_eq!(ok.endpoints.unwrap().clusters.len(), 4);
+        let ok = resolve(Some(&held_encoded()), resp.clone(), &metrics).unwrap();
+        assert!(ok.resp.endpoint_delta.is_none() && ok.resp.endpoints.is_none());
+        assert_eq!(ok.endpoint_version(), Some("v2"));
+        let (set, change) = ok.endpoints.unwrap();
+        assert_eq!(set.clusters().len(), 4);
+        assert_eq!(change.base, "v1");
+        assert_eq!(change.clusters, HashSet::from(["b.ns".to_owned()]));
         let Err(nack) = resolve(None, resp, &metrics) else {
             panic!("a delta without a base applies")
         };
@@ -313,6 +339,9 @@ mod tests {
             endpoints: Some(held()),
             ..Default::default()
         };
-        assert_eq!(resolve(None, whole.clone(), &metrics).unwrap(), whole);
+        let passed = resolve(None, whole.clone(), &metrics).unwrap();
+        assert_eq!(passed.resp, whole);
+        assert!(passed.endpoints.is_none());
+        assert_eq!(passed.endpoint_version(), Some("v1"));
     }
 }
