@@ -52,6 +52,15 @@ enum Sendable {
     Replay(Parts, Replayable),
 }
 
+impl Drop for Sendable {
+    fn drop(&mut self) {
+        // The lent head's map, emptied, becomes the next response's (`h1client::spare`).
+        if let Sendable::Replay(head, _) = self {
+            crate::h1client::spare::give(std::mem::take(&mut head.headers));
+        }
+    }
+}
+
 /// Reports a failure to outlier detection if an attempt is abandoned because the request
 /// deadline passed (the black-holed endpoint case); a downstream cancel reports nothing.
 struct Abandoned<'a> {
@@ -72,6 +81,13 @@ impl Drop for Abandoned<'_> {
 /// `policy` allows. `deadline` is when the route/cluster request timeout fires (the caller
 /// enforces it). Taken apart: the head is moved once into whatever is sent (no
 /// `Request::map`, no second split).
+///
+/// Clock reads: `arrived_at` (the request's arrival, read by the caller) counts the request in
+/// the retry budget and, when the request had no body to wait for, is the first attempt's start
+/// (the pick's ejection/EWMA time and the endpoint's RTT start: only this function's own work
+/// lies between them); otherwise each attempt reads the clock once for its pick and its RTT
+/// start. A response's arrival is read once for its RTT, the outlier report and the metrics.
+#[allow(clippy::too_many_arguments)]
 pub async fn send(
     head: Parts,
     body: crate::http::body::CountedBody,
@@ -80,15 +96,21 @@ pub async fn send(
     hash: Option<u64>,
     wire: Wire,
     deadline: Option<Instant>,
+    arrived_at: std::time::Instant,
 ) -> Result<Answer, ProxyError> {
     // Access log / span: which endpoint each attempt went to (`None` unless observed).
     let observed = crate::observe::note_in(&head.extensions, &head.headers);
     let state = cluster.state();
     let retrying = policy.filter(|p| p.max_retries > 0 && p.allows_method(&head.method));
+    // No body to wait for: nothing but this function's work before the first attempt starts.
+    let mut attempt_now =
+        http_body::Body::is_end_stream(&body).then(|| crate::lb::load::nanos_at(arrived_at));
     let mut sendable = match retrying {
         None => Sendable::Once(Some(Request::from_parts(head, RequestBody::Stream(body)))),
         Some(p) => {
-            state.budget.deposit(&p.budget);
+            state
+                .budget
+                .deposit_at(&p.budget, crate::lb::load::nanos_at(arrived_at));
             match buffer_for_replay(body, p.max_body_bytes).await {
                 Ok(Buffered::Replayable(body)) => Sendable::Replay(head, body),
                 Ok(Buffered::Once(body)) => Sendable::Once(Some(Request::from_parts(head, body))),
@@ -104,7 +126,10 @@ pub async fn send(
     let mut last: Option<usize> = None;
     let mut attempt = 0u32;
     loop {
-        let Some(i) = pick(cluster, hash, last) else {
+        let now = attempt_now
+            .take()
+            .unwrap_or_else(crate::lb::load::now_nanos);
+        let Some(i) = pick(cluster, hash, last, now) else {
             return Err(ProxyError::NoEndpoints {
                 cluster: cluster.name.to_string(),
             });
@@ -132,7 +157,7 @@ pub async fn send(
         if let Some(note) = &observed {
             note.attempt(endpoint.addr);
         }
-        let load = endpoint.load.start();
+        let load = endpoint.load.start_at(now);
         let mut guard = Abandoned {
             cluster,
             endpoint: i,
@@ -170,11 +195,13 @@ pub async fn send(
         // Only a response needs the time (its endpoint's RTT, then the request's metrics).
         let mut arrived = None;
         let mut grpc = None;
+        let mut ended = 0;
         let outcome = match &result {
             Ok(resp) => {
                 let now = std::time::Instant::now();
                 arrived = Some(now);
-                load.observe_at(crate::lb::load::nanos_at(now));
+                ended = crate::lb::load::nanos_at(now);
+                load.observe_at(ended);
                 grpc = resp.headers().get(&GRPC_STATUS).cloned();
                 Outcome::Response {
                     status: resp.status(),
@@ -197,7 +224,11 @@ pub async fn send(
             Outcome::Response { status, .. } => status.is_server_error(),
             _ => true,
         };
-        cluster.report(i, !failed);
+        if ended == 0 {
+            cluster.report(i, !failed);
+        } else {
+            cluster.report_at(i, !failed, ended);
+        }
         let retriable = retrying.is_some_and(|p| p.is_retriable(outcome));
         if !retriable || attempt >= max_retries {
             return finish(result, attempt, state, grpc, arrived);
@@ -258,12 +289,12 @@ fn finish(
 }
 
 /// Picks an endpoint, avoiding the one the previous attempt used when another is available.
-fn pick(cluster: &Cluster, hash: Option<u64>, previous: Option<usize>) -> Option<usize> {
-    let i = cluster.pick_index(hash)?;
+fn pick(cluster: &Cluster, hash: Option<u64>, previous: Option<usize>, now: u64) -> Option<usize> {
+    let i = cluster.pick_index_at(hash, now)?;
     match previous {
         Some(p) if p == i && cluster.endpoints.len() > 1 => {
             // A ring hash maps the key to the same endpoint again: move on without it.
-            cluster.pick_index(None)
+            cluster.pick_index_at(None, now)
         }
         _ => Some(i),
     }

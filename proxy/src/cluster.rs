@@ -333,13 +333,18 @@ impl Cluster {
     /// available endpoints only (not ejected, not failing health checks) unless fewer than the
     /// panic threshold are; `None` only when the cluster has no endpoints.
     pub fn pick_index(&self, hash: Option<u64>) -> Option<usize> {
+        self.pick_index_at(hash, crate::lb::load::now_nanos())
+    }
+
+    /// [`Cluster::pick_index`] at `now` ([`crate::lb::load::now_nanos`] of a clock read the
+    /// caller made anyway: one per attempt, shared with the endpoint's load tracking).
+    pub fn pick_index_at(&self, hash: Option<u64>, now: u64) -> Option<usize> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
         }
         if let Some(zone) = &self.locality {
             // In the caller's zone while enough of it is available; else every zone.
-            let now = crate::lb::load::now_nanos();
             let local = Avail::from_fn(n, |i| {
                 zone.members.contains(i) && self.endpoints[i].health.is_available(now)
             });
@@ -347,7 +352,9 @@ impl Cluster {
             if up > 0
                 && (up as u64) * 100 >= u64::from(zone.min_healthy_percent) * zone.count as u64
             {
-                return self.balancer.pick(hash, &local, &self.state.position);
+                return self
+                    .balancer
+                    .pick_at(hash, &local, &self.state.position, now);
             }
             self.state.metrics.locality_spillover.inc();
         }
@@ -355,22 +362,32 @@ impl Cluster {
             |i| &*self.endpoints[i].health,
             n,
             self.min_healthy_percent,
-            crate::lb::load::now_nanos(),
+            now,
         );
-        self.balancer.pick(hash, &avail, &self.state.position)
+        self.balancer
+            .pick_at(hash, &avail, &self.state.position, now)
     }
 
     /// Records how an attempt to endpoint `i` ended for outlier detection (`ok` = not a 5xx,
     /// connect failure, reset or timeout).
     pub fn report(&self, i: usize, ok: bool) {
+        if self.outlier.is_some() {
+            self.report_at(i, ok, crate::lb::load::now_nanos());
+        }
+    }
+
+    /// [`Cluster::report`] at `now` ([`crate::lb::load::now_nanos`] of a clock read the caller
+    /// made anyway, e.g. when the response arrived).
+    pub fn report_at(&self, i: usize, ok: bool, now: u64) {
         if let Some(cfg) = &self.outlier {
-            self.state.outlier.report(
+            self.state.outlier.report_at(
                 cfg,
                 |k| &*self.endpoints[k].health,
                 self.endpoints.len(),
                 i,
                 ok,
                 &self.state.metrics,
+                now,
             );
         }
     }

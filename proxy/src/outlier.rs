@@ -184,7 +184,25 @@ impl OutlierState {
     where
         H: Fn(usize) -> &'a EndpointHealth + Copy,
     {
-        let now = now_nanos();
+        self.report_at(cfg, healths, n, i, ok, metrics, now_nanos())
+    }
+
+    /// [`OutlierState::report`] at `now` ([`now_nanos`] of a clock read the caller made anyway,
+    /// e.g. when the response arrived).
+    #[allow(clippy::too_many_arguments)]
+    pub fn report_at<'a, H>(
+        &self,
+        cfg: &OutlierConfig,
+        healths: H,
+        n: usize,
+        i: usize,
+        ok: bool,
+        metrics: &ClusterResilienceMetrics,
+        now: u64,
+    ) -> bool
+    where
+        H: Fn(usize) -> &'a EndpointHealth + Copy,
+    {
         let h = healths(i);
         h.requests.fetch_add(1, Ordering::Relaxed);
         let mut ejected = false;

@@ -619,6 +619,7 @@ async fn forward(
                     hash,
                     wire,
                     Some(deadline),
+                    start,
                 ),
                 &mut timer,
             )
@@ -629,7 +630,19 @@ async fn forward(
                 None => return Ok(fail(ProxyError::RequestTimeout(limit))),
             }
         }
-        _ => attempts::send(head, body, &cluster, retry.as_deref(), hash, wire, deadline).await,
+        _ => {
+            attempts::send(
+                head,
+                body,
+                &cluster,
+                retry.as_deref(),
+                hash,
+                wire,
+                deadline,
+                start,
+            )
+            .await
+        }
     };
     let Answer {
         response: resp,

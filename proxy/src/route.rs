@@ -46,8 +46,11 @@ pub struct RouteTable {
 #[derive(Debug)]
 struct HostIndex {
     /// Exact host -> indices into `routes` that may match it, in order. The keys are the
-    /// routes' own host strings (shared, not copied).
-    by_host: HashMap<Arc<str>, Box<[u32]>>,
+    /// routes' own host strings (shared, not copied). Hashed with foldhash, keyed with a random
+    /// per-process seed (cheaper than SipHash on every request's `Host`): the keys are the
+    /// configured hosts, a request only probes, and the seed keeps even the configured keys'
+    /// placement unpredictable, so no choice of `Host` headers can make lookups degrade.
+    by_host: HashMap<Arc<str>, Box<[u32]>, foldhash::fast::RandomState>,
     /// Indices of routes with wildcard hosts or no hosts, in order.
     fallback: Box<[u32]>,
 }
@@ -271,7 +274,8 @@ impl RouteTable {
 
 impl HostIndex {
     fn of(routes: &[Arc<Route>]) -> Self {
-        let mut by_host: HashMap<Arc<str>, Vec<u32>> = HashMap::new();
+        let mut by_host: HashMap<Arc<str>, Vec<u32>, foldhash::fast::RandomState> =
+            HashMap::default();
         for r in routes {
             for h in r.hosts.iter() {
                 if let HostPattern::Exact(h) = h {

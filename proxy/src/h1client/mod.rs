@@ -23,6 +23,7 @@
 //! untouched.
 
 mod body;
+pub mod spare;
 #[cfg(test)]
 mod tests;
 
@@ -521,7 +522,8 @@ fn parse_head(
         // The framing headers are read here, as the fields go by. Hop-by-hop fields this hop
         // consumes are not passed on (the proxy would strip them): `Transfer-Encoding`,
         // `Keep-Alive`, and a `Connection` that names nothing but `keep-alive` / `close`.
-        let mut headers = HeaderMap::with_capacity(count);
+        // The map of a request whose attempts are over, if there is one (`spare`).
+        let mut headers = spare::take(count);
         let mut framing = ResponseFraming::default();
         for (i, f) in fields[..count].iter().enumerate() {
             let raw_name = &head[f.name.0 as usize..f.name.1 as usize];

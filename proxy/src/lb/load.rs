@@ -82,10 +82,16 @@ impl EndpointLoad {
 
     /// Marks a request started; the guard ends it (and may record its RTT).
     pub fn start(self: &Arc<Self>) -> LoadGuard {
+        self.start_at(now_nanos())
+    }
+
+    /// [`EndpointLoad::start`] at `now` ([`now_nanos`] / [`nanos_at`] of a clock read the
+    /// caller made anyway, e.g. for the pick).
+    pub fn start_at(self: &Arc<Self>, now: u64) -> LoadGuard {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         LoadGuard {
             load: Arc::clone(self),
-            started: now_nanos(),
+            started: now,
         }
     }
 

@@ -222,6 +222,18 @@ impl Balancer {
     /// The endpoint for a request: an index into the cluster's endpoints, or `None` when no
     /// endpoint is available. `position` is the cluster's long-lived round-robin position.
     pub fn pick(&self, hash: Option<u64>, avail: &Avail, position: &AtomicUsize) -> Option<usize> {
+        self.pick_at(hash, avail, position, load::now_nanos())
+    }
+
+    /// [`Balancer::pick`] at `now` ([`load::now_nanos`] of a clock read the caller made anyway:
+    /// the peak-EWMA costs decay to it).
+    pub fn pick_at(
+        &self,
+        hash: Option<u64>,
+        avail: &Avail,
+        position: &AtomicUsize,
+        now: u64,
+    ) -> Option<usize> {
         let len = self.weights.len();
         match self.policy {
             Policy::RoundRobin => {
@@ -232,14 +244,14 @@ impl Balancer {
             }
             Policy::RingHash => match hash {
                 Some(h) => self.ring.pick(h, avail),
-                None => self.p2c(avail, len, false),
+                None => self.p2c(avail, len, false, now),
             },
-            Policy::P2cPeakEwma => self.p2c(avail, len, true),
-            Policy::LeastRequest => self.p2c(avail, len, false),
+            Policy::P2cPeakEwma => self.p2c(avail, len, true, now),
+            Policy::LeastRequest => self.p2c(avail, len, false, now),
         }
     }
 
-    fn p2c(&self, avail: &Avail, len: usize, ewma: bool) -> Option<usize> {
+    fn p2c(&self, avail: &Avail, len: usize, ewma: bool, now: u64) -> Option<usize> {
         let n = avail.count(len);
         match n {
             0 => None,
@@ -255,7 +267,6 @@ impl Balancer {
                 let (i, j) = (avail.nth(a)?, avail.nth(b)?);
                 let weight = |k: usize| f64::from(self.weights[k]);
                 if ewma {
-                    let now = load::now_nanos();
                     let cost = |k: usize| self.loads[k].peak_ewma_cost(now) / weight(k);
                     let (ci, cj) = (cost(i), cost(j));
                     let diff = (ci - cj).abs();

@@ -103,7 +103,9 @@ impl RetryBudget {
         self.deposit_at(params, now_nanos());
     }
 
-    fn deposit_at(&self, params: &BudgetParams, now: u64) {
+    /// [`RetryBudget::deposit`] at `now` ([`now_nanos`] / [`crate::lb::load::nanos_at`] of a
+    /// clock read the caller made anyway, e.g. the request's arrival).
+    pub fn deposit_at(&self, params: &BudgetParams, now: u64) {
         let e = Self::epoch(params.window, now);
         self.current(e).requests.fetch_add(1, Ordering::Relaxed);
     }
