@@ -694,6 +694,41 @@ async fn idle_connections_are_closed_downstream_upstream_and_tcp() {
         .await
         .expect("connect outbound");
     wait_closed(&mut silent, Duration::from_secs(5), "silent connection").await;
+    // A request head that never ends, its fields trickling in every 200 ms (a slow-loris
+    // client): the header-read timeout (the listener's idle timeout, 1s here) runs from the
+    // head's first bytes, so the trickle does not keep it open, and it is never answered.
+    let mut slow = tokio::net::TcpStream::connect(web.outbound_addr())
+        .await
+        .expect("connect outbound");
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: api\r\n")
+        .await
+        .expect("write half a head");
+    let mut got = Vec::new();
+    let mut closed = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if slow.write_all(b"x-trickle: 1\r\n").await.is_err() {
+            closed = true;
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    assert!(
+        closed,
+        "a head trickling in for 10 s was still open: no header-read timeout"
+    );
+    assert!(
+        !String::from_utf8_lossy(&got).contains("HTTP/1.1 2"),
+        "an unfinished head was answered: {:?}",
+        String::from_utf8_lossy(&got)
+    );
 
     // TCP: bytes flow, then 1s with none either way closes both sides.
     let mut t = tokio::net::TcpStream::connect((web_ip, port))
