@@ -154,15 +154,7 @@ impl Resources {
         held: Option<&HeldResources>,
         resp: v1::DiscoveryResponse,
     ) -> Result<Self, Rejection> {
-        let mut carried = Self {
-            listeners: resp.listeners,
-            routes: resp.routes,
-            clusters: resp.clusters,
-            endpoints: resp.endpoints,
-            policies: resp.policies,
-            trust: resp.trust,
-        };
-        carried.shrink();
+        let carried = Self::carried_by(resp);
         let Some(h) = held else { return Ok(carried) };
         let routes = match carried.routes {
             Some(r) => Some(r),
@@ -187,6 +179,20 @@ impl Resources {
             policies: carried.policies.or_else(|| h.policies.as_deref().cloned()),
             trust: carried.trust.or_else(|| h.trust.as_deref().cloned()),
         })
+    }
+
+    /// The sets `resp` carries, trimmed ([`Resources::shrink`]).
+    fn carried_by(resp: v1::DiscoveryResponse) -> Self {
+        let mut carried = Self {
+            listeners: resp.listeners,
+            routes: resp.routes,
+            clusters: resp.clusters,
+            endpoints: resp.endpoints,
+            policies: resp.policies,
+            trust: resp.trust,
+        };
+        carried.shrink();
+        carried
     }
 
     /// [`Resources::merged`], also saying what `held` still describes as it is ([`Unchanged`]),
@@ -229,15 +235,7 @@ impl Resources {
             trust: h.trust.clone().filter(|_| resp.trust.is_none()),
             endpoint_change,
         };
-        let mut carried = Self {
-            listeners: resp.listeners,
-            routes: resp.routes,
-            clusters: resp.clusters,
-            endpoints: resp.endpoints,
-            policies: resp.policies,
-            trust: resp.trust,
-        };
-        carried.shrink();
+        let carried = Self::carried_by(resp);
         Ok((carried, unchanged))
     }
 
