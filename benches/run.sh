@@ -352,8 +352,9 @@ services:
   - name: upstream          # outbound-only: static endpoint = the upstream nginx (h1)
     namespace: bench
     endpoints: [{address: "$UP:8080"}]
-  - name: upstream-h2       # outbound-only, h2c: the upstream nginx's h2c port (Weft preserves h2)
-    namespace: bench
+  - name: upstream-h2       # outbound-only, h2c: the upstream nginx's h2c port (static endpoints
+    namespace: bench        # default to HTTP/1.1 upstream: this one speaks h2c)
+    upstream_protocol: http2
     endpoints: [{address: "$UP:8082"}]
   - {name: mesh, namespace: bench, mtls: $2}      # endpoints: the registered sidecar
   - {name: mesh-h2, namespace: bench, mtls: $2}   # endpoints: the registered sidecar
