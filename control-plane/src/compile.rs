@@ -583,21 +583,28 @@ fn version_of_messages<M: Message>(items: &[M]) -> String {
 fn version_of_endpoints(sets: &[ClusterEndpoints]) -> String {
     let mut h = StableHasher::new();
     for set in sets {
-        h.write_field(set.cluster.as_bytes());
-        h.write(&(set.endpoints.len() as u64).to_le_bytes());
-        for e in &set.endpoints {
-            let mut without_labels = e.clone();
-            without_labels.labels.clear();
-            h.write_field(&without_labels.encode_to_vec());
-            let labels: BTreeMap<&String, &String> = e.labels.iter().collect();
-            h.write(&(labels.len() as u64).to_le_bytes());
-            for (k, v) in labels {
-                h.write_field(k.as_bytes());
-                h.write_field(v.as_bytes());
-            }
-        }
+        hash_cluster_endpoints(&mut h, set);
     }
     h.finish_hex()
+}
+
+/// Feeds one cluster's endpoints to `h`, labels in sorted order: the unit of
+/// [`version_of_endpoints`], and of the per-cluster digests endpoint deltas are computed from
+/// ([`crate::push::delta`]).
+pub(crate) fn hash_cluster_endpoints(h: &mut StableHasher, set: &ClusterEndpoints) {
+    h.write_field(set.cluster.as_bytes());
+    h.write(&(set.endpoints.len() as u64).to_le_bytes());
+    for e in &set.endpoints {
+        let mut without_labels = e.clone();
+        without_labels.labels.clear();
+        h.write_field(&without_labels.encode_to_vec());
+        let labels: BTreeMap<&String, &String> = e.labels.iter().collect();
+        h.write(&(labels.len() as u64).to_le_bytes());
+        for (k, v) in labels {
+            h.write_field(k.as_bytes());
+            h.write_field(v.as_bytes());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,11 @@ impl StableHasher {
         self.write(bytes);
     }
 
+    /// The hash.
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+
     /// The hash as 16 lower-case hex digits.
     pub fn finish_hex(&self) -> String {
         format!("{:016x}", self.0)

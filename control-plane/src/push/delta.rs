@@ -20,13 +20,13 @@
 //! `weft_control_endpoint_pushes_total{kind="delta|full"}` counts ENDPOINTS pushes by form,
 //! every proxy's (a proxy without the capability only ever gets `full`).
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::Hasher;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use prost::Message;
 use weft_proto::v1::{ClusterEndpoints, DiscoveryResponse, EndpointDelta, EndpointSet, Node};
 
+use crate::hash::StableHasher;
 use crate::metrics::Metrics;
 
 /// The `Node.capabilities` entry of a proxy that applies [`EndpointDelta`]s.
@@ -73,41 +73,13 @@ impl EndpointDigest {
     }
 }
 
-/// A hash of one cluster's endpoints. Endpoint labels (a map, whose encoding order varies) are
-/// hashed in sorted order, as the set versions hash them (`compile::version_of_endpoints`).
-/// SipHash with the std library's fixed keys: digests never leave this process, so the hash
-/// need only be stable within it.
+/// A hash of one cluster's endpoints, fed exactly as the set versions feed it
+/// ([`crate::compile::hash_cluster_endpoints`]: labels in sorted order).
 fn cluster_hash(set: &ClusterEndpoints) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    h.write_field(set.cluster.as_bytes());
-    h.write_u64(set.endpoints.len() as u64);
-    let mut buf = Vec::new();
-    for e in &set.endpoints {
-        let labels: BTreeMap<&String, &String> = e.labels.iter().collect();
-        let mut without_labels = e.clone();
-        without_labels.labels.clear();
-        buf.clear();
-        // Encoding into a Vec cannot fail (it grows as needed).
-        let _ = without_labels.encode(&mut buf);
-        h.write_field(&buf);
-        h.write_u64(labels.len() as u64);
-        for (k, v) in labels {
-            h.write_field(k.as_bytes());
-            h.write_field(v.as_bytes());
-        }
-    }
+    let mut h = StableHasher::new();
+    crate::compile::hash_cluster_endpoints(&mut h, set);
     h.finish()
 }
-
-/// Length-prefixed writes, so that `("ab", "c")` and `("a", "bc")` hash differently.
-trait WriteField: Hasher {
-    fn write_field(&mut self, bytes: &[u8]) {
-        self.write_u64(bytes.len() as u64);
-        self.write(bytes);
-    }
-}
-
-impl<H: Hasher> WriteField for H {}
 
 /// Digests shared by version among every stream of the discovery service (see the module docs).
 #[derive(Debug, Default)]
