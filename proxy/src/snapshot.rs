@@ -206,7 +206,7 @@ impl Resources {
         delta: Option<(HeldEndpoints, EndpointChange)>,
     ) -> Result<(Self, Unchanged), Rejection> {
         let Some(h) = held else {
-            let mut merged = Self::merged(None, resp)?;
+            let mut merged = Self::carried_by(resp);
             // Resolving a delta fails without a held set; should one come here, it is whole.
             if let Some((set, _)) = delta.filter(|_| merged.endpoints.is_none()) {
                 merged.endpoints = Some(set.decode()?);
@@ -462,7 +462,9 @@ impl HeldEndpoints {
         let mut ranges = Vec::with_capacity(set.clusters.len());
         for c in &set.clusters {
             let start = buf.len();
-            buf.extend_from_slice(&c.encode_to_vec());
+            // A Vec grows as needed: encoding into it cannot fail.
+            c.encode(&mut buf)
+                .unwrap_or_else(|e| unreachable!("encoding into a Vec: {e}"));
             ranges.push((c.cluster.as_str(), start..buf.len()));
         }
         let all = bytes::Bytes::from(buf);
