@@ -352,10 +352,6 @@ services:
   - name: upstream          # outbound-only: static endpoint = the upstream nginx (h1)
     namespace: bench
     endpoints: [{address: "$UP:8080"}]
-  - name: upstream-h2       # outbound-only, h2c: the upstream nginx's h2c port (static endpoints
-    namespace: bench        # default to HTTP/1.1 upstream: this one speaks h2c)
-    upstream_protocol: http2
-    endpoints: [{address: "$UP:8082"}]
   - {name: mesh, namespace: bench, mtls: $2}      # endpoints: the registered sidecar
   - {name: mesh-h2, namespace: bench, mtls: $2}   # endpoints: the registered sidecar
   - name: tcp-direct
@@ -420,7 +416,9 @@ h2_addr() { case $1 in direct) echo $UP:8082 ;; haproxy) echo $HAP:8082 ;; nginx
 tcp_addr() { case $1 in direct) echo "$UP 5201" ;; haproxy) echo "$HAP 5201" ;; nginx) echo "$NGX 5201" ;; weft) echo "$W_CLIENT 5301" ;; weft-mesh) echo "$W_CLIENT 5302" ;; weft-mesh-mtls) echo "$M_CLIENT 5302" ;; esac; }
 echo_addr() { case $1 in direct) echo "$UP 5400" ;; haproxy) echo "$HAP 5400" ;; nginx) echo "$NGX 5400" ;; weft) echo "$W_CLIENT 5303" ;; weft-mesh) echo "$W_CLIENT 5304" ;; weft-mesh-mtls) echo "$M_CLIENT 5304" ;; esac; }
 h1_host() { case $1 in weft) echo upstream.bench ;; weft-mesh|weft-mesh-mtls) echo mesh.bench ;; *) echo "" ;; esac; }
-h2_host() { case $1 in weft) echo upstream-h2.bench ;; weft-mesh|weft-mesh-mtls) echo mesh-h2.bench ;; *) echo "" ;; esac; }
+# The h2 case: weft, like HAProxy and nginx, proxies h2c from the client to the upstream's
+# HTTP/1.1 port, so the upstream (on the proxy's core) does the same work for all three.
+h2_host() { case $1 in weft) echo upstream.bench ;; weft-mesh|weft-mesh-mtls) echo mesh-h2.bench ;; *) echo "" ;; esac; }
 # The callees' sidecars (inbound listeners) of a mesh target: their admin IPs.
 inbound_ips() { case $1 in weft-mesh) echo "$W_MESH $W_MESH_H2 $W_MESH_TCP $W_MESH_ECHO" ;; weft-mesh-mtls) echo "$M_MESH $M_MESH_H2 $M_MESH_TCP $M_MESH_ECHO" ;; esac; }
 # The callee's sidecar of the TCP new-connection case (tcp-echo-mesh).
