@@ -374,7 +374,6 @@ fn same_arc<T>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
 #[derive(Clone, Copy)]
 struct Sets<'a> {
     listeners: Option<&'a v1::ListenerSet>,
-    routes: Option<&'a v1::RouteSet>,
     clusters: Option<&'a v1::ClusterSet>,
     endpoints: Option<EndpointsIn<'a>>,
     policies: Option<&'a v1::PolicySet>,
@@ -873,8 +872,10 @@ impl Snapshot {
 
     /// [`Snapshot::build`] of what [`Resources::merged_unchanged`] made of `previous`' sets and
     /// a push: the parts `unchanged` names are reused without comparing them (a route set the
-    /// push did not carry is held as the same bytes and decoded once, for the tables that are
-    /// rebuilt; the clusters an endpoint delta did not touch are `previous`' own).
+    /// push did not carry is held as the same bytes; when they are `previous`' own, each table
+    /// `previous` built is rebuilt for the changed clusters from the protos of the routes to
+    /// them only, [`RouteTable::rebuild_for_clusters`], and the set is not decoded; the clusters
+    /// an endpoint delta did not touch are `previous`' own).
     pub fn build_after(
         resources: Resources,
         unchanged: Unchanged,
@@ -899,11 +900,7 @@ impl Snapshot {
         has_identity: bool,
     ) -> Result<Self, Vec<Rejection>> {
         // The route set as this snapshot will hold it: the held bytes when the push carried
-        // none (decoded here for the tables, never re-encoded), else the carried set encoded.
-        let decoded_held_routes = match (&resources.routes, &unchanged.routes) {
-            (None, Some(held)) => Some(decode_held_routes(held).map_err(|e| vec![e])?),
-            _ => None,
-        };
+        // none (never re-encoded), else the carried set encoded.
         let held_routes = match &resources.routes {
             Some(s) => Some(Encoded::new(s, &s.version)),
             None => unchanged.routes.clone(),
@@ -913,7 +910,6 @@ impl Snapshot {
                 .listeners
                 .as_ref()
                 .or(unchanged.listeners.as_deref()),
-            routes: resources.routes.as_ref().or(decoded_held_routes.as_ref()),
             clusters: resources
                 .clusters
                 .as_ref()
@@ -950,7 +946,10 @@ impl Snapshot {
             )
         });
         let mut errors = Vec::new();
-        let clusters = build_clusters(sets, changed_clusters, previous, metrics, &mut errors);
+        let BuiltClusters {
+            clusters,
+            replaced: replaced_clusters,
+        } = build_clusters(sets, changed_clusters, previous, metrics, &mut errors);
         // Every request handle of this snapshot (route destinations resolve theirs lazily) knows
         // the transport of its destination cluster.
         let peers: HashMap<Arc<str>, PeerLabels> = clusters
@@ -988,12 +987,28 @@ impl Snapshot {
                 }
             },
         };
+        // A push without routes whose route bytes are `previous`' own (an endpoint-only push),
+        // with `previous`' metric family kept: the set is not decoded. Each table `previous`
+        // built is rebuilt for the clusters that changed, reading only the protos of the routes
+        // to them (`RouteTable::rebuild_for_clusters`); a table it did not build (a listener
+        // pushed with a new direction) is decoded alone.
+        let held_tables = match (same_routes, kept_family, &unchanged.routes) {
+            (true, Some(_), Some(held)) => Some(held_route_tables(held).map_err(|e| vec![e])?),
+            _ => None,
+        };
+        // Otherwise the tables are built from the decoded set: the carried one, or the held
+        // bytes decoded once.
+        let decoded_held_routes = match (&held_tables, &resources.routes, &unchanged.routes) {
+            (None, None, Some(held)) => Some(decode_held_routes(held).map_err(|e| vec![e])?),
+            _ => None,
+        };
+        let route_set = resources.routes.as_ref().or(decoded_held_routes.as_ref());
         // The route set `previous` was built from (its tables' protos, for
-        // `RouteTable::build_reusing`): an endpoint-only push holds the same bytes, so the
-        // previous set is the one decoded above.
+        // `RouteTable::build_reusing`): the same bytes are the set decoded above.
         let previous_routes = match kept_family.and_then(|p| p.resources.routes.as_ref()) {
+            _ if held_tables.is_some() => None,
             Some(prev) if same_routes || held_routes.as_ref() == Some(prev) => {
-                sets.routes.map(Cow::Borrowed)
+                route_set.map(Cow::Borrowed)
             }
             // Not decodable (a bug, not a config error): built without reuse.
             Some(prev) => prev.decode().ok().map(Cow::Owned),
@@ -1003,22 +1018,25 @@ impl Snapshot {
             Some(p) => PreviousTables::of(p, previous_routes.as_deref()),
             None => PreviousTables::default(),
         };
-        let tables: HashMap<&str, &v1::RouteTable> = sets
-            .routes
-            .iter()
-            .flat_map(|s| &s.tables)
-            .map(|t| (t.name.as_str(), t))
-            .collect();
-        if let Some(set) = sets.routes {
-            let mut seen = HashSet::new();
-            for t in &set.tables {
-                if !seen.insert(t.name.as_str()) {
-                    errors.push(Rejection::new(
-                        format!("route table {:?}", t.name),
-                        "name",
-                        "duplicate route table name",
-                    ));
-                }
+        let table_list: Vec<(&str, TableIn<'_>)> = match &held_tables {
+            Some(held) => held
+                .iter()
+                .map(|(name, b)| (name.as_str(), TableIn::Held(b)))
+                .collect(),
+            None => route_set
+                .iter()
+                .flat_map(|s| &s.tables)
+                .map(|t| (t.name.as_str(), TableIn::Decoded(t)))
+                .collect(),
+        };
+        let mut tables: HashMap<&str, TableIn<'_>> = HashMap::with_capacity(table_list.len());
+        for (name, t) in table_list {
+            if tables.insert(name, t).is_some() {
+                errors.push(Rejection::new(
+                    format!("route table {name:?}"),
+                    "name",
+                    "duplicate route table name",
+                ));
             }
         }
         let mut listeners = HashMap::new();
@@ -1080,7 +1098,7 @@ impl Snapshot {
                     let routes = if l.route_table.is_empty() {
                         None
                     } else {
-                        let Some(t) = tables.get(l.route_table.as_str()) else {
+                        let Some(&t) = tables.get(l.route_table.as_str()) else {
                             errors.push(Rejection::new(
                                 res,
                                 "route_table",
@@ -1089,13 +1107,12 @@ impl Snapshot {
                             continue;
                         };
                         referenced.insert(l.route_table.as_str());
-                        let prev = reusable.get(t.name.as_str(), direction.as_str());
-                        match RouteTable::build_reusing(
-                            t,
-                            &clusters,
+                        match t.build(
+                            &l.route_table,
+                            (&clusters, replaced_clusters.as_deref()),
                             metrics,
                             direction.as_str(),
-                            prev,
+                            &reusable,
                         ) {
                             Ok(t) => Some(t),
                             Err(mut e) => {
@@ -1208,14 +1225,11 @@ impl Snapshot {
         // than when a listener starts using it, and kept: captured connections are routed with
         // them (transparent mode's per-destination tables).
         let mut detached = HashMap::new();
-        for t in tables
-            .values()
-            .filter(|t| !referenced.contains(t.name.as_str()))
-        {
-            let prev = reusable.get(t.name.as_str(), "outbound");
-            match RouteTable::build_reusing(t, &clusters, metrics, "outbound", prev) {
+        for (&name, t) in tables.iter().filter(|(n, _)| !referenced.contains(*n)) {
+            let clusters = (&clusters, replaced_clusters.as_deref());
+            match t.build(name, clusters, metrics, "outbound", &reusable) {
                 Ok(built) => {
-                    detached.insert(Arc::from(t.name.as_str()), Arc::new(built));
+                    detached.insert(Arc::from(name), Arc::new(built));
                 }
                 Err(mut e) => errors.append(&mut e),
             }
@@ -1298,42 +1312,198 @@ pub fn outbound_peer_labels(cluster: &Cluster, has_identity: bool) -> PeerLabels
     )
 }
 
-/// The route tables a snapshot built, by (name, direction), with the protos they were built
-/// from.
+/// The route tables a snapshot built, by (name, direction), and the protos they were built
+/// from when known.
 #[derive(Default)]
 struct PreviousTables<'a> {
-    built: HashMap<(&'a str, &'static str), (&'a v1::RouteTable, &'a RouteTable)>,
+    built: HashMap<(&'a str, &'static str), &'a RouteTable>,
+    protos: HashMap<&'a str, &'a v1::RouteTable>,
 }
 
 impl<'a> PreviousTables<'a> {
-    /// The tables `s` built from `routes` (its route set, decoded).
+    /// The tables `s` built, and `routes` (its route set, decoded) if given.
     fn of(s: &'a Snapshot, routes: Option<&'a v1::RouteSet>) -> Self {
-        let protos: HashMap<&str, &v1::RouteTable> = routes
+        let protos = routes
             .iter()
             .flat_map(|r| &r.tables)
             .map(|t| (t.name.as_str(), t))
             .collect();
-        let mut built = HashMap::new();
         let listener_tables = s.listeners.values().filter_map(|l| match &l.kind {
             ListenerKind::Http(h) => h.routes.as_ref().map(|t| (t, l.direction.as_str())),
             ListenerKind::Tcp { .. } => None,
         });
         let detached = s.tables.values().map(|t| (&**t, "outbound"));
-        for (table, direction) in listener_tables.chain(detached) {
-            if let Some(proto) = protos.get(&*table.name) {
-                built.insert((proto.name.as_str(), direction), (*proto, table));
-            }
-        }
-        Self { built }
+        let built = listener_tables
+            .chain(detached)
+            .map(|(table, direction)| ((&*table.name, direction), table))
+            .collect();
+        Self { built, protos }
     }
 
+    /// The table built as `name` for `direction`, with its proto.
     fn get(
         &self,
         name: &str,
         direction: &'static str,
     ) -> Option<(&'a v1::RouteTable, &'a RouteTable)> {
+        Some((*self.protos.get(name)?, self.built(name, direction)?))
+    }
+
+    /// The table built as `name` for `direction`.
+    fn built(&self, name: &str, direction: &'static str) -> Option<&'a RouteTable> {
         self.built.get(&(name, direction)).copied()
     }
+}
+
+/// A build's clusters by name.
+type ClusterMap = HashMap<Arc<str>, Arc<Cluster>>;
+
+/// A route table a build reads: decoded, or the encoding of one in the held set that
+/// `previous` was built from ([`held_route_tables`]).
+#[derive(Clone, Copy)]
+enum TableIn<'a> {
+    Decoded(&'a v1::RouteTable),
+    Held(&'a bytes::Bytes),
+}
+
+impl TableIn<'_> {
+    /// The table `name` compiled for a listener of `direction`, reusing what `reusable` has;
+    /// `clusters` are the build's, with `previous`' replaced ones if known ([`BuiltClusters`]).
+    fn build(
+        self,
+        name: &str,
+        (clusters, replaced): (&ClusterMap, Option<&[Arc<Cluster>]>),
+        metrics: &Metrics,
+        direction: &'static str,
+        reusable: &PreviousTables<'_>,
+    ) -> Result<RouteTable, Vec<Rejection>> {
+        match self {
+            Self::Decoded(t) => RouteTable::build_reusing(
+                t,
+                clusters,
+                metrics,
+                direction,
+                reusable.get(name, direction),
+            ),
+            // Built by `previous` from these very bytes: rebuilt where its clusters changed.
+            Self::Held(bytes) => match reusable.built(name, direction) {
+                Some(prev) => RouteTable::rebuild_for_clusters(
+                    prev,
+                    clusters,
+                    replaced,
+                    metrics,
+                    direction,
+                    |at| held_table_routes(name, bytes, at),
+                ),
+                None => {
+                    let t = v1::RouteTable::decode(bytes.clone())
+                        .map_err(|err| vec![held_table_corrupt(name, &err.to_string())])?;
+                    RouteTable::build_reusing(&t, clusters, metrics, direction, None)
+                }
+            },
+        }
+    }
+}
+
+/// Calls `f` with each length-delimited field (number, bytes) of the protobuf message encoded
+/// in `buf`, in order, skipping the other wire types: reads keys and lengths, decodes nothing.
+fn delimited_fields(
+    mut buf: bytes::Bytes,
+    mut f: impl FnMut(u64, bytes::Bytes) -> Result<(), String>,
+) -> Result<(), String> {
+    use bytes::Buf;
+    // A varint, as prost reads one (a key, a length or a value).
+    let varint =
+        |buf: &mut bytes::Bytes| prost::decode_length_delimiter(buf).map_err(|e| e.to_string());
+    while buf.has_remaining() {
+        let key = varint(&mut buf)?;
+        let len = match key & 7 {
+            0 => varint(&mut buf).map(|_| 0)?,
+            1 => 8,
+            2 => varint(&mut buf)?,
+            5 => 4,
+            // Groups: proto3 (and prost) never writes them.
+            w => return Err(format!("unexpected wire type {w}")),
+        };
+        if len > buf.remaining() {
+            return Err("field overruns the message".into());
+        }
+        let field = buf.split_to(len);
+        if key & 7 == 2 {
+            f((key >> 3) as u64, field)?;
+        }
+    }
+    Ok(())
+}
+
+/// `v1::RouteSet.tables` and `v1::RouteTable.routes` (proto/weft/v1/discovery.proto).
+const ROUTE_SET_TABLES: u64 = 2;
+const ROUTE_TABLE_NAME: u64 = 1;
+const ROUTE_TABLE_ROUTES: u64 = 2;
+
+/// Each table of a held route set, named, as its encoded `v1::RouteTable` (a slice of the
+/// held bytes), in the set's order: found by reading keys and lengths, no route decoded.
+fn held_route_tables(e: &Encoded<v1::RouteSet>) -> Result<Vec<(String, bytes::Bytes)>, Rejection> {
+    let mut tables = Vec::new();
+    delimited_fields(e.bytes.clone(), |field, table| {
+        if field == ROUTE_SET_TABLES {
+            let mut name = String::new();
+            delimited_fields(table.clone(), |field, b| {
+                if field == ROUTE_TABLE_NAME {
+                    name = String::from_utf8(b.to_vec()).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            })?;
+            tables.push((name, table));
+        }
+        Ok(())
+    })
+    .map_err(|err| {
+        Rejection::new(
+            "held route set",
+            "routes",
+            format!("version {:?} does not decode: {err}", e.version()),
+        )
+    })?;
+    Ok(tables)
+}
+
+/// Routes `at` (ascending indices) of the held table `name` encoded in `bytes`, decoded.
+fn held_table_routes(
+    name: &str,
+    bytes: &bytes::Bytes,
+    at: &[usize],
+) -> Result<Vec<v1::Route>, Rejection> {
+    let mut routes = Vec::with_capacity(at.len());
+    let mut i = 0;
+    let mut wanted = at.iter().peekable();
+    delimited_fields(bytes.clone(), |field, route| {
+        if field != ROUTE_TABLE_ROUTES {
+            return Ok(());
+        }
+        if wanted.peek() == Some(&&i) {
+            wanted.next();
+            routes.push(v1::Route::decode(route).map_err(|e| e.to_string())?);
+        }
+        i += 1;
+        Ok(())
+    })
+    .map_err(|err| held_table_corrupt(name, &err))?;
+    if let Some(missing) = wanted.next() {
+        return Err(held_table_corrupt(
+            name,
+            &format!("route {missing} of a table of {i} routes"),
+        ));
+    }
+    Ok(routes)
+}
+
+fn held_table_corrupt(name: &str, err: &str) -> Rejection {
+    Rejection::new(
+        format!("held route table {name:?}"),
+        "routes",
+        format!("does not decode: {err}"),
+    )
 }
 
 /// A cluster's endpoint list as a build reads it: from a set carried whole, or held encoded.
@@ -1371,13 +1541,23 @@ fn rereads_nothing(proto: &v1::Cluster) -> bool {
     proto.dns_endpoints.is_empty() && proto.upstream_tls.is_none()
 }
 
+/// The clusters of a build, and (when few and known) `previous`' clusters that are not among
+/// them: each either reused as `previous`' own `Arc` or in that list.
+struct BuiltClusters {
+    clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    replaced: Option<Vec<Arc<Cluster>>>,
+}
+
+/// Above this many replaced clusters, routes look their clusters up by name instead.
+const FEW_REPLACED: usize = 64;
+
 fn build_clusters(
     sets: Sets<'_>,
     changed: Option<&HashSet<String>>,
     previous: Option<&Snapshot>,
     metrics: &Metrics,
     errors: &mut Vec<Rejection>,
-) -> HashMap<Arc<str>, Arc<Cluster>> {
+) -> BuiltClusters {
     let endpoints_version = match sets.endpoints {
         Some(EndpointsIn::Decoded(s)) => s.version.as_str(),
         Some(EndpointsIn::Held(h)) => h.version.as_str(),
@@ -1429,6 +1609,9 @@ fn build_clusters(
             None => (HashMap::new(), HashMap::new()),
         };
     let mut clusters = HashMap::new();
+    // `previous`' clusters this build saw by name (reused or rebuilt), and the rebuilt ones.
+    let mut seen_previous = 0;
+    let mut replaced = Vec::new();
     // The families the clusters new to this build make their lazy series with, made once.
     let mut shared: Option<Arc<Metrics>> = None;
     for c in sets.clusters.iter().flat_map(|s| &s.clusters) {
@@ -1438,6 +1621,7 @@ fn build_clusters(
         }
         let prev_arc = previous.and_then(|p| p.clusters.get(c.name.as_str()));
         let prev = prev_arc.map(|c| &**c);
+        seen_previous += usize::from(prev_arc.is_some());
         let eps = endpoints.get(c.name.as_str()).copied();
         let reusable = rereads_nothing(c)
             && match changed {
@@ -1459,6 +1643,9 @@ fn build_clusters(
                 ));
             }
             continue;
+        }
+        if let Some(p) = prev_arc.filter(|_| replaced.len() <= FEW_REPLACED) {
+            replaced.push(Arc::clone(p));
         }
         let shared = shared.get_or_insert_with(|| Arc::new(metrics.clone()));
         // A held list is decoded for the clusters rebuilt only.
@@ -1496,7 +1683,13 @@ fn build_clusters(
         }
     }
     // Endpoints of clusters not in the set are ignored: they cannot be routed to.
-    clusters
+    // Exact only if every previous cluster was seen by name once (none removed, none twice).
+    let exact = previous.is_some_and(|p| seen_previous == p.clusters.len())
+        && replaced.len() <= FEW_REPLACED;
+    BuiltClusters {
+        clusters,
+        replaced: exact.then_some(replaced),
+    }
 }
 
 #[cfg(test)]
@@ -1931,10 +2124,12 @@ pub(crate) mod tests {
             }),
             ..Default::default()
         };
-        let merged = Resources::merged(Some(&same.resources), push).unwrap();
+        let (merged, unchanged) =
+            Resources::merged_unchanged(Some(&same.resources), push, None).unwrap();
         assert_eq!(merged.version(ResourceKind::Endpoints), Some("e2"));
-        assert_eq!(merged.version(ResourceKind::Routes), Some("r1"));
-        let next = Snapshot::build(merged, Some(&same), &m).unwrap();
+        assert!(merged.routes.is_none(), "the held routes stay encoded");
+        let next = Snapshot::build_after(merged, unchanged, Some(&same), &m).unwrap();
+        assert_eq!(next.resources.version(ResourceKind::Routes), Some("r1"));
         let (old_backend, new_backend) = (
             &same.clusters["backend.default"],
             &next.clusters["backend.default"],
@@ -2131,8 +2326,9 @@ pub(crate) mod tests {
             routes: Some(routes.clone()),
             ..Default::default()
         };
-        let merged = Resources::merged(Some(&first.resources), routes_push).unwrap();
-        let second = Snapshot::build(merged, Some(&first), &m).unwrap();
+        let (merged, unchanged) =
+            Resources::merged_unchanged(Some(&first.resources), routes_push, None).unwrap();
+        let second = Snapshot::build_after(merged, unchanged, Some(&first), &m).unwrap();
         assert_eq!(second.resources.version(ResourceKind::Routes), Some("r2"));
         assert!(!outbound_table(&second).shares_route(outbound_table(&first), 0));
         let endpoints_push = v1::DiscoveryResponse {
@@ -2150,9 +2346,10 @@ pub(crate) mod tests {
             }),
             ..Default::default()
         };
-        let merged = Resources::merged(Some(&second.resources), endpoints_push).unwrap();
-        assert_eq!(merged.routes.as_ref(), Some(&routes));
-        let third = Snapshot::build(merged, Some(&second), &m).unwrap();
+        let (merged, unchanged) =
+            Resources::merged_unchanged(Some(&second.resources), endpoints_push, None).unwrap();
+        assert!(merged.routes.is_none(), "the held routes stay encoded");
+        let third = Snapshot::build_after(merged, unchanged, Some(&second), &m).unwrap();
         assert_eq!(third.resources.version(ResourceKind::Routes), Some("r2"));
         assert_eq!(third.resources.version(ResourceKind::Endpoints), Some("e2"));
         assert_eq!(third.resources.routes().unwrap(), Some(routes));
@@ -2179,6 +2376,144 @@ pub(crate) mod tests {
             .names_host("backend.default.svc"));
         assert!(!third.route_table("outbound").unwrap().names_host("db"));
         assert!(third.route_table("nope").is_none());
+    }
+
+    #[test]
+    fn held_tables_and_routes_read_from_the_bytes_are_the_decoded_ones() {
+        let mut r = resources();
+        let set = r.routes.as_mut().unwrap();
+        let mut second = set.tables[0].clone();
+        second.name = "db.default:5432".into();
+        second.routes[0].name = "second".into();
+        second.routes.push(set.tables[0].routes[0].clone());
+        set.tables.push(second);
+        let held = Encoded::new(&*set, &set.version);
+        let tables = held_route_tables(&held).unwrap();
+        let names: Vec<&str> = tables.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["outbound", "db.default:5432"]);
+        for ((name, bytes), table) in tables.iter().zip(&set.tables) {
+            assert_eq!(v1::RouteTable::decode(bytes.clone()).unwrap(), *table);
+            let all: Vec<usize> = (0..table.routes.len()).collect();
+            assert_eq!(held_table_routes(name, bytes, &all).unwrap(), table.routes);
+        }
+        let (name, bytes) = &tables[1];
+        assert_eq!(
+            held_table_routes(name, bytes, &[1]).unwrap(),
+            [set.tables[1].routes[1].clone()]
+        );
+        let missing = held_table_routes(name, bytes, &[2]).unwrap_err();
+        assert!(
+            missing.reason.contains("route 2 of a table of 2 routes"),
+            "{missing:?}"
+        );
+        let truncated = bytes.slice(..bytes.len() - 1);
+        assert!(held_table_routes(name, &truncated, &[0, 1]).is_err());
+    }
+
+    #[test]
+    fn an_endpoint_only_push_reads_only_the_routes_to_changed_clusters() {
+        let m = Metrics::new().unwrap();
+        let mut r = resources();
+        let set = r.routes.as_mut().unwrap();
+        let mut to_db = set.tables[0].routes[0].clone();
+        to_db.name = "default-db.default".into();
+        to_db.r#match.as_mut().unwrap().hosts = vec!["db".into()];
+        to_db.destinations[0].cluster = "db.default".into();
+        set.tables[0].routes.push(to_db.clone());
+        // A table no listener names (transparent mode's), routing to db.default only.
+        set.tables.push(v1::RouteTable {
+            name: "db.default:5432".into(),
+            routes: vec![to_db],
+        });
+        let mut first = Snapshot::build(r, None, &m).unwrap();
+        // Corrupt the held bytes of the route to db.default (its name is no longer UTF-8):
+        // a build that decoded it, or the whole set, would fail.
+        let held = first.resources.routes.take().unwrap();
+        let mut bytes = held.bytes.to_vec();
+        let at = bytes
+            .windows(b"default-db.default".len())
+            .position(|w| w == b"default-db.default")
+            .unwrap();
+        bytes[at] = 0xff;
+        first.resources.routes = Some(Encoded {
+            bytes: bytes.into(),
+            ..held
+        });
+        assert!(first.resources.routes().is_err());
+
+        let held_version = first.resources.endpoints.as_ref().unwrap().version.clone();
+        let push = |cluster: &str, addr: &str| {
+            let set = v1::EndpointSet {
+                version: format!("e-{addr}"),
+                clusters: vec![v1::ClusterEndpoints {
+                    cluster: cluster.into(),
+                    endpoints: vec![v1::Endpoint {
+                        address: addr.into(),
+                        weight: 1,
+                        ..Default::default()
+                    }],
+                }],
+            };
+            let change = EndpointChange {
+                base: held_version.clone(),
+                clusters: [cluster.to_owned()].into(),
+            };
+            Resources::merged_unchanged(
+                Some(&first.resources),
+                delta_push(),
+                Some((HeldEndpoints::encode(&set), change)),
+            )
+            .unwrap()
+        };
+
+        // backend.default's endpoints change: its route is rebuilt from its own proto, the
+        // route to db.default and the host index are the previous ones, and the table no
+        // listener names (no route to backend.default) is shared whole.
+        let (merged, unchanged) = push("backend.default", "127.0.0.1:9201");
+        let second = Snapshot::build_after(merged, unchanged, Some(&first), &m).unwrap();
+        let (t1, t2) = (outbound_table(&first), outbound_table(&second));
+        assert!(!t2.shares_route(t1, 0));
+        assert!(t2.shares_route(t1, 1));
+        assert_eq!(t2.shares_index_and_list(t1), (true, false));
+        assert_eq!(
+            second.tables["db.default:5432"]
+                .shares_index_and_list(&first.tables["db.default:5432"]),
+            (true, true)
+        );
+        let ListenerKind::Http(h) = &second.listeners[&"127.0.0.1:15001".parse().unwrap()].kind
+        else {
+            panic!("http")
+        };
+        let headers = http::HeaderMap::new();
+        let info = crate::route::RequestInfo {
+            host: "backend",
+            path: "/",
+            query: None,
+            method: &http::Method::GET,
+            headers: &headers,
+        };
+        let picked = h.routes.as_ref().unwrap().find(&info).unwrap();
+        assert!(Arc::ptr_eq(
+            &picked.destinations.pick().unwrap().cluster,
+            &second.clusters["backend.default"]
+        ));
+        assert!(second
+            .resources
+            .routes
+            .as_ref()
+            .unwrap()
+            .same_bytes(first.resources.routes.as_ref().unwrap()));
+
+        // db.default's endpoints change: its routes must be read, and the corrupt bytes are a
+        // rejection naming the table (the last good snapshot keeps serving), not a panic.
+        let (merged, unchanged) = push("db.default", "127.0.0.1:9202");
+        let errors = Snapshot::build_after(merged, unchanged, Some(&first), &m).unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.resource.starts_with("held route table") && e.reason.contains("decode")),
+            "{errors:?}"
+        );
     }
 
     /// An endpoint-only push as `delta::resolve` hands it over: the response without endpoints,
