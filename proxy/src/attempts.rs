@@ -85,8 +85,8 @@ impl Drop for Abandoned<'_> {
 /// Clock reads: `arrived_at` (the request's arrival, read by the caller) counts the request in
 /// the retry budget and, when the request had no body to wait for, is the first attempt's start
 /// (the pick's ejection/EWMA time and the endpoint's RTT start: only this function's own work
-/// lies between them); otherwise each attempt reads the clock once for its pick and its RTT
-/// start. A response's arrival is read once for its RTT, the outlier report and the metrics.
+/// lies between them); otherwise each attempt reads the clock once for its pick, its RTT start
+/// and the pool's idle-connection check (`EndpointPool::send_at`). A response's arrival is read once for its RTT, the outlier report and the metrics.
 #[allow(clippy::too_many_arguments)]
 pub async fn send(
     head: Parts,
@@ -171,12 +171,12 @@ pub async fn send(
         let sent = async {
             match &mut sendable {
                 Sendable::Once(req) => match req.take() {
-                    Some(req) => pool.send(req, wire, timeout, errors).await,
+                    Some(req) => pool.send_at(req, wire, timeout, errors, now).await,
                     // Unreachable: a `Once` request is never retried (max_retries is 0 for it).
                     None => Err(UpstreamError::Overloaded { addr: pool.addr() }),
                 },
                 Sendable::Replay(head, body) => {
-                    pool.send_head(head, body.body(), wire, timeout, errors)
+                    pool.send_head(head, body.body(), wire, timeout, errors, now)
                         .await
                 }
             }

@@ -24,7 +24,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use http::{header, Request, Response, Version};
@@ -98,8 +98,11 @@ pub struct HttpProxy {
 /// address and a probe) is then one pointer comparison. Weak references only: an idle
 /// connection keeps neither an old snapshot's contents nor its listener alive. A clone starts
 /// empty.
+///
+/// A `RefCell`, not a mutex: a connection's service is used by its own task only, and a lock
+/// plus unlock per request are two atomic read-modify-writes on the hot path.
 #[derive(Default)]
-struct ListenerCache(Mutex<Option<CachedListener>>);
+struct ListenerCache(std::cell::RefCell<Option<CachedListener>>);
 
 struct CachedListener {
     /// The snapshot looked in (held weakly: its allocation is not reused meanwhile, so the
@@ -118,7 +121,7 @@ impl Clone for ListenerCache {
 impl ListenerCache {
     /// The HTTP listener at `addr` in `snapshot`, `None` if it has none.
     fn get(&self, snapshot: &Arc<Snapshot>, addr: &SocketAddr) -> Option<Arc<Listener>> {
-        let mut cached = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cached = self.0.borrow_mut();
         if let Some(c) = &*cached {
             if std::ptr::eq(c.snapshot.as_ptr(), Arc::as_ptr(snapshot)) {
                 match &c.listener {
@@ -145,7 +148,7 @@ impl ListenerCache {
 
     /// Forgets the cached lookup (the connection goes quiet).
     fn clear(&self) {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        self.0.borrow_mut().take();
     }
 }
 
@@ -716,11 +719,11 @@ mod tests {
         assert!(ListenerCache::default().get(&second, &missing).is_none());
         // Cleared (hibernation): empty, and still correct afterwards.
         cache.clear();
-        assert!(cache.0.lock().unwrap().is_none());
+        assert!(cache.0.borrow().is_none());
         assert!(cache.get(&second, &http_addr).is_some());
         // Cloned (a new connection's service): starts empty.
         let fresh = cache.clone();
-        assert!(fresh.0.lock().unwrap().is_none());
-        assert!(cache.0.lock().unwrap().is_some());
+        assert!(fresh.0.borrow().is_none());
+        assert!(cache.0.borrow().is_some());
     }
 }

@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -182,7 +182,8 @@ pub enum Wire {
 
 struct IdleH1 {
     conn: Box<Conn<H1Io>>,
-    since: Instant,
+    /// [`crate::lb::load::now_nanos`] at check-in.
+    since: u64,
 }
 
 /// The stream of a pooled HTTP/1.1 connection, holding its `max_connections` slot for as long
@@ -229,6 +230,17 @@ pub enum UpstreamBody {
     H1(h1client::ResponseBody<H1Io, RequestBody>),
     /// hyper's body.
     Hyper(Incoming),
+}
+
+impl UpstreamBody {
+    /// Hands an HTTP/1.1 connection whose exchange is over back to its pool now, idle since
+    /// `now` (the owner's [`crate::lb::load::now_nanos`] reading at the response's end); a
+    /// body dropped without this does it with a clock read of its own.
+    pub fn release_at(&mut self, now: u64) {
+        if let Self::H1(b) = self {
+            b.release_at(now);
+        }
+    }
 }
 
 impl From<Incoming> for UpstreamBody {
@@ -284,7 +296,8 @@ pub struct EndpointPool {
     idle_ms: AtomicU64,
     /// Whether a task is closing expired idle connections (one per pool while any are idle).
     reaping: AtomicBool,
-    /// [`now_nanos`] of the last request sent to the shared HTTP/2 connection.
+    /// [`crate::lb::load::now_nanos`] of the last request sent to the shared HTTP/2 connection
+    /// (the attempt's reading).
     h2_used: AtomicU64,
     /// Whether a task closes the shared HTTP/2 connection once idle for the idle timeout.
     h2_reaping: AtomicBool,
@@ -301,7 +314,11 @@ impl std::fmt::Debug for EndpointPool {
 
 impl h1client::Recycle<H1Io> for EndpointPool {
     fn recycle(self: Arc<Self>, conn: Box<Conn<H1Io>>) {
-        self.checkin(conn);
+        self.checkin(conn, crate::lb::load::now_nanos());
+    }
+
+    fn recycle_at(self: Arc<Self>, conn: Box<Conn<H1Io>>, now: u64) {
+        self.checkin(conn, now);
     }
 }
 
@@ -318,7 +335,7 @@ async fn reap_idle(pool: std::sync::Weak<EndpointPool>) {
             None => return,
         };
         match next {
-            Some(when) => tokio::time::sleep_until(when.into()).await,
+            Some(wait) => tokio::time::sleep(wait).await,
             None => return,
         }
     }
@@ -552,15 +569,30 @@ impl EndpointPool {
         connect_timeout: Duration,
         connect_errors: &IntCounter,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let now = crate::lb::load::now_nanos();
+        self.send_at(req, wire, connect_timeout, connect_errors, now)
+            .await
+    }
+
+    /// [`EndpointPool::send`] at `now` (the caller's [`crate::lb::load::now_nanos`] reading,
+    /// which decides whether an idle connection has expired).
+    pub async fn send_at(
+        self: &Arc<Self>,
+        req: Request<RequestBody>,
+        wire: Wire,
+        connect_timeout: Duration,
+        connect_errors: &IntCounter,
+        now: u64,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match wire {
             Wire::H1 => {
                 let (head, body) = req.into_parts();
-                self.send_h1(&head, body, connect_timeout, connect_errors)
+                self.send_h1(&head, body, connect_timeout, connect_errors, now)
                     .await
             }
             Wire::H2 => {
                 let sent = self.send_h2(req, connect_timeout, connect_errors).await;
-                self.note_h2_use();
+                self.note_h2_use(now);
                 Ok(sent?.map(UpstreamBody::Hyper))
             }
         }
@@ -626,26 +658,29 @@ impl EndpointPool {
         }
     }
 
-    fn pop_idle_h1(&self) -> Option<Box<Conn<H1Io>>> {
+    /// The most recently used idle connection that has not expired at `now` (the attempt's
+    /// [`crate::lb::load::now_nanos`] reading: no clock read of its own).
+    fn pop_idle_h1(&self, now: u64) -> Option<Box<Conn<H1Io>>> {
         let timeout = self.idle_timeout();
         let mut idle = lock(&self.idle_h1);
         while let Some(c) = idle.pop_back() {
-            if c.since.elapsed() < timeout {
+            if Duration::from_nanos(now.saturating_sub(c.since)) < timeout {
                 return Some(c.conn);
             }
         }
         None
     }
 
-    fn checkin(self: &Arc<Self>, conn: Box<Conn<H1Io>>) {
-        let now = Instant::now();
+    /// Pools `conn`, idle since `now` (a [`crate::lb::load::now_nanos`] reading).
+    fn checkin(self: &Arc<Self>, conn: Box<Conn<H1Io>>, now: u64) {
         let timeout = self.idle_timeout();
         {
             let mut idle = lock(&self.idle_h1);
             // Oldest first: drop the expired and anything over the bound (dropping the sender
             // closes the connection).
             while idle.front().is_some_and(|c| {
-                now.saturating_duration_since(c.since) >= timeout || idle.len() >= MAX_IDLE_H1
+                Duration::from_nanos(now.saturating_sub(c.since)) >= timeout
+                    || idle.len() >= MAX_IDLE_H1
             }) {
                 idle.pop_front();
             }
@@ -662,19 +697,22 @@ impl EndpointPool {
         }
     }
 
-    /// Drops expired idle connections; `Some(when)` the next one expires, `None` (and no longer
-    /// reaping) when none is left.
-    fn expire_idle(&self) -> Option<Instant> {
-        let now = Instant::now();
+    /// Drops expired idle connections; `Some(wait)` until the next one expires, `None` (and no
+    /// longer reaping) when none is left.
+    fn expire_idle(&self) -> Option<Duration> {
+        let now = crate::lb::load::now_nanos();
         let timeout = self.idle_timeout();
         let mut idle = lock(&self.idle_h1);
         // Also drop the ones the upstream closed meanwhile (a read that does not block).
         let mut noop = Context::from_waker(Waker::noop());
         idle.retain_mut(|c| {
-            now.saturating_duration_since(c.since) < timeout && c.conn.poll_usable(&mut noop)
+            Duration::from_nanos(now.saturating_sub(c.since)) < timeout
+                && c.conn.poll_usable(&mut noop)
         });
         match idle.front() {
-            Some(c) => Some(c.since + timeout),
+            Some(c) => {
+                Some(timeout.saturating_sub(Duration::from_nanos(now.saturating_sub(c.since))))
+            }
             None => {
                 // Under the lock: a checkin after this sees `false` and starts a new reaper.
                 self.reaping.store(false, Ordering::Release);
@@ -683,8 +721,8 @@ impl EndpointPool {
         }
     }
 
-    /// [`EndpointPool::send`] of a request that may be sent again (a retry): its head is only
-    /// read over HTTP/1.1 and copied over HTTP/2.
+    /// [`EndpointPool::send_at`] of a request that may be sent again (a retry): its head is
+    /// only read over HTTP/1.1 and copied over HTTP/2.
     pub async fn send_head(
         self: &Arc<Self>,
         head: &http::request::Parts,
@@ -692,10 +730,11 @@ impl EndpointPool {
         wire: Wire,
         connect_timeout: Duration,
         connect_errors: &IntCounter,
+        now: u64,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match wire {
             Wire::H1 => {
-                self.send_h1(head, body, connect_timeout, connect_errors)
+                self.send_h1(head, body, connect_timeout, connect_errors, now)
                     .await
             }
             Wire::H2 => {
@@ -705,7 +744,7 @@ impl EndpointPool {
                 *req.version_mut() = head.version;
                 *req.headers_mut() = head.headers.clone();
                 let sent = self.send_h2(req, connect_timeout, connect_errors).await;
-                self.note_h2_use();
+                self.note_h2_use(now);
                 Ok(sent?.map(UpstreamBody::Hyper))
             }
         }
@@ -717,10 +756,11 @@ impl EndpointPool {
         mut body: RequestBody,
         connect_timeout: Duration,
         errors: &IntCounter,
+        now: u64,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let addr = self.addr;
         // Try idle connections; each iteration consumes one, so this ends.
-        while let Some(mut conn) = self.pop_idle_h1() {
+        while let Some(mut conn) = self.pop_idle_h1(now) {
             // Closed by the upstream while idle (or otherwise unusable): drop it, try another.
             if !std::future::poll_fn(|cx| Poll::Ready(conn.poll_usable(cx))).await {
                 continue;
@@ -808,10 +848,9 @@ impl EndpointPool {
     }
 
     /// Records a request on the shared HTTP/2 connection and makes sure it is closed once idle
-    /// ([`reap_idle_h2`]).
-    fn note_h2_use(self: &Arc<Self>) {
-        self.h2_used
-            .store(crate::lb::load::now_nanos(), Ordering::Release);
+    /// ([`reap_idle_h2`]); `now` is the attempt's reading, not a clock read of its own.
+    fn note_h2_use(self: &Arc<Self>, now: u64) {
+        self.h2_used.store(now, Ordering::Release);
         // A load first: under load the flag is set and this stays a read.
         if !self.h2_reaping.load(Ordering::Acquire) && !self.h2_reaping.swap(true, Ordering::AcqRel)
         {

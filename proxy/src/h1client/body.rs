@@ -247,7 +247,9 @@ where
         keep_alive: bool,
         recycle: Arc<dyn Recycle<T>>,
     ) -> Self {
-        let mut body = Self {
+        // A bodiless response whose request is all sent: the connection is free already (it
+        // goes back when the body is released or dropped).
+        Self {
             conn: Some(conn),
             decode: if decode == Decode::Length(0) {
                 Decode::Done
@@ -257,27 +259,29 @@ where
             write: write.map(Box::new),
             keep_alive,
             recycle: Some(recycle),
-        };
-        // A bodiless response whose request is all sent: the connection is free already.
-        body.finish();
-        body
+        }
     }
 
-    /// Hands the connection back if the exchange is over and it may be reused.
-    fn finish(&mut self) {
-        if self.decode != Decode::Done || self.write.is_some() || !self.keep_alive {
+    /// Hands the connection back now if the exchange is over and it may be reused, `now` being
+    /// the caller's [`crate::lb::load::now_nanos`] reading (the response's end, read anyway for
+    /// its metrics: the pool stamps the connection's idle start with it instead of reading the
+    /// clock again). A body dropped without this hands a reusable connection back too.
+    pub fn release_at(&mut self, now: u64) {
+        if !self.reusable() {
             return;
         }
         if let (Some(conn), Some(recycle)) = (self.conn.take(), self.recycle.take()) {
-            recycle.recycle(conn);
+            recycle.recycle_at(conn, now);
         }
     }
 
+    /// The response ended: a reusable connection waits for [`ResponseBody::release_at`] (or
+    /// the drop) to go back to the pool; any other is closed now.
     fn end(&mut self) {
         self.decode = Decode::Done;
-        self.finish();
-        // Not reusable (or reused already): closed when dropped.
-        self.conn = None;
+        if !self.reusable() {
+            self.conn = None;
+        }
     }
 
     fn fail(&mut self, e: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
@@ -474,9 +478,6 @@ where
                 }
                 Poll::Pending => {}
             }
-            if this.write.is_none() {
-                this.finish();
-            }
         }
         this.poll_decode(cx)
     }
@@ -494,11 +495,19 @@ where
     }
 }
 
+impl<T, B> ResponseBody<T, B> {
+    /// Whether the exchange is over and the connection may carry another request.
+    fn reusable(&self) -> bool {
+        self.decode == Decode::Done && self.write.is_none() && self.keep_alive
+    }
+}
+
 impl<T, B> Drop for ResponseBody<T, B> {
     fn drop(&mut self) {
-        // A bodiless response nobody polled: free the connection if the exchange is over
-        // (a body dropped early, or a request still being sent, closes it instead).
-        if self.decode == Decode::Done && self.write.is_none() && self.keep_alive {
+        // Not released (a bodiless response nobody polled, or an owner that does not release):
+        // free the connection if the exchange is over (a body dropped early, or a request
+        // still being sent, closes it instead).
+        if self.reusable() {
             if let (Some(conn), Some(recycle)) = (self.conn.take(), self.recycle.take()) {
                 recycle.recycle(conn);
             }

@@ -17,8 +17,9 @@
 //! read (full duplex).
 //!
 //! A connection is handed back ([`Recycle`]) only when its response body was read to the end,
-//! the request was sent in full and both sides allow keep-alive; otherwise it is dropped
-//! (closed). An idle connection is checked before reuse ([`Conn::poll_usable`]): one the
+//! the request was sent in full and both sides allow keep-alive, at the body's
+//! [`ResponseBody::release_at`] (with the owner's clock reading) or drop; otherwise it is
+//! dropped (closed). An idle connection is checked before reuse ([`Conn::poll_usable`]): one the
 //! upstream closed (or that has unsolicited bytes) is not used, and the request goes elsewhere
 //! untouched.
 
@@ -103,6 +104,13 @@ pub struct SendError<B> {
 pub trait Recycle<T>: Send + Sync {
     /// `conn` is idle and may carry another request.
     fn recycle(self: Arc<Self>, conn: Box<Conn<T>>);
+
+    /// [`Recycle::recycle`] at `now`, a [`crate::lb::load::now_nanos`] reading the caller made
+    /// anyway (the pool stamps the connection's idle start with it).
+    fn recycle_at(self: Arc<Self>, conn: Box<Conn<T>>, now: u64) {
+        let _ = now;
+        self.recycle(conn);
+    }
 }
 
 /// One upstream HTTP/1.1 connection with its buffers (boxed: it moves between the pool and the
@@ -360,7 +368,7 @@ fn encode_head(parts: &http::request::Parts, framing: Framing, out: &mut Vec<u8>
 /// Sends the request `head` + `body` on `conn` and waits for the response head (the head is
 /// only read: a request that may be retried is not copied for each attempt). The response body
 /// reads the rest of the exchange from the connection and hands it to `recycle` when it ended
-/// cleanly.
+/// cleanly (when released or dropped).
 pub async fn send<T, B>(
     mut conn: Box<Conn<T>>,
     parts: &http::request::Parts,

@@ -26,13 +26,18 @@ where
     super::send(conn, &parts, body, recycle).await
 }
 
-/// Keeps what was handed back.
+/// Keeps what was handed back (and the stamps of those released with one).
 #[derive(Default)]
-struct Pool(Mutex<Vec<Conn<DuplexStream>>>);
+struct Pool(Mutex<Vec<Conn<DuplexStream>>>, Mutex<Vec<u64>>);
 
 impl Recycle<DuplexStream> for Pool {
     fn recycle(self: Arc<Self>, conn: Box<Conn<DuplexStream>>) {
         self.0.lock().unwrap().push(*conn);
+    }
+
+    fn recycle_at(self: Arc<Self>, conn: Box<Conn<DuplexStream>>, now: u64) {
+        self.1.lock().unwrap().push(now);
+        self.recycle(conn);
     }
 }
 
@@ -187,14 +192,20 @@ async fn informational_heads_are_skipped_and_head_has_no_body() {
     });
     let mut req = get("/");
     *req.method_mut() = Method::HEAD;
-    let resp = send(conn, req, pool.clone()).await.unwrap();
+    let mut resp = send(conn, req, pool.clone()).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-length"], "99");
     assert!(resp.body().is_end_stream());
+    // Free at once: handed back as soon as its owner releases it, with the owner's reading.
+    resp.body_mut().release_at(42);
     assert!(
         pool.take().is_some(),
-        "a bodiless answer frees the connection at once"
+        "a bodiless answer frees the connection once released"
     );
+    assert_eq!(*pool.1.lock().unwrap(), [42]);
+    // Released once: dropping the body afterwards hands nothing back again.
+    drop(resp);
+    assert!(pool.take().is_none());
 }
 
 #[tokio::test]

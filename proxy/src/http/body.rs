@@ -40,16 +40,20 @@ pub struct Completion {
 }
 
 impl Completion {
-    fn finish(mut self) {
+    /// Records the request; returns the [`crate::lb::load::now_nanos`] reading it made.
+    fn finish(mut self) -> u64 {
         let grpc = grpc_status_label(self.grpc_status.as_ref());
-        // One clock read for the duration and the connection's idle tracking.
+        // One clock read for the duration, the connection's idle tracking and the upstream
+        // connection's idle start.
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.start);
         self.metrics
             .record_finished(self.status, grpc, elapsed.as_secs_f64());
+        let nanos = crate::lb::load::nanos_at(now);
         if let Some(in_flight) = self.in_flight.take() {
-            in_flight.end_at(crate::lb::load::nanos_at(now));
+            in_flight.end_at(nanos);
         }
+        nanos
     }
 }
 
@@ -129,7 +133,12 @@ impl ResponseBody {
 
     fn complete(&mut self) {
         if let Some(c) = self.completion.take() {
-            c.finish();
+            let now = c.finish();
+            // The upstream connection goes back to its pool (if the exchange ended cleanly)
+            // stamped with the same reading.
+            if let Inner::Upstream(body) = &mut self.inner {
+                body.release_at(now);
+            }
         }
     }
 }

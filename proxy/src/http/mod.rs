@@ -432,23 +432,52 @@ async fn drive<C: GracefulConnection>(
     let drain_waker = Waker::from(Arc::clone(&wake));
     let drained = {
         let mut signaled = std::pin::pin!(drain.signaled());
+        // Registering the task's waker with both branches on every poll (the connection is
+        // polled several times per request) costs atomic read-modify-writes for nothing: a
+        // branch's registration stays valid until its wake takes it, and that wake sets
+        // `woken` first. So a branch registers again only once it consumed a wake (`armed`
+        // false) or when the task's waker changed, and checks `woken` after registering.
+        let mut registered: Option<Waker> = None;
+        let (mut drain_armed, mut idle_armed) = (false, false);
         std::future::poll_fn(|cx| {
-            wake.task.register(cx.waker());
-            if wake.woken.swap(false, Ordering::AcqRel)
-                && signaled
+            if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                registered = Some(cx.waker().clone());
+                (drain_armed, idle_armed) = (false, false);
+            }
+            loop {
+                if !drain_armed {
+                    wake.task.register(cx.waker());
+                    drain_armed = true;
+                }
+                if !wake.take() {
+                    break;
+                }
+                // The wake may have taken the registration: register again before looking.
+                drain_armed = false;
+                if signaled
                     .as_mut()
                     .poll(&mut Context::from_waker(&drain_waker))
                     .is_ready()
-            {
-                return Poll::Ready(Ok(Ended::Drain));
+                {
+                    return Poll::Ready(Ok(Ended::Drain));
+                }
             }
-            idle_wake.task.register(cx.waker());
-            while idle_wake.woken.swap(false, Ordering::AcqRel)
-                && idle_timer
+            loop {
+                if !idle_armed {
+                    idle_wake.task.register(cx.waker());
+                    idle_armed = true;
+                }
+                if !idle_wake.take() {
+                    break;
+                }
+                idle_armed = false;
+                if idle_timer
                     .as_mut()
                     .poll(&mut Context::from_waker(&idle_waker))
-                    .is_ready()
-            {
+                    .is_pending()
+                {
+                    continue;
+                }
                 let mut wait = match idle::check(activity, idle) {
                     Ok(()) => return Poll::Ready(Ok(Ended::Idle)),
                     Err(wait) => wait,
@@ -541,6 +570,14 @@ impl Default for BranchWake {
             woken: AtomicBool::new(true),
             task: AtomicWaker::new(),
         }
+    }
+}
+
+impl BranchWake {
+    /// Whether the branch was woken since the last call (a plain load when it was not: no
+    /// read-modify-write on the hot path).
+    fn take(&self) -> bool {
+        self.woken.load(Ordering::Acquire) && self.woken.swap(false, Ordering::AcqRel)
     }
 }
 
