@@ -2070,6 +2070,18 @@ pub(crate) mod tests {
         h.routes.as_ref().unwrap()
     }
 
+    /// The outbound table's route for `GET /` to `host`, if any.
+    fn outbound_route<'a>(s: &'a Snapshot, host: &str) -> Option<&'a crate::route::Route> {
+        let headers = http::HeaderMap::new();
+        outbound_table(s).find(&crate::route::RequestInfo {
+            host,
+            path: "/",
+            query: None,
+            method: &http::Method::GET,
+            headers: &headers,
+        })
+    }
+
     #[test]
     fn an_endpoint_change_rebuilds_only_the_changed_cluster_and_its_routes() {
         let m = Metrics::new().unwrap();
@@ -2153,19 +2165,7 @@ pub(crate) mod tests {
         // The route to backend.default now holds the new cluster; the one to db is kept.
         assert!(!outbound_table(&next).shares_route(outbound_table(&same), 0));
         assert!(outbound_table(&next).shares_route(outbound_table(&same), 1));
-        let ListenerKind::Http(h) = &next.listeners[&"127.0.0.1:15001".parse().unwrap()].kind
-        else {
-            panic!("http")
-        };
-        let headers = http::HeaderMap::new();
-        let info = crate::route::RequestInfo {
-            host: "backend",
-            path: "/",
-            query: None,
-            method: &http::Method::GET,
-            headers: &headers,
-        };
-        let picked = h.routes.as_ref().unwrap().find(&info).unwrap();
+        let picked = outbound_route(&next, "backend").unwrap();
         assert!(Arc::ptr_eq(
             &picked.destinations.pick().unwrap().cluster,
             new_backend
@@ -2353,17 +2353,7 @@ pub(crate) mod tests {
         assert_eq!(third.resources.version(ResourceKind::Routes), Some("r2"));
         assert_eq!(third.resources.version(ResourceKind::Endpoints), Some("e2"));
         assert_eq!(third.resources.routes().unwrap(), Some(routes));
-        let headers = http::HeaderMap::new();
-        let info = crate::route::RequestInfo {
-            host: "backend.default.svc",
-            path: "/",
-            query: None,
-            method: &http::Method::GET,
-            headers: &headers,
-        };
-        let picked = outbound_table(&third)
-            .find(&info)
-            .expect("the pushed host routes");
+        let picked = outbound_route(&third, "backend.default.svc").expect("the pushed host routes");
         let cluster = &picked.destinations.pick().unwrap().cluster;
         assert_eq!(cluster.endpoints[0].addr, "127.0.0.1:9002".parse().unwrap());
         // The route to the changed cluster was rebuilt; a table whose protos and clusters were
@@ -2480,19 +2470,7 @@ pub(crate) mod tests {
                 .shares_index_and_list(&first.tables["db.default:5432"]),
             (true, true)
         );
-        let ListenerKind::Http(h) = &second.listeners[&"127.0.0.1:15001".parse().unwrap()].kind
-        else {
-            panic!("http")
-        };
-        let headers = http::HeaderMap::new();
-        let info = crate::route::RequestInfo {
-            host: "backend",
-            path: "/",
-            query: None,
-            method: &http::Method::GET,
-            headers: &headers,
-        };
-        let picked = h.routes.as_ref().unwrap().find(&info).unwrap();
+        let picked = outbound_route(&second, "backend").unwrap();
         assert!(Arc::ptr_eq(
             &picked.destinations.pick().unwrap().cluster,
             &second.clusters["backend.default"]
