@@ -19,8 +19,10 @@
 #   weft-control first). BENCH_BIN_DIR: take the binaries from another directory.
 # --profile: also `perf record` the sidecar's control threads during the pushes and print
 #   where it spends its time (the report stays in the work directory: use KEEP_WORK=1).
-# --pin: the sidecar on CPU 0, the control plane, nginx and h2load on CPU 1 (taskset): the p99
-#   during pushes then shows the sidecar's own build, not the control plane's compile.
+# --pin: the sidecar on CPU 0, the control plane, nginx and h2load on CPU 1 (taskset), the
+#   control plane SCHED_IDLE (chrt --idle: it stands in for a control plane on another machine
+#   and only gets what CPU 1 leaves idle): the p99 during pushes then shows the sidecar's own
+#   build, not the control plane's compile starving the load generator and the upstream.
 # Binds 127.0.6.1-3 and 127.0.6.2:18081-18083 only. KEEP_WORK=1 keeps logs and raw outputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -133,7 +135,7 @@ mkdir -p benches/results
     echo "- load average (1/5/15 min) at the start of each N: ${loads[*]}"
     echo "- command: \`benches/config_size.sh ${args[*]}\`"
     echo "- mesh: N services in namespace \`cs\` (plus the sidecar's own, \`client\`), no \`dependencies:\`; 3-10 static endpoints each; one header route and one authorization policy each; load: h2load --h1, 5 connections, $rate req/s for $duration s per phase, to svc-0 (3 nginx endpoints) through the sidecar's outbound listener; pushes: svc-(N-1)'s endpoints rewritten every 100 ms through the admin API"
-    if [ ${#pin[@]} -gt 0 ]; then echo "- pinned (--pin): the sidecar on CPU 0; weft-control, nginx and h2load on CPU 1"; fi
+    if [ ${#pin[@]} -gt 0 ]; then echo "- pinned (--pin): the sidecar on CPU 0; weft-control (SCHED_IDLE), nginx and h2load on CPU 1"; fi
     echo
     echo "$table"
     if [ -n "$build_note" ]; then echo; echo "Note: $build_note."; fi
