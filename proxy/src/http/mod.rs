@@ -299,9 +299,9 @@ async fn serve_h1<S: ServerStream>(
                 let stream = io.into_inner();
                 let tls = matches!(stream.protocol_hint(), ProtocolHint::Alpn(_));
                 let downstream = upgrade::Prefixed::new(stream, parts.read_buf);
-                tunnel
-                    .run(downstream, tls, Some((&mut drain, drain_timeout)))
-                    .await;
+                // Boxed: the tunnel's future (~1.8 KiB) would otherwise size every HTTP/1.1
+                // connection's task, asleep or not, for the rare one that becomes a tunnel.
+                Box::pin(tunnel.run(downstream, tls, Some((&mut drain, drain_timeout)))).await;
             } else {
                 tracing::debug!(
                     ?ended,
