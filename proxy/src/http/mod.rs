@@ -444,16 +444,7 @@ async fn drive<C: GracefulConnection>(
                 registered = Some(cx.waker().clone());
                 (drain_armed, idle_armed) = (false, false);
             }
-            loop {
-                if !drain_armed {
-                    wake.task.register(cx.waker());
-                    drain_armed = true;
-                }
-                if !wake.take() {
-                    break;
-                }
-                // The wake may have taken the registration: register again before looking.
-                drain_armed = false;
+            while wake.woken(&mut drain_armed, cx) {
                 if signaled
                     .as_mut()
                     .poll(&mut Context::from_waker(&drain_waker))
@@ -462,15 +453,7 @@ async fn drive<C: GracefulConnection>(
                     return Poll::Ready(Ok(Ended::Drain));
                 }
             }
-            loop {
-                if !idle_armed {
-                    idle_wake.task.register(cx.waker());
-                    idle_armed = true;
-                }
-                if !idle_wake.take() {
-                    break;
-                }
-                idle_armed = false;
+            while idle_wake.woken(&mut idle_armed, cx) {
                 if idle_timer
                     .as_mut()
                     .poll(&mut Context::from_waker(&idle_waker))
@@ -574,10 +557,18 @@ impl Default for BranchWake {
 }
 
 impl BranchWake {
-    /// Whether the branch was woken since the last call (a plain load when it was not: no
-    /// read-modify-write on the hot path).
-    fn take(&self) -> bool {
-        self.woken.load(Ordering::Acquire) && self.woken.swap(false, Ordering::AcqRel)
+    /// Whether the branch was woken since it was last looked at, keeping the task's waker
+    /// registered with it: the waker of `cx` is registered first unless `armed` (registered
+    /// already, and no wake consumed since: a wake may take the registration, so a consumed one
+    /// disarms). Not woken costs a plain load: no read-modify-write on the hot path.
+    fn woken(&self, armed: &mut bool, cx: &Context<'_>) -> bool {
+        if !*armed {
+            self.task.register(cx.waker());
+            *armed = true;
+        }
+        let woken = self.woken.load(Ordering::Acquire) && self.woken.swap(false, Ordering::AcqRel);
+        *armed &= !woken;
+        woken
     }
 }
 
