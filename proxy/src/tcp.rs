@@ -590,7 +590,7 @@ where
             r = &mut to_upstream, if !up_done => { r?; up_done = true; }
             r = &mut to_client, if !down_done => { r?; down_done = true; }
             () = &mut timer, if idle.is_some() => {
-                let since = Duration::from_nanos(now_nanos().saturating_sub(last.load(Ordering::Relaxed)));
+                let since = crate::lb::load::between(last.load(Ordering::Relaxed), now_nanos());
                 if since >= period {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,

@@ -664,7 +664,7 @@ impl EndpointPool {
         let timeout = self.idle_timeout();
         let mut idle = lock(&self.idle_h1);
         while let Some(c) = idle.pop_back() {
-            if Duration::from_nanos(now.saturating_sub(c.since)) < timeout {
+            if crate::lb::load::between(c.since, now) < timeout {
                 return Some(c.conn);
             }
         }
@@ -679,8 +679,7 @@ impl EndpointPool {
             // Oldest first: drop the expired and anything over the bound (dropping the sender
             // closes the connection).
             while idle.front().is_some_and(|c| {
-                Duration::from_nanos(now.saturating_sub(c.since)) >= timeout
-                    || idle.len() >= MAX_IDLE_H1
+                crate::lb::load::between(c.since, now) >= timeout || idle.len() >= MAX_IDLE_H1
             }) {
                 idle.pop_front();
             }
@@ -706,13 +705,10 @@ impl EndpointPool {
         // Also drop the ones the upstream closed meanwhile (a read that does not block).
         let mut noop = Context::from_waker(Waker::noop());
         idle.retain_mut(|c| {
-            Duration::from_nanos(now.saturating_sub(c.since)) < timeout
-                && c.conn.poll_usable(&mut noop)
+            crate::lb::load::between(c.since, now) < timeout && c.conn.poll_usable(&mut noop)
         });
         match idle.front() {
-            Some(c) => {
-                Some(timeout.saturating_sub(Duration::from_nanos(now.saturating_sub(c.since))))
-            }
+            Some(c) => Some(timeout.saturating_sub(crate::lb::load::between(c.since, now))),
             None => {
                 // Under the lock: a checkin after this sees `false` and starts a new reaper.
                 self.reaping.store(false, Ordering::Release);

@@ -116,7 +116,7 @@ impl Activity {
             return None;
         }
         let last = self.last.load(Ordering::Acquire);
-        let idle_since = Duration::from_nanos(now.saturating_sub(last));
+        let idle_since = crate::lb::load::between(last, now);
         Some(idle.saturating_sub(idle_since))
     }
 }

@@ -27,6 +27,11 @@ pub fn now_nanos() -> u64 {
     nanos_at(Instant::now())
 }
 
+/// The time from `since` to `now`, two [`now_nanos`] readings (zero if `now` is the earlier).
+pub fn between(since: u64, now: u64) -> std::time::Duration {
+    std::time::Duration::from_nanos(now.saturating_sub(since))
+}
+
 /// [`now_nanos`] of a clock reading `at` the caller made anyway (no second clock read). At
 /// least 1 (0 means "never" to some users).
 pub fn nanos_at(at: Instant) -> u64 {
