@@ -12,7 +12,7 @@
 # benches/results/config_size.md.
 #
 #   benches/config_size.sh [--quick] [--n 100,1000,5000] [--rate 500] [--duration S]
-#                          [--skip-build] [--profile] [--pin]
+#                          [--skip-build] [--profile] [--pin] [--sched]
 #
 # --quick: N = 100,1000 (unless --n is given) and 8 s per load phase (default 15 s).
 # --skip-build: use target/release as is (default: cargo build --release of weft-proxy and
@@ -23,6 +23,9 @@
 #   control plane SCHED_IDLE (chrt --idle: it stands in for a control plane on another machine
 #   and only gets what CPU 1 leaves idle): the p99 during pushes then shows the sidecar's own
 #   build, not the control plane's compile starving the load generator and the upstream.
+# --sched: also `perf sched record` the machine during the pushes and report every time the
+#   sidecar's data-path thread was woken and kept waiting > 0.3 ms for its CPU, by what that CPU
+#   ran before (an idle vCPU waking up, a kernel thread, the sidecar's own snapshot build).
 # Binds 127.0.6.1-3 and 127.0.6.2:18081-18083 only. KEEP_WORK=1 keeps logs and raw outputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +38,7 @@ duration=""
 build=1
 profile=()
 pin=()
+sched=()
 args=("$@")
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -48,7 +52,8 @@ while [ $# -gt 0 ]; do
         --skip-build) build=0 ;;
         --profile) profile=(--profile) ;;
         --pin) pin=(--pin) ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        --sched) sched=(--sched) ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "config_size.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -68,6 +73,7 @@ done
 needs=(h2load nginx ss curl python3)
 [ ${#profile[@]} -eq 0 ] || needs+=(perf)
 [ ${#pin[@]} -eq 0 ] || needs+=(taskset)
+[ ${#sched[@]} -eq 0 ] || needs+=(perf)
 for t in "${needs[@]}"; do
     command -v "$t" >/dev/null || { echo "config_size.sh: $t is missing (benches/run.sh installs nginx and h2load: nghttp2-client)" >&2; exit 1; }
 done
@@ -107,7 +113,7 @@ for n in ${ns//,/ }; do
     echo "==> N=$n (load average $la)"
     # Bounded: the driver's own waits are bounded; this is the backstop.
     timeout --signal=TERM 900 python3 "$ROOT/benches/lib/config_size.py" run --n "$n" --bin-dir "$BIN" \
-        --work "$work/n$n" --json "$work/n$n.json" --rate "$rate" --duration "$duration" "${profile[@]}" "${pin[@]}" &
+        --work "$work/n$n" --json "$work/n$n.json" --rate "$rate" --duration "$duration" "${profile[@]}" "${pin[@]}" "${sched[@]}" &
     child=$!
     if wait "$child"; then
         reports+=("$work/n$n.json")
@@ -135,7 +141,7 @@ mkdir -p benches/results
     echo "- load average (1/5/15 min) at the start of each N: ${loads[*]}"
     echo "- command: \`benches/config_size.sh ${args[*]}\`"
     echo "- mesh: N services in namespace \`cs\` (plus the sidecar's own, \`client\`), no \`dependencies:\`; 3-10 static endpoints each; one header route and one authorization policy each; load: h2load --h1, 5 connections, $rate req/s for $duration s per phase, to svc-0 (3 nginx endpoints) through the sidecar's outbound listener; pushes: svc-(N-1)'s endpoints rewritten every 100 ms through the admin API"
-    if [ ${#pin[@]} -gt 0 ]; then echo "- pinned (--pin): the sidecar on CPU 0; weft-control (SCHED_IDLE), nginx and h2load on CPU 1"; fi
+    if [ ${#pin[@]} -gt 0 ]; then echo "- pinned (--pin): the sidecar on CPU 0; weft-control (SCHED_IDLE), nginx, h2load and the driver on CPU 1, all in one session (one scheduling autogroup)"; fi
     echo
     echo "$table"
     if [ -n "$build_note" ]; then echo; echo "Note: $build_note."; fi

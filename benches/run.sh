@@ -101,6 +101,8 @@ if [[ $INSTALL == 1 ]]; then
   need iperf3 || pkgs+=(iperf3)
   need taskset || pkgs+=(util-linux)
   need curl || pkgs+=(curl)
+  # The release build of Weft needs protoc (etcd-client compiles etcd's .proto files).
+  need protoc || pkgs+=(protobuf-compiler libprotobuf-dev)
   if ((${#pkgs[@]})); then
     log "installing ${pkgs[*]} (apt-get)"
     apt-get update -qq

@@ -2,7 +2,7 @@
 """Config-size benchmark driver (issue 17, item 1); benches/config_size.sh calls it.
 
   config_size.py run --n N --bin-dir DIR --work DIR --json OUT [--rate R] [--duration S]
-                     [--samples K] [--endpoints E] [--profile] [--pin]
+                     [--samples K] [--endpoints E] [--profile] [--pin] [--sched]
   config_size.py table OUT.json...
 
 --endpoints E: every service but svc-0 gets E endpoints instead of 3..10 (to tell per-endpoint
@@ -92,11 +92,15 @@ def endpoints_of(j):
     return [f"127.0.6.{16 + k}:{20000 + j}" for k in range(count)]
 
 
-def churn_yaml(j, step):
-    """svc-j in its own file, one endpoint's port moving with `step` (an endpoint-only change)."""
+def churn_yaml(j, step, revision=None):
+    """svc-j in its own file, one endpoint's port moving with `step` (an endpoint-only change).
+    `revision`: a comment line that makes the file new to the control plane (it parses,
+    validates, compiles and compares it like any apply) while what it compiles to stays that of
+    `step`, so nothing reaches the sidecar."""
     eps = endpoints_of(j)
     eps[0] = f"127.0.6.15:{30000 + step % 20000}"
-    lines = ["services:", f"  - name: svc-{j}", f"    namespace: {NS}", "    endpoints:"]
+    lines = [] if revision is None else [f"# revision {revision}"]
+    lines += ["services:", f"  - name: svc-{j}", f"    namespace: {NS}", "    endpoints:"]
     lines += [f"      - address: \"{e}\"" for e in eps]
     return "\n".join(lines) + "\n"
 
@@ -148,7 +152,12 @@ class Procs:
 
     def start(self, name, argv, env=None):
         out = open(os.path.join(self.work, name + ".log"), "w")
-        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # --pin keeps every process in this session: with the kernel's autogroups
+        # (kernel.sched_autogroup_enabled) each session is its own scheduling group, and the
+        # control plane's SCHED_IDLE would only rank its threads within its own group, not
+        # below nginx's, h2load's and the sidecar's.
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=PIN is None)
         out.close()
         self.procs.append((name, p))
         return p
@@ -355,10 +364,14 @@ def load(work, tag, rate, duration):
 class Churn(threading.Thread):
     """Rewrites svc-(N-1)'s endpoints through the admin API every `period` s (bounded)."""
 
-    def __init__(self, admin, j, period, max_count, first_step):
+    def __init__(self, admin, j, period, max_count, first_step, idle_applies=False):
         super().__init__(daemon=True)
         self.admin, self.j, self.period, self.max_count = admin, j, period, max_count
         self.step = first_step
+        # idle_applies: the same applies with nothing new for the sidecar (churn_yaml's
+        # `revision`): the control plane works as hard, nothing is pushed.
+        self.idle_applies = idle_applies
+        self.revision = 0
         self.stop = threading.Event()
         self.applied = 0
         self.apply_s = []
@@ -369,9 +382,14 @@ class Churn(threading.Thread):
         self.ended = None
         try:
             while not self.stop.is_set() and self.applied < self.max_count:
-                self.step += 1
                 t = time.monotonic()
-                self.admin.put_policy(CHURN_FILE, churn_yaml(self.j, self.step))
+                if self.idle_applies:
+                    self.revision += 1
+                    text = churn_yaml(self.j, self.step, revision=self.revision)
+                else:
+                    self.step += 1
+                    text = churn_yaml(self.j, self.step)
+                self.admin.put_policy(CHURN_FILE, text)
                 self.apply_s.append(time.monotonic() - t)
                 self.applied += 1
                 nxt += self.period
@@ -379,6 +397,43 @@ class Churn(threading.Thread):
         except Exception as e:  # reported by the caller
             self.error = e
         self.ended = time.monotonic()
+
+
+SCHED_LINE = re.compile(r"^\s*([\d.]+)\s+\[(\d+)\]\s+(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
+
+
+def sched_delays(data, pid, over_ms=0.3):
+    """From a `perf sched record` file: every time one of the sidecar's data-path threads (its
+    threads but the `weft-control*` ones) was woken and waited longer than `over_ms` for its
+    CPU, grouped by what that CPU ran before it (`perf sched timehist`: sch delay): an idle CPU
+    (the VM's vCPU wake-up), a kernel thread, another process, or the sidecar's own snapshot
+    build (`weft-control-bg`)."""
+    out = subprocess.run(["perf", "sched", "timehist", "-i", data], capture_output=True, text=True,
+                         timeout=600).stdout
+    last = {}  # cpu -> task that ran last
+    groups = {}
+    worker = re.compile(rf"\[(?:{pid}|\d+/{pid})\]$")
+    for line in out.splitlines():
+        m = SCHED_LINE.match(line)
+        if not m:
+            continue
+        cpu, task, delay = m.group(2), m.group(3), float(m.group(5))
+        is_worker = worker.search(task) and not task.startswith("weft-control")
+        if is_worker and delay > over_ms:
+            before = last.get(cpu, "?")
+            if worker.search(before):
+                kind = before.split("[")[0] + " (this sidecar)"
+            elif before.startswith("<idle>"):
+                kind = "idle CPU"
+            else:
+                kind = before.split("[")[0]
+            g = groups.setdefault(kind, [0, 0.0, 0.0])
+            g[0] += 1
+            g[1] += delay
+            g[2] = max(g[2], delay)
+        last[cpu] = task
+    return {k: {"count": v[0], "total_ms": round(v[1], 3), "max_ms": round(v[2], 3)}
+            for k, v in sorted(groups.items(), key=lambda kv: -kv[1][1])}
 
 
 def run(a):
@@ -494,6 +549,27 @@ outbound: {{address: "{SC}:15001", tcp_bind_ip: {SC}}}
         res["steady"] = load(work, "steady", a.rate, a.duration)
         log(f"N={n}: steady p50 {res['steady']['p50']:.3f} ms p99 {res['steady']['p99']:.3f} ms")
 
+        # The same stream while the control plane works as hard as during the pushes (the same
+        # applies every 100 ms, each compiling to what the sidecar already has, so nothing is
+        # pushed): on 2 cores its compile competes with the load generator and the upstream, and
+        # this phase shows that cost alone; the push phase adds the sidecar's own work.
+        a0 = acks(metrics(murl))
+        busy = Churn(admin, n - 1, 0.1, int(a.duration * 10) + 40, step, idle_applies=True)
+        busy.start()
+        time.sleep(0.5)
+        try:
+            res["busy"] = load(work, "busy", a.rate, a.duration)
+        finally:
+            busy.stop.set()
+            busy.join(timeout=60)
+        if busy.error:
+            raise RuntimeError(f"the apply loop failed: {busy.error}")
+        time.sleep(1.5 * res["apply_to_ack_max_ms"] / 1000)
+        res["busy_applies"] = busy.applied
+        res["busy_pushes"] = acks(metrics(murl)) - a0
+        log(f"N={n}: control plane busy, nothing pushed: p50 {res['busy']['p50']:.3f} ms p99 "
+            f"{res['busy']['p99']:.3f} ms; {busy.applied} applies, {res['busy_pushes']:.0f} pushes ACKed")
+
         # The admin server shares the discovery thread: what one /metrics scrape costs it, to take
         # the scrapes made while waiting for the last ACKs out of the CPU per push.
         t = control_thread_ns(proxy.pid)
@@ -513,6 +589,11 @@ outbound: {{address: "{SC}:15001", tcp_bind_ip: {SC}}}
                 ["perf", "record", "-q", "-F", "499", "-g", "-t", ",".join(control_tids(proxy.pid)),
                  "-o", os.path.join(work, "perf.data")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sched = None
+        if a.sched:
+            sched = subprocess.Popen(["perf", "sched", "record", "-a", "-o", os.path.join(work, "sched.data")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
         churn.start()
         time.sleep(0.5)
         try:
@@ -520,6 +601,17 @@ outbound: {{address: "{SC}:15001", tcp_bind_ip: {SC}}}
         finally:
             churn.stop.set()
             churn.join(timeout=60)
+            if sched is not None:
+                sched.send_signal(signal.SIGINT)
+                try:
+                    sched.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    sched.kill()
+                    sched.wait()
+        if sched is not None:
+            res["sched_delays"] = sched_delays(os.path.join(work, "sched.data"), proxy.pid)
+            log(f"N={n}: the sidecar's data-path thread woken and kept waiting > 0.3 ms during pushes, "
+                f"by what its CPU ran before: {json.dumps(res['sched_delays'])}")
             if perf is not None:
                 perf.send_signal(signal.SIGINT)
                 try:
@@ -575,6 +667,7 @@ outbound: {{address: "{SC}:15001", tcp_bind_ip: {SC}}}
         time.sleep(5)  # jemalloc returns pages free for 1 s; what stays is held
         res["rss_settled_mb"] = rss_kb(proxy.pid) / 1024
         res["p99_ratio"] = res["push"]["p99"] / res["steady"]["p99"]
+        res["p99_ratio_busy"] = res["push"]["p99"] / res["busy"]["p99"]
         log(f"N={n}: during pushes p50 {res['push']['p50']:.3f} ms p99 {res['push']['p99']:.3f} ms; "
             f"{churn.applied} applies, {ep_pushes:.0f} endpoint pushes ACKed, "
             f"build + swap {res['apply_ms']:.2f} ms per push (weft_config_apply_duration_seconds), "
@@ -595,18 +688,22 @@ def table(paths):
     out = [
         "| services | endpoints | RSS: 1st snapshot | RSS: after pushes (+5 s), peak | received: 1st snapshot "
         "| received per push | build + swap per push | sidecar CPU per push | apply -> ACK, median (max) | steady p50 / p99 "
-        "| pushing p50 / p99 | p99 ratio | pushes ACKed / applies (per s) | control plane CPU per apply "
-        "| metric series | errors |",
-        "|" + "---:|" * 16,
+        "| control plane busy, no push: p50 / p99 | pushing p50 / p99 | p99 ratio: vs steady (vs busy) "
+        "| pushes ACKed / applies (per s) | control plane CPU per apply | metric series | errors |",
+        "|" + "---:|" * 17,
     ]
     for r in rows:
         s, p = r["steady"], r["push"]
+        b = r.get("busy")
+        busy = "-" if b is None else f"{b['p50']:.3f} / {b['p99']:.3f} ms ({r['busy_pushes']:.0f} pushed)"
+        vs_busy = "" if b is None else f" ({r['p99_ratio_busy']:.2f}x)"
         out.append(
             f"| {r['n']:,} | {r['endpoints']:,} | {r['rss_mb']:.1f} MB "
             f"| {r['rss_after_mb']:.1f} MB ({r['rss_settled_mb']:.1f} MB), {r['rss_peak_mb']:.0f} MB "
             f"| {r['bytes_first'] / 1024:,.0f} KiB | {r['bytes_per_push'] / 1024:,.1f} KiB "
             f"| {r['apply_ms']:.1f} ms | {r['cpu_per_push_ms']:.1f} ms | {r['apply_to_ack_ms']:.0f} ({r['apply_to_ack_max_ms']:.0f}) ms "
-            f"| {s['p50']:.3f} / {s['p99']:.3f} ms | {p['p50']:.3f} / {p['p99']:.3f} ms | {r['p99_ratio']:.2f}x "
+            f"| {s['p50']:.3f} / {s['p99']:.3f} ms | {busy} | {p['p50']:.3f} / {p['p99']:.3f} ms "
+            f"| {r['p99_ratio']:.2f}x{vs_busy} "
             f"| {r['pushes_acked']:.0f} / {r['applies']} ({r['applies_per_s']:.1f}) "
             f"| {r['cp_cpu_per_apply_ms']:.0f} ms | {r['metrics_series']:,} | {s['errors']} / {p['errors']} |"
         )
@@ -627,6 +724,16 @@ def table(paths):
     for r in rows:
         t.append(f"- p99 during pushes <= 1.5x steady p99 at {r['n']:,} services: {r['p99_ratio']:.2f}x "
                  f"({r['push']['p99']:.3f} vs {r['steady']['p99']:.3f} ms), {verdict(r['p99_ratio'] <= 1.5)}")
+        if r.get("busy"):
+            t.append(f"  - what the pushes add to the control plane's own load at {r['n']:,} services (p99 during "
+                     f"pushes vs the same applies with nothing pushed): {r['p99_ratio_busy']:.2f}x "
+                     f"({r['push']['p99']:.3f} vs {r['busy']['p99']:.3f} ms), {verdict(r['p99_ratio_busy'] <= 1.5)}")
+        if "sched_delays" in r:
+            d = r["sched_delays"]
+            what = "; ".join(f"{k}: {v['count']} ({v['total_ms']:.1f} ms in all, max {v['max_ms']:.1f})"
+                             for k, v in d.items()) or "none"
+            t.append(f"  - the sidecar's data-path thread woken and kept waiting > 0.3 ms for its CPU during the "
+                     f"pushes at {r['n']:,} services, by what that CPU ran before (--sched): {what}")
     if not t:
         t.append("- (no target applies to the N measured: targets are at 1,000 and 5,000 services)")
     print("\n".join(out + t))
@@ -646,6 +753,8 @@ def main():
     r.add_argument("--profile", action="store_true", help="perf record the sidecar's discovery thread during pushes")
     r.add_argument("--endpoints", type=int, default=0, help="endpoints per service (0: 3..10)")
     r.add_argument("--pin", action="store_true", help="sidecar on CPU 0, everything else on CPU 1")
+    r.add_argument("--sched", action="store_true",
+                   help="perf sched record during the pushes: what kept the sidecar's data path waiting for its CPU")
     t = sub.add_parser("table")
     t.add_argument("files", nargs="+")
     a = ap.parse_args()
@@ -654,6 +763,8 @@ def main():
         EPS_FIXED = a.endpoints
         if a.pin:
             PIN = ("0", "1")
+            # This driver too (its push loop and /metrics polls): off the sidecar's CPU.
+            os.sched_setaffinity(0, {1})
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         run(a)
     else:

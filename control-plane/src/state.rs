@@ -343,10 +343,12 @@ impl ControlPlane {
         let _guard = self.apply_lock.lock().await;
         let result = self.store.read_policies().await.map_err(ApplyError::from);
         let result = match result {
-            Ok(stored) => PolicySet::from_files_blocking(stored.files)
-                .await
-                .map(|set| (set, stored.revision))
-                .map_err(ApplyError::from),
+            Ok(stored) => {
+                PolicySet::from_files_reusing_blocking(stored.files, self.policy.load_full())
+                    .await
+                    .map(|set| (set, stored.revision))
+                    .map_err(ApplyError::from)
+            }
             Err(e) => Err(e),
         };
         match result {
@@ -403,7 +405,7 @@ impl ControlPlane {
     ) -> Result<ApplyOutcome, ApplyError> {
         let _guard = self.apply_lock.lock().await;
         let (files, writes, base) = self.merged_files(changes).await?;
-        let set = PolicySet::from_files_blocking(files).await?;
+        let set = PolicySet::from_files_reusing_blocking(files, self.policy.load_full()).await?;
         let changed = policy_changes(&self.policy.load(), &set);
         let mut outcome = ApplyOutcome {
             version: set.version().to_owned(),
@@ -438,7 +440,7 @@ impl ControlPlane {
         let proposed = {
             let _guard = self.apply_lock.lock().await;
             let (files, _, _) = self.merged_files(changes).await?;
-            PolicySet::from_files_blocking(files).await?
+            PolicySet::from_files_reusing_blocking(files, self.policy.load_full()).await?
         };
         let current = self.policy.load_full();
         let trust = self.trust.load_full();

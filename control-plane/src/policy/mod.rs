@@ -3,9 +3,11 @@
 //! A policy set is built from a whole directory of files at once; it is either entirely valid or
 //! rejected with every error found, each naming `file:line: field: reason`.
 
+mod assemble;
 pub mod bounds;
 mod index;
 mod locate;
+mod lookup;
 pub mod resilience;
 pub mod security;
 pub mod store;
@@ -14,6 +16,7 @@ pub mod transparent;
 mod validate;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -321,6 +324,8 @@ impl PolicyErrors {
 pub struct PolicySet {
     version: String,
     files: Vec<SourceFile>,
+    /// Where each file's declarations sit in the lists below (`files[i]`'s at `parts[i]`).
+    parts: Vec<assemble::FileParts>,
     mesh: Mesh,
     services: Vec<Service>,
     routes: Vec<Route>,
@@ -342,6 +347,7 @@ impl PolicySet {
         Self {
             version: version_of(&[]),
             files: Vec::new(),
+            parts: Vec::new(),
             mesh: Mesh::default(),
             services: Vec::new(),
             routes: Vec::new(),
@@ -354,7 +360,21 @@ impl PolicySet {
     /// [`PolicySet::from_files`] on a blocking thread: parsing is CPU work on untrusted
     /// input and must never stall the async runtime (discovery streams, the admin API).
     pub async fn from_files_blocking(files: Vec<SourceFile>) -> Result<Self, PolicyErrors> {
-        tokio::task::spawn_blocking(move || Self::from_files(files))
+        Self::on_blocking_thread(move || Self::from_files(files)).await
+    }
+
+    /// [`PolicySet::from_files_reusing`] on a blocking thread.
+    pub async fn from_files_reusing_blocking(
+        files: Vec<SourceFile>,
+        previous: Arc<PolicySet>,
+    ) -> Result<Self, PolicyErrors> {
+        Self::on_blocking_thread(move || Self::from_files_reusing(files, &previous)).await
+    }
+
+    async fn on_blocking_thread(
+        build: impl FnOnce() -> Result<Self, PolicyErrors> + Send + 'static,
+    ) -> Result<Self, PolicyErrors> {
+        tokio::task::spawn_blocking(build)
             .await
             .unwrap_or_else(|e| {
                 Err(PolicyErrors(vec![PolicyError::Parse {
@@ -367,56 +387,25 @@ impl PolicySet {
     }
 
     /// Parses and validates `files` as one set (sorted by name first).
-    pub fn from_files(mut files: Vec<SourceFile>) -> Result<Self, PolicyErrors> {
-        if files.len() > MAX_FILES {
-            return Err(PolicyErrors(vec![PolicyError::Parse {
-                file: "(set)".to_owned(),
-                line: 1,
-                field: "(files)".to_owned(),
-                reason: format!("{} policy files, at most {MAX_FILES}", files.len()),
-            }]));
-        }
-        files.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut parsed = Vec::with_capacity(files.len());
-        let mut errors = Vec::new();
-        for file in &files {
-            match parse_file(file) {
-                Ok(p) => parsed.push(p),
-                Err(e) => errors.push(e),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(PolicyErrors(errors));
-        }
-        validate::validate(&files, &parsed)?;
-        let services: Vec<Service> = parsed.iter().flat_map(|p| p.services.clone()).collect();
-        let routes: Vec<Route> = parsed.iter().flat_map(|p| p.routes.clone()).collect();
-        let authorization: Vec<AuthorizationPolicy> = parsed
-            .iter()
-            .flat_map(|p| p.authorization.clone())
-            .collect();
-        let index = index::PolicyIndex::build(&services, &routes, &authorization);
-        let mesh = parsed
-            .iter()
-            .find_map(|p| p.mesh.clone())
-            .unwrap_or_default();
-        // Validation checked the range and that it has room; a failure here leaves the
-        // services without one (never reached).
-        let range = mesh
-            .vip_range
-            .as_deref()
-            .and_then(|r| transparent::IpRange::parse(r).ok());
-        let vips = transparent::allocate_vips(&services, range.as_ref()).unwrap_or_default();
-        Ok(Self {
-            version: version_of(&files),
-            files,
-            mesh,
-            services,
-            routes,
-            authorization,
-            index,
-            vips,
-        })
+    pub fn from_files(files: Vec<SourceFile>) -> Result<Self, PolicyErrors> {
+        assemble::build(files, None).map(|built| built.set)
+    }
+
+    /// [`PolicySet::from_files`], parsing only the files that `previous` does not hold with the
+    /// same name and content (the others' parses are taken from `previous`). The result, errors
+    /// included, is exactly that of [`PolicySet::from_files`]: validation still covers the
+    /// whole set.
+    pub fn from_files_reusing(
+        files: Vec<SourceFile>,
+        previous: &PolicySet,
+    ) -> Result<Self, PolicyErrors> {
+        let built = assemble::build(files, Some(previous))?;
+        tracing::debug!(
+            files = built.parsed.len(),
+            parsed = built.parsed.iter().filter(|p| **p).count(),
+            "policy set built, unchanged files not parsed again"
+        );
+        Ok(built.set)
     }
 
     /// Content hash of the sorted file names and contents (16 hex digits).
@@ -549,7 +538,11 @@ fn version_of(files: &[SourceFile]) -> String {
     h.finish_hex()
 }
 
-/// Parses one file; an empty (or comments-only) file is an empty policy file.
+/// Parses one file; an empty (or comments-only) file is an empty policy file. Two parses: into
+/// a `serde_yaml::Value` first (it rejects duplicate mapping keys, which a map-typed field of
+/// the typed parse would silently collapse, and ill-formed core-tagged scalars such as
+/// `!!int x`, and tells an empty document), then into a [`PolicyFile`]. Applies parse only the
+/// files that changed ([`PolicySet::from_files_reusing`]), so this stays off the scale path.
 fn parse_file(file: &SourceFile) -> Result<PolicyFile, PolicyError> {
     let to_error = |e: serde_yaml::Error| {
         let line = e.location().map_or(1, |l| l.line());
@@ -604,5 +597,7 @@ fn split_serde_message(message: &str) -> (String, String) {
 mod tests;
 #[cfg(test)]
 mod tests_resilience;
+#[cfg(test)]
+mod tests_reuse;
 #[cfg(test)]
 mod tests_security;

@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use super::lookup::ServiceLookup;
 use super::{
-    line_of, resolve_reference, PathMatch, PolicyError, PolicyErrors, PolicyFile, Protocol, Route,
+    line_of, AuthorizationPolicy, Mesh, PathMatch, PolicyError, PolicyErrors, Protocol, Route,
     Service, SourceFile,
 };
 
@@ -36,13 +37,27 @@ impl Collector<'_> {
     }
 }
 
-/// Checks every rule over the whole set; `parsed[i]` is the parse of `files[i]`.
-pub(super) fn validate(files: &[SourceFile], parsed: &[PolicyFile]) -> Result<(), PolicyErrors> {
+/// One file's declarations as validation sees them: borrowed from a fresh parse or from the
+/// set in force (a file that did not change is not parsed again).
+pub(super) struct FileView<'a> {
+    pub(super) mesh: Option<&'a Mesh>,
+    pub(super) services: &'a [Service],
+    pub(super) routes: &'a [Route],
+    pub(super) authorization: &'a [AuthorizationPolicy],
+}
+
+/// Checks every rule over the whole set; `parsed[i]` is the parse of `files[i]` and
+/// `all_services` every service of `parsed`, in order.
+pub(super) fn validate(
+    files: &[SourceFile],
+    parsed: &[FileView<'_>],
+    all_services: &[Service],
+) -> Result<(), PolicyErrors> {
     let mut c = Collector {
         files,
         errors: Vec::new(),
     };
-    let all_services: Vec<Service> = parsed.iter().flat_map(|p| p.services.clone()).collect();
+    let all = ServiceLookup::new(all_services);
 
     let mut seen_services: HashMap<(String, String), (usize, String)> = HashMap::new();
     let mut seen_routes: HashMap<String, (usize, String)> = HashMap::new();
@@ -64,7 +79,7 @@ pub(super) fn validate(files: &[SourceFile], parsed: &[PolicyFile]) -> Result<()
             } else {
                 seen_services.insert(key, (fi, path.clone()));
             }
-            validate_service(&mut c, fi, &path, service, &all_services);
+            validate_service(&mut c, fi, &path, service, &all);
         }
         for (ri, route) in file.routes.iter().enumerate() {
             let path = format!("routes[{ri}]");
@@ -82,9 +97,9 @@ pub(super) fn validate(files: &[SourceFile], parsed: &[PolicyFile]) -> Result<()
             } else {
                 seen_routes.insert(route.name.clone(), (fi, path.clone()));
             }
-            validate_route(&mut c, fi, &path, route, &all_services);
+            validate_route(&mut c, fi, &path, route, &all);
             // A repeated name is already an error; don't report its match a second time.
-            if let Some(key) = match_key(route, &all_services).filter(|_| !duplicate_name) {
+            if let Some(key) = match_key(route, &all).filter(|_| !duplicate_name) {
                 if let Some((first_file, first_path, first_name)) = seen_matches.get(&key) {
                     let first = c.location(*first_file, first_path);
                     let field = if route.matcher.is_some() {
@@ -106,8 +121,8 @@ pub(super) fn validate(files: &[SourceFile], parsed: &[PolicyFile]) -> Result<()
             }
         }
     }
-    security::check(&mut c, parsed, &all_services);
-    transparent::check(&mut c, parsed, &all_services);
+    security::check(&mut c, parsed, &all);
+    transparent::check(&mut c, parsed, all_services);
     for (fi, file) in parsed.iter().enumerate() {
         if let Some(mesh) = &file.mesh {
             traffic::check_egress(&mut c, fi, &mesh.egress);
@@ -125,8 +140,8 @@ pub(super) fn validate(files: &[SourceFile], parsed: &[PolicyFile]) -> Result<()
 /// hosts are aliases of the *service*, shared by all its routes (ARCHITECTURE.md), so two routes
 /// that differ only in `hosts` still shadow each other. `None` when the service does not resolve
 /// (that error is reported on its own).
-fn match_key(route: &Route, all: &[Service]) -> Option<String> {
-    let service = resolve_reference(all, &route.service, None).ok()?;
+fn match_key(route: &Route, all: &ServiceLookup<'_>) -> Option<String> {
+    let service = all.resolve(&route.service, None).ok()?;
     let m = route.matcher.clone().unwrap_or_default();
     let mut headers: Vec<String> = m
         .headers
@@ -194,7 +209,7 @@ fn validate_service(
     fi: usize,
     path: &str,
     service: &Service,
-    all: &[Service],
+    all: &ServiceLookup<'_>,
 ) {
     if !is_dns_label(&service.name) {
         c.push(
@@ -237,7 +252,7 @@ fn validate_service(
     }
     if let Some(deps) = &service.dependencies {
         for (di, dep) in deps.iter().enumerate() {
-            if let Err(e) = resolve_reference(all, dep, Some(&service.namespace)) {
+            if let Err(e) = all.resolve(dep, Some(&service.namespace)) {
                 c.push(fi, format!("{path}.dependencies[{di}]"), e.to_string());
             }
         }
@@ -254,7 +269,13 @@ fn validate_service(
     traffic::check_service(c, fi, path, service);
 }
 
-fn validate_route(c: &mut Collector<'_>, fi: usize, path: &str, route: &Route, all: &[Service]) {
+fn validate_route(
+    c: &mut Collector<'_>,
+    fi: usize,
+    path: &str,
+    route: &Route,
+    all: &ServiceLookup<'_>,
+) {
     if !is_dns_label(&route.name) {
         c.push(
             fi,
@@ -263,12 +284,9 @@ fn validate_route(c: &mut Collector<'_>, fi: usize, path: &str, route: &Route, a
         );
     }
     let mut context_namespace = None;
-    match resolve_reference(all, &route.service, None) {
+    match all.resolve(&route.service, None) {
         Ok(key) => {
-            if let Some(s) = all
-                .iter()
-                .find(|s| s.name == key.name && s.namespace == key.namespace)
-            {
+            if let Some(s) = all.get(&key.name, &key.namespace) {
                 if s.protocol == Protocol::Tcp {
                     c.push(
                         fi,
@@ -336,13 +354,11 @@ fn validate_route(c: &mut Collector<'_>, fi: usize, path: &str, route: &Route, a
         );
     }
     for (di, d) in route.destinations.iter().enumerate() {
-        match resolve_reference(all, &d.service, context_namespace.as_deref()) {
+        match all.resolve(&d.service, context_namespace.as_deref()) {
             Ok(key) => {
-                let tcp = all.iter().any(|s| {
-                    s.name == key.name
-                        && s.namespace == key.namespace
-                        && s.protocol == Protocol::Tcp
-                });
+                let tcp = all
+                    .with_key(&key.name, &key.namespace)
+                    .any(|s| s.protocol == Protocol::Tcp);
                 if tcp {
                     c.push(
                         fi,

@@ -4,12 +4,13 @@
 use std::collections::HashMap;
 
 use super::{
-    check_method, check_path_match, is_dns_label, resolve_reference, Collector, PolicyFile,
-    Protocol, Service, DNS_LABEL_RULE,
+    check_method, check_path_match, is_dns_label, Collector, FileView, Protocol, Service,
+    DNS_LABEL_RULE,
 };
+use crate::policy::lookup::ServiceLookup;
 use crate::policy::{AuthorizationPolicy, ServiceKey};
 
-pub(super) fn check(c: &mut Collector<'_>, parsed: &[PolicyFile], all: &[Service]) {
+pub(super) fn check(c: &mut Collector<'_>, parsed: &[FileView<'_>], all: &ServiceLookup<'_>) {
     let mut first_mesh: Option<usize> = None;
     for (fi, file) in parsed.iter().enumerate() {
         let Some(mesh) = &file.mesh else { continue };
@@ -68,7 +69,7 @@ pub(super) fn check(c: &mut Collector<'_>, parsed: &[PolicyFile], all: &[Service
             } else {
                 names.insert(&policy.name, (fi, path.clone()));
             }
-            let service = match resolve_reference(all, &policy.service, None) {
+            let service = match all.resolve(&policy.service, None) {
                 Ok(key) => {
                     if let Some((first_file, first_path)) = guarded.get(&key) {
                         let at = c.location(*first_file, first_path);
@@ -80,8 +81,7 @@ pub(super) fn check(c: &mut Collector<'_>, parsed: &[PolicyFile], all: &[Service
                     } else {
                         guarded.insert(key.clone(), (fi, path.clone()));
                     }
-                    all.iter()
-                        .find(|s| s.name == key.name && s.namespace == key.namespace)
+                    all.get(&key.name, &key.namespace)
                 }
                 Err(e) => {
                     c.push(fi, format!("{path}.service"), e.to_string());
@@ -99,7 +99,7 @@ fn check_rules(
     path: &str,
     policy: &AuthorizationPolicy,
     service: Option<&Service>,
-    all: &[Service],
+    all: &ServiceLookup<'_>,
 ) {
     let mut rule_names: HashMap<&str, usize> = HashMap::new();
     let context = service.map(|s| s.namespace.as_str());
@@ -119,7 +119,7 @@ fn check_rules(
             );
         }
         for (i, reference) in rule.from.services.iter().enumerate() {
-            if let Err(e) = resolve_reference(all, reference, context) {
+            if let Err(e) = all.resolve(reference, context) {
                 c.push(fi, format!("{rpath}.from.services[{i}]"), e.to_string());
             }
         }

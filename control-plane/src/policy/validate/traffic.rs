@@ -2,8 +2,9 @@
 //! origination, locality, query matches, route filters, subsets and the egress policy.
 
 use super::{one_line, Collector, Service};
+use crate::policy::lookup::ServiceLookup;
 use crate::policy::traffic::{HeaderMutation, RouteFilters};
-use crate::policy::{resolve_reference, Protocol, Route, UpstreamProtocol};
+use crate::policy::{Protocol, Route, UpstreamProtocol};
 
 /// Variables header values may use.
 const VARIABLES: [&str; 3] = ["peer_identity", "route", "request_id"];
@@ -237,7 +238,7 @@ fn check_filters(
     path: &str,
     route: &Route,
     f: &RouteFilters,
-    all: &[Service],
+    all: &ServiceLookup<'_>,
     namespace: Option<&str>,
 ) {
     let fpath = format!("{path}.filters");
@@ -425,13 +426,12 @@ fn check_filters(
                 format!("{} is more than {MAX_MIRROR_BODY}", m.max_body_bytes),
             );
         }
-        match resolve_reference(all, &m.service, namespace) {
+        match all.resolve(&m.service, namespace) {
             Ok(key) => {
-                if all.iter().any(|s| {
-                    s.name == key.name
-                        && s.namespace == key.namespace
-                        && s.protocol == Protocol::Tcp
-                }) {
+                if all
+                    .with_key(&key.name, &key.namespace)
+                    .any(|s| s.protocol == Protocol::Tcp)
+                {
                     c.push(
                         fi,
                         format!("{mp}.service"),
@@ -450,7 +450,7 @@ pub(super) fn check_route(
     fi: usize,
     path: &str,
     route: &Route,
-    all: &[Service],
+    all: &ServiceLookup<'_>,
     namespace: Option<&str>,
 ) {
     if let Some(m) = &route.matcher {

@@ -2,15 +2,15 @@
 
 use std::collections::HashMap;
 
-use super::Collector;
+use super::{Collector, FileView};
 use crate::policy::transparent::{
     allocate_vips, parse_vip, IpRange, ProtocolDetection, MAX_DETECT_TIMEOUT,
 };
-use crate::policy::{PolicyFile, Service};
+use crate::policy::Service;
 
 /// Checks every service's `vip` (an address, unique), the mesh's range and detection settings,
 /// and that the range has an address for every service without a declared VIP.
-pub(super) fn check(c: &mut Collector<'_>, parsed: &[PolicyFile], all: &[Service]) {
+pub(super) fn check(c: &mut Collector<'_>, parsed: &[FileView<'_>], all: &[Service]) {
     let mut seen: HashMap<std::net::IpAddr, String> = HashMap::new();
     for (fi, file) in parsed.iter().enumerate() {
         for (si, s) in file.services.iter().enumerate() {
