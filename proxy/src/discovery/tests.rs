@@ -373,3 +373,31 @@ async fn every_apply_is_timed_and_its_bytes_counted_and_the_old_snapshot_is_rele
     assert_eq!(m.duration.get_sample_count(), 3);
     assert_eq!(m.received_bytes.get(), received);
 }
+
+/// A snapshot builder thread runs under SCHED_IDLE (unprivileged processes may always switch
+/// to it), so a woken request thread takes its CPU at once.
+#[test]
+fn snapshot_builders_run_under_sched_idle() {
+    use thread_priority::unix::thread_schedule_policy;
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadSchedulePolicy};
+    let (before, after) = std::thread::spawn(|| {
+        let before = thread_schedule_policy().expect("policy");
+        super::yield_to_the_data_path();
+        (before, thread_schedule_policy().expect("policy"))
+    })
+    .join()
+    .expect("thread");
+    assert_eq!(
+        before,
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other)
+    );
+    assert_eq!(
+        after,
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle)
+    );
+    // This thread (the test's) is untouched.
+    assert_eq!(
+        thread_schedule_policy().expect("policy"),
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other)
+    );
+}
