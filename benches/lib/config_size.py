@@ -399,6 +399,17 @@ class Churn(threading.Thread):
         self.ended = time.monotonic()
 
 
+def interrupt(proc, timeout):
+    """Stops a recording `perf` the way Ctrl-C does (it then writes its file), killing it after
+    `timeout` s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 SCHED_LINE = re.compile(r"^\s*([\d.]+)\s+\[(\d+)\]\s+(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
 
 
@@ -602,23 +613,13 @@ outbound: {{address: "{SC}:15001", tcp_bind_ip: {SC}}}
             churn.stop.set()
             churn.join(timeout=60)
             if sched is not None:
-                sched.send_signal(signal.SIGINT)
-                try:
-                    sched.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    sched.kill()
-                    sched.wait()
+                interrupt(sched, 60)
         if sched is not None:
             res["sched_delays"] = sched_delays(os.path.join(work, "sched.data"), proxy.pid)
             log(f"N={n}: the sidecar's data-path thread woken and kept waiting > 0.3 ms during pushes, "
                 f"by what its CPU ran before: {json.dumps(res['sched_delays'])}")
             if perf is not None:
-                perf.send_signal(signal.SIGINT)
-                try:
-                    perf.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    perf.kill()
-                    perf.wait()
+                interrupt(perf, 30)
         if perf is not None:
             rep = subprocess.run(
                 ["perf", "report", "-i", os.path.join(work, "perf.data"), "--no-children",

@@ -67,18 +67,10 @@ impl PolicyIndex {
         match candidates {
             [] => Err(ReferenceError::Unknown(reference.to_owned())),
             [i] => Ok(key(*i)),
-            many => {
-                let mut namespaces: Vec<&str> = many
-                    .iter()
-                    .map(|&i| services[i].namespace.as_str())
-                    .collect();
-                namespaces.sort_unstable();
-                namespaces.dedup();
-                Err(ReferenceError::Ambiguous(
-                    reference.to_owned(),
-                    namespaces.join(", "),
-                ))
-            }
+            many => Err(ReferenceError::ambiguous(
+                reference,
+                many.iter().map(|&i| services[i].namespace.as_str()),
+            )),
         }
     }
 

@@ -84,18 +84,10 @@ impl<'a> ServiceLookup<'a> {
         match candidates {
             [] => Err(ReferenceError::Unknown(reference.to_owned())),
             [i] => Ok(key(&self.services[*i])),
-            many => {
-                let mut namespaces: Vec<&str> = many
-                    .iter()
-                    .map(|&i| self.services[i].namespace.as_str())
-                    .collect();
-                namespaces.sort_unstable();
-                namespaces.dedup();
-                Err(ReferenceError::Ambiguous(
-                    reference.to_owned(),
-                    namespaces.join(", "),
-                ))
-            }
+            many => Err(ReferenceError::ambiguous(
+                reference,
+                many.iter().map(|&i| self.services[i].namespace.as_str()),
+            )),
         }
     }
 }

@@ -490,6 +490,16 @@ pub enum ReferenceError {
     Ambiguous(String, String),
 }
 
+impl ReferenceError {
+    /// `reference` names a service in each of `namespaces` (listed sorted, each once).
+    fn ambiguous<'a>(reference: &str, namespaces: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut namespaces: Vec<&str> = namespaces.into_iter().collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        Self::Ambiguous(reference.to_owned(), namespaces.join(", "))
+    }
+}
+
 /// Resolves a reference to a service: `name.namespace` names one exactly; a bare `name` means
 /// the service of that name in `context_namespace` if there is one, else the only service of
 /// that name in any namespace.
@@ -514,15 +524,10 @@ pub fn resolve_reference(
     match candidates.as_slice() {
         [] => Err(ReferenceError::Unknown(reference.to_owned())),
         [s] => Ok(ServiceKey::new(&s.name, &s.namespace)),
-        many => {
-            let mut namespaces: Vec<&str> = many.iter().map(|s| s.namespace.as_str()).collect();
-            namespaces.sort_unstable();
-            namespaces.dedup();
-            Err(ReferenceError::Ambiguous(
-                reference.to_owned(),
-                namespaces.join(", "),
-            ))
-        }
+        many => Err(ReferenceError::ambiguous(
+            reference,
+            many.iter().map(|s| s.namespace.as_str()),
+        )),
     }
 }
 
