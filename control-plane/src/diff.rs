@@ -12,30 +12,28 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::compile::{type_name, Resources};
-use crate::policy::{AuthorizationPolicy, PolicySet, Route, Service, ServiceKey};
+use crate::policy::{AuthorizationPolicy, PolicySet, Route, Service};
 use weft_proto::v1::ResourceType;
 
 /// Human-readable differences between two policy sets: `mesh`, services, routes, then
 /// authorization policies, e.g. `route/canary configured`.
 pub fn policy_changes(old: &PolicySet, new: &PolicySet) -> Vec<String> {
-    let services = |set: &PolicySet| -> BTreeMap<ServiceKey, Service> {
+    // Borrowed keys and values: at thousands of services this runs on every apply.
+    fn services(set: &PolicySet) -> BTreeMap<ServiceName<'_>, &Service> {
         set.services()
             .iter()
-            .map(|s| (ServiceKey::new(&s.name, &s.namespace), s.clone()))
+            .map(|s| (ServiceName(&s.name, &s.namespace), s))
             .collect()
-    };
-    let routes = |set: &PolicySet| -> BTreeMap<String, Route> {
-        set.routes()
-            .iter()
-            .map(|r| (r.name.clone(), r.clone()))
-            .collect()
-    };
-    let authorization = |set: &PolicySet| -> BTreeMap<String, AuthorizationPolicy> {
+    }
+    fn routes(set: &PolicySet) -> BTreeMap<&str, &Route> {
+        set.routes().iter().map(|r| (r.name.as_str(), r)).collect()
+    }
+    fn authorization(set: &PolicySet) -> BTreeMap<&str, &AuthorizationPolicy> {
         set.authorization()
             .iter()
-            .map(|p| (p.name.clone(), p.clone()))
+            .map(|p| (p.name.as_str(), p))
             .collect()
-    };
+    }
     let mut out = Vec::new();
     if old.mesh() != new.mesh() {
         out.push("mesh configured".to_owned());
@@ -49,6 +47,17 @@ pub fn policy_changes(old: &PolicySet, new: &PolicySet) -> Vec<String> {
         &mut out,
     );
     out
+}
+
+/// A service's name and namespace, borrowed: ordered and shown like
+/// [`crate::policy::ServiceKey`].
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct ServiceName<'a>(&'a str, &'a str);
+
+impl std::fmt::Display for ServiceName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.0, self.1)
+    }
 }
 
 fn diff_maps<K: Ord + std::fmt::Display, V: PartialEq>(
