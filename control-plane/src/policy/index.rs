@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::{AuthorizationPolicy, ReferenceError, Route, Service, ServiceKey};
+use super::{resolve_among, AuthorizationPolicy, ReferenceError, Route, Service, ServiceKey};
 
 /// The index of one policy set.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -58,20 +58,11 @@ impl PolicyIndex {
             };
         }
         let candidates = self.by_name.get(reference).map_or(&[][..], Vec::as_slice);
-        let key = |i: usize| ServiceKey::new(&services[i].name, &services[i].namespace);
-        if let Some(ns) = context_namespace {
-            if let Some(&i) = candidates.iter().find(|&&i| services[i].namespace == ns) {
-                return Ok(key(i));
-            }
-        }
-        match candidates {
-            [] => Err(ReferenceError::Unknown(reference.to_owned())),
-            [i] => Ok(key(*i)),
-            many => Err(ReferenceError::ambiguous(
-                reference,
-                many.iter().map(|&i| services[i].namespace.as_str()),
-            )),
-        }
+        resolve_among(
+            reference,
+            context_namespace,
+            candidates.iter().map(|&i| &services[i]),
+        )
     }
 
     pub(super) fn service(&self, key: &ServiceKey) -> Option<usize> {

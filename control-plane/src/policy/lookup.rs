@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use super::{ReferenceError, Service, ServiceKey};
+use super::{resolve_among, ReferenceError, Service, ServiceKey};
 
 /// An index of a slice of services, borrowing their names (no copies).
 pub(super) struct ServiceLookup<'a> {
@@ -65,30 +65,18 @@ impl<'a> ServiceLookup<'a> {
         reference: &str,
         context_namespace: Option<&str>,
     ) -> Result<ServiceKey, ReferenceError> {
-        let key = |s: &Service| ServiceKey::new(&s.name, &s.namespace);
         if let Some((name, ns)) = reference.split_once('.') {
             return self
                 .get(name, ns)
-                .map(key)
+                .map(|s| ServiceKey::new(&s.name, &s.namespace))
                 .ok_or_else(|| ReferenceError::Unknown(reference.to_owned()));
         }
         let candidates = self.by_name.get(reference).map_or(&[][..], Vec::as_slice);
-        if let Some(ns) = context_namespace {
-            if let Some(&i) = candidates
-                .iter()
-                .find(|&&i| self.services[i].namespace == ns)
-            {
-                return Ok(key(&self.services[i]));
-            }
-        }
-        match candidates {
-            [] => Err(ReferenceError::Unknown(reference.to_owned())),
-            [i] => Ok(key(&self.services[*i])),
-            many => Err(ReferenceError::ambiguous(
-                reference,
-                many.iter().map(|&i| self.services[i].namespace.as_str()),
-            )),
-        }
+        resolve_among(
+            reference,
+            context_namespace,
+            candidates.iter().map(|&i| &self.services[i]),
+        )
     }
 }
 

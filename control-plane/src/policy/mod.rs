@@ -490,16 +490,6 @@ pub enum ReferenceError {
     Ambiguous(String, String),
 }
 
-impl ReferenceError {
-    /// `reference` names a service in each of `namespaces` (listed sorted, each once).
-    fn ambiguous<'a>(reference: &str, namespaces: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut namespaces: Vec<&str> = namespaces.into_iter().collect();
-        namespaces.sort_unstable();
-        namespaces.dedup();
-        Self::Ambiguous(reference.to_owned(), namespaces.join(", "))
-    }
-}
-
 /// Resolves a reference to a service: `name.namespace` names one exactly; a bare `name` means
 /// the service of that name in `context_namespace` if there is one, else the only service of
 /// that name in any namespace.
@@ -515,19 +505,41 @@ pub fn resolve_reference(
             .map(|s| ServiceKey::new(&s.name, &s.namespace))
             .ok_or_else(|| ReferenceError::Unknown(reference.to_owned()));
     }
-    let candidates: Vec<&Service> = services.iter().filter(|s| s.name == reference).collect();
+    resolve_among(
+        reference,
+        context_namespace,
+        services.iter().filter(|s| s.name == reference),
+    )
+}
+
+/// How a bare `reference` resolves among `candidates`, every service of that name in declared
+/// order: the one in `context_namespace` if there is one, else the only one; several are an
+/// ambiguity listing their namespaces (sorted, each once). Shared by [`resolve_reference`] and
+/// the indexes that avoid its scan (`index::PolicyIndex`, `lookup::ServiceLookup`).
+fn resolve_among<'s>(
+    reference: &str,
+    context_namespace: Option<&str>,
+    candidates: impl Iterator<Item = &'s Service> + Clone,
+) -> Result<ServiceKey, ReferenceError> {
+    let key = |s: &Service| ServiceKey::new(&s.name, &s.namespace);
     if let Some(ns) = context_namespace {
-        if let Some(s) = candidates.iter().find(|s| s.namespace == ns) {
-            return Ok(ServiceKey::new(&s.name, &s.namespace));
+        if let Some(s) = candidates.clone().find(|s| s.namespace == ns) {
+            return Ok(key(s));
         }
     }
-    match candidates.as_slice() {
-        [] => Err(ReferenceError::Unknown(reference.to_owned())),
-        [s] => Ok(ServiceKey::new(&s.name, &s.namespace)),
-        many => Err(ReferenceError::ambiguous(
-            reference,
-            many.iter().map(|s| s.namespace.as_str()),
-        )),
+    let mut first_two = candidates.clone();
+    match (first_two.next(), first_two.next()) {
+        (None, _) => Err(ReferenceError::Unknown(reference.to_owned())),
+        (Some(s), None) => Ok(key(s)),
+        (Some(_), Some(_)) => {
+            let mut namespaces: Vec<&str> = candidates.map(|s| s.namespace.as_str()).collect();
+            namespaces.sort_unstable();
+            namespaces.dedup();
+            Err(ReferenceError::Ambiguous(
+                reference.to_owned(),
+                namespaces.join(", "),
+            ))
+        }
     }
 }
 
