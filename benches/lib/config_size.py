@@ -361,6 +361,20 @@ def load(work, tag, rate, duration):
     }
 
 
+def load_during(churn, work, tag, a, recorders=()):
+    """`load` while `churn` applies (started here, stopped when the load ends, as are the
+    `recorders`: (perf process, timeout) pairs)."""
+    churn.start()
+    time.sleep(0.5)
+    try:
+        return load(work, tag, a.rate, a.duration)
+    finally:
+        churn.stop.set()
+        churn.join(timeout=60)
+        for proc, timeout in recorders:
+            interrupt(proc, timeout)
+
+
 class Churn(threading.Thread):
     """Rewrites svc-(N-1)'s endpoints through the admin API every `period` s (bounded)."""
 
@@ -566,13 +580,7 @@ outbound: {{address: "{SC}:15001", tcp_bind_ip: {SC}}}
         # this phase shows that cost alone; the push phase adds the sidecar's own work.
         a0 = acks(metrics(murl))
         busy = Churn(admin, n - 1, 0.1, int(a.duration * 10) + 40, step, idle_applies=True)
-        busy.start()
-        time.sleep(0.5)
-        try:
-            res["busy"] = load(work, "busy", a.rate, a.duration)
-        finally:
-            busy.stop.set()
-            busy.join(timeout=60)
+        res["busy"] = load_during(busy, work, "busy", a)
         if busy.error:
             raise RuntimeError(f"the apply loop failed: {busy.error}")
         time.sleep(1.5 * res["apply_to_ack_max_ms"] / 1000)
@@ -605,21 +613,12 @@ outbound: {{address: "{SC}:15001", tcp_bind_ip: {SC}}}
             sched = subprocess.Popen(["perf", "sched", "record", "-a", "-o", os.path.join(work, "sched.data")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
-        churn.start()
-        time.sleep(0.5)
-        try:
-            res["push"] = load(work, "push", a.rate, a.duration)
-        finally:
-            churn.stop.set()
-            churn.join(timeout=60)
-            if sched is not None:
-                interrupt(sched, 60)
+        recorders = [(p, t) for p, t in ((sched, 60), (perf, 30)) if p is not None]
+        res["push"] = load_during(churn, work, "push", a, recorders)
         if sched is not None:
             res["sched_delays"] = sched_delays(os.path.join(work, "sched.data"), proxy.pid)
             log(f"N={n}: the sidecar's data-path thread woken and kept waiting > 0.3 ms during pushes, "
                 f"by what its CPU ran before: {json.dumps(res['sched_delays'])}")
-            if perf is not None:
-                interrupt(perf, 30)
         if perf is not None:
             rep = subprocess.run(
                 ["perf", "report", "-i", os.path.join(work, "perf.data"), "--no-children",
