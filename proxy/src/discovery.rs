@@ -272,13 +272,12 @@ impl ConfigApplier {
 const BUILD_NICE: i32 = 10;
 
 /// Puts the calling (blocking-pool) thread under `SCHED_IDLE`, once per thread: it then runs
-/// only when the data path's threads leave its CPU idle, and a request thread that wakes up
-/// takes the CPU from it at once. A nice value alone does not do that: the scheduler (EEVDF)
-/// lets the running thread finish its slice, so a woken request thread waited for the next
-/// tick (up to 4 ms at 250 Hz) behind a build of thousands of services. Under full load a
-/// build still progresses (an idle-policy thread gets a small share) and takes longer: the
-/// data path comes first. Falls back to nice [`BUILD_NICE`]. On Linux, both act on the
-/// calling thread alone.
+/// only when the data path's threads leave its CPU idle, and the kernel switches to a request
+/// thread that wakes up without weighing the builder's slice. At nice 10, request threads were
+/// seen waiting up to ~4 ms behind a build of 5,000 services (benches/RESULTS.md, round 5).
+/// Under full load a build still progresses (an idle-policy thread gets a small share) and
+/// takes longer: the data path comes first. Falls back to nice [`BUILD_NICE`]. On Linux, both
+/// act on the calling thread alone.
 fn yield_to_the_data_path() {
     use thread_priority::{
         set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
@@ -316,13 +315,12 @@ fn retire(old: Arc<Snapshot>) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let on_blocking = rt.clone();
     rt.spawn(async move {
         let deadline = Instant::now() + RETIRE_WAIT;
         while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        on_blocking.spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             yield_to_the_data_path();
             drop(old);
         });
