@@ -10,13 +10,15 @@
 
 mod authz;
 pub mod inputs;
+mod patch;
 mod resilience;
 mod scope;
 pub mod traffic;
 pub mod transparent;
 
 pub use inputs::{Inputs, Read, ScopeInputs};
-pub use scope::{compile_scope, compile_scope_recorded, ScopeResources};
+pub use patch::EndpointPatch;
+pub use scope::{compile_scope, compile_scope_recorded, ScopeResources, SubsetCluster};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -609,6 +611,8 @@ pub(crate) fn hash_cluster_endpoints(h: &mut StableHasher, set: &ClusterEndpoint
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_patch;
 #[cfg(test)]
 mod tests_resilience;
 #[cfg(test)]

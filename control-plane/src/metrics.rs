@@ -40,7 +40,7 @@ pub struct Metrics {
     pub connections_refused_total: IntCounterVec,
     /// Admin API requests refused, label `reason` (`unauthenticated`, `forbidden`).
     pub admin_requests_denied_total: IntCounterVec,
-    /// Scope lookups of discovery streams, label `result` (`compiled`, `reused`).
+    /// Scope lookups of discovery streams, label `result` (`compiled`, `reused`, `patched`).
     pub compilations_total: IntCounterVec,
     /// Discovery streams with a change they have not pushed yet.
     pub pushes_pending: IntGauge,
@@ -130,7 +130,7 @@ impl Metrics {
         let compilations_total = IntCounterVec::new(
             Opts::new(
                 "weft_control_compilations_total",
-                "Scope lookups by discovery streams: compiled (the scope's policy, trust or the registrations it holds changed) or reused (shared with the other proxies of the scope).",
+                "Scope lookups by discovery streams: compiled (the scope's policy, trust or the registrations it holds changed), patched (only endpoints changed: those clusters' endpoints recomputed) or reused (shared with the other proxies of the scope).",
             ),
             &["result"],
         )?;
@@ -140,7 +140,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(compilations_total.clone()))?;
         registry.register(Box::new(pushes_pending.clone()))?;
-        for result in ["compiled", "reused"] {
+        for result in ["compiled", "reused", "patched"] {
             compilations_total.with_label_values(&[result]);
         }
         registry.register(Box::new(registrations_refused_total.clone()))?;

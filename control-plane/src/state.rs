@@ -138,6 +138,7 @@ impl ControlPlane {
             scopes: crate::push::ScopeCache::new(
                 metrics.compilations_total.with_label_values(&["compiled"]),
                 metrics.compilations_total.with_label_values(&["reused"]),
+                metrics.compilations_total.with_label_values(&["patched"]),
             ),
             wakers: crate::push::Wakers::new(),
             metrics,

@@ -76,6 +76,9 @@ pub struct PhaseReport {
     pub pushes_to_unaffected: u64,
     pub compilations: f64,
     pub compilations_reused: f64,
+    /// Scope lookups answered by patching the endpoints of a cached scope.
+    #[serde(default)]
+    pub compilations_patched: f64,
     /// Control-plane CPU seconds during the phase, summed over replicas.
     pub cp_cpu_s: f64,
     pub etcd_cpu_s: f64,
@@ -136,6 +139,7 @@ struct Counters {
     generator_cpu: f64,
     compiled: f64,
     reused: f64,
+    patched: f64,
 }
 
 async fn counters(setup: &Setup) -> anyhow::Result<Counters> {
@@ -154,6 +158,7 @@ async fn counters(setup: &Setup) -> anyhow::Result<Counters> {
         let m = r.metrics().await?;
         c.compiled += m.value("weft_control_compilations_total", "result=\"compiled\"");
         c.reused += m.value("weft_control_compilations_total", "result=\"reused\"");
+        c.patched += m.value("weft_control_compilations_total", "result=\"patched\"");
     }
     Ok(c)
 }
@@ -294,6 +299,7 @@ fn summarize(
         pushes_to_unaffected: unaffected,
         compilations: 0.0,
         compilations_reused: 0.0,
+        compilations_patched: 0.0,
         cp_cpu_s: 0.0,
         etcd_cpu_s: 0.0,
         generator_cpu_s: 0.0,
@@ -306,6 +312,7 @@ fn summarize(
 fn with_counters(mut p: PhaseReport, before: Counters, after: Counters) -> PhaseReport {
     p.compilations = after.compiled - before.compiled;
     p.compilations_reused = after.reused - before.reused;
+    p.compilations_patched = after.patched - before.patched;
     p.cp_cpu_s = round2(after.cpu - before.cpu);
     p.etcd_cpu_s = round2(after.etcd_cpu - before.etcd_cpu);
     p.generator_cpu_s = round2(after.generator_cpu - before.generator_cpu);
@@ -565,7 +572,7 @@ async fn run_phases(
 pub fn line(p: &PhaseReport) -> String {
     let f = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.1}"));
     format!(
-        "{}: {}/{} converged, p50 {} ms, p99 {} ms, max {} ms; {} pushes ({} to unaffected), {} B/push mean, max {} B; {} compilations ({} reused); control plane {:.2} CPU s{}",
+        "{}: {}/{} converged, p50 {} ms, p99 {} ms, max {} ms; {} pushes ({} to unaffected), {} B/push mean, max {} B; {} compilations ({} reused, {} patched); control plane {:.2} CPU s{}",
         p.name,
         p.converged,
         p.affected,
@@ -578,6 +585,7 @@ pub fn line(p: &PhaseReport) -> String {
         p.pushes.max_bytes,
         p.compilations,
         p.compilations_reused,
+        p.compilations_patched,
         p.cp_cpu_s,
         if p.timed_out { " (TIMED OUT)" } else { "" }
     )

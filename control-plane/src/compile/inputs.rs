@@ -10,12 +10,12 @@
 //! service ([`Read::Registrations`]) and checked against the registry's per-service versions.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use crate::policy::transparent::ProtocolDetection;
 use crate::policy::{
     AuthorizationPolicy, AuthzAction, Egress, HttpHygiene, MtlsMode, PolicySet, Route, Service,
-    ServiceKey,
+    ServiceKey, StaticEndpoint,
 };
 use crate::registry::{RegisteredProxy, Registry};
 
@@ -245,12 +245,121 @@ impl ScopeInputs {
         self.reads.iter().all(|r| read_unchanged(r, old, new))
     }
 
+    /// The services whose definitions read answer differently in `new` than in `old` in their
+    /// static endpoints only, when every other read answers the same (else `None`): what an
+    /// endpoint patch recomputes ([`super::patch`]). "Only" includes what compilation derives
+    /// from the endpoints besides the endpoints themselves: whether there are any (the
+    /// upstream protocol's default) and the endpoints by DNS name (in the cluster, and names of
+    /// the service) must stay as they are. Registrations are not checked here.
+    pub fn endpoint_changes(
+        &self,
+        old: &PolicySet,
+        new: &PolicySet,
+    ) -> Option<BTreeSet<ServiceKey>> {
+        let mut changed = BTreeSet::new();
+        // Set once every service was compared in declared order (`Read::Services` sorts before
+        // any `Read::Service`): the two lists then hold the same keys pairwise, so each
+        // service's definitions were compared already.
+        let mut all_compared = false;
+        for read in &self.reads {
+            match read {
+                Read::Service(_) if all_compared => {}
+                Read::Service(k) => match (old.service(k), new.service(k)) {
+                    (Some(a), Some(b)) if a != b => {
+                        if !endpoints_only(a, b) {
+                            return None;
+                        }
+                        changed.insert(k.clone());
+                    }
+                    (a, b) if a == b => {}
+                    _ => return None,
+                },
+                Read::Services => {
+                    let (a, b) = (old.services(), new.services());
+                    if a.len() != b.len() {
+                        return None;
+                    }
+                    for (a, b) in a.iter().zip(b) {
+                        if a != b {
+                            if !endpoints_only(a, b) {
+                                return None;
+                            }
+                            changed.insert(ServiceKey::new(&b.name, &b.namespace));
+                        }
+                    }
+                    all_compared = true;
+                }
+                other => {
+                    if !read_unchanged(other, old, new) {
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(changed)
+    }
+
     /// Whether the registrations read are at the versions they were compiled at.
     pub fn registrations_unchanged(&self, registry: &Registry) -> bool {
         self.registrations
             .iter()
             .all(|(s, v)| registry.service_version(s) == *v)
     }
+}
+
+/// Whether `a` and `b` (definitions of one service) differ at most in their static endpoints by
+/// address, without one set of them being empty and the other not. Every field is named, so a
+/// new one must be placed on one side or the other.
+fn endpoints_only(a: &Service, b: &Service) -> bool {
+    let Service {
+        name,
+        namespace,
+        protocol,
+        port,
+        lb,
+        connect_timeout,
+        request_timeout,
+        dependencies,
+        endpoints,
+        hash,
+        circuit_breaker,
+        outlier_detection,
+        health_check,
+        idle_timeout,
+        retry,
+        rate_limit,
+        mtls,
+        upstream_protocol,
+        tls,
+        locality,
+        vip,
+    } = a;
+    let by_dns = |e: &&StaticEndpoint| e.host.is_some();
+    *name == b.name
+        && *namespace == b.namespace
+        && *protocol == b.protocol
+        && *port == b.port
+        && *lb == b.lb
+        && *connect_timeout == b.connect_timeout
+        && *request_timeout == b.request_timeout
+        && *dependencies == b.dependencies
+        && endpoints.is_empty() == b.endpoints.is_empty()
+        && endpoints
+            .iter()
+            .filter(by_dns)
+            .eq(b.endpoints.iter().filter(by_dns))
+        && *hash == b.hash
+        && *circuit_breaker == b.circuit_breaker
+        && *outlier_detection == b.outlier_detection
+        && *health_check == b.health_check
+        && *idle_timeout == b.idle_timeout
+        && *retry == b.retry
+        && *rate_limit == b.rate_limit
+        && *mtls == b.mtls
+        && *upstream_protocol == b.upstream_protocol
+        && *tls == b.tls
+        && *locality == b.locality
+        && *vip == b.vip
 }
 
 fn read_unchanged(read: &Read, old: &PolicySet, new: &PolicySet) -> bool {

@@ -1,13 +1,14 @@
 //! The part of a proxy's resources every proxy of its service shares: its route table, clusters,
 //! endpoints (but its own `inbound` one), authorization policy and trust set. Compiled once per
 //! scope (service and namespace) and reused for every proxy of it (see `crate::push`), so a
-//! change costs one compilation per affected scope instead of one per proxy.
+//! change costs one compilation per affected scope instead of one per proxy; a change in
+//! endpoints alone not even that: the cached scope is patched ([`super::patch`]).
 
 use std::collections::BTreeMap;
 
 use weft_proto::v1::{
-    Cluster, ClusterEndpoints, ClusterSet, LbPolicy, MtlsMode, PolicySet as AuthorizationSet,
-    RouteSet, TrustSet, UpstreamProtocol,
+    Cluster, ClusterEndpoints, ClusterSet, Endpoint, LbPolicy, MtlsMode,
+    PolicySet as AuthorizationSet, RouteSet, TrustSet, UpstreamProtocol,
 };
 
 use super::{
@@ -42,6 +43,30 @@ pub struct ScopeResources {
     /// to any other service's registrations leaves them as they are. Derived from the reads
     /// the compilation made ([`ScopeInputs::depends_on`]).
     pub depends_on: Vec<ServiceKey>,
+    /// The subset clusters, by name: what their endpoints are selected from, so an endpoint
+    /// change can be patched in ([`super::patch`]).
+    pub subsets: Vec<SubsetCluster>,
+}
+
+/// A subset cluster: the endpoints of `service` carrying every one of `labels`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubsetCluster {
+    pub cluster: String,
+    pub service: ServiceKey,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl SubsetCluster {
+    /// The endpoints of `all` (the service's) this subset holds.
+    pub fn select(&self, all: Vec<Endpoint>) -> Vec<Endpoint> {
+        select(&self.labels, all)
+    }
+}
+
+fn select(labels: &BTreeMap<String, String>, all: Vec<Endpoint>) -> Vec<Endpoint> {
+    all.into_iter()
+        .filter(|e| labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+        .collect()
 }
 
 /// Compiles the shared resources of the proxies of `service`.
@@ -163,18 +188,21 @@ fn compile(inputs: &Inputs<'_>, trust: &TrustBundle, service: &ServiceKey) -> Sc
             cluster: name.clone(),
             endpoints: endpoints_of(s, inputs, trust_domain),
         })
-        .chain(subsets.iter().map(|(name, (s, labels))| {
-            ClusterEndpoints {
-                cluster: name.clone(),
-                endpoints: endpoints_of(s, inputs, trust_domain)
-                    .into_iter()
-                    .filter(|e| labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
-                    .collect(),
-            }
+        .chain(subsets.iter().map(|(name, (s, labels))| ClusterEndpoints {
+            cluster: name.clone(),
+            endpoints: select(labels, endpoints_of(s, inputs, trust_domain)),
         }))
         .chain(ports.endpoints)
         .collect();
     endpoints.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+    let subsets: Vec<SubsetCluster> = subsets
+        .into_iter()
+        .map(|(cluster, (s, labels))| SubsetCluster {
+            cluster,
+            service: key_of(s),
+            labels: labels.clone(),
+        })
+        .collect();
 
     let mut tables = vec![table];
     tables.extend(ports.tables);
@@ -214,5 +242,6 @@ fn compile(inputs: &Inputs<'_>, trust: &TrustBundle, service: &ServiceKey) -> Sc
         locality,
         // Filled in from the reads by `compile_scope_recorded`.
         depends_on: Vec::new(),
+        subsets,
     }
 }

@@ -22,7 +22,7 @@ use weft_proto::v1::{
 };
 
 use super::{compile_route, key_of, millis, resilience, routes_of_services, Inputs, INBOUND};
-use crate::policy::{self, spiffe_id, Protocol, Service};
+use crate::policy::{self, spiffe_id, Protocol, Service, ServiceKey};
 
 /// `<cluster>:<port>`: the per-port cluster (and route table) of a service cluster.
 pub fn port_cluster_name(cluster: &str, port: u32) -> String {
@@ -30,13 +30,38 @@ pub fn port_cluster_name(cluster: &str, port: u32) -> String {
 }
 
 /// The ports registered transparent instances of `service` serve.
-fn ports_of(service: &Service, inputs: &Inputs<'_>) -> BTreeSet<u32> {
+pub(super) fn ports_of(service: &Service, inputs: &Inputs<'_>) -> BTreeSet<u32> {
     let key = key_of(service);
     inputs
         .registrations(&key)
         .into_iter()
         .filter(|p| !p.node.instance_ip.is_empty())
         .flat_map(|p| p.node.app_ports.iter().copied())
+        .collect()
+}
+
+/// The endpoints of the per-port cluster of `key` on `port`: `instance_ip:port` of each
+/// registered transparent instance serving it, with the service's `identity`.
+pub(super) fn port_endpoints(
+    inputs: &Inputs<'_>,
+    key: &ServiceKey,
+    port: u32,
+    identity: &str,
+) -> Vec<Endpoint> {
+    inputs
+        .registrations(key)
+        .into_iter()
+        .filter(|p| p.node.app_ports.contains(&port))
+        .filter_map(|p| {
+            let ip: std::net::IpAddr = p.node.instance_ip.parse().ok()?;
+            Some(Endpoint {
+                address: std::net::SocketAddr::new(ip, u16::try_from(port).ok()?).to_string(),
+                weight: 1,
+                proxy_id: p.node.id.clone(),
+                labels: p.node.labels.clone(),
+                identity: identity.to_owned(),
+            })
+        })
         .collect()
 }
 
@@ -78,22 +103,7 @@ pub(super) fn port_resources(
             });
             endpoints.push(ClusterEndpoints {
                 cluster: port_name.clone(),
-                endpoints: inputs
-                    .registrations(&key)
-                    .into_iter()
-                    .filter(|p| p.node.app_ports.contains(&port))
-                    .filter_map(|p| {
-                        let ip: std::net::IpAddr = p.node.instance_ip.parse().ok()?;
-                        Some(Endpoint {
-                            address: std::net::SocketAddr::new(ip, u16::try_from(port).ok()?)
-                                .to_string(),
-                            weight: 1,
-                            proxy_id: p.node.id.clone(),
-                            labels: p.node.labels.clone(),
-                            identity: identity.clone(),
-                        })
-                    })
-                    .collect(),
+                endpoints: port_endpoints(inputs, &key, port, &identity),
             });
             names.insert(port_name);
         }

@@ -1,12 +1,13 @@
 //! Semantic validation of parsed policy files: names, uniqueness, references, ranges, matchers.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::SocketAddr;
 
 use super::lookup::ServiceLookup;
 use super::{
     line_of, AuthorizationPolicy, Mesh, PathMatch, PolicyError, PolicyErrors, Protocol, Route,
-    Service, SourceFile,
+    RouteMatch, Service, SourceFile,
 };
 
 mod resilience;
@@ -37,6 +38,57 @@ impl Collector<'_> {
     }
 }
 
+/// A field's path in its file (`services[3].endpoints[0]`), rendered only when an error names
+/// it: validation walks every item of the set on every apply, and almost none has an error.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Path<'a> {
+    parent: Option<&'a Path<'a>>,
+    name: &'a str,
+    index: Option<usize>,
+}
+
+impl<'a> Path<'a> {
+    /// `name[index]`, at the top of a file.
+    pub(super) fn item(name: &'a str, index: usize) -> Self {
+        Self {
+            parent: None,
+            name,
+            index: Some(index),
+        }
+    }
+
+    /// `<self>.name` (`name` may hold dots: `match.path`).
+    pub(super) fn field(&'a self, name: &'a str) -> Path<'a> {
+        Path {
+            parent: Some(self),
+            name,
+            index: None,
+        }
+    }
+
+    /// `<self>.name[index]`.
+    pub(super) fn at(&'a self, name: &'a str, index: usize) -> Path<'a> {
+        Path {
+            parent: Some(self),
+            name,
+            index: Some(index),
+        }
+    }
+}
+
+impl fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(parent) = self.parent {
+            write!(f, "{parent}.")?;
+        }
+        f.write_str(self.name)?;
+        if let Some(i) = self.index {
+            write!(f, "[{i}]")?;
+        }
+        Ok(())
+    }
+}
+
 /// One file's declarations as validation sees them: borrowed from a fresh parse or from the
 /// set in force (a file that did not change is not parsed again).
 pub(super) struct FileView<'a> {
@@ -59,15 +111,16 @@ pub(super) fn validate(
     };
     let all = ServiceLookup::new(all_services);
 
-    let mut seen_services: HashMap<(String, String), (usize, String)> = HashMap::new();
-    let mut seen_routes: HashMap<String, (usize, String)> = HashMap::new();
-    let mut seen_matches: HashMap<String, (usize, String, String)> = HashMap::new();
+    // Where each was first defined: (file, index in its list).
+    let mut seen_services: HashMap<(&str, &str), (usize, usize)> = HashMap::new();
+    let mut seen_routes: HashMap<&str, (usize, usize)> = HashMap::new();
+    let mut seen_matches: HashMap<String, (usize, usize, &str)> = HashMap::new();
     for (fi, file) in parsed.iter().enumerate() {
         for (si, service) in file.services.iter().enumerate() {
-            let path = format!("services[{si}]");
-            let key = (service.name.clone(), service.namespace.clone());
-            if let Some((first_file, first_path)) = seen_services.get(&key) {
-                let first = c.location(*first_file, first_path);
+            let path = Path::item("services", si);
+            let key = (service.name.as_str(), service.namespace.as_str());
+            if let Some((first_file, first)) = seen_services.get(&key) {
+                let first = c.location(*first_file, &Path::item("services", *first).to_string());
                 c.push(
                     fi,
                     format!("{path}.name"),
@@ -77,15 +130,15 @@ pub(super) fn validate(
                     ),
                 );
             } else {
-                seen_services.insert(key, (fi, path.clone()));
+                seen_services.insert(key, (fi, si));
             }
             validate_service(&mut c, fi, &path, service, &all);
         }
         for (ri, route) in file.routes.iter().enumerate() {
-            let path = format!("routes[{ri}]");
-            let duplicate_name = seen_routes.contains_key(&route.name);
-            if let Some((first_file, first_path)) = seen_routes.get(&route.name) {
-                let first = c.location(*first_file, first_path);
+            let path = Path::item("routes", ri);
+            let duplicate_name = seen_routes.contains_key(route.name.as_str());
+            if let Some((first_file, first)) = seen_routes.get(route.name.as_str()) {
+                let first = c.location(*first_file, &Path::item("routes", *first).to_string());
                 c.push(
                     fi,
                     format!("{path}.name"),
@@ -95,17 +148,17 @@ pub(super) fn validate(
                     ),
                 );
             } else {
-                seen_routes.insert(route.name.clone(), (fi, path.clone()));
+                seen_routes.insert(&route.name, (fi, ri));
             }
             validate_route(&mut c, fi, &path, route, &all);
             // A repeated name is already an error; don't report its match a second time.
             if let Some(key) = match_key(route, &all).filter(|_| !duplicate_name) {
-                if let Some((first_file, first_path, first_name)) = seen_matches.get(&key) {
-                    let first = c.location(*first_file, first_path);
+                if let Some((first_file, first, first_name)) = seen_matches.get(&key) {
+                    let first = c.location(*first_file, &Path::item("routes", *first).to_string());
                     let field = if route.matcher.is_some() {
                         format!("{path}.match")
                     } else {
-                        path.clone()
+                        path.to_string()
                     };
                     c.push(
                         fi,
@@ -116,7 +169,7 @@ pub(super) fn validate(
                         ),
                     );
                 } else {
-                    seen_matches.insert(key, (fi, path.clone(), route.name.clone()));
+                    seen_matches.insert(key, (fi, ri, &route.name));
                 }
             }
         }
@@ -142,7 +195,8 @@ pub(super) fn validate(
 /// (that error is reported on its own).
 fn match_key(route: &Route, all: &ServiceLookup<'_>) -> Option<String> {
     let service = all.resolve(&route.service, None).ok()?;
-    let m = route.matcher.clone().unwrap_or_default();
+    let none = RouteMatch::default();
+    let m = route.matcher.as_ref().unwrap_or(&none);
     let mut headers: Vec<String> = m
         .headers
         .iter()
@@ -207,7 +261,7 @@ const DNS_LABEL_RULE: &str =
 fn validate_service(
     c: &mut Collector<'_>,
     fi: usize,
-    path: &str,
+    path: &Path<'_>,
     service: &Service,
     all: &ServiceLookup<'_>,
 ) {
@@ -272,7 +326,7 @@ fn validate_service(
 fn validate_route(
     c: &mut Collector<'_>,
     fi: usize,
-    path: &str,
+    path: &Path<'_>,
     route: &Route,
     all: &ServiceLookup<'_>,
 ) {
@@ -310,10 +364,10 @@ fn validate_route(
     }
     if let Some(m) = &route.matcher {
         if let Some(p) = &m.path {
-            check_path_match(c, fi, &format!("{path}.match.path"), p);
+            check_path_match(c, fi, &path.field("match.path"), p);
         }
         for (hi, h) in m.headers.iter().enumerate() {
-            let hpath = format!("{path}.match.headers[{hi}]");
+            let hpath = path.at("match.headers", hi);
             if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
                 c.push(
                     fi,
@@ -327,7 +381,7 @@ fn validate_route(
             if set != 1 {
                 c.push(
                     fi,
-                    hpath.clone(),
+                    hpath.to_string(),
                     format!("exactly one of exact, regex, present is required ({set} given)"),
                 );
             }
@@ -342,7 +396,7 @@ fn validate_route(
             }
         }
         for (mi, method) in m.methods.iter().enumerate() {
-            check_method(c, fi, format!("{path}.match.methods[{mi}]"), method);
+            check_method(c, fi, &path.at("match.methods", mi), method);
         }
     }
     let terminal = route.filters.as_ref().is_some_and(|f| f.terminal());
@@ -403,16 +457,16 @@ fn validate_route(
         }
     }
     if let Some(retry) = &route.retry {
-        resilience::check_retry(c, fi, &format!("{path}.retry"), retry);
+        resilience::check_retry(c, fi, &path.field("retry"), retry);
     }
     if let Some(limit) = &route.rate_limit {
-        resilience::check_rate_limit(c, fi, &format!("{path}.rate_limit"), limit);
+        resilience::check_rate_limit(c, fi, &path.field("rate_limit"), limit);
     }
     traffic::check_route(c, fi, path, route, all, context_namespace.as_deref());
 }
 
 /// Exactly one of exact, prefix, regex; exact and prefix start with '/'; the regex compiles.
-pub(super) fn check_path_match(c: &mut Collector<'_>, fi: usize, path: &str, p: &PathMatch) {
+pub(super) fn check_path_match(c: &mut Collector<'_>, fi: usize, path: &Path<'_>, p: &PathMatch) {
     let set = [&p.exact, &p.prefix, &p.regex]
         .iter()
         .filter(|v| v.is_some())
@@ -420,7 +474,7 @@ pub(super) fn check_path_match(c: &mut Collector<'_>, fi: usize, path: &str, p: 
     if set != 1 {
         c.push(
             fi,
-            path.to_owned(),
+            path.to_string(),
             format!("exactly one of exact, prefix, regex is required ({set} given)"),
         );
     }
@@ -471,9 +525,13 @@ fn not_normalized(p: &str) -> Option<&'static str> {
 }
 
 /// An HTTP method token.
-pub(super) fn check_method(c: &mut Collector<'_>, fi: usize, path: String, method: &str) {
+pub(super) fn check_method(c: &mut Collector<'_>, fi: usize, path: &Path<'_>, method: &str) {
     if method.is_empty() || http::Method::from_bytes(method.as_bytes()).is_err() {
-        c.push(fi, path, format!("{method:?} is not an HTTP method"));
+        c.push(
+            fi,
+            path.to_string(),
+            format!("{method:?} is not an HTTP method"),
+        );
     }
 }
 

@@ -15,7 +15,14 @@
 //! the ones each proxy's own part made (its listeners: [`crate::compile::assemble_recorded`],
 //! noted per scope by [`ScopeCache::note_assembled`]).
 //!
-//! `weft_control_compilations_total{result=compiled|reused}` counts scope lookups by outcome.
+//! A scope whose inputs changed in endpoints alone (a static endpoint of a service it holds, a
+//! registration of one) is not compiled again but patched: only the endpoints of the clusters
+//! built from those services, and the endpoint set's version, are recomputed
+//! ([`crate::compile::EndpointPatch`]; the result equals a compilation's). One moved endpoint
+//! in a scope of 5,000 services thus costs those clusters, not the scope.
+//!
+//! `weft_control_compilations_total{result=compiled|patched|reused}` counts scope lookups by
+//! outcome.
 //!
 //! What a stream remembers of the endpoints its proxy holds, to push only what changed, is in
 //! [`delta`].
@@ -29,7 +36,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use arc_swap::ArcSwap;
 use prometheus::IntCounter;
 
-use crate::compile::{compile_scope_recorded, ScopeInputs, ScopeResources, TrustBundle};
+use crate::compile::{
+    compile_scope_recorded, EndpointPatch, ScopeInputs, ScopeResources, TrustBundle,
+};
 use crate::policy::{PolicySet, ServiceKey};
 use crate::registry::Registry;
 
@@ -66,6 +75,30 @@ impl Cached {
         }
         fresh
     }
+
+    /// Brings `scope` (not [`Cached::fresh`]) to what compiling it under these inputs would give
+    /// by patching its endpoints, when nothing else may differ ([`EndpointPatch`]); whether it
+    /// did. The scope is patched in place unless a stream still holds it.
+    fn patch(
+        &mut self,
+        policy: &Arc<PolicySet>,
+        trust: &Arc<TrustBundle>,
+        registry: &Registry,
+    ) -> bool {
+        if !(Arc::ptr_eq(&self.trust, trust) || *self.trust == **trust) {
+            return false;
+        }
+        let Some(patch) =
+            EndpointPatch::plan(&self.policy, policy, registry, &self.scope, &self.inputs)
+        else {
+            return false;
+        };
+        let scope = Arc::make_mut(&mut self.scope);
+        patch.apply(policy, registry, trust, scope, &mut self.inputs);
+        self.policy = Arc::clone(policy);
+        self.trust = Arc::clone(trust);
+        true
+    }
 }
 
 /// The scope cache of one control plane.
@@ -78,20 +111,23 @@ pub struct ScopeCache {
     dependents: Mutex<HashMap<ServiceKey, HashSet<ServiceKey>>>,
     compiled: IntCounter,
     reused: IntCounter,
+    patched: IntCounter,
 }
 
 impl ScopeCache {
-    pub fn new(compiled: IntCounter, reused: IntCounter) -> Self {
+    pub fn new(compiled: IntCounter, reused: IntCounter, patched: IntCounter) -> Self {
         Self {
             slots: Mutex::new(HashMap::new()),
             dependents: Mutex::new(HashMap::new()),
             compiled,
             reused,
+            patched,
         }
     }
 
     /// The shared resources of `scope` under `policy`, `trust` and `registry`: the cached ones
-    /// if nothing they were compiled from changed, else freshly compiled (and cached).
+    /// if nothing they were compiled from changed, patched if only endpoints did (static ones
+    /// of the policy, or registrations: [`EndpointPatch`]), else freshly compiled (and cached).
     pub fn get(
         &self,
         policy: &Arc<PolicySet>,
@@ -110,6 +146,11 @@ impl ScopeCache {
         if let Some(cached) = slot.as_mut() {
             if cached.fresh(policy, trust, registry) {
                 self.reused.inc();
+                return Arc::clone(&cached.scope);
+            }
+            // The reads stay those the scope made: `depends_on` and the index are unchanged.
+            if cached.patch(policy, trust, registry) {
+                self.patched.inc();
                 return Arc::clone(&cached.scope);
             }
         }
@@ -252,6 +293,7 @@ pub fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compile::compile_scope;
     use crate::policy::SourceFile;
     use std::time::{Duration, SystemTime};
     use weft_proto::v1::Node;
@@ -282,7 +324,7 @@ mod tests {
         );
         let trust = Arc::new(TrustBundle::default());
         let mut registry = Registry::new(Duration::from_secs(5));
-        let cache = ScopeCache::new(counter(), counter());
+        let cache = ScopeCache::new(counter(), counter(), counter());
         let web = ServiceKey::new("web", "default");
         let first = cache.get(&policy, &trust, &registry, &web);
         let again = cache.get(&policy, &trust, &registry, &web);
@@ -294,7 +336,7 @@ mod tests {
             &first,
             &cache.get(&policy, &trust, &registry, &web)
         ));
-        // One of api: recompiled, with the endpoint.
+        // One of api: patched, with the endpoint (a copy: `first` is still held).
         registry.register(node("api-1", "api", "127.0.0.4:15006"), SystemTime::now());
         let after = cache.get(&policy, &trust, &registry, &web);
         assert!(!Arc::ptr_eq(&first, &after));
@@ -302,7 +344,17 @@ mod tests {
             .endpoints
             .iter()
             .any(|e| e.cluster == "api.default" && e.endpoints.len() == 1));
-        assert_eq!(cache.compiled.get(), 2);
+        assert_eq!(*after, compile_scope(&policy, &registry, &trust, &web));
+        assert_eq!((cache.compiled.get(), cache.patched.get()), (1, 1));
+        // Nobody else holding it: patched in place.
+        drop((first, after));
+        registry.register(node("api-2", "api", "127.0.0.5:15006"), SystemTime::now());
+        let held = Arc::as_ptr(&cache.get(&policy, &trust, &registry, &web));
+        registry.register(node("api-3", "api", "127.0.0.6:15006"), SystemTime::now());
+        let after = cache.get(&policy, &trust, &registry, &web);
+        assert_eq!(Arc::as_ptr(&after), held);
+        assert_eq!(*after, compile_scope(&policy, &registry, &trust, &web));
+        assert_eq!((cache.compiled.get(), cache.patched.get()), (1, 3));
         // A new trust bundle (same content: reused; new content: recompiled).
         let same = Arc::new(TrustBundle::default());
         assert!(Arc::ptr_eq(
@@ -393,7 +445,7 @@ authorization:
     /// compilation.
     fn recompiled_by(before: &str, after: &str, registry: &Registry) -> BTreeSet<String> {
         let trust = Arc::new(TrustBundle::default());
-        let cache = ScopeCache::new(counter(), counter());
+        let cache = ScopeCache::new(counter(), counter(), counter());
         let (before, after) = (policy(before), policy(after));
         let first: Vec<_> = keys()
             .iter()
@@ -530,7 +582,7 @@ authorization:
     #[test]
     fn a_registration_recompiles_only_the_scopes_holding_its_endpoints() {
         let trust = Arc::new(TrustBundle::default());
-        let cache = ScopeCache::new(counter(), counter());
+        let cache = ScopeCache::new(counter(), counter(), counter());
         let policy = policy(BASE);
         let mut registry = Registry::new(Duration::from_secs(5));
         for k in keys() {
@@ -563,13 +615,61 @@ authorization:
             assert_eq!(*served, compile_scope(&policy, &registry, &trust, &k));
         }
         assert_eq!(
-            cache.compiled.get(),
-            8,
-            "api and admin recompiled, no other"
+            (cache.compiled.get(), cache.patched.get()),
+            (6, 2),
+            "api and admin patched, no other"
         );
         // A scope dropped from the cache is no one's dependent any more.
         cache.retain(|k| k.name != "api");
         let affected = cache.affected_by(&changed);
         assert_eq!(affected.len(), 1);
+    }
+
+    #[test]
+    fn an_endpoint_only_change_patches_the_scopes_holding_the_service() {
+        const EXT: &str = "\
+services:
+  - {name: web, dependencies: [ext]}
+  - {name: ext, endpoints: [{address: \"127.0.9.1:80\"}, {address: \"127.0.9.2:80\"}]}
+  - {name: other, dependencies: []}
+  - {name: admin}
+";
+        let trust = Arc::new(TrustBundle::default());
+        let cache = ScopeCache::new(counter(), counter(), counter());
+        let registry = Registry::new(Duration::from_secs(5));
+        let (before, after) = (policy(EXT), policy(&EXT.replacen(".2:80", ".2:81", 1)));
+        let scopes = ["web", "ext", "other", "admin"].map(|n| ServiceKey::new(n, "default"));
+        for k in &scopes {
+            cache.get(&before, &trust, &registry, k);
+        }
+        let affected: BTreeSet<ServiceKey> = cache
+            .affected_by_policy(&before, &after)
+            .into_iter()
+            .collect();
+        assert_eq!(
+            affected,
+            [&scopes[0], &scopes[1], &scopes[3]]
+                .into_iter()
+                .cloned()
+                .collect()
+        );
+        for k in &scopes {
+            let served = cache.get(&after, &trust, &registry, k);
+            assert_eq!(*served, compile_scope(&after, &registry, &trust, k));
+        }
+        assert_eq!(
+            (
+                cache.compiled.get(),
+                cache.patched.get(),
+                cache.reused.get()
+            ),
+            (4, 3, 1)
+        );
+        // Back again: patched again, equal to a compilation.
+        for k in &scopes {
+            let served = cache.get(&before, &trust, &registry, k);
+            assert_eq!(*served, compile_scope(&before, &registry, &trust, k));
+        }
+        assert_eq!((cache.compiled.get(), cache.patched.get()), (4, 6));
     }
 }

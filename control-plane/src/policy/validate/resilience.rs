@@ -1,11 +1,11 @@
 //! Validation of the resilience knobs: load balancing and hashing, outlier detection, health
 //! checks, retries and rate limits.
 
-use super::{Collector, Service};
+use super::{Collector, Path, Service};
 use crate::policy::resilience::MAX_RETRY_BODY_BYTES;
 use crate::policy::{LbPolicy, RateLimit, RetryPolicy};
 
-pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &str, s: &Service) {
+pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &Path<'_>, s: &Service) {
     match (&s.lb, &s.hash) {
         (LbPolicy::RingHash, None) => c.push(
             fi,
@@ -47,12 +47,12 @@ pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &str, s: &Se
     }
 
     let o = &s.outlier_detection;
-    let opath = format!("{path}.outlier_detection");
+    let opath = path.field("outlier_detection");
     for (field, value) in [
         ("max_ejection_percent", o.max_ejection_percent),
         ("min_healthy_percent", o.min_healthy_percent),
     ] {
-        check_percent(c, fi, &format!("{opath}.{field}"), value);
+        check_percent(c, fi, &opath.field(field), value);
     }
     if !(o.success_rate_stdev_factor.is_finite() && o.success_rate_stdev_factor > 0.0) {
         c.push(
@@ -86,12 +86,12 @@ pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &str, s: &Se
     }
 
     if let Some(h) = &s.health_check {
-        let hpath = format!("{path}.health_check");
+        let hpath = path.field("health_check");
         let set = usize::from(h.http.is_some()) + usize::from(h.tcp == Some(true));
         if set != 1 || h.tcp == Some(false) {
             c.push(
                 fi,
-                hpath.clone(),
+                hpath.to_string(),
                 format!("exactly one of http, tcp: true is required ({set} given)"),
             );
         }
@@ -129,24 +129,24 @@ pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &str, s: &Se
     }
 
     if let Some(retry) = &s.retry {
-        check_retry(c, fi, &format!("{path}.retry"), retry);
+        check_retry(c, fi, &path.field("retry"), retry);
     }
     if let Some(limit) = &s.rate_limit {
-        check_rate_limit(c, fi, &format!("{path}.rate_limit"), limit);
+        check_rate_limit(c, fi, &path.field("rate_limit"), limit);
     }
 }
 
-fn check_percent(c: &mut Collector<'_>, fi: usize, path: &str, value: u32) {
+fn check_percent(c: &mut Collector<'_>, fi: usize, path: &Path<'_>, value: u32) {
     if value > 100 {
         c.push(
             fi,
-            path.to_owned(),
+            path.to_string(),
             format!("{value} is not a percentage (0..=100)"),
         );
     }
 }
 
-pub(super) fn check_retry(c: &mut Collector<'_>, fi: usize, path: &str, r: &RetryPolicy) {
+pub(super) fn check_retry(c: &mut Collector<'_>, fi: usize, path: &Path<'_>, r: &RetryPolicy) {
     for (i, on) in r.on.iter().enumerate() {
         if let Err(reason) = on.condition() {
             c.push(fi, format!("{path}.on[{i}]"), reason);
@@ -203,7 +203,7 @@ pub(super) fn check_retry(c: &mut Collector<'_>, fi: usize, path: &str, r: &Retr
     }
 }
 
-pub(super) fn check_rate_limit(c: &mut Collector<'_>, fi: usize, path: &str, r: &RateLimit) {
+pub(super) fn check_rate_limit(c: &mut Collector<'_>, fi: usize, path: &Path<'_>, r: &RateLimit) {
     if r.requests_per_second < 1 {
         c.push(
             fi,

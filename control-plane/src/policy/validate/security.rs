@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::{
-    check_method, check_path_match, is_dns_label, Collector, FileView, Protocol, Service,
+    check_method, check_path_match, is_dns_label, Collector, FileView, Path, Protocol, Service,
     DNS_LABEL_RULE,
 };
 use crate::policy::lookup::ServiceLookup;
@@ -44,11 +44,13 @@ pub(super) fn check(c: &mut Collector<'_>, parsed: &[FileView<'_>], all: &Servic
         }
     }
 
-    let mut names: HashMap<&str, (usize, String)> = HashMap::new();
-    let mut guarded: HashMap<ServiceKey, (usize, String)> = HashMap::new();
+    // Where each was first defined: (file, index in its list).
+    let mut names: HashMap<&str, (usize, usize)> = HashMap::new();
+    let mut guarded: HashMap<ServiceKey, (usize, usize)> = HashMap::new();
+    let first_path = |pi: usize| Path::item("authorization", pi).to_string();
     for (fi, file) in parsed.iter().enumerate() {
         for (pi, policy) in file.authorization.iter().enumerate() {
-            let path = format!("authorization[{pi}]");
+            let path = Path::item("authorization", pi);
             if !is_dns_label(&policy.name) {
                 c.push(
                     fi,
@@ -56,8 +58,8 @@ pub(super) fn check(c: &mut Collector<'_>, parsed: &[FileView<'_>], all: &Servic
                     format!("{:?} {DNS_LABEL_RULE}", policy.name),
                 );
             }
-            if let Some((first_file, first_path)) = names.get(policy.name.as_str()) {
-                let at = c.location(*first_file, first_path);
+            if let Some((first_file, first)) = names.get(policy.name.as_str()) {
+                let at = c.location(*first_file, &first_path(*first));
                 c.push(
                     fi,
                     format!("{path}.name"),
@@ -67,19 +69,19 @@ pub(super) fn check(c: &mut Collector<'_>, parsed: &[FileView<'_>], all: &Servic
                     ),
                 );
             } else {
-                names.insert(&policy.name, (fi, path.clone()));
+                names.insert(&policy.name, (fi, pi));
             }
             let service = match all.resolve(&policy.service, None) {
                 Ok(key) => {
-                    if let Some((first_file, first_path)) = guarded.get(&key) {
-                        let at = c.location(*first_file, first_path);
+                    if let Some((first_file, first)) = guarded.get(&key) {
+                        let at = c.location(*first_file, &first_path(*first));
                         c.push(
                             fi,
                             format!("{path}.service"),
                             format!("service \"{key}\" already has an authorization policy (at {at}); one policy per service"),
                         );
                     } else {
-                        guarded.insert(key.clone(), (fi, path.clone()));
+                        guarded.insert(key.clone(), (fi, pi));
                     }
                     all.get(&key.name, &key.namespace)
                 }
@@ -96,7 +98,7 @@ pub(super) fn check(c: &mut Collector<'_>, parsed: &[FileView<'_>], all: &Servic
 fn check_rules(
     c: &mut Collector<'_>,
     fi: usize,
-    path: &str,
+    path: &Path<'_>,
     policy: &AuthorizationPolicy,
     service: Option<&Service>,
     all: &ServiceLookup<'_>,
@@ -104,7 +106,7 @@ fn check_rules(
     let mut rule_names: HashMap<&str, usize> = HashMap::new();
     let context = service.map(|s| s.namespace.as_str());
     for (ri, rule) in policy.rules.iter().enumerate() {
-        let rpath = format!("{path}.rules[{ri}]");
+        let rpath = path.at("rules", ri);
         if !is_dns_label(&rule.name) {
             c.push(
                 fi,
@@ -145,10 +147,10 @@ fn check_rules(
             );
         }
         for (i, method) in rule.to.methods.iter().enumerate() {
-            check_method(c, fi, format!("{rpath}.to.methods[{i}]"), method);
+            check_method(c, fi, &rpath.at("to.methods", i), method);
         }
         for (i, p) in rule.to.paths.iter().enumerate() {
-            check_path_match(c, fi, &format!("{rpath}.to.paths[{i}]"), p);
+            check_path_match(c, fi, &rpath.at("to.paths", i), p);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Validation of the L7 traffic knobs: endpoints by DNS name, the upstream HTTP version and TLS
 //! origination, locality, query matches, route filters, subsets and the egress policy.
 
-use super::{one_line, Collector, Service};
+use super::{one_line, Collector, Path, Service};
 use crate::policy::lookup::ServiceLookup;
 use crate::policy::traffic::{HeaderMutation, RouteFilters};
 use crate::policy::{Protocol, Route, UpstreamProtocol};
@@ -28,9 +28,9 @@ pub(super) fn is_dns_name(s: &str) -> bool {
         })
 }
 
-pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &str, s: &Service) {
+pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &Path<'_>, s: &Service) {
     for (ei, e) in s.endpoints.iter().enumerate() {
-        let epath = format!("{path}.endpoints[{ei}]");
+        let epath = path.at("endpoints", ei);
         match (&e.host, e.port, e.address.is_empty()) {
             (None, None, false) => {} // `address`, checked by the caller
             (Some(host), Some(port), true) => {
@@ -52,7 +52,7 @@ pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &str, s: &Se
             (Some(_), None, true) => c.push(fi, format!("{epath}.port"), "host needs a port"),
             _ => c.push(
                 fi,
-                epath,
+                epath.to_string(),
                 "exactly one of address (ip:port) or host and port is required",
             ),
         }
@@ -73,11 +73,11 @@ pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &str, s: &Se
         }
     }
     if let Some(tls) = &s.tls {
-        let tpath = format!("{path}.tls");
+        let tpath = path.field("tls");
         if s.endpoints.is_empty() {
             c.push(
                 fi,
-                tpath.clone(),
+                tpath.to_string(),
                 "TLS origination is for static endpoints (services outside the mesh): declare endpoints",
             );
         }
@@ -122,7 +122,7 @@ pub(super) fn check_service(c: &mut Collector<'_>, fi: usize, path: &str, s: &Se
             (None, None) => {}
             _ => c.push(
                 fi,
-                tpath,
+                tpath.to_string(),
                 "client_cert_file and client_key_file go together",
             ),
         }
@@ -448,14 +448,14 @@ fn check_filters(
 pub(super) fn check_route(
     c: &mut Collector<'_>,
     fi: usize,
-    path: &str,
+    path: &Path<'_>,
     route: &Route,
     all: &ServiceLookup<'_>,
     namespace: Option<&str>,
 ) {
     if let Some(m) = &route.matcher {
         for (qi, q) in m.query.iter().enumerate() {
-            let qpath = format!("{path}.match.query[{qi}]");
+            let qpath = path.at("match.query", qi);
             if q.name.is_empty() {
                 c.push(fi, format!("{qpath}.name"), "must not be empty");
             }
@@ -465,7 +465,7 @@ pub(super) fn check_route(
             if set != 1 {
                 c.push(
                     fi,
-                    qpath.clone(),
+                    qpath.to_string(),
                     format!("exactly one of exact, regex, present is required ({set} given)"),
                 );
             }
@@ -492,7 +492,8 @@ pub(super) fn check_route(
         }
     }
     if let Some(f) = &route.filters {
-        check_filters(c, fi, path, route, f, all, namespace);
+        // Routes with filters are few: their checks take the path rendered.
+        check_filters(c, fi, &path.to_string(), route, f, all, namespace);
     }
 }
 
