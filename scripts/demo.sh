@@ -37,6 +37,16 @@ if [[ $TRANSPARENT == 1 && $(id -u) != 0 ]]; then
 fi
 
 need() { command -v "$1" >/dev/null 2>&1; }
+# Whether a command's output matches a pattern (a grep basic regex). The output is read
+# whole before matching: `curl ... | grep -q` fails under pipefail when grep stops at the
+# first match while curl is still writing (curl: (23), seen with /metrics pages larger than
+# a pipe buffer).
+output_has() { # pattern, command...
+  local pattern=$1 out
+  shift
+  out=$("$@") || return 1
+  grep -q -- "$pattern" <<<"$out"
+}
 if ! need cargo; then echo "demo: cargo is required (https://rustup.rs)" >&2; exit 1; fi
 # curl for the tour; make (with the C compiler cargo already needs) builds jemalloc, the
 # sidecar's allocator.
@@ -230,18 +240,18 @@ YAML
     local fail=0 vip code
     vip=$(t_in web getent ahostsv4 api.demo | awk 'NR==1{print $1}')
     [[ $vip == 198.19.96.* ]] || { echo "check: api.demo resolved to '$vip', not a VIP of $T_VIPS" >&2; fail=1; }
-    t_in web curl -fsS --max-time 5 http://api.demo:8080/hello | grep -q '"service":"api"' || { echo "check: web -> api by name failed" >&2; fail=1; }
-    t_in web curl -fsS --max-time 5 http://api.demo:8080/hello | grep -q 'spiffe://cluster.local/ns/demo/sa/web' || { echo "check: api did not see web's verified identity" >&2; fail=1; }
-    t_in web curl -fsS --max-time 5 http://api.demo.svc.cluster.local:8080/ | grep -q '"service":"api"' || { echo "check: the fully qualified name failed" >&2; fail=1; }
-    t_in web curl -fsS --max-time 5 -H 'x-canary: true' http://api:8080/hello | grep -q '"service":"api-v2"' || { echo "check: canary route broken" >&2; fail=1; }
+    output_has '"service":"api"' t_in web curl -fsS --max-time 5 http://api.demo:8080/hello || { echo "check: web -> api by name failed" >&2; fail=1; }
+    output_has 'spiffe://cluster.local/ns/demo/sa/web' t_in web curl -fsS --max-time 5 http://api.demo:8080/hello || { echo "check: api did not see web's verified identity" >&2; fail=1; }
+    output_has '"service":"api"' t_in web curl -fsS --max-time 5 http://api.demo.svc.cluster.local:8080/ || { echo "check: the fully qualified name failed" >&2; fail=1; }
+    output_has '"service":"api-v2"' t_in web curl -fsS --max-time 5 -H 'x-canary: true' http://api:8080/hello || { echo "check: canary route broken" >&2; fail=1; }
     echo hi | t_in web nc -N -w 5 echo.demo 7000 | grep -q '^hi$' || { echo "check: TCP to echo by its mesh name failed" >&2; fail=1; }
-    curl -fsS "http://$T_LAN.2:15000/metrics" | grep -q 'weft_tcp_connections_total{cluster="echo.demo",direction="outbound"[^}]*} [1-9]' || { echo "check: web's TCP call to echo did not go through its echo.demo cluster" >&2; fail=1; }
-    t_in web curl -fsS --max-time 5 http://echo.outside:8080/out | grep -q '"service":"echo"' || { echo "check: HTTP to the outside host (a name outside the mesh) failed" >&2; fail=1; }
-    curl -fsS "http://$T_LAN.2:15000/metrics" | grep -q 'weft_tcp_connections_total{cluster="passthrough",direction="outbound"[^}]*} [1-9]' || { echo "check: the call to the outside host was not passed through" >&2; fail=1; }
-    curl -fsS "http://$T_LAN.2:15000/metrics" | grep -q 'weft_dns_queries_total{result="mesh"} [1-9]' || { echo "check: web's mesh DNS answered nothing" >&2; fail=1; }
-    curl -fsS "http://$T_LAN.2:15000/metrics" | grep -q 'weft_dns_queries_total{result="forwarded"} [1-9]' || { echo "check: web's mesh DNS forwarded nothing" >&2; fail=1; }
-    curl -fsS "http://$T_LAN.2:15000/metrics" | grep -q 'weft_protocol_detections_total{direction="outbound",result="http1"} [1-9]' || { echo "check: web's sidecar captured no HTTP call" >&2; fail=1; }
-    curl -fsS "http://$T_LAN.3:15000/metrics" | grep -q 'weft_protocol_detections_total{direction="inbound",result="tls"} [1-9]' || { echo "check: web -> api was not mTLS" >&2; fail=1; }
+    output_has 'weft_tcp_connections_total{cluster="echo.demo",direction="outbound"[^}]*} [1-9]' curl -fsS "http://$T_LAN.2:15000/metrics" || { echo "check: web's TCP call to echo did not go through its echo.demo cluster" >&2; fail=1; }
+    output_has '"service":"echo"' t_in web curl -fsS --max-time 5 http://echo.outside:8080/out || { echo "check: HTTP to the outside host (a name outside the mesh) failed" >&2; fail=1; }
+    output_has 'weft_tcp_connections_total{cluster="passthrough",direction="outbound"[^}]*} [1-9]' curl -fsS "http://$T_LAN.2:15000/metrics" || { echo "check: the call to the outside host was not passed through" >&2; fail=1; }
+    output_has 'weft_dns_queries_total{result="mesh"} [1-9]' curl -fsS "http://$T_LAN.2:15000/metrics" || { echo "check: web's mesh DNS answered nothing" >&2; fail=1; }
+    output_has 'weft_dns_queries_total{result="forwarded"} [1-9]' curl -fsS "http://$T_LAN.2:15000/metrics" || { echo "check: web's mesh DNS forwarded nothing" >&2; fail=1; }
+    output_has 'weft_protocol_detections_total{direction="outbound",result="http1"} [1-9]' curl -fsS "http://$T_LAN.2:15000/metrics" || { echo "check: web's sidecar captured no HTTP call" >&2; fail=1; }
+    output_has 'weft_protocol_detections_total{direction="inbound",result="tls"} [1-9]' curl -fsS "http://$T_LAN.3:15000/metrics" || { echo "check: web -> api was not mTLS" >&2; fail=1; }
     code=$(t_in outside curl -s -o /dev/null --max-time 5 -w '%{http_code}' "http://$T_LAN.3:8080/")
     [[ $code == 403 ]] || { echo "check: a caller without identity got $code from api's app port, not 403" >&2; fail=1; }
     "$BIN/weftctl" status >/dev/null || { echo "check: weftctl status failed" >&2; fail=1; }
@@ -323,13 +333,13 @@ curl -sS -H 'host: api' -H 'x-canary: true' http://127.0.0.2:15001/hello; echo
 
 if [[ $CHECK == 1 ]]; then
   fail=0
-  curl -fsS -H 'host: api' http://127.0.0.2:15001/hello | grep -q '"service":"api"' || { echo "check: api unreachable" >&2; fail=1; }
-  curl -fsS -H 'host: api' -H 'x-canary: true' http://127.0.0.2:15001/hello | grep -q '"service":"api-v2"' || { echo "check: canary route broken" >&2; fail=1; }
-  curl -fsS http://127.0.0.2:15000/metrics | grep -q '^weft_requests_total' || { echo "check: no request metrics" >&2; fail=1; }
+  output_has '"service":"api"' curl -fsS -H 'host: api' http://127.0.0.2:15001/hello || { echo "check: api unreachable" >&2; fail=1; }
+  output_has '"service":"api-v2"' curl -fsS -H 'host: api' -H 'x-canary: true' http://127.0.0.2:15001/hello || { echo "check: canary route broken" >&2; fail=1; }
+  output_has '^weft_requests_total' curl -fsS http://127.0.0.2:15000/metrics || { echo "check: no request metrics" >&2; fail=1; }
   "$BIN/weftctl" status >/dev/null || { echo "check: weftctl status failed" >&2; fail=1; }
   code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$STATE/ca/roots.pem" https://127.0.0.1:15011/v1/proxies)
   [[ $code == 401 ]] || { echo "check: the admin API answered $code without a credential, not 401" >&2; fail=1; }
-  curl -fsS http://127.0.0.3:15000/metrics | grep -q 'weft_inbound_connections_total{tls="mtls"} [1-9]' || { echo "check: web -> api was not mTLS" >&2; fail=1; }
+  output_has 'weft_inbound_connections_total{tls="mtls"} [1-9]' curl -fsS http://127.0.0.3:15000/metrics || { echo "check: web -> api was not mTLS" >&2; fail=1; }
   echo hi | nc -N 127.0.0.2 7000 | grep -q '^hi$' || { echo "check: TCP through the sidecar failed" >&2; fail=1; }
   code=$(curl -s -o /dev/null -w '%{http_code}' -H 'host: api' http://127.0.0.3:15006/)
   [[ $code == 403 ]] || { echo "check: a caller without identity got $code from api, not 403" >&2; fail=1; }
