@@ -37,6 +37,7 @@ import base64
 import http.client
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -810,10 +811,33 @@ def case_kept(tmp: Path) -> str:
 # run:* — the real weft-control with the rendered pod spec
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that is free now, never handed out before by this run, and below the
+    kernel's ephemeral range: a port taken from that range (bind to port 0) can be given, between
+    this check and the listener's bind, to an outgoing connection (a replica's to etcd), and the
+    listener then fails with "address in use" (a CI run lost run:ha that way)."""
+    low = 32768
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    first = max(1024, low - 12000)
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(1000):
+        port = rng.randrange(first, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise CaseFailed(f"no free loopback port in {first}..{low}")
 
 
 class LoopbackHTTPS(http.client.HTTPSConnection):
@@ -947,8 +971,12 @@ class Pod:
         raise CaseFailed(f"weft-control not ready within {WAIT}s (last: {last}): {self.output()}")
 
     def output(self) -> str:
+        """The log's last 1,500 characters without backtrace frames (with RUST_BACKTRACE set, an
+        error's frames would push its message out of the excerpt)."""
         self.log.flush()
-        return (self.root / "weft-control.log").read_text(errors="replace")[-1500:]
+        text = (self.root / "weft-control.log").read_text(errors="replace")
+        frame = re.compile(r"^\s+(\d+: |at )")
+        return "\n".join(l for l in text.splitlines() if not frame.match(l))[-1500:]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
