@@ -12,37 +12,47 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::compile::{type_name, Resources};
-use crate::policy::{AuthorizationPolicy, PolicySet, Route, Service};
+use crate::policy::{AuthorizationPolicy, Declarations, PolicySet, Route, Service};
 use weft_proto::v1::ResourceType;
 
 /// Human-readable differences between two policy sets: `mesh`, services, routes, then
 /// authorization policies, e.g. `route/canary configured`.
+///
+/// Only the declarations of files the two sets do not share (same name and content) are
+/// compared: the others are equal in both ([`PolicySet::declared_apart_from`]), so an apply
+/// that changes one file costs that file, not the mesh.
 pub fn policy_changes(old: &PolicySet, new: &PolicySet) -> Vec<String> {
-    // Borrowed keys and values: at thousands of services this runs on every apply.
-    fn services(set: &PolicySet) -> BTreeMap<ServiceName<'_>, &Service> {
-        set.services()
+    // Borrowed keys and values: this runs on every apply.
+    fn services<'a>(d: &Declarations<'a>) -> BTreeMap<ServiceName<'a>, &'a Service> {
+        d.services
             .iter()
-            .map(|s| (ServiceName(&s.name, &s.namespace), s))
+            .map(|s| (ServiceName(&s.name, &s.namespace), *s))
             .collect()
     }
-    fn routes(set: &PolicySet) -> BTreeMap<&str, &Route> {
-        set.routes().iter().map(|r| (r.name.as_str(), r)).collect()
+    fn routes<'a>(d: &Declarations<'a>) -> BTreeMap<&'a str, &'a Route> {
+        d.routes.iter().map(|r| (r.name.as_str(), *r)).collect()
     }
-    fn authorization(set: &PolicySet) -> BTreeMap<&str, &AuthorizationPolicy> {
-        set.authorization()
+    fn authorization<'a>(d: &Declarations<'a>) -> BTreeMap<&'a str, &'a AuthorizationPolicy> {
+        d.authorization
             .iter()
-            .map(|p| (p.name.as_str(), p))
+            .map(|p| (p.name.as_str(), *p))
             .collect()
     }
     let mut out = Vec::new();
     if old.mesh() != new.mesh() {
         out.push("mesh configured".to_owned());
     }
-    diff_maps(&services(old), &services(new), "service", &mut out);
-    diff_maps(&routes(old), &routes(new), "route", &mut out);
+    let (old_only, new_only) = (old.declared_apart_from(new), new.declared_apart_from(old));
     diff_maps(
-        &authorization(old),
-        &authorization(new),
+        &services(&old_only),
+        &services(&new_only),
+        "service",
+        &mut out,
+    );
+    diff_maps(&routes(&old_only), &routes(&new_only), "route", &mut out);
+    diff_maps(
+        &authorization(&old_only),
+        &authorization(&new_only),
         "authorization",
         &mut out,
     );

@@ -5,16 +5,20 @@
 //! cost of a set, so only new or changed files are parsed. A set keeps its declarations once,
 //! in its flat lists (`services`, `routes`, `authorization`), and remembers where each file's
 //! declarations sit ([`FileParts`]): that is the file's parse, copied from the previous set's
-//! lists for an unchanged file. Validation of the whole set (cross-file rules) runs every time;
-//! only parsing is reused. A reused parse is exactly what parsing would give: parsing depends
-//! on the content alone, and a previous set only exists if every one of its files parsed.
+//! lists for an unchanged file. A reused parse is exactly what parsing would give: parsing
+//! depends on the content alone, and a previous set only exists if every one of its files
+//! parsed. Validation skips the checks the previous set passed with the same inputs (an
+//! unchanged file's own checks while every service's name, namespace and protocol are
+//! unchanged, and cross-file checks the previous set proves clean: `validate_cache`); every
+//! other check runs over the whole set.
 
 use std::ops::Range;
 
 use super::validate::{self, FileView};
+use super::validate_cache::Reuse;
 use super::{
-    index, parse_file, transparent, version_of, AuthorizationPolicy, Mesh, PolicyError,
-    PolicyErrors, PolicyFile, PolicySet, Route, Service, SourceFile, MAX_FILES,
+    index, parse_file, transparent, version, AuthorizationPolicy, Mesh, PolicyError, PolicyErrors,
+    PolicyFile, PolicySet, Route, Service, SourceFile, MAX_FILES,
 };
 
 /// Where one file's declarations sit in its set's lists.
@@ -22,9 +26,9 @@ use super::{
 pub(super) struct FileParts {
     /// The file defines `mesh:` (the set's mesh: a valid set has at most one).
     defines_mesh: bool,
-    services: Range<usize>,
-    routes: Range<usize>,
-    authorization: Range<usize>,
+    pub(super) services: Range<usize>,
+    pub(super) routes: Range<usize>,
+    pub(super) authorization: Range<usize>,
 }
 
 /// One file's parse: fresh, or that of the `i`th file of the previous set.
@@ -33,10 +37,12 @@ enum Parse<'p> {
     Reused(&'p PolicySet, usize),
 }
 
-/// What [`build`] made, and which files (in sorted order) it had to parse.
+/// What [`build`] made, which files (in sorted order) it had to parse, and which it had to
+/// validate again (the others' per-file checks were passed by `previous`: `validate_cache`).
 pub(super) struct Built {
     pub(super) set: PolicySet,
     pub(super) parsed: Vec<bool>,
+    pub(super) validated: Vec<bool>,
 }
 
 /// Parses (or reuses from `previous`) and validates `files` as one set, sorted by name first.
@@ -68,10 +74,16 @@ pub(super) fn build(
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
     }
-    let parsed = parses
+    let parsed: Vec<bool> = parses
         .iter()
         .map(|p| matches!(p, Parse::Fresh(_)))
         .collect();
+    // The first files that are, in order, the previous set's first files (version states).
+    let shared = parses
+        .iter()
+        .enumerate()
+        .take_while(|(k, p)| matches!(p, Parse::Reused(_, i) if i == k))
+        .count();
 
     let (mut n_services, mut n_routes, mut n_authorization) = (0, 0, 0);
     for parse in &parses {
@@ -132,10 +144,33 @@ pub(super) fn build(
             authorization: &authorization[p.authorization.clone()],
         })
         .collect();
-    validate::validate(&files, &views, &services)?;
+    let reuse = match previous {
+        Some(prev) => {
+            let reused: Vec<bool> = parsed.iter().map(|p| !p).collect();
+            Reuse::new(&reused, &prev.services, &services)
+        }
+        None => Reuse::none(files.len()),
+    };
+    validate::validate(&files, &views, &services, &reuse)?;
     drop(views);
 
-    let index = index::PolicyIndex::build(&services, &routes, &authorization);
+    let index = match previous {
+        Some(prev) if reuse.facts_unchanged => index::PolicyIndex::reuse(
+            &prev.index,
+            &prev.routes,
+            &prev.authorization,
+            &routes,
+            &authorization,
+        ),
+        _ => None,
+    }
+    .unwrap_or_else(|| {
+        std::sync::Arc::new(index::PolicyIndex::build(
+            &services,
+            &routes,
+            &authorization,
+        ))
+    });
     let mesh = meshes.into_iter().flatten().next().unwrap_or_default();
     // Validation checked the range and that it has room; a failure here leaves the
     // services without one (never reached).
@@ -144,9 +179,15 @@ pub(super) fn build(
         .as_deref()
         .and_then(|r| transparent::IpRange::parse(r).ok());
     let vips = transparent::allocate_vips(&services, range.as_ref()).unwrap_or_default();
+    let (version, version_states) = version::versions(
+        &files,
+        shared,
+        previous.map_or(&[][..], |p| &p.version_states),
+    );
     Ok(Built {
         set: PolicySet {
-            version: version_of(&files),
+            version,
+            version_states,
             files,
             parts,
             mesh,
@@ -157,6 +198,7 @@ pub(super) fn build(
             vips,
         },
         parsed,
+        validated: reuse.unchanged.iter().map(|u| !u).collect(),
     })
 }
 

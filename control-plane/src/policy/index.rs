@@ -4,6 +4,7 @@
 //! (every route used to resolve its service by scanning every service).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::{resolve_among, AuthorizationPolicy, ReferenceError, Route, Service, ServiceKey};
 
@@ -40,6 +41,30 @@ impl PolicyIndex {
             }
         }
         index
+    }
+
+    /// The previous set's index, if it is the one [`PolicyIndex::build`] gives for the new
+    /// lists. The caller has checked that the services' names and namespaces are, in order,
+    /// the previous set's (`validate_cache::same_facts`); the rest of what `build` reads is
+    /// each route's and each authorization policy's `service`, in order, compared here.
+    pub(super) fn reuse(
+        previous: &Arc<Self>,
+        previous_routes: &[Route],
+        previous_authorization: &[AuthorizationPolicy],
+        routes: &[Route],
+        authorization: &[AuthorizationPolicy],
+    ) -> Option<Arc<Self>> {
+        let same_routes = previous_routes.len() == routes.len()
+            && previous_routes
+                .iter()
+                .zip(routes)
+                .all(|(a, b)| a.service == b.service);
+        let same_authorization = previous_authorization.len() == authorization.len()
+            && previous_authorization
+                .iter()
+                .zip(authorization)
+                .all(|(a, b)| a.service == b.service);
+        (same_routes && same_authorization).then(|| Arc::clone(previous))
     }
 
     /// [`super::resolve_reference`], without scanning.

@@ -5,6 +5,7 @@
 
 mod assemble;
 pub mod bounds;
+mod changed;
 mod index;
 mod locate;
 mod lookup;
@@ -14,6 +15,8 @@ pub mod store;
 pub mod traffic;
 pub mod transparent;
 mod validate;
+mod validate_cache;
+mod version;
 
 use std::fmt;
 use std::sync::Arc;
@@ -24,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::hash::StableHasher;
 
 pub use bounds::{MAX_FILES, MAX_FILE_BYTES, MAX_REQUEST_BYTES};
+pub use changed::Declarations;
 pub use locate::line_of;
 pub use resilience::{
     Backoff, CircuitBreaker, HashPolicy, HealthCheck, HttpHealthCheck, LbPolicy, OutlierDetection,
@@ -330,9 +334,13 @@ pub struct PolicySet {
     services: Vec<Service>,
     routes: Vec<Route>,
     authorization: Vec<AuthorizationPolicy>,
-    index: index::PolicyIndex,
+    /// Shared with the next set when what it is built from did not change
+    /// (`index::PolicyIndex::reuse`).
+    index: Arc<index::PolicyIndex>,
     /// Every service's virtual IP (declared, or allocated from `mesh.vip_range`).
     vips: std::collections::BTreeMap<ServiceKey, std::net::IpAddr>,
+    /// The version's hash state after each file (`version`: the next set resumes from them).
+    version_states: Vec<StableHasher>,
 }
 
 impl Default for PolicySet {
@@ -352,8 +360,9 @@ impl PolicySet {
             services: Vec::new(),
             routes: Vec::new(),
             authorization: Vec::new(),
-            index: index::PolicyIndex::default(),
+            index: Arc::default(),
             vips: std::collections::BTreeMap::new(),
+            version_states: Vec::new(),
         }
     }
 
@@ -393,8 +402,8 @@ impl PolicySet {
 
     /// [`PolicySet::from_files`], parsing only the files that `previous` does not hold with the
     /// same name and content (the others' parses are taken from `previous`). The result, errors
-    /// included, is exactly that of [`PolicySet::from_files`]: validation still covers the
-    /// whole set.
+    /// included, is exactly that of [`PolicySet::from_files`]: validation skips only the checks
+    /// `previous` passed with the same inputs (`validate_cache`).
     pub fn from_files_reusing(
         files: Vec<SourceFile>,
         previous: &PolicySet,
@@ -403,7 +412,8 @@ impl PolicySet {
         tracing::debug!(
             files = built.parsed.len(),
             parsed = built.parsed.iter().filter(|p| **p).count(),
-            "policy set built, unchanged files not parsed again"
+            validated = built.validated.iter().filter(|v| **v).count(),
+            "policy set built, unchanged files not parsed (nor validated) again"
         );
         Ok(built.set)
     }
@@ -613,8 +623,12 @@ fn split_serde_message(message: &str) -> (String, String) {
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_changed;
+#[cfg(test)]
 mod tests_resilience;
 #[cfg(test)]
 mod tests_reuse;
 #[cfg(test)]
 mod tests_security;
+#[cfg(test)]
+mod tests_validate_cache;

@@ -1,10 +1,12 @@
 //! Semantic validation of parsed policy files: names, uniqueness, references, ranges, matchers.
 
+use std::cell::LazyCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 
 use super::lookup::ServiceLookup;
+use super::validate_cache::Reuse;
 use super::{
     line_of, AuthorizationPolicy, Mesh, PathMatch, PolicyError, PolicyErrors, Protocol, Route,
     RouteMatch, Service, SourceFile,
@@ -99,27 +101,33 @@ pub(super) struct FileView<'a> {
 }
 
 /// Checks every rule over the whole set; `parsed[i]` is the parse of `files[i]` and
-/// `all_services` every service of `parsed`, in order.
+/// `all_services` every service of `parsed`, in order. The checks `reuse` shows the set in
+/// force already passed with the same inputs are skipped ([`super::validate_cache`]).
 pub(super) fn validate(
     files: &[SourceFile],
     parsed: &[FileView<'_>],
     all_services: &[Service],
+    reuse: &Reuse,
 ) -> Result<(), PolicyErrors> {
     let mut c = Collector {
         files,
         errors: Vec::new(),
     };
-    let all = ServiceLookup::new(all_services);
+    let all = LazyCell::new(|| ServiceLookup::new(all_services));
+    let check_services = !reuse.facts_unchanged;
+    let check_routes = !reuse.routes_unchanged(parsed);
 
     // Where each was first defined: (file, index in its list).
     let mut seen_services: HashMap<(&str, &str), (usize, usize)> = HashMap::new();
     let mut seen_routes: HashMap<&str, (usize, usize)> = HashMap::new();
     let mut seen_matches: HashMap<String, (usize, usize, &str)> = HashMap::new();
     for (fi, file) in parsed.iter().enumerate() {
+        let check_file = !reuse.unchanged[fi];
         for (si, service) in file.services.iter().enumerate() {
             let path = Path::item("services", si);
             let key = (service.name.as_str(), service.namespace.as_str());
-            if let Some((first_file, first)) = seen_services.get(&key) {
+            if !check_services {
+            } else if let Some((first_file, first)) = seen_services.get(&key) {
                 let first = c.location(*first_file, &Path::item("services", *first).to_string());
                 c.push(
                     fi,
@@ -132,12 +140,15 @@ pub(super) fn validate(
             } else {
                 seen_services.insert(key, (fi, si));
             }
-            validate_service(&mut c, fi, &path, service, &all);
+            if check_file {
+                validate_service(&mut c, fi, &path, service, &all);
+            }
         }
         for (ri, route) in file.routes.iter().enumerate() {
             let path = Path::item("routes", ri);
-            let duplicate_name = seen_routes.contains_key(route.name.as_str());
-            if let Some((first_file, first)) = seen_routes.get(route.name.as_str()) {
+            let duplicate_name = check_routes && seen_routes.contains_key(route.name.as_str());
+            if !check_routes {
+            } else if let Some((first_file, first)) = seen_routes.get(route.name.as_str()) {
                 let first = c.location(*first_file, &Path::item("routes", *first).to_string());
                 c.push(
                     fi,
@@ -150,7 +161,12 @@ pub(super) fn validate(
             } else {
                 seen_routes.insert(&route.name, (fi, ri));
             }
-            validate_route(&mut c, fi, &path, route, &all);
+            if check_file {
+                validate_route(&mut c, fi, &path, route, &all);
+            }
+            if !check_routes {
+                continue;
+            }
             // A repeated name is already an error; don't report its match a second time.
             if let Some(key) = match_key(route, &all).filter(|_| !duplicate_name) {
                 if let Some((first_file, first, first_name)) = seen_matches.get(&key) {
@@ -174,7 +190,7 @@ pub(super) fn validate(
             }
         }
     }
-    security::check(&mut c, parsed, &all);
+    security::check(&mut c, parsed, &all, reuse);
     transparent::check(&mut c, parsed, all_services);
     for (fi, file) in parsed.iter().enumerate() {
         if let Some(mesh) = &file.mesh {
@@ -258,12 +274,12 @@ pub fn is_dns_label(s: &str) -> bool {
 const DNS_LABEL_RULE: &str =
     "must be a DNS label: lower-case letters, digits and '-', at most 63 characters, starting and ending with a letter or digit";
 
-fn validate_service(
+fn validate_service<'s>(
     c: &mut Collector<'_>,
     fi: usize,
     path: &Path<'_>,
     service: &Service,
-    all: &ServiceLookup<'_>,
+    all: &LazyCell<ServiceLookup<'s>, impl FnOnce() -> ServiceLookup<'s>>,
 ) {
     if !is_dns_label(&service.name) {
         c.push(

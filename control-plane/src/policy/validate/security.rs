@@ -1,6 +1,7 @@
 //! Validation of the zero-trust settings: the single `mesh:` block and `authorization:`
 //! policies (one per service, references that resolve, well-formed SPIFFE IDs).
 
+use std::cell::LazyCell;
 use std::collections::HashMap;
 
 use super::{
@@ -8,9 +9,15 @@ use super::{
     DNS_LABEL_RULE,
 };
 use crate::policy::lookup::ServiceLookup;
+use crate::policy::validate_cache::Reuse;
 use crate::policy::{AuthorizationPolicy, ServiceKey};
 
-pub(super) fn check(c: &mut Collector<'_>, parsed: &[FileView<'_>], all: &ServiceLookup<'_>) {
+pub(super) fn check<'s>(
+    c: &mut Collector<'_>,
+    parsed: &[FileView<'_>],
+    all: &LazyCell<ServiceLookup<'s>, impl FnOnce() -> ServiceLookup<'s>>,
+    reuse: &Reuse,
+) {
     let mut first_mesh: Option<usize> = None;
     for (fi, file) in parsed.iter().enumerate() {
         let Some(mesh) = &file.mesh else { continue };
@@ -48,7 +55,13 @@ pub(super) fn check(c: &mut Collector<'_>, parsed: &[FileView<'_>], all: &Servic
     let mut names: HashMap<&str, (usize, usize)> = HashMap::new();
     let mut guarded: HashMap<ServiceKey, (usize, usize)> = HashMap::new();
     let first_path = |pi: usize| Path::item("authorization", pi).to_string();
+    // Unchanged policies are neither checked again nor compared with each other (they were,
+    // in the set in force): see `validate_cache`.
+    let check_across = !reuse.authorization_unchanged(parsed);
     for (fi, file) in parsed.iter().enumerate() {
+        if !check_across && reuse.unchanged[fi] {
+            continue;
+        }
         for (pi, policy) in file.authorization.iter().enumerate() {
             let path = Path::item("authorization", pi);
             if !is_dns_label(&policy.name) {
@@ -90,7 +103,9 @@ pub(super) fn check(c: &mut Collector<'_>, parsed: &[FileView<'_>], all: &Servic
                     None
                 }
             };
-            check_rules(c, fi, &path, policy, service, all);
+            if !reuse.unchanged[fi] {
+                check_rules(c, fi, &path, policy, service, all);
+            }
         }
     }
 }
