@@ -115,7 +115,7 @@ pub(super) fn validate(
     };
     let all = LazyCell::new(|| ServiceLookup::new(all_services));
     let check_services = !reuse.facts_unchanged;
-    let check_routes = !reuse.routes_unchanged(parsed);
+    let check_routes = !reuse.all_declaring_unchanged(parsed.iter().map(|f| !f.routes.is_empty()));
 
     // Where each was first defined: (file, index in its list).
     let mut seen_services: HashMap<(&str, &str), (usize, usize)> = HashMap::new();

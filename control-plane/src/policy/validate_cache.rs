@@ -15,16 +15,15 @@
 //!   without duplicates ([`Reuse::facts_unchanged`]);
 //! - duplicate route names and routes that match the same requests: every file holding routes
 //!   is unchanged, so the routes are a subset of the previous set's, and their services resolve
-//!   the same; a subset of routes without duplicates has none ([`Reuse::routes_unchanged`]);
+//!   the same; a subset of routes without duplicates has none ([`Reuse::all_declaring_unchanged`]);
 //! - duplicate authorization policy names and two policies for one service: likewise
-//!   ([`Reuse::authorization_unchanged`]).
+//!   (the same).
 //!
 //! The mesh checks and the virtual IPs run every time (they are few, or depend on every
 //! service's content). Skipped checks would have pushed no error and the checks still run in
 //! the same order, so the errors of an invalid set are byte for byte those of a validation from
 //! scratch.
 
-use super::validate::FileView;
 use super::Service;
 
 /// What the set being validated shares with the set in force (all `false` without one).
@@ -60,26 +59,14 @@ impl Reuse {
         }
     }
 
-    /// Every file that declares routes is unchanged.
-    pub(super) fn routes_unchanged(&self, parsed: &[FileView<'_>]) -> bool {
-        self.all_unchanged(parsed, |f| f.routes.is_empty())
-    }
-
-    /// Every file that declares authorization policies is unchanged.
-    pub(super) fn authorization_unchanged(&self, parsed: &[FileView<'_>]) -> bool {
-        self.all_unchanged(parsed, |f| f.authorization.is_empty())
-    }
-
-    fn all_unchanged(
-        &self,
-        parsed: &[FileView<'_>],
-        empty: impl Fn(&FileView<'_>) -> bool,
-    ) -> bool {
+    /// Every file that declares what is checked across files (routes, or authorization
+    /// policies) is unchanged. `declares[i]`: file `i` declares some.
+    pub(super) fn all_declaring_unchanged(&self, declares: impl IntoIterator<Item = bool>) -> bool {
         self.facts_unchanged
-            && parsed
-                .iter()
+            && declares
+                .into_iter()
                 .zip(&self.unchanged)
-                .all(|(f, unchanged)| *unchanged || empty(f))
+                .all(|(declares, unchanged)| *unchanged || !declares)
     }
 }
 
