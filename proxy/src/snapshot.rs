@@ -24,6 +24,11 @@ use crate::route::RouteTable;
 use crate::tls::inbound::MtlsMode;
 use crate::tls::trust::TrustBundle;
 
+mod endpoint_push;
+mod held_routes;
+
+use held_routes::{held_route_tables, held_table_corrupt, held_table_routes};
+
 /// Where the data path finds the current snapshot; empty until the first one is applied.
 pub type SnapshotStore = ArcSwapOption<Snapshot>;
 
@@ -834,6 +839,10 @@ pub struct Snapshot {
     /// The metric families this snapshot's handles were made with (outbound `tls` / `peer` of
     /// its clusters): what handles resolved later for it (captured destinations) use.
     pub metrics: Metrics,
+    /// Whether `metrics`' outbound labels were made for a proxy with a mesh identity.
+    has_identity: bool,
+    /// Whether a cluster re-reads something at every build (DNS endpoints, TLS origination).
+    clusters_reread: bool,
 }
 
 impl Snapshot {
@@ -946,23 +955,26 @@ impl Snapshot {
             )
         });
         let mut errors = Vec::new();
-        let BuiltClusters {
-            clusters,
-            replaced: replaced_clusters,
-        } = build_clusters(sets, changed_clusters, previous, metrics, &mut errors);
-        // Every request handle of this snapshot (route destinations resolve theirs lazily) knows
-        // the transport of its destination cluster.
-        let peers: HashMap<Arc<str>, PeerLabels> = clusters
-            .values()
-            .map(|c| (Arc::clone(&c.name), outbound_peer_labels(c, has_identity)))
-            .collect();
-        // Routes are reused only with the family they were built with: one whose transports
-        // changed rebuilds them all, so no old family outlives its snapshot in kept routes.
-        let kept_family = previous.filter(|p| p.metrics.has_cluster_peers(metrics, &peers));
-        let metrics = &match kept_family {
-            Some(p) => p.metrics.clone(),
-            None => metrics.for_clusters(peers),
-        };
+        // The clusters (patched from `previous`' for an endpoint-only push) and the family of
+        // their outbound transports, `previous`' (`kept_family`) if none changed.
+        let endpoint_push::Clusters {
+            built:
+                BuiltClusters {
+                    clusters,
+                    replaced: replaced_clusters,
+                },
+            reread: clusters_reread,
+            kept_family,
+            family,
+        } = endpoint_push::clusters(
+            sets,
+            changed_clusters,
+            previous,
+            metrics,
+            has_identity,
+            &mut errors,
+        );
+        let metrics = &family;
         let same_policies = |p: &&Snapshot| {
             same_arc(unchanged.policies.as_ref(), p.resources.policies.as_ref())
                 || p.resources.policies.as_deref() == sets.policies
@@ -1255,6 +1267,8 @@ impl Snapshot {
             trust,
             tables: detached,
             metrics: metrics.clone(),
+            has_identity,
+            clusters_reread,
         })
     }
 }
@@ -1403,107 +1417,6 @@ impl TableIn<'_> {
             },
         }
     }
-}
-
-/// Calls `f` with each length-delimited field (number, bytes) of the protobuf message encoded
-/// in `buf`, in order, skipping the other wire types: reads keys and lengths, decodes nothing.
-fn delimited_fields(
-    mut buf: bytes::Bytes,
-    mut f: impl FnMut(u64, bytes::Bytes) -> Result<(), String>,
-) -> Result<(), String> {
-    use bytes::Buf;
-    // A varint, as prost reads one (a key, a length or a value).
-    let varint =
-        |buf: &mut bytes::Bytes| prost::decode_length_delimiter(buf).map_err(|e| e.to_string());
-    while buf.has_remaining() {
-        let key = varint(&mut buf)?;
-        let len = match key & 7 {
-            0 => varint(&mut buf).map(|_| 0)?,
-            1 => 8,
-            2 => varint(&mut buf)?,
-            5 => 4,
-            // Groups: proto3 (and prost) never writes them.
-            w => return Err(format!("unexpected wire type {w}")),
-        };
-        if len > buf.remaining() {
-            return Err("field overruns the message".into());
-        }
-        let field = buf.split_to(len);
-        if key & 7 == 2 {
-            f((key >> 3) as u64, field)?;
-        }
-    }
-    Ok(())
-}
-
-/// `v1::RouteSet.tables` and `v1::RouteTable.routes` (proto/weft/v1/discovery.proto).
-const ROUTE_SET_TABLES: u64 = 2;
-const ROUTE_TABLE_NAME: u64 = 1;
-const ROUTE_TABLE_ROUTES: u64 = 2;
-
-/// Each table of a held route set, named, as its encoded `v1::RouteTable` (a slice of the
-/// held bytes), in the set's order: found by reading keys and lengths, no route decoded.
-fn held_route_tables(e: &Encoded<v1::RouteSet>) -> Result<Vec<(String, bytes::Bytes)>, Rejection> {
-    let mut tables = Vec::new();
-    delimited_fields(e.bytes.clone(), |field, table| {
-        if field == ROUTE_SET_TABLES {
-            let mut name = String::new();
-            delimited_fields(table.clone(), |field, b| {
-                if field == ROUTE_TABLE_NAME {
-                    name = String::from_utf8(b.to_vec()).map_err(|e| e.to_string())?;
-                }
-                Ok(())
-            })?;
-            tables.push((name, table));
-        }
-        Ok(())
-    })
-    .map_err(|err| {
-        Rejection::new(
-            "held route set",
-            "routes",
-            format!("version {:?} does not decode: {err}", e.version()),
-        )
-    })?;
-    Ok(tables)
-}
-
-/// Routes `at` (ascending indices) of the held table `name` encoded in `bytes`, decoded.
-fn held_table_routes(
-    name: &str,
-    bytes: &bytes::Bytes,
-    at: &[usize],
-) -> Result<Vec<v1::Route>, Rejection> {
-    let mut routes = Vec::with_capacity(at.len());
-    let mut i = 0;
-    let mut wanted = at.iter().peekable();
-    delimited_fields(bytes.clone(), |field, route| {
-        if field != ROUTE_TABLE_ROUTES {
-            return Ok(());
-        }
-        if wanted.peek() == Some(&&i) {
-            wanted.next();
-            routes.push(v1::Route::decode(route).map_err(|e| e.to_string())?);
-        }
-        i += 1;
-        Ok(())
-    })
-    .map_err(|err| held_table_corrupt(name, &err))?;
-    if let Some(missing) = wanted.next() {
-        return Err(held_table_corrupt(
-            name,
-            &format!("route {missing} of a table of {i} routes"),
-        ));
-    }
-    Ok(routes)
-}
-
-fn held_table_corrupt(name: &str, err: &str) -> Rejection {
-    Rejection::new(
-        format!("held route table {name:?}"),
-        "routes",
-        format!("does not decode: {err}"),
-    )
 }
 
 /// A cluster's endpoint list as a build reads it: from a set carried whole, or held encoded.

@@ -32,6 +32,7 @@
 //! Creating a handle (or lease) and removing its series happen under one lock per kind, see
 //! [`RequestSeries::handle_in`] and `Drop for RequestMetrics`.
 
+mod cluster_peers;
 mod families;
 mod lease;
 mod peer;
