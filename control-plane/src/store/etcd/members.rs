@@ -9,9 +9,9 @@
 //! goes back in. When none answers, all stay (requests then say etcd is unavailable, and the
 //! first member back is used at once).
 //!
-//! Between a member's death and the next probe, requests that could not even connect to it
-//! (they never reached etcd, so repeating them is safe, compare-and-swap included) are tried
-//! again ([`retry_unsent`]).
+//! Between a member's death and the next probe, requests that could not even connect to it,
+//! or were still queued on its connection when that closed (they never reached etcd, so
+//! repeating them is safe, compare-and-swap included), are tried again ([`retry_unsent`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -150,6 +150,18 @@ pub(crate) fn never_sent(e: &etcd_client::Error) -> bool {
                 return true;
             }
         }
+        // hyper's `Canceled`: the request was handed back before the connection took it, so
+        // nothing of it was written: "connection was not ready" (the connection was already
+        // closed when the request was queued), or "connection closed" (it closed with the
+        // request still queued, as when the member dies between the balancer's pick and the
+        // write). Any other hyper error (a reset, "connection closed before message
+        // completed", an h2 error) may come after the request was written: not this.
+        if cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
         text.push_str(&cause.to_string());
         source = cause.source();
     }
@@ -231,5 +243,89 @@ mod tests {
             assert!(!never_sent(&etcd_client::Error::GRpcStatus(s)));
         }
         assert!(!never_sent(&etcd_client::Error::InvalidArgs("x".into())));
+    }
+
+    type Body = http_body_util::Empty<bytes::Bytes>;
+
+    fn request() -> http::Request<Body> {
+        http::Request::post("http://member/etcdserverpb.KV/Range")
+            .body(Body::new())
+            .unwrap()
+    }
+
+    /// How tonic hands a hyper error to etcd-client: a `Status` found in its source chain.
+    fn as_etcd_error(e: hyper::Error) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::from_error(Box::new(e)))
+    }
+
+    /// A client HTTP/2 connection (real hyper) over an in-memory pipe; the pipe's other end.
+    async fn h2_client() -> (
+        hyper::client::conn::http2::SendRequest<Body>,
+        hyper::client::conn::http2::Connection<
+            hyper_util::rt::TokioIo<tokio::io::DuplexStream>,
+            Body,
+            hyper_util::rt::TokioExecutor,
+        >,
+        tokio::io::DuplexStream,
+    ) {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(near),
+        )
+        .await
+        .unwrap();
+        (send, conn, far)
+    }
+
+    #[tokio::test]
+    async fn a_request_hyper_handed_back_unsent_is_retried() {
+        // The member's connection closed with the request still queued on it (what a read
+        // right after a member's SIGKILL got: "operation was canceled: transport error:
+        // connection closed").
+        let (mut send, conn, _far) = h2_client().await;
+        let queued = send.send_request(request());
+        drop(conn);
+        let e = queued.await.unwrap_err();
+        assert!(e.is_canceled(), "{e:?}");
+        assert_eq!(
+            std::error::Error::source(&e).map(ToString::to_string),
+            Some("connection closed".to_owned())
+        );
+        assert!(never_sent(&as_etcd_error(e)));
+
+        // The connection was closed already when the request was handed to it.
+        let (mut send, conn, _far) = h2_client().await;
+        drop(conn);
+        let e = send.send_request(request()).await.unwrap_err();
+        assert!(e.is_canceled(), "{e:?}");
+        assert!(never_sent(&as_etcd_error(e)));
+    }
+
+    #[tokio::test]
+    async fn a_request_the_member_received_is_not_retried_when_its_connection_dies() {
+        // A real HTTP/2 server (the member) gets the request, then its connection ends before
+        // it answers: the request may have been applied.
+        let (mut send, conn, far) = h2_client().await;
+        let client = tokio::spawn(conn);
+        let (received_tx, received) = tokio::sync::oneshot::channel::<()>();
+        let received_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(received_tx)));
+        let service = hyper::service::service_fn(move |_req| {
+            if let Some(tx) = received_tx.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            std::future::pending::<Result<http::Response<Body>, std::convert::Infallible>>()
+        });
+        let server = tokio::spawn(
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(far), service),
+        );
+        let answer = tokio::spawn(send.send_request(request()));
+        received.await.expect("the server got the request");
+        server.abort();
+        let e = answer.await.unwrap().unwrap_err();
+        assert!(!e.is_canceled(), "{e:?}");
+        assert!(!never_sent(&as_etcd_error(e)));
+        client.abort();
     }
 }

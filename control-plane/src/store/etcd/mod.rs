@@ -26,7 +26,8 @@
 //!
 //! **A member down.** With several `--etcd-endpoints`, requests go only to the members that
 //! answer ([`members`]: a dead member is taken out of the client's balancer within a probe
-//! interval), and a request that could not even connect to a member is sent to another.
+//! interval), and a request that never reached a member (it could not connect, or was still
+//! queued on the member's connection when that closed) is sent to another.
 
 pub mod ca;
 mod members;

@@ -391,14 +391,67 @@ async fn the_first_replica_records_the_ca_and_a_different_one_is_refused() {
     assert!(message.contains("etcdctl del /t/ca"), "{message}");
 }
 
+/// The TCP connections this host holds open (established, or closed by the peer but not yet
+/// by us) to `peer`, from `/proc/net/tcp`: each line, and the processes holding it.
+fn open_connections_to(peer: std::net::SocketAddr) -> Vec<(String, Vec<(u32, String)>)> {
+    // Fields: "sl local rem st ...", addresses as hex `ip:port`, the IP in memory order.
+    let parse = |field: &str| -> Option<std::net::SocketAddr> {
+        let (ip, port) = field.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?.to_ne_bytes();
+        let port = u16::from_str_radix(port, 16).ok()?;
+        Some((std::net::Ipv4Addr::from(ip), port).into())
+    };
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // 01: ESTABLISHED, 08: CLOSE_WAIT.
+            f.len() > 3 && parse(f[2]) == Some(peer) && matches!(f[3], "01" | "08")
+        })
+        .map(|line| {
+            let inode = line.split_whitespace().nth(9).unwrap_or("?");
+            (line.trim().to_owned(), socket_holders(inode))
+        })
+        .collect()
+}
+
+/// Which processes hold the socket `inode` open: their pids and names.
+fn socket_holders(inode: &str) -> Vec<(u32, String)> {
+    let target = format!("socket:[{inode}]");
+    let mut holders = Vec::new();
+    for proc_dir in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = proc_dir.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str())
+        });
+        if holds {
+            let comm = std::fs::read_to_string(proc_dir.path().join("comm")).unwrap_or_default();
+            holders.push((pid, comm.trim().to_owned()));
+        }
+    }
+    holders
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_member_killed_every_request_goes_to_the_others() {
     // A 3-member cluster, the client given all three; one follower is killed (SIGKILL, so its
-    // port refuses at once). Every apply and read after it succeeds at its first try: the
-    // dead member's requests go to the others ([`members`]), before and after the probe
-    // takes it out of the balancer. (A follower: killing the leader makes etcd itself answer
-    // "leader changed" until it elects another, which is not what this test is about; the
-    // leader's death is tests/ha_faults.rs's.)
+    // port refuses at once). Once the client has seen the member's connections close, every
+    // apply and read succeeds at its first try: the dead member's requests go to the others
+    // ([`members`]), before and after the probe takes it out of the balancer. (A follower:
+    // killing the leader makes etcd itself answer "leader changed" until it elects another,
+    // which is not what this test is about; the leader's death is tests/ha_faults.rs's.)
+    //
+    // Not before: a request written on a connection whose end the client has not read yet
+    // fails ("broken pipe", "connection reset") with no way for the client to know whether
+    // the member got it, so it is not sent again (it may have been applied) and the caller
+    // sees etcd unavailable, as after any member's crash.
     let mut etcd = Etcd::start_cluster(3).await;
     let endpoints: Vec<String> = (0..3).map(|i| etcd.endpoint(i)).collect();
     let s = store_at(endpoints, "a").await;
@@ -406,7 +459,41 @@ async fn with_a_member_killed_every_request_goes_to_the_others() {
         .await
         .unwrap();
     let victim = (etcd.wait_leader().await + 1) % 3;
+    let victim_addr: std::net::SocketAddr = etcd
+        .endpoint(victim)
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    assert!(
+        open_connections_to(victim_addr)
+            .iter()
+            .any(|(_, holders)| holders.iter().any(|(pid, _)| *pid == std::process::id())),
+        "the client has no connection to member {victim} ({victim_addr}) to lose"
+    );
     etcd.kill(victim);
+    // The client has seen the member die once each of its connections to it has read the end
+    // (or was dropped). The balancer moves a connection on (a connect, its handshake, a
+    // removal) only while it handles a request, so reads are sent meanwhile: they may fail (one
+    // written on a connection whose end was not read yet) and are not what this test asserts.
+    let mut unasserted = Vec::new();
+    weft_testkit::wait_until(
+        Duration::from_secs(10),
+        &format!("the client closed its connections to the killed member {victim_addr}"),
+        async || {
+            if let Err(e) = s.read_policies().await {
+                assert!(matches!(e, StoreError::Unavailable { .. }), "{e}");
+                unasserted.push(e.to_string());
+            }
+            let open = open_connections_to(victim_addr);
+            if open.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("still open: {open:?}"))
+            }
+        },
+    )
+    .await;
+    eprintln!("reads failed while the client found the member dead: {unasserted:?}");
     let mut revision = s.read_policies().await.unwrap().revision;
     for i in 0..40 {
         let next = s
