@@ -962,8 +962,8 @@ impl Snapshot {
                 BuiltClusters {
                     clusters,
                     replaced: replaced_clusters,
+                    reread: clusters_reread,
                 },
-            reread: clusters_reread,
             kept_family,
             family,
         } = endpoint_push::clusters(
@@ -1459,6 +1459,30 @@ fn rereads_nothing(proto: &v1::Cluster) -> bool {
 struct BuiltClusters {
     clusters: HashMap<Arc<str>, Arc<Cluster>>,
     replaced: Option<Vec<Arc<Cluster>>>,
+    /// Whether a cluster of the set re-reads something at every build ([`rereads_nothing`]).
+    reread: bool,
+}
+
+/// The cluster `proto` with its endpoint list `eps` (decoded here if held encoded, under the
+/// endpoint set's `version`), sharing `prev`'s state where it can.
+fn build_cluster(
+    proto: &v1::Cluster,
+    eps: Option<ClusterEps<'_>>,
+    version: &str,
+    prev: Option<&Cluster>,
+    metrics: &Metrics,
+    shared: &Arc<Metrics>,
+) -> Result<Cluster, Vec<Rejection>> {
+    let decoded;
+    let eps: &[v1::Endpoint] = match eps {
+        None => &[],
+        Some(ClusterEps::Decoded(ce)) => &ce.endpoints,
+        Some(ClusterEps::Encoded(b)) => {
+            decoded = decode_cluster_endpoints(version, &proto.name, b).map_err(|e| vec![e])?;
+            &decoded.endpoints
+        }
+    };
+    Cluster::build_sharing(proto, eps, prev, metrics, shared)
 }
 
 /// Above this many replaced clusters, routes look their clusters up by name instead.
@@ -1527,7 +1551,10 @@ fn build_clusters(
     let mut replaced = Vec::new();
     // The families the clusters new to this build make their lazy series with, made once.
     let mut shared: Option<Arc<Metrics>> = None;
+    let mut reread = false;
     for c in sets.clusters.iter().flat_map(|s| &s.clusters) {
+        let rereads = !rereads_nothing(c);
+        reread |= rereads;
         if c.name.is_empty() {
             errors.push(Rejection::new("cluster \"\"", "name", "must not be empty"));
             continue;
@@ -1536,7 +1563,7 @@ fn build_clusters(
         let prev = prev_arc.map(|c| &**c);
         seen_previous += usize::from(prev_arc.is_some());
         let eps = endpoints.get(c.name.as_str()).copied();
-        let reusable = rereads_nothing(c)
+        let reusable = !rereads
             && match changed {
                 Some(changed) => !changed.contains(c.name.as_str()),
                 None => {
@@ -1562,24 +1589,7 @@ fn build_clusters(
         }
         let shared = shared.get_or_insert_with(|| Arc::new(metrics.clone()));
         // A held list is decoded for the clusters rebuilt only.
-        let decoded;
-        let eps: &[v1::Endpoint] = match eps {
-            None => &[],
-            Some(ClusterEps::Decoded(ce)) => &ce.endpoints,
-            Some(ClusterEps::Encoded(b)) => {
-                match decode_cluster_endpoints(endpoints_version, &c.name, b) {
-                    Ok(ce) => {
-                        decoded = ce;
-                        &decoded.endpoints
-                    }
-                    Err(e) => {
-                        errors.push(e);
-                        continue;
-                    }
-                }
-            }
-        };
-        match Cluster::build_sharing(c, eps, prev, metrics, shared) {
+        match build_cluster(c, eps, endpoints_version, prev, metrics, shared) {
             Ok(built) => {
                 if clusters
                     .insert(built.name.clone(), Arc::new(built))
@@ -1602,6 +1612,7 @@ fn build_clusters(
     BuiltClusters {
         clusters,
         replaced: exact.then_some(replaced),
+        reread,
     }
 }
 

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use weft_proto::v1;
 
 use super::{
-    build_clusters, decode_cluster_endpoints, outbound_peer_labels, rereads_nothing, BuiltClusters,
-    EndpointsIn, Rejection, Sets, Snapshot, FEW_REPLACED,
+    build_cluster, build_clusters, outbound_peer_labels, BuiltClusters, ClusterEps, EndpointsIn,
+    Rejection, Sets, Snapshot, FEW_REPLACED,
 };
 use crate::cluster::Cluster;
 use crate::metrics::{Metrics, PeerLabels};
@@ -30,8 +30,6 @@ use crate::metrics::{Metrics, PeerLabels};
 /// and the family its handles are made with.
 pub(super) struct Clusters<'p> {
     pub built: BuiltClusters,
-    /// Whether a cluster of the set re-reads something at every build ([`rereads_nothing`]).
-    pub reread: bool,
     pub kept_family: Option<&'p Snapshot>,
     pub family: Metrics,
 }
@@ -54,18 +52,12 @@ pub(super) fn clusters<'p>(
         }
     }
     let built = build_clusters(sets, changed, previous, metrics, errors);
-    let reread = sets
-        .clusters
-        .iter()
-        .flat_map(|s| &s.clusters)
-        .any(|c| !rereads_nothing(c));
-    family_of(built, reread, previous, metrics, has_identity)
+    family_of(built, previous, metrics, has_identity)
 }
 
 /// `built`'s family: `previous`' when its labels are exactly those of `built`'s clusters.
 fn family_of<'p>(
     built: BuiltClusters,
-    reread: bool,
     previous: Option<&'p Snapshot>,
     metrics: &Metrics,
     has_identity: bool,
@@ -86,7 +78,6 @@ fn family_of<'p>(
     };
     Clusters {
         built,
-        reread,
         kept_family,
         family,
     }
@@ -128,14 +119,14 @@ fn patch<'p>(
         .collect();
     protos.sort_unstable_by_key(|(at, _)| *at);
     let held_eps = held.clusters();
-    let eps: Vec<Option<&bytes::Bytes>> = protos
+    let eps: Vec<Option<ClusterEps<'_>>> = protos
         .iter()
         .map(|(_, c)| {
             let at = held_eps
                 .binary_search_by(|(n, _)| (**n).cmp(c.name.as_str()))
                 .ok()
                 .or_else(|| held_eps.iter().rposition(|(n, _)| **n == *c.name))?;
-            Some(&held_eps[at].1)
+            Some(ClusterEps::Encoded(&held_eps[at].1))
         })
         .collect();
     let mut clusters = previous.clusters.clone();
@@ -145,12 +136,8 @@ fn patch<'p>(
     for ((_, c), eps) in protos.into_iter().zip(eps) {
         // The cluster set is `previous`' own: each of its clusters is there.
         let prev = previous.clusters.get(c.name.as_str())?;
-        let decoded = match eps {
-            None => None,
-            Some(b) => Some(decode_cluster_endpoints(&held.version, &c.name, b).ok()?),
-        };
-        let eps: &[v1::Endpoint] = decoded.as_ref().map_or(&[], |ce| &ce.endpoints);
-        let built = Arc::new(Cluster::build_sharing(c, eps, Some(prev), metrics, &shared).ok()?);
+        let built =
+            Arc::new(build_cluster(c, eps, &held.version, Some(prev), metrics, &shared).ok()?);
         replaced.push(Arc::clone(prev));
         clusters.insert(Arc::clone(&built.name), Arc::clone(&built));
         rebuilt.push(built);
@@ -158,6 +145,7 @@ fn patch<'p>(
     let built = BuiltClusters {
         clusters,
         replaced: Some(replaced),
+        reread: false,
     };
     // Every other cluster is `previous`' own, built with the same identity: its labels in
     // `previous`' family are still its labels.
@@ -169,17 +157,10 @@ fn patch<'p>(
                 .map(|c| (&*c.name, outbound_peer_labels(c, has_identity))),
         );
     if !kept {
-        return Some(family_of(
-            built,
-            false,
-            Some(previous),
-            metrics,
-            has_identity,
-        ));
+        return Some(family_of(built, Some(previous), metrics, has_identity));
     }
     Some(Clusters {
         built,
-        reread: false,
         kept_family: Some(previous),
         family: previous.metrics.clone(),
     })
