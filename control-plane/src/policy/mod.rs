@@ -559,8 +559,7 @@ fn version_of(files: &[SourceFile]) -> String {
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let mut h = StableHasher::new();
     for f in sorted {
-        h.write_field(f.name.as_bytes());
-        h.write_field(f.content.as_bytes());
+        version::hash_file(&mut h, f);
     }
     h.finish_hex()
 }

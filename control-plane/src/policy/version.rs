@@ -23,9 +23,14 @@ pub(super) fn versions(
     states.extend_from_slice(&previous[..shared]);
     let mut h = states.last().copied().unwrap_or_default();
     for f in &files[shared..] {
-        h.write_field(f.name.as_bytes());
-        h.write_field(f.content.as_bytes());
+        hash_file(&mut h, f);
         states.push(h);
     }
     (h.finish_hex(), states)
+}
+
+/// What one file adds to a version: its name, then its content.
+pub(super) fn hash_file(h: &mut StableHasher, f: &SourceFile) {
+    h.write_field(f.name.as_bytes());
+    h.write_field(f.content.as_bytes());
 }
