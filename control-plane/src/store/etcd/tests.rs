@@ -405,14 +405,12 @@ fn open_connections_to(peer: std::net::SocketAddr) -> Vec<(String, Vec<(u32, Str
     table
         .lines()
         .skip(1)
-        .filter(|line| {
+        .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
             // 01: ESTABLISHED, 08: CLOSE_WAIT.
-            f.len() > 3 && parse(f[2]) == Some(peer) && matches!(f[3], "01" | "08")
-        })
-        .map(|line| {
-            let inode = line.split_whitespace().nth(9).unwrap_or("?");
-            (line.trim().to_owned(), socket_holders(inode))
+            let open = f.len() > 3 && parse(f[2]) == Some(peer) && matches!(f[3], "01" | "08");
+            let inode = f.get(9).copied().unwrap_or("?");
+            open.then(|| (line.trim().to_owned(), socket_holders(inode)))
         })
         .collect()
 }
