@@ -336,7 +336,8 @@ def parse_tcpconns(res, target, prefix, path):
 
 def merge(out, *paths):
     """Combines the result files of N rounds into one: numeric metrics become the median of the
-    rounds that measured them (with `@range` = [min, max] when there was more than one round);
+    rounds that measured them (with `@range` = [min, max] when there was more than one round,
+    and `@rounds` = the value of each round in order, None where it was not measured);
     a metric that failed in some rounds keeps the others' median and lists the failures in
     `@fails`; a metric that failed in every round keeps the first failure; strings that differ
     between rounds are shown per round."""
@@ -354,6 +355,9 @@ def merge(out, *paths):
                 dst[m] = statistics.median(nums)
                 if len(nums) > 1:
                     dst[m + "@range"] = [min(nums), max(nums)]
+                if len(rounds) > 1:
+                    # Round by round (None: not measured): paired ratios between targets.
+                    dst[m + "@rounds"] = [num(r.get(t, {}).get(m)) for r in rounds]
                 if fails:
                     dst[m + "@fails"] = fails
             elif fails and len(fails) == len(vals):
@@ -438,6 +442,60 @@ def ratio(v, ref):
     if v is None or ref is None or ref == 0:
         return None
     return v / ref
+
+
+# (metric key, label, higher is better): weft against the better of HAProxy and nginx.
+PAIRED = [
+    ("sat.rps", "HTTP/1.1 keep-alive req/s", True),
+    ("h2.rps", "HTTP/2 req/s", True),
+    ("cpu.sat", "CPU per h1 request", False),
+    ("cpu.h2", "CPU per h2 request", False),
+]
+
+
+def paired_comparison(data):
+    """Per-request cost against HAProxy and nginx (issue 17 item 3: req/s >= 1.0x both as the
+    median of interleaved rounds). Next to the ratio of medians, the ratio within each round
+    (the targets of one round ran minutes apart, so they share more of the machine's state) and
+    how many rounds weft won: when rounds disagree, the verdict is the machine's noise."""
+    w = data.get("weft", {})
+    rows = []
+    for key, label, hib in PAIRED:
+        for other in ("haproxy", "nginx"):
+            o = data.get(other, {})
+            r = ratio(w.get(key), o.get(key))
+            if r is None:
+                continue
+            if not hib:
+                r = 1 / r
+            wr, orr = w.get(key + "@rounds"), o.get(key + "@rounds")
+            per = []
+            if isinstance(wr, list) and isinstance(orr, list):
+                for a, b in zip(wr, orr):
+                    if a is not None and b is not None and a > 0 and b > 0:
+                        per.append(a / b if hib else b / a)
+            if per:
+                won = sum(1 for x in per if x >= 1.0)
+                rounds = (
+                    f"{statistics.median(per):.2f} [{min(per):.2f}–{max(per):.2f}] | {won}/{len(per)}"
+                )
+            else:
+                rounds = "– | –"
+            status = "met" if r >= 1.0 else "MISSED"
+            if per and min(per) < 1.0 <= max(per):
+                status += " (rounds disagree)"
+            rows.append(f"| {label} | {other} | {r:.2f} | {rounds} | {status} |")
+    if not rows:
+        return []
+    return [
+        "Weft against HAProxy and nginx, per request (issue 17: at least 1.0× both; "
+        "throughput as weft / other, CPU as other / weft, so above 1 is weft ahead):",
+        "",
+        "| metric | vs | ratio of medians | per-round ratio: median [min–max] | rounds weft ahead | status |",
+        "|---|---|---:|---|---:|---|",
+        *rows,
+        "",
+    ]
 
 
 def report(res_path, meta_path, out_path):
@@ -559,6 +617,7 @@ def report(res_path, meta_path, out_path):
     lines.append("|---|---|---|")
     lines.extend(goals)
     lines.append("")
+    lines.extend(paired_comparison(data))
 
     # The cost of mTLS: weft-mesh-mtls / weft-mesh, metric by metric.
     mt = []
