@@ -11,8 +11,9 @@
 #            --cases=fix,sat,h2,conn,tcp,tcpconn,idle (a subset of the cases; default all)
 #            --rounds=N (interleaved rounds, reported as median [min-max]; default 3 in full
 #              mode, 1 with --quick)
+#            --pgo (measure the profile-guided build: scripts/build-pgo.sh, target/pgo/release)
 #
-# Writes the table to stdout and benches/results/latest.md.
+# Writes the table to stdout and benches/results/latest.md (BENCH_OUT: another file).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,6 +26,7 @@ ONLY=direct,haproxy,nginx,weft,mtls
 CASES=fix,sat,h2,conn,tcp,tcpconn,idle
 BUILD=1
 INSTALL=1
+PGO=0
 ROUNDS=""
 for arg in "$@"; do
   case $arg in
@@ -34,7 +36,8 @@ for arg in "$@"; do
     --only=*) ONLY=${arg#--only=} ;;
     --cases=*) CASES=${arg#--cases=} ;;
     --rounds=*) ROUNDS=${arg#--rounds=} ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --pgo) PGO=1 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -124,7 +127,18 @@ need oha && FIX_TOOL=oha
 # ---------------------------------------------------------------- build Weft (release)
 BIN=${BENCH_BIN_DIR:-$ROOT/target/release}   # BENCH_BIN_DIR: Weft binaries built elsewhere (with --skip-build)
 WEFT_NOTE=""
-if [[ $BUILD == 1 ]]; then
+OUT=${BENCH_OUT:-$BENCH/results/latest.md}
+if [[ $PGO == 1 ]]; then
+  BIN=${BENCH_BIN_DIR:-$ROOT/target/pgo/release}
+  WEFT_NOTE="Weft: profile-guided build ($BIN, scripts/build-pgo.sh); "
+  if [[ $BUILD == 1 ]]; then
+    log "building Weft with profile-guided optimization (scripts/build-pgo.sh, ~25 minutes)"
+    if ! "$ROOT/scripts/build-pgo.sh" >"${TMPDIR:-/tmp}/weft-bench-build.log" 2>&1; then
+      tail -20 "${TMPDIR:-/tmp}/weft-bench-build.log" >&2
+      WEFT_NOTE+="profile-guided build failed (see ${TMPDIR:-/tmp}/weft-bench-build.log); "
+    fi
+  fi
+elif [[ $BUILD == 1 ]]; then
   log "building Weft (cargo build --release -p weft-proxy -p weft-control)"
   if ! cargo build --release --quiet -p weft-proxy -p weft-control >"${TMPDIR:-/tmp}/weft-bench-build.log" 2>&1; then
     tail -20 "${TMPDIR:-/tmp}/weft-bench-build.log" >&2
@@ -858,6 +872,6 @@ meta = {
 json.dump(meta, open(sys.argv[1], "w"))
 EOF
 echo
-$HELPER report "$RES" "$WORK/meta.json" "$BENCH/results/latest.md"
+$HELPER report "$RES" "$WORK/meta.json" "$OUT"
 echo
-log "written to benches/results/latest.md"
+log "written to $OUT"
