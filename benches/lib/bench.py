@@ -444,7 +444,7 @@ def ratio(v, ref):
     return v / ref
 
 
-# (metric key, label, higher is better): weft against the better of HAProxy and nginx.
+# (metric key, label, higher is better): weft against HAProxy and against nginx, each.
 PAIRED = [
     ("sat.rps", "HTTP/1.1 keep-alive req/s", True),
     ("h2.rps", "HTTP/2 req/s", True),
