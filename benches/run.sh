@@ -128,23 +128,24 @@ need oha && FIX_TOOL=oha
 BIN=${BENCH_BIN_DIR:-$ROOT/target/release}   # BENCH_BIN_DIR: Weft binaries built elsewhere (with --skip-build)
 WEFT_NOTE=""
 OUT=${BENCH_OUT:-$BENCH/results/latest.md}
+BUILD_LOG=${TMPDIR:-/tmp}/weft-bench-build.log
+build_weft() { # what, command...: runs the build; on failure shows its tail and notes it
+  local what=$1; shift
+  log "building Weft: $what ($*)"
+  if ! "$@" >"$BUILD_LOG" 2>&1; then
+    tail -20 "$BUILD_LOG" >&2
+    WEFT_NOTE+="$what failed (see $BUILD_LOG); "
+    log "the $what failed; Weft cases use the binaries already in $BIN, if any"
+  fi
+}
 if [[ $PGO == 1 ]]; then
   BIN=${BENCH_BIN_DIR:-$ROOT/target/pgo/release}
   WEFT_NOTE="Weft: profile-guided build ($BIN, scripts/build-pgo.sh); "
   if [[ $BUILD == 1 ]]; then
-    log "building Weft with profile-guided optimization (scripts/build-pgo.sh, ~25 minutes)"
-    if ! "$ROOT/scripts/build-pgo.sh" >"${TMPDIR:-/tmp}/weft-bench-build.log" 2>&1; then
-      tail -20 "${TMPDIR:-/tmp}/weft-bench-build.log" >&2
-      WEFT_NOTE+="profile-guided build failed (see ${TMPDIR:-/tmp}/weft-bench-build.log); "
-    fi
+    build_weft "profile-guided build" "$ROOT/scripts/build-pgo.sh"   # ~25 minutes
   fi
 elif [[ $BUILD == 1 ]]; then
-  log "building Weft (cargo build --release -p weft-proxy -p weft-control)"
-  if ! cargo build --release --quiet -p weft-proxy -p weft-control >"${TMPDIR:-/tmp}/weft-bench-build.log" 2>&1; then
-    tail -20 "${TMPDIR:-/tmp}/weft-bench-build.log" >&2
-    WEFT_NOTE="release build failed (see ${TMPDIR:-/tmp}/weft-bench-build.log); "
-    log "the release build failed; Weft cases use the binaries already in target/release, if any"
-  fi
+  build_weft "release build" cargo build --release --quiet -p weft-proxy -p weft-control
 fi
 WEFT_OK=1
 for b in weft-proxy weft-control; do
